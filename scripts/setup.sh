@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Idempotent node setup for meshagent: system packages, kernel headers for bcc,
+# bpffs, and a .venv with the project installed and Debian's bcc importable in it.
+# Safe to run again and again; each step checks before it changes anything.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MESHAGENT_VENV:-$ROOT/.venv}"
+PYTHON="${MESHAGENT_PYTHON:-python3}"
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo $0): bcc, tc and network namespaces need it"
+command -v apt-get >/dev/null || die "apt-get not found: meshagent's setup supports Debian 12 and Ubuntu 22.04+"
+
+APT_PACKAGES=(
+  python3-bpfcc libbpfcc iproute2 iputils-ping curl iperf3 tcpdump socat
+  containernetworking-plugins iptables nftables ipset wrk hey nghttp2-client
+  nodejs shellcheck ca-certificates procps psmisc kmod
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# nodejs may come from another source (nodesource); accept any working node binary.
+if command -v node >/dev/null; then
+  filtered=(); for p in "${missing[@]}"; do [ "$p" = nodejs ] || filtered+=("$p"); done
+  missing=("${filtered[@]+"${filtered[@]}"}")
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing apt packages: ${missing[*]}"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  log "apt packages present"
+fi
+
+# --- kernel headers for bcc ------------------------------------------------
+KREL="$(uname -r)"
+MODDIR="/lib/modules/$KREL"
+if [ -e "$MODDIR/build/include/linux/kconfig.h" ] || [ -e "$MODDIR/build/include/generated/autoconf.h" ]; then
+  log "kernel headers present for $KREL"
+else
+  if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+    log "installing linux-headers-$KREL"
+    apt-get install -y -q "linux-headers-$KREL"
+  else
+    # A kernel without packaged headers (custom or cloud build): use the newest
+    # Debian headers for this architecture. bcc needs the uapi and helper
+    # definitions from them, which are stable across versions for our programs.
+    arch="$(dpkg --print-architecture)"
+    dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q "install ok installed" \
+      || { apt-get update -q; apt-get install -y -q "linux-headers-$arch"; }
+    hdr="$(dpkg-query -W -f='${Depends}' "linux-headers-$arch" | grep -o "linux-headers-[^ ,]*-$arch" | head -n1)"
+    [ -n "$hdr" ] && [ -d "/usr/src/$hdr" ] || die "could not find the headers that linux-headers-$arch installs"
+    common="/usr/src/${hdr%-"$arch"}-common"
+    [ -d "$common" ] || die "missing $common"
+    mkdir -p "$MODDIR"
+    ln -sfn "/usr/src/$hdr" "$MODDIR/build"
+    ln -sfn "$common" "$MODDIR/source"
+    log "linked $MODDIR/build -> /usr/src/$hdr (kernel $KREL has no packaged headers)"
+  fi
+fi
+
+# --- bpffs -------------------------------------------------------------------
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mounting bpffs on /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# --- python environment ----------------------------------------------------
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
+  || die "$PYTHON is older than 3.10"
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.meshagent-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  log "installing meshagent into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e "$ROOT[test,bench]"
+  touch "$stamp"
+else
+  log "python environment up to date"
+fi
+
+# Debian ships bcc as a pure-Python package in its own dist-packages. Expose only
+# that package to the venv: a folder holding one link, named by a .pth file, so
+# the rest of Debian's dist-packages does not leak in. Never pip-install "bcc":
+# that PyPI name is an unrelated project.
+BCC_SRC=""
+for d in /usr/lib/python3/dist-packages/bcc /usr/lib/python3*/site-packages/bcc; do
+  [ -d "$d" ] && { BCC_SRC="$d"; break; }
+done
+[ -n "$BCC_SRC" ] || die "python3-bpfcc is installed but its bcc package was not found"
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+LINKDIR="$VENV/debian-bcc"
+mkdir -p "$LINKDIR"
+ln -sfn "$BCC_SRC" "$LINKDIR/bcc"
+echo "$LINKDIR" > "$SITE/meshagent-debian-bcc.pth"
+"$VENV/bin/python" -c 'import bcc' || die "bcc is not importable from $VENV"
+log "ready: $VENV (bcc from $BCC_SRC)"
