@@ -1,0 +1,193 @@
+"""meshagent configuration: one TOML file, every key with a default.
+
+The file is ``/etc/meshagent/config.toml`` unless ``MESHAGENT_CONFIG`` names
+another. Any key can be overridden from the environment as
+``MESHAGENT_<SECTION>_<KEY>`` (upper case), which is how the lab gives each of
+its nodes its own socket, state directory and pin directory.
+
+Pure logic: no I/O besides reading the file and the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = Path("/etc/meshagent/config.toml")
+ENV_CONFIG_PATH = "MESHAGENT_CONFIG"
+ENV_PREFIX = "MESHAGENT_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: str = "/run/meshagent/agent.sock"
+    state_dir: str = "/var/lib/meshagent"
+    bpf_pin_dir: str = "/sys/fs/bpf/meshagent"
+    # The agent-owned veth pair that inbound traffic is redirected into.
+    tunnel_device: str = "meshtun0"
+    tunnel_device_peer: str = "meshtun1"
+    # tc filter priority and handle that identify our filters among others'.
+    tc_priority: int = 0x3A
+    tc_handle: int = 0xA11
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    # skb->mark set on captured packets so the fwmark rule delivers them locally.
+    capture_mark: int = 0x5A0000
+    capture_mask: int = 0xFF0000
+    route_table: int = 15000
+    rule_priority: int = 15000
+    excluded_ports: tuple[int, ...] = ()
+    excluded_cidrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    hbone_port: int = 15008
+    metrics_port: int = 15020
+    # SO_MARK on every tunnel socket: the datapath never recaptures these.
+    socket_mark: int = 0x5B0000
+    # "permissive" forwards plaintext inbound to enrolled pods, "strict" refuses it.
+    inbound_mode: str = "permissive"
+    mesh_cidrs: tuple[str, ...] = ()
+    trust_domain: str = "cluster.local"
+    ca_dir: str = "/etc/meshagent/ca"
+    cert_ttl_seconds: int = 24 * 3600
+    # "hbone" carries mesh traffic over mTLS HTTP/2; "plain" forwards TCP as is.
+    mode: str = "hbone"
+    workers: int = 1
+    connect_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+
+    def validate(self) -> Config:
+        """Raise ConfigError for values that would break the node; return self."""
+        t, d = self.tunnel, self.datapath
+        ports = {"outbound_port": t.outbound_port, "inbound_port": t.inbound_port,
+                 "hbone_port": t.hbone_port, "metrics_port": t.metrics_port}
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"tunnel.{name}={port}: a port must be in 1..65535")
+        if len(set(ports.values())) != len(ports):
+            raise ConfigError(f"tunnel ports must all differ, got {ports}")
+        for port in d.excluded_ports:
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"datapath.excluded_ports: {port} is not a port in 1..65535")
+        for cidr in (*d.excluded_cidrs, *t.mesh_cidrs):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"{cidr!r} is not a CIDR (example: 10.0.0.0/8): {exc}") from exc
+        if d.capture_mark & ~d.capture_mask:
+            raise ConfigError("datapath.capture_mark has bits outside datapath.capture_mask")
+        if t.socket_mark & d.capture_mask == d.capture_mark:
+            raise ConfigError("tunnel.socket_mark must not match datapath.capture_mark/mask")
+        if t.inbound_mode not in ("permissive", "strict"):
+            raise ConfigError(
+                f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")
+        if t.mode not in ("hbone", "plain"):
+            raise ConfigError(f"tunnel.mode={t.mode!r}: use 'hbone' or 'plain'")
+        if t.workers < 1:
+            raise ConfigError("tunnel.workers must be at least 1")
+        return self
+
+
+_SECTIONS: dict[str, type] = {"agent": AgentConfig, "datapath": DatapathConfig,
+                              "tunnel": TunnelConfig}
+
+
+def _coerce(section: str, key: str, declared: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the declared field type."""
+    where = f"{section}.{key}"
+    default = declared
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if isinstance(default, int):
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {value!r} is not an integer") from exc
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {value!r} is not a number") from exc
+    if isinstance(default, tuple):
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if key.endswith("ports"):
+            return tuple(_coerce(section, key, 0, v) for v in items)
+        return tuple(str(v).strip() for v in items)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Build a validated Config from parsed TOML and environment overrides."""
+    sections: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        raw = data.get(section, {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"[{section}] must be a table")
+        defaults = cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) in [{section}]: {', '.join(sorted(unknown))}; "
+                f"known keys: {', '.join(sorted(known))}")
+        values = {k: _coerce(section, k, getattr(defaults, k), v) for k, v in raw.items()}
+        for name in known:
+            env_key = f"{ENV_PREFIX}{section}_{name}".upper()
+            if env and env_key in env:
+                values[name] = _coerce(section, name, getattr(defaults, name), env[env_key])
+        sections[section] = cls(**values)
+    unknown_sections = set(data) - set(_SECTIONS)
+    if unknown_sections:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown_sections))}")
+    return Config(**sections).validate()
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config file (missing file means all defaults) plus env overrides."""
+    env = os.environ if env is None else env
+    explicit = path is not None or ENV_CONFIG_PATH in env
+    cfg_path = Path(path or env.get(ENV_CONFIG_PATH) or DEFAULT_CONFIG_PATH)
+    data: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            data = tomllib.loads(cfg_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_path}: not valid TOML: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"config file {cfg_path} does not exist")
+    try:
+        return from_mapping(data, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_path}: {exc}") from exc

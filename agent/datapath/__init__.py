@@ -1,0 +1,1 @@
+"""The kernel datapath: BPF programs (bpf/), their maps, and tc attachment."""

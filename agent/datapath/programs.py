@@ -1,0 +1,113 @@
+"""Compile the BPF programs with bcc, once per agent process.
+
+All attach points (bpf/*.c, one file each) are built in one compile unit so
+they share one instance of every map (bpf/lib/maps.h).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ATTACH_POINT_SOURCES = ("pod_egress.c", "pod_ingress.c", "tunnel_ingress.c")
+FROM_POD = "from_pod"
+TO_POD = "to_pod"
+TUNNEL_DEV_INGRESS = "tunnel_dev_ingress"
+FUNCTIONS = (FROM_POD, TO_POD, TUNNEL_DEV_INGRESS)
+
+
+class CompileError(RuntimeError):
+    """bcc could not build the programs; the message says how to fix the node."""
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources live: $MESHAGENT_BPF_DIR, else bpf/ next to the package."""
+    env = os.environ.get("MESHAGENT_BPF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "bpf"
+    if not (path / "lib" / "common.h").exists():
+        raise CompileError(f"BPF sources not found in {path}: set MESHAGENT_BPF_DIR")
+    return path
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def flatten_sources(src_dir: Path, names: tuple[str, ...]) -> str:
+    """One translation unit of the attach points with our own headers inlined.
+
+    bcc rewrites map syntax (``map.lookup(&k)``) and turns functions into
+    programs only in the main file it is given; code in an #included header
+    would keep the sugar and fail to load. Each local header is inlined once
+    (its include guard would make a second copy empty anyway), and #line
+    directives keep compiler diagnostics pointing at the real files.
+    """
+    seen: set[Path] = set()
+
+    def inline(path: Path) -> str:
+        if path in seen:
+            return ""
+        seen.add(path)
+        out = [f'#line 1 "{path}"']
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _LOCAL_INCLUDE.match(line)
+            if match:
+                out.append(inline(src_dir / match.group(1)))
+                out.append(f'#line {lineno + 1} "{path}"')
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return "\n".join(inline(src_dir / name) for name in names) + "\n"
+
+
+@dataclass
+class Programs:
+    """A compiled and loaded set of programs; ``bpf`` owns maps and fds."""
+
+    bpf: Any
+    fds: dict[str, int]
+    names: dict[str, str]
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name]
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def compile_programs(*, test_run: bool = False, max_pods: int | None = None) -> Programs:
+    """Compile every attach point and load its program into the kernel.
+
+    Side effects: loads three SCHED_CLS programs and creates the maps; they
+    live as long as this process holds them or a tc filter references them.
+    ``test_run`` builds the BPF_PROG_TEST_RUN variant (see MESHAGENT_TEST_RUN).
+    """
+    try:
+        from bcc import BPF  # noqa: PLC0415 - bcc is heavy and needs root; load lazily
+    except ImportError as exc:
+        raise CompileError(
+            "python module bcc is not importable: run scripts/setup.sh "
+            "(it installs Debian's python3-bpfcc and exposes it to the venv)") from exc
+    src_dir = bpf_source_dir()
+    text = flatten_sources(src_dir, ATTACH_POINT_SOURCES)
+    cflags = [f"-I{src_dir}", "-Wno-macro-redefined"]
+    if test_run:
+        cflags.append("-DMESHAGENT_TEST_RUN")
+    if max_pods:
+        cflags.append(f"-DMA_MAX_PODS={int(max_pods)}")
+    try:
+        bpf = BPF(text=text, cflags=cflags)
+    except Exception as exc:
+        raise CompileError(
+            f"compiling {src_dir} failed: {exc}. If bcc says it cannot find kernel headers, "
+            "run scripts/setup.sh, which installs and links them") from exc
+    fds: dict[str, int] = {}
+    names: dict[str, str] = {}
+    for fn in FUNCTIONS:
+        loaded = bpf.load_func(fn, BPF.SCHED_CLS)
+        fds[fn] = loaded.fd
+        names[fn] = fn
+    return Programs(bpf=bpf, fds=fds, names=names)

@@ -1,0 +1,177 @@
+/* Header parsing into one packet summary, for both address families.
+ *
+ * Headers are copied with bpf_skb_load_bytes rather than read in place: veth
+ * traffic can be non-linear after GRO, and copying keeps variable offsets
+ * (IPv4 options, IPv6 extension headers) simple for the verifier.
+ */
+#ifndef MESHAGENT_PARSE_H
+#define MESHAGENT_PARSE_H
+
+#include "lib/common.h"
+
+#define MA_ETH_HLEN 14
+#define MA_IP_MF 0x2000
+#define MA_IP_OFFSET 0x1FFF
+#define MA_TCP_FIN 0x01
+#define MA_TCP_SYN 0x02
+#define MA_TCP_RST 0x04
+#define MA_TCP_ACK 0x10
+
+#define MA_NEXTHDR_HOP 0
+#define MA_NEXTHDR_ROUTING 43
+#define MA_NEXTHDR_FRAGMENT 44
+#define MA_NEXTHDR_AUTH 51
+#define MA_NEXTHDR_DEST 60
+
+enum ma_parse_result {
+	MA_PARSE_TCP = 0,     /* a complete TCP header was found */
+	MA_PARSE_NOT_TCP = 1, /* IP but not TCP: pass */
+	MA_PARSE_NOT_IP = 2,  /* not IPv4/IPv6: pass */
+	MA_PARSE_DROP = 3,    /* drop; the reason is in pkt->drop_reason */
+};
+
+struct ma_packet {
+	__u32 family;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* network order */
+	__u16 dport; /* network order */
+	__u8 tcp_flags;
+	__u8 pad[3];
+	__u32 drop_reason;
+};
+
+static __always_inline int ma_parse_tcp(struct __sk_buff *skb, __u32 off, struct ma_packet *pkt)
+{
+	__u8 tcp[14];
+
+	if (bpf_skb_load_bytes(skb, off, tcp, sizeof(tcp)) < 0)
+		goto malformed;
+	if ((tcp[12] >> 4) < 5)
+		goto malformed;
+	__builtin_memcpy(&pkt->sport, &tcp[0], 2);
+	__builtin_memcpy(&pkt->dport, &tcp[2], 2);
+	pkt->tcp_flags = tcp[13];
+	return MA_PARSE_TCP;
+malformed:
+	pkt->drop_reason = DROP_MALFORMED;
+	return MA_PARSE_DROP;
+}
+
+static __always_inline int ma_parse_ipv4(struct __sk_buff *skb, struct ma_packet *pkt)
+{
+	struct iphdr iph;
+	__u32 ihl;
+
+	if (bpf_skb_load_bytes(skb, MA_ETH_HLEN, &iph, sizeof(iph)) < 0)
+		goto malformed;
+	ihl = iph.ihl;
+	if (iph.version != 4 || ihl < 5)
+		goto malformed;
+	pkt->family = MA_AF_INET;
+	__builtin_memcpy(pkt->saddr, &iph.saddr, 4);
+	__builtin_memcpy(pkt->daddr, &iph.daddr, 4);
+	if (iph.protocol != IPPROTO_TCP)
+		return MA_PARSE_NOT_TCP;
+	if (iph.frag_off & bpf_htons(MA_IP_MF | MA_IP_OFFSET)) {
+		pkt->drop_reason = DROP_FRAGMENT;
+		return MA_PARSE_DROP;
+	}
+	return ma_parse_tcp(skb, MA_ETH_HLEN + ihl * 4, pkt);
+malformed:
+	pkt->drop_reason = DROP_MALFORMED;
+	return MA_PARSE_DROP;
+}
+
+static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet *pkt)
+{
+	struct ipv6hdr ip6h;
+	__u32 off = MA_ETH_HLEN + sizeof(struct ipv6hdr);
+	__u8 nexthdr;
+	__u8 ext[2];
+	__u16 frag_off;
+	int i;
+
+	if (bpf_skb_load_bytes(skb, MA_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6) {
+		pkt->drop_reason = DROP_MALFORMED;
+		return MA_PARSE_DROP;
+	}
+	pkt->family = MA_AF_INET6;
+	__builtin_memcpy(pkt->saddr, &ip6h.saddr, 16);
+	__builtin_memcpy(pkt->daddr, &ip6h.daddr, 16);
+	nexthdr = ip6h.nexthdr;
+
+#pragma unroll
+	for (i = 0; i < MA_MAX_EXTHDRS; i++) {
+		switch (nexthdr) {
+		case IPPROTO_TCP:
+			return ma_parse_tcp(skb, off, pkt);
+		case MA_NEXTHDR_HOP:
+		case MA_NEXTHDR_ROUTING:
+		case MA_NEXTHDR_DEST:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				goto malformed;
+			nexthdr = ext[0];
+			off += ((__u32)ext[1] + 1) * 8;
+			break;
+		case MA_NEXTHDR_AUTH:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+				goto malformed;
+			nexthdr = ext[0];
+			off += ((__u32)ext[1] + 2) * 4;
+			break;
+		case MA_NEXTHDR_FRAGMENT:
+			if (bpf_skb_load_bytes(skb, off, ext, 2) < 0 ||
+			    bpf_skb_load_bytes(skb, off + 2, &frag_off, 2) < 0)
+				goto malformed;
+			nexthdr = ext[0];
+			/* A fragmented TCP segment hides or splits the ports. */
+			if (nexthdr == IPPROTO_TCP) {
+				pkt->drop_reason = DROP_FRAGMENT;
+				return MA_PARSE_DROP;
+			}
+			if (frag_off & bpf_htons(0xFFF9))
+				return MA_PARSE_NOT_TCP;
+			off += 8;
+			break;
+		default:
+			return MA_PARSE_NOT_TCP;
+		}
+	}
+	if (nexthdr == IPPROTO_TCP)
+		return ma_parse_tcp(skb, off, pkt);
+	pkt->drop_reason = DROP_EXTHDR_LIMIT;
+	return MA_PARSE_DROP;
+malformed:
+	pkt->drop_reason = DROP_MALFORMED;
+	return MA_PARSE_DROP;
+}
+
+/* Fill pkt from the skb; see enum ma_parse_result for what the caller does. */
+static __always_inline int ma_parse(struct __sk_buff *skb, struct ma_packet *pkt)
+{
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		return ma_parse_ipv4(skb, pkt);
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return ma_parse_ipv6(skb, pkt);
+	return MA_PARSE_NOT_IP;
+}
+
+static __always_inline int ma_is_syn(const struct ma_packet *pkt)
+{
+	return (pkt->tcp_flags & (MA_TCP_SYN | MA_TCP_ACK)) == MA_TCP_SYN;
+}
+
+static __always_inline void ma_addr_key_src(const struct ma_packet *pkt, struct ma_addr_key *k)
+{
+	k->family = pkt->family;
+	__builtin_memcpy(k->addr, pkt->saddr, 16);
+}
+
+static __always_inline void ma_addr_key_dst(const struct ma_packet *pkt, struct ma_addr_key *k)
+{
+	k->family = pkt->family;
+	__builtin_memcpy(k->addr, pkt->daddr, 16);
+}
+
+#endif

@@ -1,0 +1,81 @@
+/* Attach point: tc INGRESS of an enrolled pod's host-side veth, i.e. every
+ * packet the pod sends. Captures the pod's TCP into the tunnel's outbound
+ * listener.
+ *
+ *   not enrolled ifindex          -> pass (the filter outlived its pod entry)
+ *   not TCP                       -> pass (UDP, ICMP, ...)
+ *   malformed / fragment          -> drop (fail closed: ports unknown)
+ *   source not one of pod's addrs -> drop (the tunnel trusts the source)
+ *   socket owns the 4-tuple       -> assign (replies to the tunnel, later segments)
+ *   not a SYN                     -> pass (a connection older than enrollment)
+ *   excluded port or CIDR         -> pass
+ *   SYN                           -> assign to the outbound listener, or drop
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/sock.h"
+#include "lib/metrics.h"
+
+static __always_inline int ma_excluded(const struct ma_packet *pkt)
+{
+	struct ma_lpm_key lpm = {};
+	__u16 port = bpf_ntohs(pkt->dport);
+
+	if (ma_excluded_ports.lookup(&port))
+		return 1;
+	lpm.prefixlen = 8 + (pkt->family == MA_AF_INET ? 32 : 128);
+	lpm.family = (__u8)pkt->family;
+	__builtin_memcpy(lpm.addr, pkt->daddr, 16);
+	return ma_excluded_cidrs.lookup(&lpm) != NULL;
+}
+
+int from_pod(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct ma_packet pkt = {};
+	struct ma_addr_key src = {};
+	const struct ma_config *cfg;
+	struct bpf_sock *sk;
+	__u32 *owner;
+
+	if (!ma_pods.lookup(&ifindex))
+		return TC_ACT_OK;
+
+	switch (ma_parse(skb, &pkt)) {
+	case MA_PARSE_TCP:
+		break;
+	case MA_PARSE_DROP:
+		return ma_drop(ifindex, pkt.drop_reason);
+	default:
+		return TC_ACT_OK;
+	}
+
+	ma_addr_key_src(&pkt, &src);
+	owner = ma_pod_addrs.lookup(&src);
+	if (!owner || *owner != ifindex)
+		return ma_drop(ifindex, DROP_SPOOFED_SOURCE);
+
+	cfg = ma_config();
+	if (!cfg)
+		return ma_drop(ifindex, DROP_NO_CONFIG);
+
+	sk = ma_lookup_established(skb, &pkt);
+	if (sk) {
+		if (ma_assign_and_mark(skb, sk, cfg))
+			return ma_drop(ifindex, DROP_ASSIGN_FAILED);
+		ma_count_out(ifindex, skb->len);
+		return TC_ACT_OK;
+	}
+
+	if (!ma_is_syn(&pkt) || ma_excluded(&pkt))
+		return TC_ACT_OK;
+
+	sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);
+	if (!sk)
+		return ma_drop(ifindex, DROP_NO_LISTENER);
+	if (ma_assign_and_mark(skb, sk, cfg))
+		return ma_drop(ifindex, DROP_ASSIGN_FAILED);
+	ma_count_out(ifindex, skb->len);
+	return TC_ACT_OK;
+}

@@ -1,0 +1,71 @@
+/* Attach point: tc EGRESS of an enrolled pod's host-side veth, i.e. every
+ * packet about to enter the pod. Sends inbound TCP to the tunnel.
+ *
+ * Why this design: sk_assign only works at tc ingress, and inbound traffic
+ * reaches a pod from many places (the uplink, other pods' veths, tunnels).
+ * Rather than hooking every uplink and every veth on the node, we catch the
+ * traffic where all of it converges, at the pod's own veth, and bounce it to
+ * the ingress of one device the agent owns, where tunnel_ingress.c assigns
+ * the socket. Only enrolled veths and our own device carry our programs.
+ *
+ *   not enrolled / not TCP               -> pass
+ *   sent by the tunnel (its SO_MARK)     -> pass (the tunnel dialing the pod)
+ *   not addressed to this pod            -> pass
+ *   from the node's own addresses        -> pass (kubelet-style probes)
+ *   SYN, or a segment a tunnel socket owns -> redirect to the tunnel device
+ *   anything else                        -> pass (connection older than enrollment)
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/sock.h"
+#include "lib/metrics.h"
+
+int to_pod(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct ma_packet pkt = {};
+	struct ma_addr_key key = {};
+	const struct ma_config *cfg;
+	struct bpf_sock *sk;
+	__u32 *owner;
+
+	if (!ma_pods.lookup(&ifindex))
+		return TC_ACT_OK;
+	cfg = ma_config();
+	if (!cfg)
+		return ma_drop(ifindex, DROP_NO_CONFIG);
+	if (skb->mark == cfg->tunnel_mark)
+		return TC_ACT_OK;
+
+	switch (ma_parse(skb, &pkt)) {
+	case MA_PARSE_TCP:
+		break;
+	case MA_PARSE_DROP:
+		return ma_drop(ifindex, pkt.drop_reason);
+	default:
+		return TC_ACT_OK;
+	}
+
+	ma_addr_key_dst(&pkt, &key);
+	owner = ma_pod_addrs.lookup(&key);
+	if (!owner || *owner != ifindex)
+		return TC_ACT_OK;
+	ma_addr_key_src(&pkt, &key);
+	if (ma_node_addrs.lookup(&key))
+		return TC_ACT_OK;
+
+	if (!ma_is_syn(&pkt)) {
+		sk = ma_lookup_established(skb, &pkt);
+		if (!sk)
+			return TC_ACT_OK;
+		bpf_sk_release(sk);
+	}
+
+	if (!cfg->tunnel_ifindex)
+		return ma_drop(ifindex, DROP_REDIRECT_FAILED);
+	if (bpf_skb_store_bytes(skb, 0, (void *)cfg->tunnel_mac, 6, 0) < 0)
+		return ma_drop(ifindex, DROP_REDIRECT_FAILED);
+	ma_count_in(ifindex, skb->len);
+	return bpf_redirect(cfg->tunnel_ifindex, BPF_F_INGRESS);
+}
