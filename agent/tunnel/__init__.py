@@ -1,0 +1,1 @@
+"""HBONE tunnel: mTLS HTTP/2 CONNECT data plane between nodes."""
