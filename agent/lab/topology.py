@@ -240,9 +240,7 @@ def _namespace_for(letter: str) -> str:
     return "default" if letter == "a" else f"team-{letter}"
 
 
-def build_plan(
-    prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2
-) -> LabPlan:
+def build_plan(prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2) -> LabPlan:
     """The plan for ``nodes`` nodes with ``pods_per_node`` enrolled pods each.
 
     Every node also gets one pod ``nN-plain`` with ``enroll=False``. Pod ``-a``
