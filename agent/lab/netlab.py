@@ -644,6 +644,9 @@ def start_node_process(
        with ``env``. nsenter execs ``argv`` in place, so the pid is argv's.
     3. Write the pid to ``<node>/<name>.pid`` (used by
        :func:`stop_node_processes` and ``lab down``).
+    4. Wait (at most 5 s) until the process is inside the node's netns, so the
+       caller may rely on that; if it exits non-zero first, raise with the
+       tail of its log.
 
     Raises :class:`LabError` if the node netns is missing, ``argv[0]`` cannot
     be found, or a process of that name is still running.
@@ -682,7 +685,33 @@ def start_node_process(
         )
     _CHILDREN[proc.pid] = proc
     _write_atomic(pid_path, f"{proc.pid}\n")
+    _wait_entered(proc, node_plan.netns, name, log_path)
     return proc.pid
+
+
+def _wait_entered(
+    proc: subprocess.Popen[bytes], ns: str, name: str, log_path: Path, timeout: float = 5.0
+) -> None:
+    """Return once ``proc`` lives in netns ``ns`` (or exited with status 0)."""
+    want = _netns_ids([ns])
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / POLL_INTERVAL_S) + 2):
+        rc = proc.poll()
+        if rc is not None:
+            _CHILDREN.pop(proc.pid, None)
+            if rc == 0:
+                return
+            tail = log_path.read_text(errors="replace")[-500:].strip()
+            raise LabError(f"{name} exited at once with status {rc}; {log_path} says: {tail}")
+        if _proc_netns_id(proc.pid) in want:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_INTERVAL_S / 5)
+    proc.kill()
+    proc.wait(timeout=KILL_TIMEOUT_S)
+    _CHILDREN.pop(proc.pid, None)
+    raise LabError(f"{name} did not enter netns {ns} within {timeout}s; it was killed")
 
 
 def process_log_path(lab: LabPlan, node: str, name: str) -> str:
