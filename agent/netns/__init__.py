@@ -1,0 +1,1 @@
+"""Network namespaces, veths, rules, routes and sysctls (pyroute2)."""
