@@ -115,7 +115,10 @@ def build_lab_group(after_topology: netlab.AfterTopology | None = None) -> click
     @_prefix_option
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     def list_cmd(prefix: str, as_json: bool) -> None:
-        """Show the lab's nodes and pods as read back from the kernel."""
+        """Show the lab's nodes and pods as read back from the kernel.
+
+        Exits 1 (after printing) if the kernel differs from the plan.
+        """
         try:
             info = netlab.list_lab(prefix)
         except (netlab.LabError, PlanError) as exc:

@@ -136,7 +136,7 @@ def _server(plan: LabPlan, pod: str, count: int) -> Iterator[subprocess.Popen[st
         yield proc
     finally:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.communicate(timeout=10)  # reaps it and closes the pipes
 
 
 def _tcp(plan: LabPlan, client: str, host: str) -> str:
