@@ -1,0 +1,153 @@
+"""The ``meshagent`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from agent import config as config_mod
+from agent import logs
+from agent.api import client
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _call(ctx: click.Context, request: dict[str, Any]) -> Any:
+    cfg: config_mod.Config = ctx.obj["config"]
+    try:
+        return client.call(cfg.agent.socket, request)
+    except (client.AgentUnavailable, client.AgentError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="MESHAGENT_CONFIG", default=None,
+              help="Config file (default /etc/meshagent/config.toml).")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+    """meshagent: eBPF traffic redirection node agent for an ambient service mesh."""
+    json_logs = True if os.environ.get("MESHAGENT_LOG_JSON") else None
+    logs.configure(log_level, json=json_logs)
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+    if ctx.invoked_subcommand not in ("lab",):
+        ctx.obj["config"] = _load_config(config_path)
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the node agent (root daemon)."""
+    from agent.daemon import run as run_agent
+
+    try:
+        run_agent(ctx.obj["config"])
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.pass_context
+def tunnel(ctx: click.Context) -> None:
+    """Run the node's tunnel (outbound 15001, inbound 15006, HBONE 15008)."""
+    from agent.tunnel.main import run as run_tunnel
+
+    run_tunnel(ctx.obj["config"])
+
+
+@main.group()
+def pod() -> None:
+    """Enroll, remove and list pods (talks to the running agent)."""
+
+
+def _parse_labels(values: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not k=v", param_hint="--label")
+        labels[key] = value
+    return labels
+
+
+@pod.command("add")
+@click.option("--netns", required=True, help="Pod netns: a name from 'ip netns list' or a path.")
+@click.option("--ifname", default="eth0", show_default=True, help="Pod-side interface.")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--service-account", default="default", show_default=True)
+@click.option("--name", default=None, help="Pod name (default: the netns name).")
+@click.option("--label", "labels", multiple=True, help="Pod label k=v (repeatable).")
+@click.pass_context
+def pod_add(ctx: click.Context, netns: str, ifname: str, namespace: str,
+            service_account: str, name: str | None, labels: tuple[str, ...]) -> None:
+    """Enroll a pod: its TCP traffic is captured into the tunnel."""
+    pod_json = _call(ctx, {"op": "pod_add", "netns": netns, "ifname": ifname,
+                           "namespace": namespace, "service_account": service_account,
+                           "name": name, "labels": _parse_labels(labels)})
+    click.echo(f"enrolled {pod_json['namespace']}/{pod_json['name']} "
+               f"(veth {pod_json['host_ifname']}, {', '.join(pod_json['addresses'])})")
+
+
+@pod.command("del")
+@click.option("--netns", default=None)
+@click.option("--name", default=None)
+@click.option("--namespace", default="default", show_default=True)
+@click.pass_context
+def pod_del(ctx: click.Context, netns: str | None, name: str | None, namespace: str) -> None:
+    """Remove a pod from the mesh (its traffic goes direct again)."""
+    if not netns and not name:
+        raise click.UsageError("give --netns or --name")
+    pod_json = _call(ctx, {"op": "pod_del", "netns": netns, "name": name,
+                           "namespace": namespace})
+    click.echo(f"removed {pod_json['namespace']}/{pod_json['name']}")
+
+
+@pod.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def pod_list(ctx: click.Context, as_json: bool) -> None:
+    """List enrolled pods with their datapath counters."""
+    pods = _call(ctx, {"op": "pod_list"})
+    if as_json:
+        click.echo(json.dumps(pods, indent=2))
+        return
+    from agent.status_view import pods_table
+
+    pods_table(pods)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the agent's pods, counters, listeners and node plumbing."""
+    data = _call(ctx, {"op": "status"})
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from agent.status_view import status_view
+
+    status_view(data)
+
+
+def _add_lab() -> None:
+    from agent.lab.commands import build_lab_group
+    from agent.lab.mesh import start_mesh
+
+    main.add_command(build_lab_group(after_topology=start_mesh))
+
+
+_add_lab()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""``meshagent run``: the node agent daemon.
+
+Start-up, in order: load persisted state; set up node plumbing; compile the
+BPF programs once; write the datapath settings, node addresses and
+exclusions into the maps; re-enroll the pods from state whose netns and veth
+still exist (filters are replaced atomically, so traffic never runs without
+one) and forget the rest; then serve the API on a root-only UNIX socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.api import schema
+from agent.config import Config
+from agent.datapath.maps import DatapathMaps, DatapathSettings
+from agent.datapath.programs import Programs, compile_programs
+from agent.enrollment import Enroller, EnrollmentError
+from agent.netns.node import TunnelDevice, setup_node, verify_node
+from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
+from agent.registry import Registry, RegistryError
+from agent.state import AgentState, load_state, save_state
+
+log = structlog.get_logger("agent.daemon")
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state = AgentState()
+        self.programs: Programs | None = None
+        self.maps: DatapathMaps | None = None
+        self.enroller: Enroller | None = None
+        self.tunnel_device: TunnelDevice | None = None
+        self.started_at = time.time()
+        # Every kernel operation runs on this one thread: pyroute2's sync API
+        # and bcc tables must not run inside the asyncio loop, and serialising
+        # them makes each enrollment a transaction with nothing interleaved.
+        self.kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+
+    def persist(self) -> None:
+        save_state(self.cfg.agent.state_dir, self.state, self.cfg.tunnel.trust_domain)
+
+    def start(self) -> None:
+        """Bring the node to the desired state (see the module docstring)."""
+        self.state = load_state(self.cfg.agent.state_dir)
+        self.tunnel_device = setup_node(self.cfg, self.state.node)
+        self.persist()
+        self.programs = compile_programs()
+        self.maps = DatapathMaps(self.programs)
+        t, d = self.cfg.tunnel, self.cfg.datapath
+        self.maps.set_settings(DatapathSettings(
+            capture_mark=d.capture_mark, capture_mask=d.capture_mask,
+            tunnel_mark=t.socket_mark, tunnel_ifindex=self.tunnel_device.ifindex,
+            tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
+            inbound_port=t.inbound_port, hbone_port=t.hbone_port))
+        self.maps.set_node_addresses(node_addresses())
+        self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
+        saved = list(self.state.registry)
+        self.state.registry = Registry()
+        self.enroller = Enroller(self.cfg, self.programs, self.maps, self.state.registry,
+                                 self.persist)
+        self._restore(saved)
+        self.persist()
+        log.info("agent ready", version=__version__, pods=len(self.state.registry),
+                 tunnel_device=self.cfg.agent.tunnel_device, socket=self.cfg.agent.socket)
+
+    def _restore(self, saved: list[Any]) -> None:
+        assert self.enroller is not None and self.maps is not None
+        from pyroute2 import IPRoute
+
+        for pod in saved:
+            try:
+                veth = find_host_veth(pod.netns, pod.ifname)
+            except PodNetworkError as exc:
+                log.info("forgetting pod whose network is gone", pod=pod.key, reason=str(exc))
+                continue
+            if veth.ifindex != pod.host_ifindex:
+                log.info("pod veth changed while agent was down", pod=pod.key)
+            pod = type(pod).from_json({**pod.to_json(), "host_ifindex": veth.ifindex,
+                                       "host_ifname": veth.ifname,
+                                       "addresses": list(veth.pod_addresses)})
+            self.maps.add_pod(pod.host_ifindex, pod.addresses)
+            with IPRoute() as ipr:
+                self.enroller.attach_filters(ipr, pod.host_ifindex)
+            self.state.registry.add(pod)
+            log.info("pod restored", pod=pod.key, ifindex=pod.host_ifindex)
+
+    # --- API -----------------------------------------------------------------
+
+    def handle(self, raw: Any) -> dict[str, Any]:
+        """Execute one request on the kernel thread; never raises."""
+        try:
+            req = schema.parse_request(raw)
+            return {"ok": True, "result": self._dispatch(req)}
+        except (schema.RequestError, PodNetworkError, RegistryError, EnrollmentError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("request failed", request=raw)
+            return {"ok": False, "error": f"internal error: {exc}"}
+
+    def _dispatch(self, req: schema.Request) -> Any:
+        assert self.enroller is not None and self.maps is not None
+        if isinstance(req, schema.PodAdd):
+            self.maps.set_node_addresses(node_addresses())
+            return self.enroller.add(req).to_json()
+        if isinstance(req, schema.PodDel):
+            pod = self.enroller.find(req)
+            if pod is None:
+                raise RegistryError("no such enrolled pod; 'meshagent pod list' shows them")
+            self.enroller.remove(pod)
+            return pod.to_json()
+        if isinstance(req, schema.PodList):
+            return self._pods_with_counters()
+        return self.status()
+
+    def _pods_with_counters(self) -> list[dict[str, Any]]:
+        assert self.maps is not None
+        counters = self.maps.counters()
+        out = []
+        for pod in self.state.registry:
+            data = pod.to_json()
+            c = counters.get(pod.host_ifindex)
+            data["counters"] = c.as_dict() if c else None
+            out.append(data)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "pods": self._pods_with_counters(),
+            "node": verify_node(self.cfg),
+            "tunnel_ports": {"outbound": self.cfg.tunnel.outbound_port,
+                             "inbound": self.cfg.tunnel.inbound_port,
+                             "hbone": self.cfg.tunnel.hbone_port},
+            "listeners": _listening_ports(),
+        }
+
+    async def _client(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != 0:
+                response: dict[str, Any] = {"ok": False, "error": "the agent API is root-only"}
+            else:
+                line = await asyncio.wait_for(reader.readline(), timeout=10)
+                if len(line) > MAX_REQUEST_BYTES:
+                    response = {"ok": False, "error": "request too large"}
+                else:
+                    try:
+                        raw = json.loads(line)
+                    except ValueError as exc:
+                        response = {"ok": False, "error": f"request is not JSON: {exc}"}
+                    else:
+                        loop = asyncio.get_running_loop()
+                        response = await loop.run_in_executor(self.kernel, self.handle, raw)
+            writer.write(json.dumps(response).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError) as exc:
+            log.info("api client dropped", error=str(exc))
+        finally:
+            writer.close()
+
+    async def serve(self) -> None:
+        path = Path(self.cfg.agent.socket)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._client, path=str(path),
+                                                     limit=MAX_REQUEST_BYTES + 1)
+        finally:
+            os.umask(old_umask)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with server:
+            await stop.wait()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        # Filters stay attached and keep steering traffic to the tunnel while
+        # the agent is away; the next start reconciles them.
+        log.info("agent stopped; datapath left in place")
+
+
+def _listening_ports() -> list[int]:
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def run(cfg: Config) -> None:
+    agent = Agent(cfg)
+    agent.kernel.submit(agent.start).result()
+    asyncio.run(agent.serve())

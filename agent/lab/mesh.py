@@ -1,0 +1,105 @@
+"""Turn a lab topology into a mesh: per node, start the agent and the tunnel,
+then enroll the node's pods through the agent's API.
+
+Used as the ``after_topology`` hook of ``lab up``; ``lab down`` stops the
+processes (they are started with :func:`netlab.start_node_process`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.api import client
+from agent.lab import netlab
+from agent.lab.topology import LabPlan, NodePlan
+
+READY_TIMEOUT_S = 60.0
+POLL_S = 0.1
+LAB_MODE_ENV = "MESHAGENT_LAB_MODE"  # plain (default) | hbone | none
+
+
+def lab_mode() -> str:
+    mode = os.environ.get(LAB_MODE_ENV, "plain")
+    if mode not in ("hbone", "plain", "none"):
+        raise ValueError(f"{LAB_MODE_ENV}={mode!r}: use hbone, plain or none")
+    return mode
+
+
+def node_env(plan: LabPlan, node: NodePlan, mode: str) -> dict[str, str]:
+    """Environment overrides that give each lab node its own agent and tunnel."""
+    run = Path(plan.node_run_dir(node.name))
+    mesh_cidrs = ",".join(c for n in plan.nodes for c in n.pod_cidrs)
+    return {
+        "MESHAGENT_CONFIG": str(Path(plan.run_dir) / "config.toml"),
+        "MESHAGENT_AGENT_SOCKET": str(run / "agent.sock"),
+        "MESHAGENT_AGENT_STATE_DIR": str(run / "state"),
+        "MESHAGENT_AGENT_BPF_PIN_DIR": f"/sys/fs/bpf/meshagent-{plan.prefix}-{node.name}",
+        "MESHAGENT_TUNNEL_MODE": mode,
+        "MESHAGENT_TUNNEL_MESH_CIDRS": mesh_cidrs,
+        "MESHAGENT_TUNNEL_CA_DIR": str(Path(plan.run_dir) / "ca"),
+        "MESHAGENT_LOG_JSON": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def agent_socket(plan: LabPlan, node: str) -> str:
+    return str(Path(plan.node_run_dir(node)) / "agent.sock")
+
+
+def _wait(what: str, check: Any, log_path: str) -> Any:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (client.AgentUnavailable, client.AgentError, OSError) as exc:
+            last = exc
+        time.sleep(POLL_S)
+    tail = ""
+    with contextlib.suppress(OSError):
+        tail = "".join(Path(log_path).read_text().splitlines(keepends=True)[-15:])
+    raise netlab.LabError(f"{what} not ready within {READY_TIMEOUT_S:.0f}s ({last}); "
+                          f"log {log_path}:\n{tail}")
+
+
+def start_mesh(plan: LabPlan) -> None:
+    """Start agent + tunnel on every node, then enroll the pods marked ``enroll``.
+
+    Side effects: writes the lab config file, creates the lab's mesh CA (HBONE
+    mode), starts two processes per node, and enrolls pods (attaching tc
+    filters in node namespaces). ``lab down`` undoes all of it.
+    """
+    mode = lab_mode()
+    if mode == "none":
+        return
+    Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
+    if mode == "hbone":
+        from agent.tunnel.identity import init_ca
+
+        init_ca(str(Path(plan.run_dir) / "ca"))
+    exe = [sys.executable, "-m", "agent"]
+    for node in plan.nodes:
+        env = node_env(plan, node, mode)
+        netlab.start_node_process(plan, node, "agent", [*exe, "run"], env)
+        netlab.start_node_process(plan, node, "tunnel", [*exe, "tunnel"], env)
+    for node in plan.nodes:
+        sock = agent_socket(plan, node.name)
+        agent_log = netlab.process_log_path(plan, node.name, "agent")
+        _wait(f"agent on {node.name}",
+              lambda s=sock: client.call(s, {"op": "status"}, timeout=5), agent_log)
+        tunnel_log = netlab.process_log_path(plan, node.name, "tunnel")
+        _wait(f"tunnel on {node.name}",
+              lambda s=sock: 15001 in client.call(s, {"op": "status"}, timeout=5)["listeners"],
+              tunnel_log)
+        for pod in node.pods:
+            if pod.enroll:
+                client.call(sock, {"op": "pod_add", "netns": pod.netns, "name": pod.name,
+                                   "namespace": pod.namespace,
+                                   "service_account": pod.service_account})

@@ -1,0 +1,67 @@
+"""The agent's persisted state: node plumbing it created and the enrolled pods.
+
+Written atomically (temp file + rename) after every change so that a crash at
+any moment leaves either the old or the new state on disk, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.netns.node import NodeState
+from agent.registry import Registry
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+WORKLOADS_FILE = "workloads.json"
+
+
+@dataclass
+class AgentState:
+    node: NodeState = field(default_factory=NodeState)
+    registry: Registry = field(default_factory=Registry)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "node": self.node.to_json(),
+                "pods": self.registry.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentState:
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {data.get('version')!r} is not {STATE_VERSION}")
+        return cls(node=NodeState.from_json(data.get("node", {})),
+                   registry=Registry.from_json(data.get("pods", [])))
+
+
+def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(state_dir: str) -> AgentState:
+    path = Path(state_dir) / STATE_FILE
+    if not path.exists():
+        return AgentState()
+    try:
+        return AgentState.from_json(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); move it away to start fresh, "
+                         "then run 'meshagent uninstall' to clean up") from exc
+
+
+def save_state(state_dir: str, state: AgentState, trust_domain: str) -> None:
+    base = Path(state_dir)
+    write_json_atomic(base / STATE_FILE, state.to_json())
+    workloads = [pod.workload(trust_domain) for pod in state.registry]
+    # The tunnel (same node, unprivileged reader possible) only needs this part.
+    write_json_atomic(base / WORKLOADS_FILE, {"workloads": workloads}, mode=0o644)

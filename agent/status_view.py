@@ -1,0 +1,36 @@
+"""Readable tables for ``meshagent status`` and ``pod list`` (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def pods_table(pods: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"enrolled pods ({len(pods)})")
+    for col in ("pod", "veth", "addresses", "out pkts", "out bytes", "in pkts", "in bytes",
+                "drops"):
+        table.add_column(col)
+    for pod in pods:
+        c = pod.get("counters") or {}
+        drops = ", ".join(f"{k}={v}" for k, v in (c.get("drops") or {}).items()) or "-"
+        table.add_row(f"{pod['namespace']}/{pod['name']}", pod["host_ifname"],
+                      " ".join(pod["addresses"]), str(c.get("captured_out_packets", 0)),
+                      str(c.get("captured_out_bytes", 0)), str(c.get("captured_in_packets", 0)),
+                      str(c.get("captured_in_bytes", 0)), drops)
+    console.print(table)
+
+
+def status_view(data: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"meshagent {data['version']}, up {data['uptime_seconds']}s")
+    node = ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in data["node"].items())
+    console.print(f"node: {node}")
+    ports = data["tunnel_ports"]
+    listening = set(data.get("listeners", []))
+    console.print("tunnel listeners: " + ", ".join(
+        f"{name} {port} {'up' if port in listening else 'DOWN'}" for name, port in ports.items()))
+    pods_table(data["pods"], console)

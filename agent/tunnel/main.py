@@ -1,0 +1,197 @@
+"""``meshagent tunnel``: the node's co-located tunnel process.
+
+It listens, IP_TRANSPARENT, on the outbound (15001), inbound plaintext
+(15006) and HBONE (15008) ports, IPv4 and IPv6, in the node's netns; the
+datapath assigns captured connections to these listeners. It learns the
+node's enrolled workloads from the agent's ``workloads.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from agent.config import Config
+from agent.state import WORKLOADS_FILE
+from agent.tunnel import inbound, outbound, sockets
+from agent.tunnel.connection import ConnectionRecord
+from agent.tunnel.workloads import Workload, WorkloadIndex, in_cidrs
+
+log = structlog.get_logger("tunnel")
+WORKLOADS_POLL_SECONDS = 0.2
+
+Handler = Callable[[Any, socket.socket, tuple[str, int]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    policy: str | None = None
+    reason: str | None = None
+
+
+class HboneEndpoint(Protocol):
+    async def outbound(self, conn: socket.socket, rec: ConnectionRecord, src: Workload | None,
+                       src_ip: str, dst_ip: str, dst_port: int) -> None: ...
+
+    async def serve(self, tunnel: Tunnel, conn: socket.socket,
+                    peer: tuple[str, int]) -> None: ...
+
+
+class Tunnel:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.workloads = WorkloadIndex()
+        self.workloads_path = Path(cfg.agent.state_dir) / WORKLOADS_FILE
+        self._workloads_mtime: float | None = None
+        self.hbone: HboneEndpoint | None = None
+        self.listeners: list[socket.socket] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.on_close: list[Callable[[ConnectionRecord], None]] = []
+
+    # --- decisions -----------------------------------------------------------
+
+    def is_mesh_destination(self, ip: str) -> bool:
+        return (self.workloads.by_address(ip) is not None
+                or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs))
+
+    def authorize_inbound(self, *, src_ip: str, src_identity: str | None, dst: Workload,
+                          dst_ip: str, dst_port: int) -> Decision:
+        return Decision(allowed=True)
+
+    def connection_closed(self, rec: ConnectionRecord) -> None:
+        rec.log()
+        for callback in self.on_close:
+            callback(rec)
+
+    # --- workloads -----------------------------------------------------------
+
+    def reload_workloads(self) -> bool:
+        try:
+            mtime = self.workloads_path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if mtime == self._workloads_mtime:
+            return False
+        try:
+            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("workloads file unreadable; keeping the last good one",
+                        path=str(self.workloads_path), error=str(exc))
+            return False
+        self._workloads_mtime = mtime
+        self.workloads = index
+        log.info("workloads loaded", count=len(index))
+        return True
+
+    async def _watch_workloads(self) -> None:
+        while True:
+            self.reload_workloads()
+            await asyncio.sleep(WORKLOADS_POLL_SECONDS)
+
+    # --- serving -------------------------------------------------------------
+
+    def open_listeners(self) -> list[tuple[socket.socket, Handler]]:
+        t = self.cfg.tunnel
+        hbone_handler: Handler = self._serve_hbone
+        plan: list[tuple[int, Handler]] = [(t.outbound_port, outbound.handle),
+                                           (t.inbound_port, inbound.handle),
+                                           (t.hbone_port, hbone_handler)]
+        out: list[tuple[socket.socket, Handler]] = []
+        try:
+            for port, handler in plan:
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    sock = sockets.listener(family, port, mark=t.socket_mark)
+                    self.listeners.append(sock)
+                    out.append((sock, handler))
+        except OSError:
+            self.close()
+            raise
+        return out
+
+    async def _serve_hbone(self, _tunnel: Any, conn: socket.socket,
+                           peer: tuple[str, int]) -> None:
+        if self.hbone is None:
+            log.info("HBONE connection refused: tunnel runs in plain mode", peer=peer[0])
+            sockets.abort(conn)
+            return
+        await self.hbone.serve(self, conn, peer)
+
+    async def _accept_loop(self, lsock: socket.socket, handler: Handler) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.warning("accept failed", error=str(exc))
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._run_handler(handler, conn, peer))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _run_handler(self, handler: Handler, conn: socket.socket,
+                           peer: tuple[str, int]) -> None:
+        try:
+            await handler(self, conn, peer)
+        except asyncio.CancelledError:
+            sockets.abort(conn)
+            raise
+        except Exception:
+            log.exception("connection handler failed", peer=peer[0])
+            sockets.abort(conn)
+
+    def close(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+        self.listeners.clear()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        self.reload_workloads()
+        background = [asyncio.create_task(self._watch_workloads())]
+        for sock, handler in self.open_listeners():
+            background.append(asyncio.create_task(self._accept_loop(sock, handler)))
+        t = self.cfg.tunnel
+        log.info("tunnel ready", mode=t.mode, outbound=t.outbound_port, inbound=t.inbound_port,
+                 hbone=t.hbone_port, workloads=len(self.workloads))
+        await stop.wait()
+        for task in background:
+            task.cancel()
+        self.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+        log.info("tunnel stopped")
+
+
+def install_event_loop_policy() -> str:
+    """Use uvloop when it is installed; return the loop's name for the log."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def run(cfg: Config) -> None:
+    loop_name = install_event_loop_policy()
+    log.info("starting tunnel", event_loop=loop_name)
+    tunnel = Tunnel(cfg)
+    asyncio.run(tunnel.run())
