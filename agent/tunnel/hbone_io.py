@@ -712,6 +712,11 @@ class _HboneServerSession(_HboneConnectionIO):
         except asyncio.CancelledError:
             failed = True
             raise
+        except HboneStreamError as exc:
+            # Resets and lost connections are ordinary network events, not bugs.
+            failed = True
+            log.debug("hbone stream ended with error", authority=request.authority,
+                      error=str(exc))
         except Exception:
             failed = True
             log.exception("hbone on_stream handler failed", authority=request.authority)
