@@ -90,6 +90,7 @@ static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet
 	__u8 nexthdr;
 	__u8 ext[2];
 	__u16 frag_off;
+	int fragmented = 0; /* a fragment header was walked: TCP behind it is dropped */
 	int i;
 
 	if (bpf_skb_load_bytes(skb, MA_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0 || ip6h.version != 6) {
@@ -105,6 +106,8 @@ static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet
 	for (i = 0; i < MA_MAX_EXTHDRS; i++) {
 		switch (nexthdr) {
 		case IPPROTO_TCP:
+			if (fragmented)
+				goto fragment;
 			return ma_parse_tcp(skb, off, pkt);
 		case MA_NEXTHDR_HOP:
 		case MA_NEXTHDR_ROUTING:
@@ -126,21 +129,29 @@ static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet
 				goto malformed;
 			nexthdr = ext[0];
 			/* A fragmented TCP segment hides or splits the ports. */
-			if (nexthdr == IPPROTO_TCP) {
-				pkt->drop_reason = DROP_FRAGMENT;
-				return MA_PARSE_DROP;
-			}
-			if (frag_off & bpf_htons(0xFFF9))
+			if (nexthdr == IPPROTO_TCP)
+				goto fragment;
+			/* A later fragment holds no upper-layer header to inspect. */
+			if (frag_off & bpf_htons(0xFFF8))
 				return MA_PARSE_NOT_TCP;
+			/* The first fragment may put more extension headers before
+			 * TCP: keep walking, and drop if TCP turns up (as above). */
+			fragmented = 1;
 			off += 8;
 			break;
 		default:
 			return MA_PARSE_NOT_TCP;
 		}
 	}
-	if (nexthdr == IPPROTO_TCP)
+	if (nexthdr == IPPROTO_TCP) {
+		if (fragmented)
+			goto fragment;
 		return ma_parse_tcp(skb, off, pkt);
+	}
 	pkt->drop_reason = DROP_EXTHDR_LIMIT;
+	return MA_PARSE_DROP;
+fragment:
+	pkt->drop_reason = DROP_FRAGMENT;
 	return MA_PARSE_DROP;
 malformed:
 	pkt->drop_reason = DROP_MALFORMED;

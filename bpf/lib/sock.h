@@ -89,11 +89,17 @@ static __always_inline int ma_assign_and_mark(struct __sk_buff *skb, struct bpf_
 	return 0;
 }
 
+/* The agent's settings, or NULL before it has written them. ma_config_map is
+ * an array, whose one entry always exists and reads as zeros until written,
+ * so "unset" is a zero outbound port (the agent always sets one). */
 static __always_inline const struct ma_config *ma_config(void)
 {
 	__u32 zero = 0;
+	const struct ma_config *cfg = ma_config_map.lookup(&zero);
 
-	return ma_config_map.lookup(&zero);
+	if (!cfg || !cfg->outbound_port)
+		return NULL;
+	return cfg;
 }
 
 #endif
