@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 DEFAULT_CONFIG_PATH = Path("/etc/meshagent/config.toml")
 ENV_CONFIG_PATH = "MESHAGENT_CONFIG"

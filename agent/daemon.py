@@ -27,7 +27,8 @@ from agent import __version__
 from agent.api import schema
 from agent.config import Config
 from agent.datapath.maps import DatapathMaps, DatapathSettings
-from agent.datapath.programs import Programs, compile_programs
+from agent.datapath import attach
+from agent.datapath.programs import TUNNEL_DEV_INGRESS, Programs, compile_programs
 from agent.enrollment import Enroller, EnrollmentError
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
@@ -70,6 +71,7 @@ class Agent:
             inbound_port=t.inbound_port, hbone_port=t.hbone_port))
         self.maps.set_node_addresses(node_addresses())
         self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
+        self._attach_tunnel_device()
         saved = list(self.state.registry)
         self.state.registry = Registry()
         self.enroller = Enroller(self.cfg, self.programs, self.maps, self.state.registry,
@@ -78,6 +80,18 @@ class Agent:
         self.persist()
         log.info("agent ready", version=__version__, pods=len(self.state.registry),
                  tunnel_device=self.cfg.agent.tunnel_device, socket=self.cfg.agent.socket)
+
+    def _attach_tunnel_device(self) -> None:
+        """clsact + tunnel_dev_ingress on our own device (replaced atomically on restart)."""
+        assert self.programs is not None and self.tunnel_device is not None
+        from pyroute2 import IPRoute  # noqa: PLC0415
+
+        idx = self.tunnel_device.ifindex
+        spec = attach.FilterSpec(attach.INGRESS, TUNNEL_DEV_INGRESS,
+                                 self.programs.fds[TUNNEL_DEV_INGRESS])
+        with IPRoute() as ipr:
+            attach.ensure_clsact(ipr, idx)
+            attach.attach(ipr, idx, spec, self.cfg.agent.tc_priority, self.cfg.agent.tc_handle)
 
     def _restore(self, saved: list[Any]) -> None:
         assert self.enroller is not None and self.maps is not None

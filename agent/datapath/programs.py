@@ -86,7 +86,7 @@ def compile_programs(*, test_run: bool = False, max_pods: int | None = None) -> 
     ``test_run`` builds the BPF_PROG_TEST_RUN variant (see MESHAGENT_TEST_RUN).
     """
     try:
-        from bcc import BPF  # noqa: PLC0415 - bcc is heavy and needs root; load lazily
+        from bcc import BPF
     except ImportError as exc:
         raise CompileError(
             "python module bcc is not importable: run scripts/setup.sh "

@@ -12,8 +12,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, NetNS
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.netns import enter
 
 NETNS_RUN_DIR = "/run/netns"
 _NS_GET_NSTYPE = 0xB703
@@ -57,7 +59,7 @@ def resolve_netns(ref: str) -> str:
     return path
 
 
-def _global_addresses(ns: NetNS, ifindex: int) -> tuple[str, ...]:
+def _global_addresses(ns: IPRoute, ifindex: int) -> tuple[str, ...]:
     out = []
     for msg in ns.get_addr(index=ifindex):
         addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
@@ -74,7 +76,8 @@ def find_host_veth(netns_path: str, ifname: str = "eth0") -> HostVeth:
     the interface is missing, is not a veth, or its peer is not in this netns.
     """
     try:
-        pod = NetNS(netns_path, flags=0)
+        with enter.netns(netns_path):
+            pod = IPRoute()
     except (OSError, NetlinkError) as exc:
         raise PodNetworkError(f"cannot enter netns {netns_path}: {exc}") from exc
     try:

@@ -22,7 +22,7 @@ SO_MARK = 36
 
 def _transparent(sock: socket.socket, family: int, mark: int) -> None:
     if family == socket.AF_INET6:
-        sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     if mark:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
