@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from agent.tunnel import hbone
 from agent.tunnel.hbone_io import (
@@ -46,9 +47,17 @@ LOOPBACK = "127.0.0.1"
 Handler = Callable[[HboneServerRequest], Awaitable[None]]
 
 
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-    """Run ``coro`` on a fresh loop, failing (not hanging) after ``timeout`` seconds."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0, loop: str = "asyncio") -> Any:
+    """Run ``coro`` on a fresh loop, failing (not hanging) after ``timeout`` seconds.
+
+    ``loop`` is "asyncio" or "uvloop": the tunnel prefers uvloop, the code must work on both.
+    """
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(asyncio.wait_for(coro, timeout))
+
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +160,8 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 # ---- happy path -------------------------------------------------------------------------------
 
 
-def test_echo_with_headers_identity_and_half_close(store: IdentityStore) -> None:
+@LOOPS
+def test_echo_with_headers_identity_and_half_close(store: IdentityStore, loop: str) -> None:
     async def main() -> None:
         async with HboneTestServer(store.server_context(SERVER), echo_handler) as server, \
                 pool_for(store) as pool:
@@ -178,7 +188,7 @@ def test_echo_with_headers_identity_and_half_close(store: IdentityStore) -> None
             assert request.baggage == {"k8s.namespace.name": "default", "k8s.pod.name": "c-1"}
             assert request.peer_identity == CLIENT
 
-    run(main())
+    run(main(), loop=loop)
 
 
 def test_streams_share_a_connection_up_to_the_limit(store: IdentityStore) -> None:
@@ -380,7 +390,8 @@ async def _tcp_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWr
     return backend, backend.sockets[0].getsockname()[1]
 
 
-def test_pipe_half_close_through_the_tunnel(store: IdentityStore) -> None:
+@LOOPS
+def test_pipe_half_close_through_the_tunnel(store: IdentityStore, loop: str) -> None:
     """client TCP -> pipe -> HBONE -> pipe -> backend TCP, and back, with FINs."""
 
     async def main() -> None:
@@ -427,10 +438,11 @@ def test_pipe_half_close_through_the_tunnel(store: IdentityStore) -> None:
             assert result.outcome == "closed"
             assert tuple(result) == (11, 11)
 
-    run(main())
+    run(main(), loop=loop)
 
 
-def test_backend_reset_becomes_stream_reset(store: IdentityStore) -> None:
+@LOOPS
+def test_backend_reset_becomes_stream_reset(store: IdentityStore, loop: str) -> None:
     async def main() -> None:
         async def backend_rst(reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
@@ -457,10 +469,11 @@ def test_backend_reset_becomes_stream_reset(store: IdentityStore) -> None:
         finally:
             backend.close()
 
-    run(main())
+    run(main(), loop=loop)
 
 
-def test_stream_reset_becomes_tcp_rst(store: IdentityStore) -> None:
+@LOOPS
+def test_stream_reset_becomes_tcp_rst(store: IdentityStore, loop: str) -> None:
     async def main() -> None:
         seen: list[BaseException | bytes] = []
         backend_done = asyncio.Event()
@@ -493,7 +506,7 @@ def test_stream_reset_becomes_tcp_rst(store: IdentityStore) -> None:
         # The backend saw a reset, not a clean FIN (b"" / only the bytes).
         assert isinstance(seen[-1], ConnectionResetError)
 
-    run(main())
+    run(main(), loop=loop)
 
 
 def test_rotation_keeps_existing_connections(store: IdentityStore, tmp_path: Path) -> None:
