@@ -63,7 +63,11 @@ class TunnelConfig:
     socket_mark: int = 0x5B0000
     # "permissive" forwards plaintext inbound to enrolled pods, "strict" refuses it.
     inbound_mode: str = "permissive"
+    # Destinations sent over HBONE: known workloads (this node's and those in
+    # peer_workloads, workloads.json files of other nodes, standing in for a
+    # control plane's workload discovery), plus anything in mesh_cidrs.
     mesh_cidrs: tuple[str, ...] = ()
+    peer_workloads: tuple[str, ...] = ()
     trust_domain: str = "cluster.local"
     ca_dir: str = "/etc/meshagent/ca"
     cert_ttl_seconds: int = 24 * 3600

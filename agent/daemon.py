@@ -26,8 +26,8 @@ import structlog
 from agent import __version__
 from agent.api import schema
 from agent.config import Config
-from agent.datapath.maps import DatapathMaps, DatapathSettings
 from agent.datapath import attach
+from agent.datapath.maps import DatapathMaps, DatapathSettings
 from agent.datapath.programs import TUNNEL_DEV_INGRESS, Programs, compile_programs
 from agent.enrollment import Enroller, EnrollmentError
 from agent.netns.node import TunnelDevice, setup_node, verify_node
@@ -84,7 +84,7 @@ class Agent:
     def _attach_tunnel_device(self) -> None:
         """clsact + tunnel_dev_ingress on our own device (replaced atomically on restart)."""
         assert self.programs is not None and self.tunnel_device is not None
-        from pyroute2 import IPRoute  # noqa: PLC0415
+        from pyroute2 import IPRoute
 
         idx = self.tunnel_device.ifindex
         spec = attach.FilterSpec(attach.INGRESS, TUNNEL_DEV_INGRESS,

@@ -33,14 +33,17 @@ def lab_mode() -> str:
 def node_env(plan: LabPlan, node: NodePlan, mode: str) -> dict[str, str]:
     """Environment overrides that give each lab node its own agent and tunnel."""
     run = Path(plan.node_run_dir(node.name))
-    mesh_cidrs = ",".join(c for n in plan.nodes for c in n.pod_cidrs)
+    # Stand-in for a control plane's workload discovery: each tunnel reads the
+    # other nodes' workloads.json, so it knows which destinations are in the mesh.
+    peers = ",".join(str(Path(plan.node_run_dir(n.name)) / "state" / "workloads.json")
+                     for n in plan.nodes if n.name != node.name)
     return {
         "MESHAGENT_CONFIG": str(Path(plan.run_dir) / "config.toml"),
         "MESHAGENT_AGENT_SOCKET": str(run / "agent.sock"),
         "MESHAGENT_AGENT_STATE_DIR": str(run / "state"),
         "MESHAGENT_AGENT_BPF_PIN_DIR": f"/sys/fs/bpf/meshagent-{plan.prefix}-{node.name}",
         "MESHAGENT_TUNNEL_MODE": mode,
-        "MESHAGENT_TUNNEL_MESH_CIDRS": mesh_cidrs,
+        "MESHAGENT_TUNNEL_PEER_WORKLOADS": peers,
         "MESHAGENT_TUNNEL_CA_DIR": str(Path(plan.run_dir) / "ca"),
         "MESHAGENT_LOG_JSON": "1",
         "PYTHONUNBUFFERED": "1",

@@ -43,4 +43,7 @@ class ConnectionRecord:
 
 
 def fmt_addr(ip: str, port: int) -> str:
+    """``ip:port`` ([v6]:port); just the IP when the port is unknown (0)."""
+    if not port:
+        return ip
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -46,6 +46,8 @@ class HboneEndpoint(Protocol):
     async def serve(self, tunnel: Tunnel, conn: socket.socket,
                     peer: tuple[str, int]) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 class Tunnel:
     def __init__(self, cfg: Config) -> None:
@@ -53,6 +55,8 @@ class Tunnel:
         self.workloads = WorkloadIndex()
         self.workloads_path = Path(cfg.agent.state_dir) / WORKLOADS_FILE
         self._workloads_mtime: float | None = None
+        self.peers = WorkloadIndex()
+        self._peer_mtimes: tuple[float | None, ...] = ()
         self.hbone: HboneEndpoint | None = None
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
@@ -62,6 +66,7 @@ class Tunnel:
 
     def is_mesh_destination(self, ip: str) -> bool:
         return (self.workloads.by_address(ip) is not None
+                or self.peers.by_address(ip) is not None
                 or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs))
 
     def authorize_inbound(self, *, src_ip: str, src_identity: str | None, dst: Workload,
@@ -93,9 +98,30 @@ class Tunnel:
         log.info("workloads loaded", count=len(index))
         return True
 
+    def reload_peers(self) -> bool:
+        paths = [Path(p) for p in self.cfg.tunnel.peer_workloads]
+        mtimes = tuple(p.stat().st_mtime if p.exists() else None for p in paths)
+        if mtimes == self._peer_mtimes:
+            return False
+        workloads: list[Workload] = []
+        for path in paths:
+            try:
+                workloads.extend(WorkloadIndex.from_json(json.loads(path.read_text())).workloads)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("peer workloads unreadable; keeping the last good set",
+                            path=str(path), error=str(exc))
+                return False
+        self._peer_mtimes = mtimes
+        self.peers = WorkloadIndex(workloads)
+        log.info("peer workloads loaded", count=len(self.peers))
+        return True
+
     async def _watch_workloads(self) -> None:
         while True:
             self.reload_workloads()
+            self.reload_peers()
             await asyncio.sleep(WORKLOADS_POLL_SECONDS)
 
     # --- serving -------------------------------------------------------------
@@ -164,6 +190,13 @@ class Tunnel:
             with contextlib.suppress(RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         self.reload_workloads()
+        self.reload_peers()
+        if self.cfg.tunnel.mode == "hbone" and self.hbone is None:
+            from agent.tunnel.hbone_endpoint import HboneEndpoint as Endpoint
+
+            endpoint = Endpoint(self)
+            endpoint.start()
+            self.hbone = endpoint
         background = [asyncio.create_task(self._watch_workloads())]
         for sock, handler in self.open_listeners():
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))
@@ -177,6 +210,8 @@ class Tunnel:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+        if self.hbone is not None:
+            await self.hbone.close()
         log.info("tunnel stopped")
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 
 IP_TRANSPARENT = 19
@@ -76,3 +77,8 @@ def abort(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
+
+
+def normalize_ip(ip: str) -> str:
+    """Canonical text form of an IP; raises ValueError for anything else."""
+    return str(ipaddress.ip_address(ip))
