@@ -140,6 +140,29 @@ def status(ctx: click.Context, as_json: bool) -> None:
     status_view(data)
 
 
+@main.group()
+def ca() -> None:
+    """The mesh certificate authority."""
+
+
+@ca.command("init")
+@click.option("--dir", "ca_dir", default=None, help="CA directory (default: tunnel.ca_dir).")
+@click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
+@click.pass_context
+def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) -> None:
+    """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent."""
+    from agent.tunnel.identity import IdentityError, init_ca
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    directory = ca_dir or cfg.tunnel.ca_dir
+    domain = trust_domain or cfg.tunnel.trust_domain
+    try:
+        init_ca(directory, trust_domain=domain)
+    except (IdentityError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"mesh CA for trust domain {domain!r} ready in {directory}")
+
+
 def _add_lab() -> None:
     from agent.lab.commands import build_lab_group
     from agent.lab.mesh import start_mesh

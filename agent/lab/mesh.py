@@ -20,11 +20,11 @@ from agent.lab.topology import LabPlan, NodePlan
 
 READY_TIMEOUT_S = 60.0
 POLL_S = 0.1
-LAB_MODE_ENV = "MESHAGENT_LAB_MODE"  # plain (default) | hbone | none
+LAB_MODE_ENV = "MESHAGENT_LAB_MODE"  # hbone (default) | plain | none
 
 
 def lab_mode() -> str:
-    mode = os.environ.get(LAB_MODE_ENV, "plain")
+    mode = os.environ.get(LAB_MODE_ENV, "hbone")
     if mode not in ("hbone", "plain", "none"):
         raise ValueError(f"{LAB_MODE_ENV}={mode!r}: use hbone, plain or none")
     return mode
