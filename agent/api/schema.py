@@ -72,7 +72,7 @@ def parse_request(raw: Any) -> Request:
     if not isinstance(raw, Mapping):
         raise RequestError("request must be a JSON object")
     op = raw.get("op")
-    if op not in _OPS:
+    if not isinstance(op, str) or op not in _OPS:
         raise RequestError(f"unknown op {op!r}; expected one of {', '.join(sorted(_OPS))}")
     cls = _OPS[op]
     fields = _FIELDS[cls]
