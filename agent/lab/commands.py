@@ -55,11 +55,29 @@ def build_lab_group(after_topology: netlab.AfterTopology | None = None) -> click
         show_default=True,
         help="Enrolled pods per node (each node also gets one non-enrolled pod).",
     )
+    @click.option(
+        "--pods",
+        "pod_network",
+        type=click.Choice(["veth", "cni"]),
+        envvar="MESHAGENT_LAB_PODS",
+        default="veth",
+        show_default=True,
+        help="veth: the lab wires pods itself; cni: through ptp + host-local + "
+        "meshagent-cni like a container runtime (env MESHAGENT_LAB_PODS).",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Print every step.")
-    def up_cmd(prefix: str, nodes: int, pods_per_node: int, verbose: bool) -> None:
+    def up_cmd(
+        prefix: str, nodes: int, pods_per_node: int, pod_network: str, verbose: bool
+    ) -> None:
         """Create the lab (fails if one with PREFIX exists; all or nothing)."""
+        if pod_network == "cni" and after_topology is None:
+            raise click.UsageError(
+                "--pods cni needs the mesh hook that runs the CNI plugins: use `meshagent lab up`"
+            )
         try:
-            plan = build_plan(prefix, nodes=nodes, pods_per_node=pods_per_node)
+            plan = build_plan(
+                prefix, nodes=nodes, pods_per_node=pods_per_node, pod_network=pod_network
+            )
             netlab.up(
                 plan,
                 after_topology=after_topology,

@@ -81,6 +81,8 @@ def start_mesh(plan: LabPlan) -> None:
     """
     mode = lab_mode()
     if mode == "none":
+        if plan.pod_network == "cni":
+            _cni_pods_up(plan, agent_sockets=None)
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
     if mode == "hbone":
@@ -101,8 +103,21 @@ def start_mesh(plan: LabPlan) -> None:
         _wait(f"tunnel on {node.name}",
               lambda s=sock: 15001 in client.call(s, {"op": "status"}, timeout=5)["listeners"],
               tunnel_log)
+        if plan.pod_network == "cni":
+            continue  # meshagent-cni enrolls them: _cni_pods_up below
         for pod in node.pods:
             if pod.enroll:
                 client.call(sock, {"op": "pod_add", "netns": pod.netns, "name": pod.name,
                                    "namespace": pod.namespace,
                                    "service_account": pod.service_account})
+    if plan.pod_network == "cni":
+        _cni_pods_up(plan, {n.name: agent_socket(plan, n.name) for n in plan.nodes})
+
+
+def _cni_pods_up(plan: LabPlan, agent_sockets: dict[str, str] | None) -> None:
+    """CNI labs (``lab up --pods cni``): create every pod's network through
+    ptp + host-local and enroll it through meshagent-cni, like a container
+    runtime (see :mod:`agent.lab.cnipods`); ``lab down`` runs CNI DEL."""
+    from agent.lab import cnipods
+
+    cnipods.add_pods(plan, agent_sockets)

@@ -285,6 +285,16 @@ def _build_pod(node: NodePlan, pod: PodPlan, steps: _Steps) -> None:
         )
 
 
+def _build_cni_pod_netns(pod: PodPlan, steps: _Steps) -> None:
+    """CNI pods: only loopback up; ``eth0`` comes from the CNI plugins later
+    (:mod:`agent.lab.cnipods`, run by the mesh hook once the agents are up)."""
+    with (
+        steps(f"bring up lo in {pod.netns} (eth0 via CNI)"),
+        IPRoute(netns=pod.netns, flags=0) as ipr,
+    ):
+        ipr.link("set", index=_ifindex(ipr, "lo"), state="up")
+
+
 def _build_cross_node_routes(plan: LabPlan, node: NodePlan, steps: _Steps) -> None:
     with (
         steps(f"route other nodes' pod CIDRs in {node.netns}"),
@@ -323,7 +333,10 @@ def _build(plan: LabPlan, steps: _Steps) -> None:
     for node in plan.nodes:
         _build_node(plan, node, steps)
         for pod in node.pods:
-            _build_pod(node, pod, steps)
+            if plan.pod_network == "cni":
+                _build_cni_pod_netns(pod, steps)
+            else:
+                _build_pod(node, pod, steps)
     for node in plan.nodes:
         _build_cross_node_routes(plan, node, steps)
 
@@ -417,6 +430,7 @@ def down(prefix: str, progress: Progress | None = None) -> DownResult:
     say = progress or _noop
     result = DownResult(prefix=prefix)
     errors: list[str] = []
+    _cni_del_pods(prefix, say)
     try:
         result.stopped_pids = stop_node_processes(prefix)
         if result.stopped_pids:
@@ -446,6 +460,21 @@ def down(prefix: str, progress: Progress | None = None) -> DownResult:
             + ". Check `ip netns list` and `ls /run/meshagent-lab`, fix, and run it again"
         )
     return result
+
+
+def _cni_del_pods(prefix: str, say: Progress) -> None:
+    """CNI labs: CNI DEL for every pod while the agents still run (best effort:
+    failures are only reported, deleting the namespaces removes the rest)."""
+    try:
+        plan = load_plan(prefix)
+    except (LabError, PlanError):
+        return
+    if plan.pod_network != "cni":
+        return
+    from agent.lab import cnipods  # here, not at the top: cnipods imports netlab
+
+    for problem in cnipods.del_pods(plan, progress=say):
+        say(f"CNI DEL (best effort) failed: {problem}")
 
 
 # -- processes ------------------------------------------------------------------
@@ -844,27 +873,40 @@ def list_lab(prefix: str) -> dict[str, Any]:
     for node in plan.nodes:
         node_addrs = None
         links: set[str] = set()
+        links_by_index: dict[int, str] = {}
         with _open_ns(node.netns, problems) as ipr:
             if ipr is not None:
                 node_addrs = _global_addrs(ipr, node.underlay_ifname)
                 links = _link_names(ipr)
+                links_by_index = {
+                    int(link["index"]): str(link.get("IFLA_IFNAME")) for link in ipr.get_links()
+                }
         pods_out: list[dict[str, Any]] = []
         for pod in node.pods:
             pod_addrs = None
+            peer_index: int | None = None
             with _open_ns(pod.netns, problems) as ipr:
                 if ipr is not None:
                     pod_addrs = _global_addrs(ipr, pod.ifname)
+                    peer_index = _veth_peer_index(ipr, pod.ifname)
+            if plan.pod_network == "cni":
+                host_ifname = links_by_index.get(peer_index) if peer_index else None
+            else:
+                host_ifname = pod.host_ifname if pod.host_ifname in links else None
             entry = {
                 "name": pod.name,
                 "netns": pod.netns,
                 "ipv4": _first(pod_addrs, v6=False),
                 "ipv6": _first(pod_addrs, v6=True),
-                "host_ifname": pod.host_ifname if pod.host_ifname in links else None,
+                "host_ifname": host_ifname,
                 "namespace": pod.namespace,
                 "service_account": pod.service_account,
                 "enroll": pod.enroll,
             }
-            _compare(problems, pod.name, entry, pod.ipv4, pod.ipv6, pod.host_ifname)
+            if plan.pod_network == "cni":
+                _compare_cni(problems, pod.name, entry, node.pod_cidrs)
+            else:
+                _compare(problems, pod.name, entry, pod.ipv4, pod.ipv6, pod.host_ifname)
             pods_out.append(entry)
         node_entry = {
             "name": node.name,
@@ -884,6 +926,7 @@ def list_lab(prefix: str) -> dict[str, Any]:
     return {
         "prefix": plan.prefix,
         "run_dir": plan.run_dir,
+        "pod_network": plan.pod_network,
         "underlay": {
             "netns": ul.netns,
             "bridge": ul.bridge,
@@ -906,3 +949,31 @@ def _compare(
         problems.append(f"pod {name} IPv6 is {entry['ipv6']}, plan says {v6}")
     if entry["host_ifname"] is None:
         problems.append(f"pod {name} host interface {host} is missing")
+
+
+def _veth_peer_index(ipr: IPRoute, ifname: str) -> int | None:
+    """Ifindex (in the peer's netns) of the other end of veth ``ifname``."""
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        return None
+    (link,) = ipr.get_links(found[0])
+    peer = link.get("IFLA_LINK")
+    return int(peer) if peer else None
+
+
+def _compare_cni(
+    problems: list[str], name: str, entry: Mapping[str, Any], cidrs: Sequence[str]
+) -> None:
+    """CNI pods: addresses come from host-local, so only check they are in the
+    node's pod CIDRs (one per family) and that the host veth exists."""
+    for family, key in ((4, "ipv4"), (6, "ipv6")):
+        nets = [ipaddress.ip_network(c) for c in cidrs if ipaddress.ip_network(c).version == family]
+        addr = entry[key]
+        if not nets:
+            continue
+        if addr is None:
+            problems.append(f"pod {name} has no IPv{family} address (CNI ADD not run or failed)")
+        elif not any(ipaddress.ip_address(addr) in n for n in nets):
+            problems.append(f"pod {name} {key} {addr} is outside {', '.join(map(str, nets))}")
+    if entry["host_ifname"] is None:
+        problems.append(f"pod {name} has no host-side veth in its node netns")

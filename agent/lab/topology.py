@@ -16,6 +16,14 @@ Every interface name is checked against the kernel's 15-character limit.
 Addresses: node N is 198.18.0.N/24 and fd00:198:18::N/64 on the underlay and
 owns 10.244.N.0/24 and fd00:10:244:N::/64. Pod letter k (a=0) gets host number
 10+k, the non-enrolled pod gets 100; the pod's gateway is .1 / ::1.
+
+Pod network (``LabPlan.pod_network``): ``"veth"`` (default) has the lab wire
+each pod itself with the addresses above; ``"cni"`` leaves the pod netns empty
+for a CNI runtime (:mod:`agent.lab.cnipods`: ptp + host-local +
+meshagent-cni), so the pod's addresses and host veth name are whatever the
+plugins chose (the plan's ``ipv4``/``ipv6``/``host_ifname`` are then unused),
+and the non-enrolled pod lives in Kubernetes namespace ``unmeshed`` so the
+plugin's ``enrolled_namespaces`` can leave it out.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ POD_IFNAME = "eth0"
 NODE_UNDERLAY_IFNAME = "ul0"
 PLAIN_POD_HOST = 100
 FIRST_POD_HOST = 10
+POD_NETWORKS = ("veth", "cni")
+CNI_PLAIN_NAMESPACE = "unmeshed"  # namespace of the non-enrolled pod in "cni" labs
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*$")
 _PROCESS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -102,6 +112,7 @@ class LabPlan:
     prefix: str
     underlay: UnderlayPlan
     nodes: tuple[NodePlan, ...]
+    pod_network: str = "veth"  # "veth" (the lab wires pods) or "cni" (see module doc)
 
     # -- lookup -------------------------------------------------------------
 
@@ -177,6 +188,7 @@ class LabPlan:
                 prefix=data["prefix"],
                 underlay=UnderlayPlan(**data["underlay"]),
                 nodes=nodes,
+                pod_network=data.get("pod_network", "veth"),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise PlanError(f"malformed lab plan: {exc!r}") from exc
@@ -240,14 +252,20 @@ def _namespace_for(letter: str) -> str:
     return "default" if letter == "a" else f"team-{letter}"
 
 
-def build_plan(prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2) -> LabPlan:
+def build_plan(
+    prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2, pod_network: str = "veth"
+) -> LabPlan:
     """The plan for ``nodes`` nodes with ``pods_per_node`` enrolled pods each.
 
     Every node also gets one pod ``nN-plain`` with ``enroll=False``. Pod ``-a``
     lives in Kubernetes namespace ``default``, pod ``-b`` in ``team-b`` and so
-    on; the service account is ``sa-<letter>`` (``sa-plain``).
+    on; the service account is ``sa-<letter>`` (``sa-plain``). The plain pod is
+    in ``default`` too, or in ``unmeshed`` when ``pod_network`` is ``"cni"``.
     """
     validate_prefix(prefix)
+    if pod_network not in POD_NETWORKS:
+        raise PlanError(f"pod network {pod_network!r}: use one of {', '.join(POD_NETWORKS)}")
+    plain_namespace = CNI_PLAIN_NAMESPACE if pod_network == "cni" else "default"
     if not 1 <= nodes <= MAX_NODES:
         raise PlanError(f"--nodes must be between 1 and {MAX_NODES}, got {nodes}")
     if not 1 <= pods_per_node <= MAX_PODS_PER_NODE:
@@ -271,7 +289,7 @@ def build_plan(prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int 
             )
             for k in range(pods_per_node)
         ]
-        specs.append(("plain", "p", PLAIN_POD_HOST, "default", "sa-plain", False))
+        specs.append(("plain", "p", PLAIN_POD_HOST, plain_namespace, "sa-plain", False))
         pods = tuple(
             PodPlan(
                 name=f"n{n}-{suffix}",
@@ -311,6 +329,7 @@ def build_plan(prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int 
             ipv6_cidr=str(UNDERLAY_V6_NET),
         ),
         nodes=tuple(node_plans),
+        pod_network=pod_network,
     )
     validate_plan(plan)
     return plan
@@ -327,6 +346,8 @@ def _check_ifname(name: str, what: str) -> None:
 def validate_plan(plan: LabPlan) -> None:
     """Raise :class:`PlanError` unless names fit and nothing is used twice."""
     validate_prefix(plan.prefix)
+    if plan.pod_network not in POD_NETWORKS:
+        raise PlanError(f"pod network {plan.pod_network!r}: use one of {', '.join(POD_NETWORKS)}")
     _check_ifname(plan.underlay.bridge, "the underlay bridge")
     netns_names: list[str] = [plan.underlay.netns]
     ul_ifnames: list[str] = [plan.underlay.bridge]
