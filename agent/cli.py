@@ -140,6 +140,25 @@ def status(ctx: click.Context, as_json: bool) -> None:
     status_view(data)
 
 
+@main.command()
+@click.pass_context
+def uninstall(ctx: click.Context) -> None:
+    """Remove every object the agent created on this node (stop the agent first)."""
+    from agent.uninstall import uninstall as do_uninstall
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    try:
+        client.call(cfg.agent.socket, {"op": "status"}, timeout=2)
+    except client.AgentUnavailable:
+        pass
+    else:
+        raise click.ClickException(
+            "the agent is running: stop it first (systemctl stop meshagent, or kill it); "
+            "uninstalling under a running agent would race with it")
+    for line in do_uninstall(cfg):
+        click.echo(line)
+
+
 @main.group()
 def ca() -> None:
     """The mesh certificate authority."""

@@ -28,7 +28,12 @@ from agent.api import schema
 from agent.config import Config
 from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps, DatapathSettings
-from agent.datapath.programs import TUNNEL_DEV_INGRESS, Programs, compile_programs
+from agent.datapath.programs import (
+    TUNNEL_DEV_INGRESS,
+    Programs,
+    compile_programs,
+    remove_stale_pins,
+)
 from agent.enrollment import Enroller, EnrollmentError
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
@@ -61,7 +66,7 @@ class Agent:
         self.state = load_state(self.cfg.agent.state_dir)
         self.tunnel_device = setup_node(self.cfg, self.state.node)
         self.persist()
-        self.programs = compile_programs()
+        self.programs = compile_programs(pin_dir=self.cfg.agent.bpf_pin_dir)
         self.maps = DatapathMaps(self.programs)
         t, d = self.cfg.tunnel, self.cfg.datapath
         self.maps.set_settings(DatapathSettings(
@@ -77,6 +82,10 @@ class Agent:
         self.enroller = Enroller(self.cfg, self.programs, self.maps, self.state.registry,
                                  self.persist)
         self._restore(saved)
+        pruned = self.maps.prune({p.host_ifindex: p.addresses for p in self.state.registry})
+        stale = remove_stale_pins(self.cfg.agent.bpf_pin_dir)
+        if pruned or stale:
+            log.info("reconciled datapath", pods_pruned=pruned, stale_pins_removed=len(stale))
         self.persist()
         log.info("agent ready", version=__version__, pods=len(self.state.registry),
                  tunnel_device=self.cfg.agent.tunnel_device, socket=self.cfg.agent.socket)
@@ -105,13 +114,20 @@ class Agent:
                 continue
             if veth.ifindex != pod.host_ifindex:
                 log.info("pod veth changed while agent was down", pod=pod.key)
-            pod = type(pod).from_json({**pod.to_json(), "host_ifindex": veth.ifindex,
-                                       "host_ifname": veth.ifname,
-                                       "addresses": list(veth.pod_addresses)})
-            self.maps.add_pod(pod.host_ifindex, pod.addresses)
-            with IPRoute() as ipr:
-                self.enroller.attach_filters(ipr, pod.host_ifindex)
-            self.state.registry.add(pod)
+            try:
+                with IPRoute() as ipr:
+                    created = attach.ensure_clsact(ipr, veth.ifindex)
+                    pod = type(pod).from_json({
+                        **pod.to_json(), "host_ifindex": veth.ifindex,
+                        "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
+                        "created_clsact": pod.created_clsact or created})
+                    self.maps.add_pod(pod.host_ifindex, pod.addresses)
+                    self.enroller.attach_filters(ipr, pod.host_ifindex)
+                self.state.registry.add(pod)
+            except (attach.AttachError, RegistryError, OSError) as exc:
+                log.error("could not restore pod; it is no longer enrolled", pod=pod.key,
+                          error=str(exc))
+                continue
             log.info("pod restored", pod=pod.key, ifindex=pod.host_ifindex)
 
     # --- API -----------------------------------------------------------------

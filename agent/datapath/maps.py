@@ -131,6 +131,26 @@ class DatapathMaps:
     def pod_ifindexes(self) -> set[int]:
         return {k.value for k in self._t["ma_pods"]}
 
+    def prune(self, pods: dict[int, Iterable[str]]) -> int:
+        """Remove entries of pods not in ``pods`` (ifindex -> addresses); return how many.
+
+        Pinned maps outlive the agent: this drops what belonged to pods that
+        went away while it was down.
+        """
+        wanted_addrs = {addr_key(a) for addrs in pods.values() for a in addrs}
+        removed = 0
+        for name in ("ma_pods", "ma_stats"):
+            table = self._t[name]
+            for k in list(table.keys()):
+                if k.value not in pods:
+                    del table[k]
+                    removed += name == "ma_pods"
+        addrs = self._t["ma_pod_addrs"]
+        for k in list(addrs.keys()):
+            if bytes(k) not in wanted_addrs:
+                del addrs[k]
+        return removed
+
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
         self._replace_set("ma_node_addrs", {addr_key(a) for a in addresses})
 

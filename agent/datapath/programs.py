@@ -17,6 +17,10 @@ FROM_POD = "from_pod"
 TO_POD = "to_pod"
 TUNNEL_DEV_INGRESS = "tunnel_dev_ingress"
 FUNCTIONS = (FROM_POD, TO_POD, TUNNEL_DEV_INGRESS)
+# Bump when a map's key or value layout changes: maps pinned by an older agent
+# are then left for the new ones (in a new v<N> directory) and removed after
+# the new programs are attached, instead of being reused with the wrong layout.
+MAP_LAYOUT_VERSION = 1
 
 
 class CompileError(RuntimeError):
@@ -78,11 +82,55 @@ class Programs:
         self.bpf.cleanup()
 
 
-def compile_programs(*, test_run: bool = False, max_pods: int | None = None) -> Programs:
+def pin_path(pin_dir: str) -> Path:
+    """Where this build's maps are pinned under the configured bpffs directory."""
+    return Path(pin_dir) / f"v{MAP_LAYOUT_VERSION}"
+
+
+def remove_stale_pins(pin_dir: str) -> list[str]:
+    """Delete map pins of other layout versions; return what was removed.
+
+    Side effects: unlinks pinned maps (the kernel frees a map once no program
+    and no pin references it) and their now empty version directories.
+    """
+    removed = []
+    base = Path(pin_dir)
+    if not base.is_dir():
+        return removed
+    current = pin_path(pin_dir)
+    for version_dir in base.iterdir():
+        if version_dir == current or not version_dir.name.startswith("v"):
+            continue
+        for pin in version_dir.iterdir():
+            pin.unlink()
+            removed.append(str(pin))
+        version_dir.rmdir()
+    return removed
+
+
+def remove_all_pins(pin_dir: str) -> None:
+    """Delete every pin meshagent made under ``pin_dir`` and the directory itself."""
+    base = Path(pin_dir)
+    if not base.is_dir():
+        return
+    for version_dir in base.iterdir():
+        if version_dir.is_dir():
+            for pin in version_dir.iterdir():
+                pin.unlink()
+            version_dir.rmdir()
+        else:
+            version_dir.unlink()
+    base.rmdir()
+
+
+def compile_programs(*, test_run: bool = False, max_pods: int | None = None,
+                     pin_dir: str | None = None) -> Programs:
     """Compile every attach point and load its program into the kernel.
 
-    Side effects: loads three SCHED_CLS programs and creates the maps; they
-    live as long as this process holds them or a tc filter references them.
+    Side effects: loads three SCHED_CLS programs and creates the maps, or with
+    ``pin_dir`` reuses the maps pinned there by a previous run (creating and
+    pinning any that are missing, in ``pin_path(pin_dir)``). Unpinned maps live
+    as long as this process holds them or a tc filter references them.
     ``test_run`` builds the BPF_PROG_TEST_RUN variant (see MESHAGENT_TEST_RUN).
     """
     try:
@@ -98,6 +146,14 @@ def compile_programs(*, test_run: bool = False, max_pods: int | None = None) -> 
         cflags.append("-DMESHAGENT_TEST_RUN")
     if max_pods:
         cflags.append(f"-DMA_MAX_PODS={int(max_pods)}")
+    if pin_dir is not None:
+        pins = pin_path(pin_dir)
+        if not str(pins).startswith("/sys/fs/bpf/"):
+            raise CompileError(f"bpf_pin_dir {pin_dir} must be under /sys/fs/bpf")
+        if '"' in str(pins):
+            raise CompileError(f"bpf_pin_dir {pin_dir} must not contain quotes")
+        pins.mkdir(parents=True, exist_ok=True)
+        cflags.append(f'-DMA_PIN_DIR="{pins}"')
     try:
         bpf = BPF(text=text, cflags=cflags)
     except Exception as exc:

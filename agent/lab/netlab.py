@@ -33,6 +33,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
+from agent.datapath.programs import remove_all_pins
 from agent.lab.topology import (
     NETNS_RUN_DIR,
     LabPlan,
@@ -415,12 +416,16 @@ def down(prefix: str, progress: Progress | None = None) -> DownResult:
 
     Side effects, in order:
 
+    0. CNI labs (``pod_network="cni"``): CNI DEL for every pod through the
+       lab's conflists while the agents still run (best effort, only reported;
+       :func:`agent.lab.cnipods.del_pods`).
     1. :func:`stop_node_processes` (daemons from pid files, then anything still
        running in one of the lab's namespaces).
     2. Unmount and delete the namespaces ``<prefix>-*`` found in /run/netns:
        pods, then nodes, then the underlay. Deleting a namespace destroys the
        interfaces, addresses and routes in it (veth peers go with it).
     3. Delete ``/run/meshagent-lab/<prefix>`` (plan, logs, pid files).
+    4. Delete the agents' pinned maps, ``/sys/fs/bpf/meshagent-<prefix>-*``.
 
     Continues past individual failures and raises one :class:`LabError` listing
     them at the end.
@@ -453,6 +458,13 @@ def down(prefix: str, progress: Progress | None = None) -> DownResult:
             say(f"removed {rdir}")
         except OSError as exc:
             errors.append(f"removing {rdir}: {exc}")
+    for pins in sorted(Path("/sys/fs/bpf").glob(f"meshagent-{prefix}-*")):
+        # The lab's agents pin their maps here (agent.bpf_pin_dir per node).
+        try:
+            remove_all_pins(str(pins))
+            say(f"removed pinned maps {pins}")
+        except OSError as exc:
+            errors.append(f"removing {pins}: {exc}")
     if errors:
         raise LabError(
             f"lab down --prefix {prefix} left things behind: "
