@@ -182,6 +182,87 @@ def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) ->
     click.echo(f"mesh CA for trust domain {domain!r} ready in {directory}")
 
 
+@main.group()
+def policy() -> None:
+    """L4 authorization policies (Istio AuthorizationPolicy, as ztunnel enforces them)."""
+
+
+def _is_ip(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _find_pod(pods: list[dict[str, Any]], ref: str) -> dict[str, Any] | None:
+    namespace, _, name = ref.rpartition("/")
+    for pod_json in pods:
+        if pod_json["name"] == name and (not namespace or pod_json["namespace"] == namespace):
+            return pod_json
+    return None
+
+
+@policy.command("check")
+@click.option("--from", "source", required=True,
+              help="Source: an enrolled pod ([ns/]name), a SPIFFE ID, or an IP.")
+@click.option("--to", "destination", required=True,
+              help="Destination: [ns/]pod:port of an enrolled pod on this node.")
+@click.option("--policy-dir", default=None, help="Default: tunnel.policy_dir.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: str | None,
+                 as_json: bool) -> None:
+    """Explain whether a connection would be allowed, and which policy decides."""
+    from agent.policy import ConnectionRequest, WorkloadRef
+    from agent.policy.commands import EXIT_ALLOWED, EXIT_DENIED, _load, parse_source
+    from agent.policy.explain import render
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    target, _, port_text = destination.rpartition(":")
+    if not target or not port_text.isdigit():
+        raise click.BadParameter(f"{destination!r} is not POD:PORT", param_hint="--to")
+    pods = _call(ctx, {"op": "pod_list"})
+    dst = _find_pod(pods, target)
+    if dst is None:
+        raise click.BadParameter(f"no enrolled pod {target!r} on this node "
+                                 "('meshagent pod list' shows them)", param_hint="--to")
+    if source.startswith("spiffe://") or _is_ip(source):
+        src_ip, identity = parse_source((source,))
+    else:
+        src = _find_pod(pods, source)
+        if src is None:
+            raise click.BadParameter(f"no enrolled pod {source!r} on this node; give a "
+                                     "SPIFFE ID or an IP instead", param_hint="--from")
+        identity = (f"spiffe://{cfg.tunnel.trust_domain}/ns/{src['namespace']}"
+                    f"/sa/{src['service_account']}")
+        src_ip, _ = parse_source((src["addresses"][0],))
+    request = ConnectionRequest(
+        src_ip=src_ip, src_identity=identity, dst_ip=dst["addresses"][0], dst_port=int(port_text),
+        dst_workload=WorkloadRef(dst["name"], dst["namespace"], dst.get("labels", {})))
+    evaluation = _load(policy_dir or cfg.tunnel.policy_dir,
+                       cfg.tunnel.root_namespace).explain(request)
+    if as_json:
+        click.echo(json.dumps(evaluation.decision.to_dict(), indent=2))
+    else:
+        click.echo(render(evaluation))
+    sys.exit(EXIT_ALLOWED if evaluation.decision.allowed else EXIT_DENIED)
+
+
+@policy.command("validate")
+@click.option("--policy-dir", default=None, help="Default: tunnel.policy_dir.")
+@click.pass_context
+def policy_validate(ctx: click.Context, policy_dir: str | None) -> None:
+    """Validate the policy files; name every problem (exit 2) if any."""
+    from agent.policy.commands import _load
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    policies = _load(policy_dir or cfg.tunnel.policy_dir, cfg.tunnel.root_namespace)
+    click.echo(f"{len(policies.policies)} policies valid")
+
+
 def _add_lab() -> None:
     from agent.lab.commands import build_lab_group
     from agent.lab.mesh import start_mesh

@@ -40,6 +40,8 @@ class AgentConfig:
     # tc filter priority and handle that identify our filters among others'.
     tc_priority: int = 0x3A
     tc_handle: int = 0xA11
+    # Prometheus metrics of the agent (0 disables).
+    metrics_port: int = 15021
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class TunnelConfig:
     mode: str = "hbone"
     workers: int = 1
     connect_timeout_seconds: float = 5.0
+    # AuthorizationPolicy YAML files, reloaded on change.
+    policy_dir: str = "/etc/meshagent/policies"
+    root_namespace: str = "istio-system"
+    metrics_host: str = "0.0.0.0"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.api import schema
@@ -39,6 +40,7 @@ from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
 from agent.registry import Registry, RegistryError
 from agent.state import AgentState, load_state, save_state
+from agent.telemetry.metrics import AgentMetrics, MetricsServer, serve_metrics
 
 log = structlog.get_logger("agent.daemon")
 MAX_REQUEST_BYTES = 64 * 1024
@@ -57,6 +59,17 @@ class Agent:
         # and bcc tables must not run inside the asyncio loop, and serialising
         # them makes each enrollment a transaction with nothing interleaved.
         self.kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kernel")
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = AgentMetrics(self.metrics_registry, self._datapath_counters)
+        self.metrics_server: MetricsServer | None = None
+
+    def _datapath_counters(self) -> dict[str, dict[str, Any]]:
+        """Per-pod datapath counters for the metrics scrape (runs on the HTTP thread)."""
+        if self.maps is None:
+            return {}
+        counters = self.maps.counters()
+        return {pod.key: counters[pod.host_ifindex].as_dict()
+                for pod in list(self.state.registry) if pod.host_ifindex in counters}
 
     def persist(self) -> None:
         save_state(self.cfg.agent.state_dir, self.state, self.cfg.tunnel.trust_domain)
@@ -104,25 +117,24 @@ class Agent:
 
     def _restore(self, saved: list[Any]) -> None:
         assert self.enroller is not None and self.maps is not None
-        from pyroute2 import IPRoute
 
         for pod in saved:
             try:
-                veth = find_host_veth(pod.netns, pod.ifname)
+                veth = find_host_veth(pod.netns, pod.ifname, self.enroller.ipr)
             except PodNetworkError as exc:
                 log.info("forgetting pod whose network is gone", pod=pod.key, reason=str(exc))
                 continue
             if veth.ifindex != pod.host_ifindex:
                 log.info("pod veth changed while agent was down", pod=pod.key)
             try:
-                with IPRoute() as ipr:
-                    created = attach.ensure_clsact(ipr, veth.ifindex)
-                    pod = type(pod).from_json({
-                        **pod.to_json(), "host_ifindex": veth.ifindex,
-                        "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
-                        "created_clsact": pod.created_clsact or created})
-                    self.maps.add_pod(pod.host_ifindex, pod.addresses)
-                    self.enroller.attach_filters(ipr, pod.host_ifindex)
+                ipr = self.enroller.ipr
+                created = attach.ensure_clsact(ipr, veth.ifindex)
+                pod = type(pod).from_json({
+                    **pod.to_json(), "host_ifindex": veth.ifindex,
+                    "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
+                    "created_clsact": pod.created_clsact or created})
+                self.maps.add_pod(pod.host_ifindex, pod.addresses)
+                self.enroller.attach_filters(ipr, pod.host_ifindex)
                 self.state.registry.add(pod)
             except (attach.AttachError, RegistryError, OSError) as exc:
                 log.error("could not restore pod; it is no longer enrolled", pod=pod.key,
@@ -134,19 +146,29 @@ class Agent:
 
     def handle(self, raw: Any) -> dict[str, Any]:
         """Execute one request on the kernel thread; never raises."""
+        started = time.monotonic()
+        is_add = isinstance(raw, dict) and raw.get("op") == "pod_add"
         try:
             req = schema.parse_request(raw)
-            return {"ok": True, "result": self._dispatch(req)}
+            result = self._dispatch(req)
         except (schema.RequestError, PodNetworkError, RegistryError, EnrollmentError) as exc:
+            if is_add:
+                self.metrics.enrollment_failed(_ERROR_REASONS.get(type(exc), "other"))
             return {"ok": False, "error": str(exc)}
         except Exception as exc:
             log.exception("request failed", request=raw)
+            if is_add:
+                self.metrics.enrollment_failed("internal")
             return {"ok": False, "error": f"internal error: {exc}"}
+        if is_add:
+            self.metrics.observe_enrollment(time.monotonic() - started)
+        self.metrics.set_enrolled_pods(len(self.state.registry))
+        return {"ok": True, "result": result}
 
     def _dispatch(self, req: schema.Request) -> Any:
         assert self.enroller is not None and self.maps is not None
         if isinstance(req, schema.PodAdd):
-            self.maps.set_node_addresses(node_addresses())
+            self.maps.set_node_addresses(node_addresses(self.enroller.ipr))
             return self.enroller.add(req).to_json()
         if isinstance(req, schema.PodDel):
             pod = self.enroller.find(req)
@@ -179,6 +201,7 @@ class Agent:
                              "inbound": self.cfg.tunnel.inbound_port,
                              "hbone": self.cfg.tunnel.hbone_port},
             "listeners": _listening_ports(),
+            "tunnel": _read_json(Path(self.cfg.agent.state_dir) / "tunnel-status.json"),
         }
 
     async def _client(self, reader: asyncio.StreamReader,
@@ -210,6 +233,10 @@ class Agent:
             writer.close()
 
     async def serve(self) -> None:
+        if self.cfg.agent.metrics_port:
+            self.metrics_server = serve_metrics(self.metrics_registry, "0.0.0.0",
+                                                self.cfg.agent.metrics_port)
+        self.metrics.set_enrolled_pods(len(self.state.registry))
         path = Path(self.cfg.agent.socket)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
@@ -228,9 +255,24 @@ class Agent:
             await stop.wait()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         # Filters stay attached and keep steering traffic to the tunnel while
         # the agent is away; the next start reconciles them.
         log.info("agent stopped; datapath left in place")
+
+
+_ERROR_REASONS: dict[type, str] = {
+    schema.RequestError: "bad_request", PodNetworkError: "pod_network",
+    RegistryError: "conflict", EnrollmentError: "kernel",
+}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _listening_ports() -> list[int]:

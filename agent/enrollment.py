@@ -51,6 +51,15 @@ class Enroller:
         self.maps = maps
         self.registry = registry
         self.on_change = on_change
+        self._ipr: IPRoute | None = None
+
+    @property
+    def ipr(self) -> IPRoute:
+        """One netlink socket of the node netns, reused: opening one per request
+        costs more than the rest of an enrollment. Only used on the kernel thread."""
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
 
     @property
     def _prio_handle(self) -> tuple[int, int]:
@@ -76,7 +85,7 @@ class Enroller:
         6. record the pod in the registry and persist state (``on_change``).
         """
         path = resolve_netns(req.netns)
-        veth = find_host_veth(path, req.ifname)
+        veth = find_host_veth(path, req.ifname, self.ipr)
         pod = Pod(name=req.name or _pod_name_from_netns(path), namespace=req.namespace,
                   service_account=req.service_account, netns=path, ifname=req.ifname,
                   host_ifindex=veth.ifindex, host_ifname=veth.ifname,
@@ -85,20 +94,20 @@ class Enroller:
 
         undo: list[Callable[[], None]] = []
         prio, handle = self._prio_handle
+        ipr = self.ipr
         try:
-            with IPRoute() as ipr:
-                self.maps.add_pod(pod.host_ifindex, pod.addresses)
-                undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
-                created = attach.ensure_clsact(ipr, pod.host_ifindex)
-                if created:
-                    undo.append(lambda: self._remove_clsact_if_unused(pod.host_ifindex))
-                pod = replace(pod, created_clsact=created)
-                ingress = attach.FilterSpec(attach.INGRESS, FROM_POD, self.programs.fds[FROM_POD])
-                attach.attach(ipr, pod.host_ifindex, ingress, prio, handle)
-                undo.append(lambda: self._detach(pod.host_ifindex, attach.INGRESS))
-                egress = attach.FilterSpec(attach.EGRESS, TO_POD, self.programs.fds[TO_POD])
-                attach.attach(ipr, pod.host_ifindex, egress, prio, handle)
-                undo.append(lambda: self._detach(pod.host_ifindex, attach.EGRESS))
+            self.maps.add_pod(pod.host_ifindex, pod.addresses)
+            undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
+            created = attach.ensure_clsact(ipr, pod.host_ifindex)
+            if created:
+                undo.append(lambda: self._remove_clsact_if_unused(pod.host_ifindex))
+            pod = replace(pod, created_clsact=created)
+            ingress = attach.FilterSpec(attach.INGRESS, FROM_POD, self.programs.fds[FROM_POD])
+            attach.attach(ipr, pod.host_ifindex, ingress, prio, handle)
+            undo.append(lambda: self._detach(pod.host_ifindex, attach.INGRESS))
+            egress = attach.FilterSpec(attach.EGRESS, TO_POD, self.programs.fds[TO_POD])
+            attach.attach(ipr, pod.host_ifindex, egress, prio, handle)
+            undo.append(lambda: self._detach(pod.host_ifindex, attach.EGRESS))
             self.registry.add(pod)
             undo.append(lambda: self.registry.remove(pod.key))
             self.on_change()
@@ -121,17 +130,16 @@ class Enroller:
                 log.error("rollback step failed", error=str(exc))
 
     def _detach(self, ifindex: int, direction: str) -> None:
-        with IPRoute() as ipr:
-            attach.detach(ipr, ifindex, direction, *self._prio_handle)
+        attach.detach(self.ipr, ifindex, direction, *self._prio_handle)
 
     def _remove_clsact_if_unused(self, ifindex: int) -> None:
-        with IPRoute() as ipr:
-            if not link_exists(ipr, ifindex):
-                return
-            if attach.foreign_filters(ipr, ifindex, *self._prio_handle):
-                log.info("keeping clsact: other filters use it", ifindex=ifindex)
-                return
-            attach.remove_clsact(ipr, ifindex)
+        ipr = self.ipr
+        if not link_exists(ipr, ifindex):
+            return
+        if attach.foreign_filters(ipr, ifindex, *self._prio_handle):
+            log.info("keeping clsact: other filters use it", ifindex=ifindex)
+            return
+        attach.remove_clsact(ipr, ifindex)
 
     def find(self, req: PodDel) -> Pod | None:
         if req.name:
@@ -148,10 +156,10 @@ class Enroller:
         created it and no other filter uses it; remove the pod from the maps
         and the registry; persist state.
         """
-        with IPRoute() as ipr:
-            if link_exists(ipr, pod.host_ifindex):
-                attach.detach(ipr, pod.host_ifindex, attach.EGRESS, *self._prio_handle)
-                attach.detach(ipr, pod.host_ifindex, attach.INGRESS, *self._prio_handle)
+        ipr = self.ipr
+        if link_exists(ipr, pod.host_ifindex):
+            attach.detach(ipr, pod.host_ifindex, attach.EGRESS, *self._prio_handle)
+            attach.detach(ipr, pod.host_ifindex, attach.INGRESS, *self._prio_handle)
         if pod.created_clsact:
             self._remove_clsact_if_unused(pod.host_ifindex)
         self.maps.remove_pod(pod.host_ifindex, pod.addresses)

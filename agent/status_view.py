@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from rich.console import Console
@@ -33,4 +34,15 @@ def status_view(data: dict[str, Any], console: Console | None = None) -> None:
     listening = set(data.get("listeners", []))
     console.print("tunnel listeners: " + ", ".join(
         f"{name} {port} {'up' if port in listening else 'DOWN'}" for name, port in ports.items()))
+    tunnel = data.get("tunnel")
+    if tunnel:
+        console.print(f"tunnel: mode {tunnel['mode']}, {tunnel['workloads']} local workloads, "
+                      f"{tunnel['peer_workloads']} peer workloads, {tunnel['policies']} policies"
+                      + (f" (policy error: {tunnel['policy_error']})"
+                         if tunnel.get("policy_error") else ""))
+        for cert in tunnel.get("certificates", []):
+            expires = datetime.fromtimestamp(cert["not_after"], tz=timezone.utc)
+            console.print(f"  certificate {cert['identity']} expires {expires:%Y-%m-%d %H:%M}Z")
+    else:
+        console.print("tunnel: no status yet (is 'meshagent tunnel' running?)")
     pods_table(data["pods"], console)

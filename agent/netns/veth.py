@@ -6,6 +6,7 @@ Enrollment is keyed by the host-side ifindex, so this is the step that turns
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -69,11 +70,14 @@ def _global_addresses(ns: IPRoute, ifindex: int) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
-def find_host_veth(netns_path: str, ifname: str = "eth0") -> HostVeth:
+def find_host_veth(netns_path: str, ifname: str = "eth0",
+                   ipr: IPRoute | None = None) -> HostVeth:
     """Locate the node-side peer (in the calling process's netns) of ``ifname`` in the pod.
 
-    Reads only; changes nothing. Raises PodNetworkError with a next step when
-    the interface is missing, is not a veth, or its peer is not in this netns.
+    Reads only; changes nothing. ``ipr`` is an open netlink socket of the node
+    netns to reuse (enrollment is latency sensitive). Raises PodNetworkError
+    with a next step when the interface is missing, is not a veth, or its peer
+    is not in this netns.
     """
     try:
         with enter.netns(netns_path):
@@ -101,9 +105,9 @@ def find_host_veth(netns_path: str, ifname: str = "eth0") -> HostVeth:
     if not pod_addresses:
         raise PodNetworkError(f"{ifname} in {netns_path} has no address yet: enroll the pod "
                               "after its IPs are configured (CNI chained after IPAM)")
-    with IPRoute() as ipr:
+    with contextlib.nullcontext(ipr) if ipr is not None else IPRoute() as node:
         try:
-            (peer,) = ipr.get_links(peer_index)
+            (peer,) = node.get_links(peer_index)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 raise PodNetworkError(
@@ -119,9 +123,9 @@ def find_host_veth(netns_path: str, ifname: str = "eth0") -> HostVeth:
                         pod_addresses=pod_addresses)
 
 
-def node_addresses() -> list[str]:
+def node_addresses(ipr: IPRoute | None = None) -> list[str]:
     """Every address configured in the calling process's netns (health-probe sources)."""
-    with IPRoute() as ipr:
+    with contextlib.nullcontext(ipr) if ipr is not None else IPRoute() as node:
         return sorted({str(ipaddress.ip_address(m.get_attr("IFA_ADDRESS")))
-                       for m in ipr.get_addr()
+                       for m in node.get_addr()
                        if m.get_attr("IFA_ADDRESS")})

@@ -16,6 +16,8 @@ class ConnectionRecord:
     direction: str  # "outbound" | "inbound"
     src: str
     dst: str
+    src_ip: str = ""
+    dst_ip: str = ""
     path: str = ""  # "plain" | "passthrough" | "hbone" | "hbone-local"
     src_identity: str | None = None
     dst_identity: str | None = None
@@ -24,6 +26,8 @@ class ConnectionRecord:
     result: str = "ok"   # ok | reset | refused | connect_failed | denied | error
     reason: str | None = None
     policy: str | None = None
+    # Set once the upstream leg is up: the connection counts as opened in metrics.
+    opened: bool = False
     started: float = field(default_factory=time.monotonic)
 
     def fields(self) -> dict[str, Any]:
@@ -32,6 +36,7 @@ class ConnectionRecord:
             "bytes_sent": self.sent, "bytes_received": self.received, "result": self.result,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
         }
+        out["policy_decision"] = "deny" if self.result == "denied" else "allow"
         for key in ("src_identity", "dst_identity", "reason", "policy"):
             value = getattr(self, key)
             if value is not None:

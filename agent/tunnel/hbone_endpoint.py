@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -86,6 +86,14 @@ class HboneEndpoint:
             self._rotation.cancel()
         await self.pool.close()
 
+    def certificates(self) -> list[dict[str, Any]]:
+        """Identity and expiry of every certificate held (for ``meshagent status``)."""
+        out = []
+        for spiffe_id in self.store.identities():
+            cert = self.store.get(spiffe_id)
+            out.append({"identity": str(spiffe_id), "not_after": cert.not_after})
+        return out
+
     async def _rotate_loop(self) -> None:
         while True:
             await asyncio.sleep(ROTATION_CHECK_SECONDS)
@@ -126,6 +134,7 @@ class HboneEndpoint:
             return
         if stream.peer_identity is not None:
             rec.dst_identity = str(stream.peer_identity)
+        self.tunnel.connection_opened(rec)
         reader, writer = await _stream_pair(conn)
         result = await pipe_stream_and_socket(stream, reader, writer)
         rec.sent, rec.received = result.bytes_up, result.bytes_down
@@ -135,7 +144,8 @@ class HboneEndpoint:
                      src_ip: str, dst: Workload, dst_ip: str, dst_port: int) -> None:
         rec.dst_identity = dst.identity
         decision = self.tunnel.authorize_inbound(src_ip=src_ip, src_identity=src.identity,
-                                                 dst=dst, dst_ip=dst_ip, dst_port=dst_port)
+                                                 dst=dst, dst_ip=dst_ip, dst_port=dst_port,
+                                                 rec=rec)
         rec.policy = decision.policy
         if not decision.allowed:
             rec.result, rec.reason = "denied", decision.reason
@@ -147,6 +157,7 @@ class HboneEndpoint:
             rec.result, rec.reason = "connect_failed", str(exc) or type(exc).__name__
             sockets.abort(conn)
             return
+        self.tunnel.connection_opened(rec)
         res = await relay(conn, up)
         rec.sent, rec.received = res.a_to_b, res.b_to_a
         rec.result = "reset" if res.reset else "ok"
@@ -188,7 +199,7 @@ class HboneEndpoint:
         except ValueError:
             target_ip, target_port = "", 0
         rec = ConnectionRecord(direction="inbound", src=fmt_addr(client_ip, 0),
-                               dst=request.authority, path="hbone",
+                               dst=request.authority, path="hbone", dst_ip=dst_ip,
                                src_identity=str(request.peer_identity)
                                if request.peer_identity else None,
                                dst_identity=dst.identity)
@@ -203,9 +214,10 @@ class HboneEndpoint:
                 sockets.normalize_ip(client_ip)
             except ValueError:
                 client_ip = peer[0]
+            rec.src_ip = client_ip
             decision = self.tunnel.authorize_inbound(
                 src_ip=client_ip, src_identity=rec.src_identity, dst=dst, dst_ip=dst_ip,
-                dst_port=target_port)
+                dst_port=target_port, rec=rec)
             rec.policy = decision.policy
             if not decision.allowed:
                 rec.result, rec.reason = "denied", decision.reason
@@ -218,6 +230,7 @@ class HboneEndpoint:
                 request.reject(503)
                 return
             stream = request.accept()
+            self.tunnel.connection_opened(rec)
             reader, writer = await _stream_pair(up)
             result = await pipe_stream_and_socket(stream, reader, writer)
             # Inbound: "sent" is client -> pod, i.e. stream -> socket.

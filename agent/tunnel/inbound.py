@@ -24,7 +24,8 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
     src_ip, src_port = peer[0], peer[1]
     dst_ip, dst_port = conn.getsockname()[:2]
     rec = ConnectionRecord(direction="inbound", src=fmt_addr(src_ip, src_port),
-                           dst=fmt_addr(dst_ip, dst_port), path="plain")
+                           dst=fmt_addr(dst_ip, dst_port), path="plain", src_ip=src_ip,
+                           dst_ip=dst_ip)
     dst = tunnel.workloads.by_address(dst_ip)
     rec.dst_identity = dst.identity if dst else None
     try:
@@ -37,7 +38,7 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
             sockets.abort(conn)
             return
         decision = tunnel.authorize_inbound(src_ip=src_ip, src_identity=None, dst=dst,
-                                            dst_ip=dst_ip, dst_port=dst_port)
+                                            dst_ip=dst_ip, dst_port=dst_port, rec=rec)
         rec.policy = decision.policy
         if not decision.allowed:
             rec.result, rec.reason = "denied", decision.reason
@@ -49,12 +50,10 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
             rec.result, rec.reason = "connect_failed", str(exc) or type(exc).__name__
             sockets.abort(conn)
             return
+        tunnel.connection_opened(rec)
         res = await relay(conn, up)
         rec.sent, rec.received = res.a_to_b, res.b_to_a
         rec.result = "reset" if res.reset else "ok"
     finally:
         tunnel.connection_closed(rec)
 
-
-def close_unexpected(conn: socket.socket) -> None:
-    sockets.abort(conn)

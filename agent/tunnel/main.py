@@ -19,15 +19,29 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from agent.config import Config
-from agent.state import WORKLOADS_FILE
+from agent.policy import ConnectionRequest, PolicySet, PolicyWatcher, WorkloadRef
+from agent.state import WORKLOADS_FILE, write_json_atomic
+from agent.telemetry.metrics import (
+    REPORTER_DESTINATION,
+    REPORTER_SOURCE,
+    MetricsServer,
+    TunnelMetrics,
+    serve_metrics,
+    tcp_labels,
+)
 from agent.tunnel import inbound, outbound, sockets
 from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.workloads import Workload, WorkloadIndex, in_cidrs
 
 log = structlog.get_logger("tunnel")
 WORKLOADS_POLL_SECONDS = 0.2
+STATUS_FILE = "tunnel-status.json"
+# Result of a connection -> ztunnel's response flag in metrics.
+_RESPONSE_FLAGS = {"denied": "DENY", "refused": "DENY", "connect_failed": "CONNECT",
+                   "tls_failed": "TLS_FAILURE"}
 
 Handler = Callable[[Any, socket.socket, tuple[str, int]], Awaitable[None]]
 
@@ -48,6 +62,8 @@ class HboneEndpoint(Protocol):
 
     async def close(self) -> None: ...
 
+    def certificates(self) -> list[dict[str, Any]]: ...
+
 
 class Tunnel:
     def __init__(self, cfg: Config) -> None:
@@ -61,6 +77,16 @@ class Tunnel:
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.on_close: list[Callable[[ConnectionRecord], None]] = []
+        self.policy_watcher = PolicyWatcher(cfg.tunnel.policy_dir, cfg.tunnel.root_namespace)
+        self.policies: PolicySet = self.policy_watcher.current
+        # Allowed inbound connections and what they were allowed as, so a policy
+        # change can close exactly the ones it no longer allows.
+        self._active: dict[asyncio.Task[Any], tuple[ConnectionRequest, ConnectionRecord]] = {}
+        self.registry = CollectorRegistry()
+        self.metrics = TunnelMetrics(self.registry)
+        self.metrics_server: MetricsServer | None = None
+        self._last_status: dict[str, Any] | None = None
+        self._logged_policy_error: Exception | None = None
 
     # --- decisions -----------------------------------------------------------
 
@@ -70,13 +96,100 @@ class Tunnel:
                 or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs))
 
     def authorize_inbound(self, *, src_ip: str, src_identity: str | None, dst: Workload,
-                          dst_ip: str, dst_port: int) -> Decision:
-        return Decision(allowed=True)
+                          dst_ip: str, dst_port: int,
+                          rec: ConnectionRecord | None = None) -> Decision:
+        """Evaluate the L4 authorization policies for a connection to a local pod.
+
+        An allowed connection is remembered (keyed by the task serving it) so
+        a later policy change that denies it closes it.
+        """
+        request = ConnectionRequest(
+            src_ip=src_ip, src_identity=src_identity, dst_ip=dst_ip, dst_port=dst_port,
+            dst_workload=WorkloadRef(dst.name, dst.namespace, dict(dst.labels)))
+        result = self.policies.evaluate(request)
+        if result.dry_run_matches:
+            log.info("dry-run policy matched", src=src_ip, dst=f"{dst_ip}:{dst_port}",
+                     matches=[f"{m.policy} {m.action}" for m in result.dry_run_matches],
+                     would_allow=result.dry_run_allowed)
+        if result.allowed and rec is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._active[task] = (request, rec)
+                task.add_done_callback(lambda t: self._active.pop(t, None))
+        return Decision(allowed=result.allowed, policy=result.policy, reason=result.reason)
+
+    def _apply_policy_change(self, new: PolicySet) -> None:
+        self.policies = new
+        closed = 0
+        for task, (request, rec) in list(self._active.items()):
+            decision = new.evaluate(request)
+            if not decision.allowed:
+                rec.result, rec.reason, rec.policy = "denied", decision.reason, decision.policy
+                task.cancel()
+                closed += 1
+        log.info("policies loaded", count=len(new.policies), connections_closed=closed)
+
+    def reload_policies(self) -> None:
+        if not Path(self.cfg.tunnel.policy_dir).is_dir():
+            # No policy directory means no policies (allow all), not an error.
+            if self.policies.policies:
+                self._apply_policy_change(PolicySet.empty(self.cfg.tunnel.root_namespace))
+            return
+        new = self.policy_watcher.poll()
+        if new is not None:
+            self._apply_policy_change(new)
+        elif (self.policy_watcher.last_error
+              and self.policy_watcher.last_error is not self._logged_policy_error):
+            self._logged_policy_error = self.policy_watcher.last_error
+            log.error("policy files rejected; the last good policy set stays in force",
+                      error=str(self.policy_watcher.last_error))
+
+    def _metric_labels(self, rec: ConnectionRecord, reporter: str) -> dict[str, str]:
+        src = self.workloads.by_address(rec.src_ip) or self.peers.by_address(rec.src_ip)
+        dst = self.workloads.by_address(rec.dst_ip) or self.peers.by_address(rec.dst_ip)
+        flag = _RESPONSE_FLAGS.get(rec.result, "-")
+        return tcp_labels(reporter, _ref(src), _ref(dst), rec.src_identity, rec.dst_identity,
+                          mtls=rec.path in ("hbone", "hbone-local"), response_flags=flag)
+
+    def _reporters(self, rec: ConnectionRecord) -> tuple[str, ...]:
+        if rec.path == "hbone-local":  # this tunnel is both ends
+            return (REPORTER_SOURCE, REPORTER_DESTINATION)
+        return (REPORTER_SOURCE,) if rec.direction == "outbound" else (REPORTER_DESTINATION,)
+
+    def connection_opened(self, rec: ConnectionRecord) -> None:
+        rec.opened = True
+        for reporter in self._reporters(rec):
+            self.metrics.connection_opened(self._metric_labels(rec, reporter))
 
     def connection_closed(self, rec: ConnectionRecord) -> None:
         rec.log()
+        for reporter in self._reporters(rec):
+            if rec.opened:
+                # Istio: "sent" is server -> client, "received" client -> server.
+                labels = self._metric_labels(rec, reporter)
+                labels["response_flags"] = "-"
+                self.metrics.connection_closed(labels, sent=rec.received, received=rec.sent)
+            else:
+                labels = self._metric_labels(rec, reporter)
+                self.metrics.connection_failed(labels, labels["response_flags"])
         for callback in self.on_close:
             callback(rec)
+
+    def status(self) -> dict[str, Any]:
+        certs = []
+        if self.hbone is not None:
+            certs = self.hbone.certificates()
+        error = self.policy_watcher.last_error
+        return {"mode": self.cfg.tunnel.mode, "workloads": len(self.workloads),
+                "peer_workloads": len(self.peers), "policies": len(self.policies.policies),
+                "policy_error": str(error) if error else None, "certificates": certs,
+                "active_inbound": len(self._active)}
+
+    def write_status(self) -> None:
+        status = self.status()
+        if status != self._last_status:
+            self._last_status = status
+            write_json_atomic(Path(self.cfg.agent.state_dir) / STATUS_FILE, status, mode=0o644)
 
     # --- workloads -----------------------------------------------------------
 
@@ -122,6 +235,11 @@ class Tunnel:
         while True:
             self.reload_workloads()
             self.reload_peers()
+            self.reload_policies()
+            try:
+                self.write_status()
+            except OSError as exc:
+                log.warning("could not write tunnel status", error=str(exc))
             await asyncio.sleep(WORKLOADS_POLL_SECONDS)
 
     # --- serving -------------------------------------------------------------
@@ -184,6 +302,7 @@ class Tunnel:
         self.listeners.clear()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        t = self.cfg.tunnel
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,6 +310,9 @@ class Tunnel:
                 loop.add_signal_handler(sig, stop.set)
         self.reload_workloads()
         self.reload_peers()
+        self.reload_policies()
+        if t.metrics_port:
+            self.metrics_server = serve_metrics(self.registry, t.metrics_host, t.metrics_port)
         if self.cfg.tunnel.mode == "hbone" and self.hbone is None:
             from agent.tunnel.hbone_endpoint import HboneEndpoint as Endpoint
 
@@ -200,7 +322,6 @@ class Tunnel:
         background = [asyncio.create_task(self._watch_workloads())]
         for sock, handler in self.open_listeners():
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))
-        t = self.cfg.tunnel
         log.info("tunnel ready", mode=t.mode, outbound=t.outbound_port, inbound=t.inbound_port,
                  hbone=t.hbone_port, workloads=len(self.workloads))
         await stop.wait()
@@ -212,7 +333,15 @@ class Tunnel:
         await asyncio.gather(*background, *self.tasks, return_exceptions=True)
         if self.hbone is not None:
             await self.hbone.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         log.info("tunnel stopped")
+
+
+def _ref(workload: Workload | None) -> WorkloadRef | None:
+    if workload is None:
+        return None
+    return WorkloadRef(workload.name, workload.namespace, dict(workload.labels))
 
 
 def install_event_loop_policy() -> str:

@@ -39,7 +39,7 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
     src_ip, src_port = peer[0], peer[1]
     dst_ip, dst_port = conn.getsockname()[:2]
     rec = ConnectionRecord(direction="outbound", src=fmt_addr(src_ip, src_port),
-                           dst=fmt_addr(dst_ip, dst_port))
+                           dst=fmt_addr(dst_ip, dst_port), src_ip=src_ip, dst_ip=dst_ip)
     src = tunnel.workloads.by_address(src_ip)
     rec.src_identity = src.identity if src else None
     try:
@@ -54,6 +54,7 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
             rec.result, rec.reason = "connect_failed", str(exc) or type(exc).__name__
             sockets.abort(conn)
             return
+        tunnel.connection_opened(rec)
         res = await relay(conn, up)
         rec.sent, rec.received = res.a_to_b, res.b_to_a
         rec.result = "reset" if res.reset else "ok"
