@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # One command from a fresh node to pods talking through the mesh:
-#   sudo scripts/demo.sh [--keep] [--mode hbone|plain]
+#   sudo scripts/demo.sh [--keep] [--mode hbone|plain] [--pods cni|veth]
 # Sets the node up, builds a two-node lab in network namespaces, starts an
-# agent and a tunnel per node, enrolls the pods, sends real traffic (curl,
-# iperf3) between them and shows that it went through the tunnels. Tears the
-# lab down at the end unless --keep is given.
+# agent and a tunnel per node, creates the pods through the CNI path (the
+# reference ptp + host-local plugins with meshagent-cni chained after them,
+# invoked as a container runtime does), sends real traffic (curl, iperf3)
+# between them and shows that it went through the tunnels. Tears the lab down
+# at the end unless --keep is given.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEEP=0
 MODE="${MESHAGENT_LAB_MODE:-hbone}"
+PODS="${MESHAGENT_LAB_PODS:-cni}"
 PREFIX="${MESHAGENT_DEMO_PREFIX:-demo}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) KEEP=1 ;;
     --mode) MODE="$2"; shift ;;
     --mode=*) MODE="${1#--mode=}" ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    --pods) PODS="$2"; shift ;;
+    --pods=*) PODS="${1#--pods=}" ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -37,9 +42,21 @@ cleanup() {
 "$MA" lab down --prefix "$PREFIX" >/dev/null 2>&1 || true
 trap cleanup EXIT
 
-echo "== lab up (tunnel mode: $MODE)"
-"$MA" lab up --prefix "$PREFIX"
+echo "== lab up (tunnel mode: $MODE, pods via: $PODS)"
+"$MA" lab up --prefix "$PREFIX" --pods "$PODS"
 "$MA" lab list --prefix "$PREFIX"
+
+# Pod addresses come from IPAM: read them back from the lab.
+addr() {  # addr POD v4|v6
+  "$MA" lab list --prefix "$PREFIX" --json | python3 -c '
+import json, sys
+pod, family = sys.argv[1], sys.argv[2]
+for node in json.load(sys.stdin)["nodes"]:
+    for p in node["pods"]:
+        if p["name"] == pod:
+            print(p["ipv4"] if family == "v4" else p["ipv6"])' "$1" "$2"
+}
+N2A=$(addr n2-a v4); N2A6=$(addr n2-a v6); N1B=$(addr n1-b v4)
 
 inpod() { local pod="$1"; shift; "$MA" lab exec --prefix "$PREFIX" "$pod" -- "$@"; }
 bg_in_pod() { local pod="$1"; shift; nsenter --net="/run/netns/$PREFIX-$pod" -- "$@" >/dev/null 2>&1 & }
@@ -55,13 +72,13 @@ done
 
 show() { printf '  %-44s %s\n' "$1" "$2"; }
 echo; echo "== curl between pods"
-show "n1-a -> n2-a (cross-node, IPv4)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' http://10.244.2.10:8080/)"
-show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' 'http://[fd00:10:244:2::10]:8080/')"
-show "n1-a -> n1-b (same node)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' http://10.244.1.11:8080/)"
-show "n1-plain (not enrolled) -> n2-a" "$(inpod n1-plain curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' http://10.244.2.10:8080/)"
+show "n1-a -> n2-a (cross-node, IPv4)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
+show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://[$N2A6]:8080/")"
+show "n1-a -> n1-b (same node)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N1B:8080/")"
+show "n1-plain (not enrolled) -> n2-a" "$(inpod n1-plain curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
 
 echo; echo "== iperf3 n1-a -> n2-a, 3 s"
-inpod n1-a iperf3 -c 10.244.2.10 -t 3 -J > "$RUN/iperf3.json"
+inpod n1-a iperf3 -c "$N2A" -t 3 -J > "$RUN/iperf3.json"
 python3 - "$RUN/iperf3.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))["end"]["sum_received"]
@@ -87,5 +104,18 @@ for node in sorted(p.name for p in run.iterdir() if p.is_dir()):
               f"sent={e['bytes_sent']} received={e['bytes_received']} {e['result']}")
 PY
 
-echo; echo "== datapath counters (node1)"
-MESHAGENT_AGENT_SOCKET="$RUN/node1/agent.sock" MESHAGENT_CONFIG="$RUN/config.toml" "$MA" pod list
+echo; echo "== node1: agent status (datapath counters, tunnel, certificates)"
+MESHAGENT_AGENT_SOCKET="$RUN/node1/agent.sock" MESHAGENT_CONFIG="$RUN/config.toml" COLUMNS=120 "$MA" status
+
+echo; echo "== node2: Istio TCP metrics from the tunnel (reporter=destination)"
+nsenter --net="/run/netns/$PREFIX-node2" curl -s http://127.0.0.1:15020/metrics | python3 -c '
+import re, sys
+for line in sys.stdin:
+    m = re.match(r"(istio_tcp_\w+)\{(.*)\} (\S+)", line)
+    if not m or m.group(1) not in ("istio_tcp_connections_opened_total",
+                                   "istio_tcp_received_bytes_total"):
+        continue
+    labels = dict(re.findall(r"(\w+)=\"([^\"]*)\"", m.group(2)))
+    src, dst = labels["source_workload"], labels["destination_workload"]
+    security = labels["connection_security_policy"]
+    print(f"  {m.group(1):38} {src:>8} -> {dst:<6} {security:10} {float(m.group(3)):.0f}")'
