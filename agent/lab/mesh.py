@@ -45,6 +45,8 @@ def node_env(plan: LabPlan, node: NodePlan, mode: str) -> dict[str, str]:
         "MESHAGENT_TUNNEL_MODE": mode,
         "MESHAGENT_TUNNEL_PEER_WORKLOADS": peers,
         "MESHAGENT_TUNNEL_CA_DIR": str(Path(plan.run_dir) / "ca"),
+        # AuthorizationPolicy files for this node's tunnel (reloaded on change).
+        "MESHAGENT_TUNNEL_POLICY_DIR": str(run / "policies"),
         "MESHAGENT_LOG_JSON": "1",
         "PYTHONUNBUFFERED": "1",
     }
