@@ -166,7 +166,7 @@ class HboneEndpoint:
 
     async def serve(self, tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> None:
         dst_ip = conn.getsockname()[0]
-        dst = tunnel.workloads.by_address(dst_ip)
+        dst = tunnel.local_workload(dst_ip)
         if dst is None:
             log.info("HBONE connection for a pod not enrolled here", dst=dst_ip, peer=peer[0])
             sockets.abort(conn)

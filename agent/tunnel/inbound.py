@@ -26,7 +26,7 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
     rec = ConnectionRecord(direction="inbound", src=fmt_addr(src_ip, src_port),
                            dst=fmt_addr(dst_ip, dst_port), path="plain", src_ip=src_ip,
                            dst_ip=dst_ip)
-    dst = tunnel.workloads.by_address(dst_ip)
+    dst = tunnel.local_workload(dst_ip)
     rec.dst_identity = dst.identity if dst else None
     try:
         if dst is None:

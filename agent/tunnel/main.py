@@ -90,6 +90,19 @@ class Tunnel:
 
     # --- decisions -----------------------------------------------------------
 
+    def local_workload(self, ip: str) -> Workload | None:
+        """The workload enrolled on this node at ``ip``.
+
+        On a miss, re-read ``workloads.json`` (a stat when unchanged) before
+        answering: the agent writes it before ``pod add`` returns, so a pod's
+        first connection right after enrollment must not be refused just
+        because the next poll has not come yet.
+        """
+        found = self.workloads.by_address(ip)
+        if found is None and self.reload_workloads():
+            found = self.workloads.by_address(ip)
+        return found
+
     def is_mesh_destination(self, ip: str) -> bool:
         return (self.workloads.by_address(ip) is not None
                 or self.peers.by_address(ip) is not None

@@ -40,7 +40,7 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
     dst_ip, dst_port = conn.getsockname()[:2]
     rec = ConnectionRecord(direction="outbound", src=fmt_addr(src_ip, src_port),
                            dst=fmt_addr(dst_ip, dst_port), src_ip=src_ip, dst_ip=dst_ip)
-    src = tunnel.workloads.by_address(src_ip)
+    src = tunnel.local_workload(src_ip)
     rec.src_identity = src.identity if src else None
     try:
         if tunnel.hbone is not None and tunnel.is_mesh_destination(dst_ip):
