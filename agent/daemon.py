@@ -120,7 +120,7 @@ class Agent:
 
         for pod in saved:
             try:
-                veth = find_host_veth(pod.netns, pod.ifname, self.enroller.ipr)
+                veth = find_host_veth(pod.netns, pod.ifname, self.enroller.rtnl)
             except PodNetworkError as exc:
                 log.info("forgetting pod whose network is gone", pod=pod.key, reason=str(exc))
                 continue
@@ -168,7 +168,7 @@ class Agent:
     def _dispatch(self, req: schema.Request) -> Any:
         assert self.enroller is not None and self.maps is not None
         if isinstance(req, schema.PodAdd):
-            self.maps.set_node_addresses(node_addresses(self.enroller.ipr))
+            self.maps.set_node_addresses(node_addresses(self.enroller.rtnl))
             return self.enroller.add(req).to_json()
         if isinstance(req, schema.PodDel):
             pod = self.enroller.find(req)

@@ -21,6 +21,7 @@ from agent.config import Config
 from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
+from agent.netns.rtnl import RtnlSocket
 from agent.netns.veth import find_host_veth, resolve_netns
 from agent.registry import Pod, Registry, RegistryError
 
@@ -52,6 +53,14 @@ class Enroller:
         self.registry = registry
         self.on_change = on_change
         self._ipr: IPRoute | None = None
+        self._rtnl: RtnlSocket | None = None
+
+    @property
+    def rtnl(self) -> RtnlSocket:
+        """A fast read-only rtnetlink socket of the node netns (kernel thread only)."""
+        if self._rtnl is None:
+            self._rtnl = RtnlSocket()
+        return self._rtnl
 
     @property
     def ipr(self) -> IPRoute:
@@ -85,7 +94,7 @@ class Enroller:
         6. record the pod in the registry and persist state (``on_change``).
         """
         path = resolve_netns(req.netns)
-        veth = find_host_veth(path, req.ifname, self.ipr)
+        veth = find_host_veth(path, req.ifname, self.rtnl)
         pod = Pod(name=req.name or _pod_name_from_netns(path), namespace=req.namespace,
                   service_account=req.service_account, netns=path, ifname=req.ifname,
                   host_ifindex=veth.ifindex, host_ifname=veth.ifname,
@@ -98,7 +107,7 @@ class Enroller:
         try:
             self.maps.add_pod(pod.host_ifindex, pod.addresses)
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
-            created = attach.ensure_clsact(ipr, pod.host_ifindex)
+            created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
             if created:
                 undo.append(lambda: self._remove_clsact_if_unused(pod.host_ifindex))
             pod = replace(pod, created_clsact=created)

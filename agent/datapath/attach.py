@@ -15,6 +15,8 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agent.netns.rtnl import RtnlSocket
+
 INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
 _TC_H_MIN_INGRESS = 0xFFF2
@@ -41,12 +43,13 @@ def qdisc_kinds(ipr: Any, ifindex: int) -> set[str]:
     return {q.get_attr("TCA_KIND") for q in ipr.get_qdiscs(index=ifindex)}
 
 
-def ensure_clsact(ipr: Any, ifindex: int) -> bool:
+def ensure_clsact(ipr: Any, ifindex: int, rtnl: RtnlSocket | None = None) -> bool:
     """Make sure the device has a clsact qdisc; return True if we created it.
 
-    Side effects: may add a clsact qdisc to the device.
+    Side effects: may add a clsact qdisc to the device. ``rtnl`` makes the
+    check for existing qdiscs cheap (enrollment's hot path).
     """
-    kinds = qdisc_kinds(ipr, ifindex)
+    kinds = rtnl.qdisc_kinds(ifindex) if rtnl is not None else qdisc_kinds(ipr, ifindex)
     if "clsact" in kinds:
         return False
     if "ingress" in kinds:

@@ -7,16 +7,15 @@ Enrollment is keyed by the host-side ifindex, so this is the step that turns
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.netns import enter
+from agent.netns.rtnl import RtnlSocket
 
 NETNS_RUN_DIR = "/run/netns"
 _NS_GET_NSTYPE = 0xB703
@@ -60,72 +59,71 @@ def resolve_netns(ref: str) -> str:
     return path
 
 
-def _global_addresses(ns: IPRoute, ifindex: int) -> tuple[str, ...]:
+_RT_SCOPE_UNIVERSE = 0
+
+
+def _global_addresses(rtnl: RtnlSocket, ifindex: int) -> tuple[str, ...]:
     out = []
-    for msg in ns.get_addr(index=ifindex):
-        addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-        if addr.is_link_local or addr.is_loopback:
+    for _index, scope, address in rtnl.addresses(ifindex):
+        ip = ipaddress.ip_address(address)
+        if scope != _RT_SCOPE_UNIVERSE or ip.is_link_local or ip.is_loopback:
             continue
-        out.append(str(addr))
+        out.append(str(ip))
     return tuple(sorted(out))
 
 
 def find_host_veth(netns_path: str, ifname: str = "eth0",
-                   ipr: IPRoute | None = None) -> HostVeth:
-    """Locate the node-side peer (in the calling process's netns) of ``ifname`` in the pod.
+                   node: RtnlSocket | None = None) -> HostVeth:
+    """Locate the node-side peer (in the calling thread's netns) of ``ifname`` in the pod.
 
-    Reads only; changes nothing. ``ipr`` is an open netlink socket of the node
-    netns to reuse (enrollment is latency sensitive). Raises PodNetworkError
-    with a next step when the interface is missing, is not a veth, or its peer
-    is not in this netns.
+    Reads only; changes nothing. ``node`` is an open rtnetlink socket of the
+    node netns to reuse (enrollment is latency sensitive). Raises
+    PodNetworkError with a next step when the interface is missing, is not a
+    veth, or its peer is not in this netns.
     """
     try:
         with enter.netns(netns_path):
-            pod = IPRoute()
-    except (OSError, NetlinkError) as exc:
+            pod = RtnlSocket()
+    except OSError as exc:
         raise PodNetworkError(f"cannot enter netns {netns_path}: {exc}") from exc
-    try:
-        idx = pod.link_lookup(ifname=ifname)
-        if not idx:
-            names = sorted(link.get_attr("IFLA_IFNAME") for link in pod.get_links())
+    with pod:
+        link = pod.link(name=ifname)
+        if link is None:
+            names = sorted(name for _i, name in _link_names(netns_path))
             raise PodNetworkError(
                 f"no interface {ifname!r} in netns {netns_path} (it has: {', '.join(names)}); "
                 "pass --ifname")
-        (link,) = pod.get_links(idx[0])
-        kind = link.get_attr("IFLA_LINKINFO") and link.get_attr("IFLA_LINKINFO").get_attr(
-            "IFLA_INFO_KIND")
-        if kind != "veth":
-            raise PodNetworkError(f"{ifname} in {netns_path} is {kind or 'not a veth'}; "
+        if link.kind != "veth" or link.link is None:
+            raise PodNetworkError(f"{ifname} in {netns_path} is {link.kind or 'not a veth'}; "
                                   "meshagent enrolls pods attached by a veth pair")
-        peer_index = link.get_attr("IFLA_LINK")
-        pod_addresses = _global_addresses(pod, idx[0])
-        pod_ifindex = idx[0]
-    finally:
-        pod.close()
+        pod_addresses = _global_addresses(pod, link.index)
     if not pod_addresses:
         raise PodNetworkError(f"{ifname} in {netns_path} has no address yet: enroll the pod "
                               "after its IPs are configured (CNI chained after IPAM)")
-    with contextlib.nullcontext(ipr) if ipr is not None else IPRoute() as node:
-        try:
-            (peer,) = node.get_links(peer_index)
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                raise PodNetworkError(
-                    f"the peer of {ifname} (ifindex {peer_index}) is not in the agent's netns: "
-                    "run the agent in the node's network namespace") from None
-            raise
-        if peer.get_attr("IFLA_LINK") != pod_ifindex:
-            raise PodNetworkError(
-                f"ifindex {peer_index} in the node netns is not the peer of {ifname} "
-                f"in {netns_path}: run the agent in the node's network namespace")
-        return HostVeth(ifindex=peer_index, ifname=peer.get_attr("IFLA_IFNAME"),
-                        mac=peer.get_attr("IFLA_ADDRESS"), pod_ifindex=pod_ifindex,
-                        pod_addresses=pod_addresses)
+    with contextlib.nullcontext(node) if node is not None else RtnlSocket() as node_rtnl:
+        peer = node_rtnl.link(index=link.link)
+    if peer is None:
+        raise PodNetworkError(
+            f"the peer of {ifname} (ifindex {link.link}) is not in the agent's netns: "
+            "run the agent in the node's network namespace")
+    if peer.link != link.index or peer.kind != "veth":
+        raise PodNetworkError(
+            f"ifindex {link.link} in the node netns is not the peer of {ifname} "
+            f"in {netns_path}: run the agent in the node's network namespace")
+    return HostVeth(ifindex=peer.index, ifname=peer.name, mac=peer.mac or "",
+                    pod_ifindex=link.index, pod_addresses=pod_addresses)
 
 
-def node_addresses(ipr: IPRoute | None = None) -> list[str]:
-    """Every address configured in the calling process's netns (health-probe sources)."""
-    with contextlib.nullcontext(ipr) if ipr is not None else IPRoute() as node:
-        return sorted({str(ipaddress.ip_address(m.get_attr("IFA_ADDRESS")))
-                       for m in node.get_addr()
-                       if m.get_attr("IFA_ADDRESS")})
+def _link_names(netns_path: str) -> list[tuple[int, str]]:
+    """Interfaces of a netns, for error messages only."""
+    with enter.netns(netns_path):
+        ipr = IPRoute()
+    with ipr:
+        return [(m["index"], m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
+
+
+def node_addresses(node: RtnlSocket | None = None) -> list[str]:
+    """Every address configured in the calling thread's netns (health-probe sources)."""
+    with contextlib.nullcontext(node) if node is not None else RtnlSocket() as rtnl:
+        return sorted({str(ipaddress.ip_address(address))
+                       for _index, _scope, address in rtnl.addresses()})

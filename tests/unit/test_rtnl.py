@@ -1,0 +1,81 @@
+"""The minimal rtnetlink reader's encoders and parsers (pure, no kernel)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.netns import rtnl
+
+POD_IFINDEX = 2
+PEER_IFINDEX = 17
+POD_V4 = "10.244.1.10"
+POD_V6 = "fd00:10:244:1::10"
+
+
+def rtattr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * ((-length) % 4)
+
+
+def newlink(index: int, name: str, kind: str | None, link: int | None) -> bytes:
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 1, index, 0, 0)
+    body += rtattr(rtnl.IFLA_IFNAME, name.encode() + b"\0")
+    body += rtattr(rtnl.IFLA_ADDRESS, bytes.fromhex("0a1b2c3d4e5f"))
+    if link is not None:
+        body += rtattr(rtnl.IFLA_LINK, struct.pack("=i", link))
+    if kind is not None:
+        body += rtattr(rtnl.IFLA_LINKINFO, rtattr(rtnl.IFLA_INFO_KIND, kind.encode() + b"\0"))
+    return body
+
+
+def newaddr(index: int, address: str, scope: int = 0) -> bytes:
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    body = struct.pack("=BBBBI", family, 32, 0, scope, index)
+    return body + rtattr(rtnl.IFA_ADDRESS, packed)
+
+
+def test_parse_veth_link() -> None:
+    link = rtnl.parse_link(newlink(POD_IFINDEX, "eth0", "veth", PEER_IFINDEX))
+    assert link == rtnl.Link(index=POD_IFINDEX, name="eth0", kind="veth", link=PEER_IFINDEX,
+                             mac="0a:1b:2c:3d:4e:5f")
+
+
+def test_parse_link_without_kind() -> None:
+    link = rtnl.parse_link(newlink(1, "lo", None, None))
+    assert link.kind is None and link.link is None
+
+
+def test_parse_addresses() -> None:
+    assert rtnl.parse_address(newaddr(POD_IFINDEX, POD_V4)) == (POD_IFINDEX, 0, POD_V4)
+    assert rtnl.parse_address(newaddr(POD_IFINDEX, POD_V6, 253)) == (POD_IFINDEX, 253, POD_V6)
+
+
+def test_requests_are_well_formed() -> None:
+    req = rtnl.get_link_request(7, name="eth0")
+    length, msg_type, flags, seq, _pid = struct.unpack_from("=IHHII", req)
+    assert (length, msg_type, flags, seq) == (len(req), rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST, 7)
+    attrs = dict(rtnl.attributes(req, 16 + 16))
+    assert attrs[rtnl.IFLA_IFNAME] == b"eth0\0"
+    dump = rtnl.dump_addresses_request(8)
+    assert struct.unpack_from("=IHH", dump)[1:] == (rtnl.RTM_GETADDR,
+                                                    rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP)
+
+
+def test_messages_split_a_datagram() -> None:
+    one = newlink(POD_IFINDEX, "eth0", "veth", PEER_IFINDEX)
+    data = b""
+    for body in (one, one):
+        data += struct.pack("=IHHII", 16 + len(body), rtnl.RTM_NEWLINK, 0, 1, 0) + body
+    assert [t for t, _ in rtnl.messages(data)] == [rtnl.RTM_NEWLINK, rtnl.RTM_NEWLINK]
+
+
+@given(st.binary(max_size=200))
+def test_attribute_walk_never_overruns(data: bytes) -> None:
+    for _kind, payload in rtnl.attributes(data):
+        assert len(payload) <= len(data)
+    list(rtnl.messages(data))
