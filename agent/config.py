@@ -75,7 +75,6 @@ class TunnelConfig:
     cert_ttl_seconds: int = 24 * 3600
     # "hbone" carries mesh traffic over mTLS HTTP/2; "plain" forwards TCP as is.
     mode: str = "hbone"
-    workers: int = 1
     connect_timeout_seconds: float = 5.0
     # AuthorizationPolicy YAML files, reloaded on change.
     policy_dir: str = "/etc/meshagent/policies"
@@ -116,8 +115,6 @@ class Config:
                 f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")
         if t.mode not in ("hbone", "plain"):
             raise ConfigError(f"tunnel.mode={t.mode!r}: use 'hbone' or 'plain'")
-        if t.workers < 1:
-            raise ConfigError("tunnel.workers must be at least 1")
         return self
 
 

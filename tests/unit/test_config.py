@@ -52,7 +52,7 @@ def test_toml_and_env_override(tmp_path: Path) -> None:
     ({"agent": {"sockett": "/x"}}, "unknown key"),
     ({"agentt": {}}, "unknown section"),
     ({"tunnel": {"outbound_port": "x"}}, "not an integer"),
-    ({"tunnel": {"workers": 0}}, "at least 1"),
+    ({"tunnel": {"connect_timeout_seconds": "soon"}}, "not a number"),
 ])
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
