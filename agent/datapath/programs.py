@@ -76,7 +76,7 @@ class Programs:
     names: dict[str, str]
 
     def table(self, name: str) -> Any:
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -155,7 +155,7 @@ def compile_programs(*, test_run: bool = False, max_pods: int | None = None,
         pins.mkdir(parents=True, exist_ok=True)
         cflags.append(f'-DMA_PIN_DIR="{pins}"')
     try:
-        bpf = BPF(text=text, cflags=cflags)
+        bpf = BPF(text=text.encode(), cflags=cflags)
     except Exception as exc:
         raise CompileError(
             f"compiling {src_dir} failed: {exc}. If bcc says it cannot find kernel headers, "
@@ -163,7 +163,7 @@ def compile_programs(*, test_run: bool = False, max_pods: int | None = None,
     fds: dict[str, int] = {}
     names: dict[str, str] = {}
     for fn in FUNCTIONS:
-        loaded = bpf.load_func(fn, BPF.SCHED_CLS)
+        loaded = bpf.load_func(fn.encode(), BPF.SCHED_CLS)
         fds[fn] = loaded.fd
         names[fn] = fn
     return Programs(bpf=bpf, fds=fds, names=names)
