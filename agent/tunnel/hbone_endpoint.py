@@ -38,7 +38,7 @@ from agent.tunnel.hbone_io import (
 from agent.tunnel.identity import IdentityStore, load_ca, parse_spiffe_id
 from agent.tunnel.outbound import dial
 from agent.tunnel.pool import HbonePool
-from agent.tunnel.relay import relay
+from agent.tunnel.relay import RelayResult, relay
 from agent.tunnel.workloads import Workload
 
 if TYPE_CHECKING:
@@ -158,8 +158,11 @@ class HboneEndpoint:
             sockets.abort(conn)
             return
         self.tunnel.connection_opened(rec)
-        res = await relay(conn, up)
-        rec.sent, rec.received = res.a_to_b, res.b_to_a
+        res = RelayResult()
+        try:  # a policy change may cancel us: count the bytes all the same
+            await relay(conn, up, res)
+        finally:
+            rec.sent, rec.received = res.a_to_b, res.b_to_a
         rec.result = "reset" if res.reset else "ok"
 
     # --- inbound (15008) -----------------------------------------------------
@@ -232,9 +235,12 @@ class HboneEndpoint:
             stream = request.accept()
             self.tunnel.connection_opened(rec)
             reader, writer = await _stream_pair(up)
-            result = await pipe_stream_and_socket(stream, reader, writer)
-            # Inbound: "sent" is client -> pod, i.e. stream -> socket.
-            rec.sent, rec.received = result.bytes_down, result.bytes_up
+            counts = [0, 0]  # [up, down], live: a policy change may cancel us
+            try:
+                result = await pipe_stream_and_socket(stream, reader, writer, counts=counts)
+            finally:
+                # Inbound: "sent" is client -> pod, i.e. stream -> socket.
+                rec.sent, rec.received = counts[1], counts[0]
             rec.result = "ok" if result.outcome == "closed" else "reset"
         finally:
             self.tunnel.connection_closed(rec)

@@ -811,15 +811,20 @@ class _StreamFailed(Exception):
 
 async def pipe_stream_and_socket(stream: HboneStream, reader: asyncio.StreamReader,
                                  writer: asyncio.StreamWriter, *,
-                                 chunk_size: int = PIPE_CHUNK) -> PipeResult:
+                                 chunk_size: int = PIPE_CHUNK,
+                                 counts: list[int] | None = None) -> PipeResult:
     """Copy bytes both ways between ``stream`` and a TCP connection until both are done.
 
     FIN from the socket becomes END_STREAM and END_STREAM becomes a FIN (write_eof);
     a socket error/RST resets the stream (CONNECT_ERROR, RFC 9113 8.5) and a stream
     reset or lost HBONE connection aborts the socket with RST. Never raises for those;
     returns the byte counts and the outcome. Side effects: closes ``writer`` at the end.
+    ``counts`` (``[up, down]``), when given, is updated as bytes flow, so a caller
+    whose task is cancelled (e.g. a policy change closing the connection) still
+    knows what was copied.
     """
-    counts = [0, 0]
+    if counts is None:
+        counts = [0, 0]
 
     async def socket_to_stream() -> None:
         while True:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.outbound import dial
-from agent.tunnel.relay import relay
+from agent.tunnel.relay import RelayResult, relay
 
 if TYPE_CHECKING:
     from agent.tunnel.main import Tunnel
@@ -51,8 +51,11 @@ async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> 
             sockets.abort(conn)
             return
         tunnel.connection_opened(rec)
-        res = await relay(conn, up)
-        rec.sent, rec.received = res.a_to_b, res.b_to_a
+        res = RelayResult()
+        try:  # a policy change may cancel us: count the bytes all the same
+            await relay(conn, up, res)
+        finally:
+            rec.sent, rec.received = res.a_to_b, res.b_to_a
         rec.result = "reset" if res.reset else "ok"
     finally:
         tunnel.connection_closed(rec)

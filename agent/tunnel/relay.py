@@ -42,10 +42,15 @@ async def _copy(loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket
             result.b_to_a += n
 
 
-async def relay(a: socket.socket, b: socket.socket) -> RelayResult:
-    """Relay until both directions finish; closes both sockets. Never raises on I/O errors."""
+async def relay(a: socket.socket, b: socket.socket,
+                result: RelayResult | None = None) -> RelayResult:
+    """Relay until both directions finish; closes both sockets. Never raises on I/O errors.
+
+    ``result``, when given, is filled in as bytes flow, so a caller whose task is
+    cancelled (e.g. a policy change closing the connection) still has the counts.
+    """
     loop = asyncio.get_running_loop()
-    result = RelayResult()
+    result = result if result is not None else RelayResult()
     tasks = [asyncio.create_task(_copy(loop, a, b, result, True)),
              asyncio.create_task(_copy(loop, b, a, result, False))]
     try:
