@@ -88,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 status[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 ctx.note(name, f"scenario failed: {type(exc).__name__}: {exc}")
             status[name]["seconds"] = round(time.monotonic() - t0, 1)
+            status[name]["load average at end"] = machine.loadavg()
             ctx.progress(name, f"done in {status[name]['seconds']} s")
     except KeyboardInterrupt:
         interrupted = True
     finally:
         total = time.monotonic() - started
+        facts["load average at end"] = machine.loadavg()
         raw = {"facts": facts, "params": params.__dict__, "scenarios": scenarios,
                "status": status, "labs": ctx.labs, "notes": ctx.notes,
                "total_seconds": round(total, 1),

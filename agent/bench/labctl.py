@@ -148,6 +148,22 @@ class BenchLab:
         self._spawned.append((proc, log))
         return proc
 
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """End one process :meth:`spawn` started (if still running) and forget it."""
+        for entry in list(self._spawned):
+            if entry[0] is proc:
+                self._spawned.remove(entry)
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=STOP_TIMEOUT_S)
+                    except subprocess.TimeoutExpired:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait(timeout=STOP_TIMEOUT_S)
+                entry[1].close()
+
     def stop_spawned(self) -> None:
         for proc, _ in self._spawned:
             if proc.poll() is None:

@@ -62,15 +62,19 @@ def _git() -> str:
     return f"{rev}{' (+ uncommitted changes in the tree)' if dirty.strip() else ''}"
 
 
+def loadavg() -> str:
+    """1/5/15-minute load averages: other work on the machine skews every number."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def facts() -> dict[str, Any]:
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "kernel": platform.release(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory": _mem_total(),
-        "load average at start": loadavg,
+        "load average at start": loadavg(),
         "python": platform.python_version(),
         "bcc": _bcc(),
         "uvloop": _version("uvloop"),

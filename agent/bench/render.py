@@ -89,6 +89,9 @@ def write_report(out: Path, raw: dict[str, Any]) -> Path:
         st = raw.get("status", {}).get(name, {})
         if st and not st.get("ok"):
             lines += [f"**Scenario did not complete**: {st.get('error')}", ""]
+        if st:
+            lines += [f"_{st.get('seconds', '?')} s; load average at its end: "
+                      f"{st.get('load average at end', '?')}_", ""]
         doc = scenario_doc(name)
         if doc:
             lines += [doc, ""]

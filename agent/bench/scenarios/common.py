@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -83,42 +84,74 @@ class Context:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a client in ``client_ns`` connects for each measurement."""
+    """Where a client in ``client_ns`` connects for each measurement; the
+    servers run in ``server_ns``."""
 
     client_ns: str
     host: str
+    server_ns: str
     iperf_port: int = IPERF_PORT
     rr_port: int = RR_PORT
 
 
+IPERF_NAME = "mbtput"  # see iperf_binary()
+
+
+def iperf_binary(bench: BenchLab) -> str:
+    """A copy of iperf3 in the lab's run directory, under another name.
+
+    On a shared machine other test suites end stray ``iperf3`` processes by
+    name; a copy with its own name is left alone. ``lab down`` deletes it.
+    """
+    path = Path(bench._plan().run_dir) / IPERF_NAME
+    if not path.exists():
+        found = shutil.which("iperf3")
+        if found is None:
+            raise BenchError("iperf3 not found: run scripts/setup.sh")
+        shutil.copy2(found, path)
+    return str(path)
+
+
 def start_servers(bench: BenchLab, server_ns: str) -> None:
-    """iperf3 server and the request/response server (+HTTP) in ``server_ns``."""
-    bench.spawn(server_ns, ["iperf3", "-s", "-p", str(IPERF_PORT)], "iperf3-server")
+    """The request/response server (+HTTP) in ``server_ns``; iperf3 runs per test."""
+    iperf_binary(bench)
     bench.spawn(server_ns, [PY, "-m", "agent.bench.rr", "server", "--port", str(RR_PORT),
                             "--http-port", str(HTTP_PORT)], "rr-server")
-    for port in (IPERF_PORT, RR_PORT, HTTP_PORT):
+    for port in (RR_PORT, HTTP_PORT):
         bench.wait_listening(server_ns, port)
 
 
 def iperf(bench: BenchLab, t: Target, seconds: int, length: str | None = None) -> float:
-    """Single-stream iperf3 throughput in Gbit/s (receiver side); one retry."""
-    argv = ["iperf3", "-c", t.host, "-p", str(t.iperf_port), "-t", str(seconds), "-J",
+    """Single-stream iperf3 throughput in Gbit/s (receiver side).
+
+    A fresh one-shot server (``-s -1``) in ``t.server_ns`` per attempt; up
+    to three attempts.
+    """
+    exe = iperf_binary(bench)
+    argv = [exe, "-c", t.host, "-p", str(t.iperf_port), "-t", str(seconds), "-J",
             "--connect-timeout", "3000"]
     if length:
         argv += ["-l", length]
     last = ""
-    for attempt in range(2):
-        proc = bench.run(t.client_ns, argv, timeout=seconds + 20, check=False)
+    for _attempt in range(3):
+        server = bench.spawn(t.server_ns, [exe, "-s", "-1", "-p", str(IPERF_PORT)],
+                             "iperf3-server")
         try:
-            data = json.loads(proc.stdout)
-            if "error" not in data:
-                return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-            last = data["error"]
-        except (ValueError, KeyError) as exc:
-            last = f"{exc}: {proc.stderr.strip()[-300:]}"
-        if attempt == 0:
-            time.sleep(1.0)
-    raise BenchError(f"iperf3 to {t.host}:{t.iperf_port} failed: {last}")
+            bench.wait_listening(t.server_ns, IPERF_PORT, timeout=10)
+            proc = bench.run(t.client_ns, argv, timeout=seconds + 20, check=False)
+            try:
+                data = json.loads(proc.stdout)
+                if "error" not in data:
+                    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+                last = data["error"]
+            except (ValueError, KeyError) as exc:
+                last = f"{exc}: {proc.stderr.strip()[-300:]}"
+        except BenchError as exc:
+            last = str(exc)
+        finally:
+            bench.stop(server)
+        time.sleep(0.5)
+    raise BenchError(f"iperf3 to {t.host}:{t.iperf_port} failed 3 times: {last}")
 
 
 def rr(bench: BenchLab, t: Target, mode: str, count: int, max_s: float) -> dict[str, Any]:

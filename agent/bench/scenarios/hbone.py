@@ -55,7 +55,8 @@ def start_relays(bench: BenchLab, ctx: Context) -> Target:
         bench.wait_listening(bench.node_ns("node2"), port + RELAY_B_OFFSET)
         bench.wait_listening(bench.node_ns("node1"), port + RELAY_A_OFFSET)
     return Target(bench.pod("n1-a").netns, bench.pod("n1-a").gateway_ipv4,
-                  IPERF_PORT + RELAY_A_OFFSET, RR_PORT + RELAY_A_OFFSET)
+                  bench.pod("n2-a").netns, IPERF_PORT + RELAY_A_OFFSET,
+                  RR_PORT + RELAY_A_OFFSET)
 
 
 def configure(bench: BenchLab, variant: str) -> None:
@@ -73,7 +74,8 @@ def run(ctx: Context) -> None:
         ctx.labs.append(bench.prefix)
         ctx.progress(NAME, f"lab {bench.prefix} up")
         start_servers(bench, bench.pod("n2-a").netns)
-        direct = Target(bench.pod("n1-a").netns, bench.pod("n2-a").ipv4)
+        direct = Target(bench.pod("n1-a").netns, bench.pod("n2-a").ipv4,
+                        bench.pod("n2-a").netns)
         relay = start_relays(bench, ctx)
         for rep in range(p.reps):
             for variant in VARIANTS:

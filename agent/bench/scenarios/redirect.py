@@ -38,7 +38,7 @@ def run(ctx: Context) -> None:
         bench.set_enrolled(("n2-a",), False)
         start_servers(bench, bench.pod("n2-a").netns)
         capture.install_policy_routing(bench, node)
-        target = Target(client.netns, bench.pod("n2-a").ipv4)
+        target = Target(client.netns, bench.pod("n2-a").ipv4, bench.pod("n2-a").netns)
         for rep in range(p.reps):
             for variant in VARIANTS:
                 ctx.progress(NAME, f"rep {rep + 1}/{p.reps} {variant}")

@@ -56,7 +56,7 @@ def run(ctx: Context) -> None:
         enrolled = len(client.call(bench.sock("node1"), {"op": "pod_list"}))
         start_servers(bench, bench.pod("n2-a").netns)
         capture.install_policy_routing(bench, node)
-        target = Target(client_pod.netns, bench.pod("n2-a").ipv4)
+        target = Target(client_pod.netns, bench.pod("n2-a").ipv4, bench.pod("n2-a").netns)
         real = (client_pod.host_ifname, client_pod.ipv4)
         for size in p.scale_sizes:
             fake = max(0, size - enrolled)
