@@ -40,7 +40,7 @@ int from_pod(struct __sk_buff *skb)
 	__u32 *owner;
 
 	if (!ma_pods.lookup(&ifindex))
-		return TC_ACT_OK;
+		return MA_PASS;
 
 	switch (ma_parse(skb, &pkt)) {
 	case MA_PARSE_TCP:
@@ -48,7 +48,7 @@ int from_pod(struct __sk_buff *skb)
 	case MA_PARSE_DROP:
 		return ma_drop(ifindex, pkt.drop_reason);
 	default:
-		return TC_ACT_OK;
+		return MA_PASS;
 	}
 
 	ma_addr_key_src(&pkt, &src);
@@ -69,7 +69,7 @@ int from_pod(struct __sk_buff *skb)
 	}
 
 	if (!ma_is_syn(&pkt) || ma_excluded(&pkt))
-		return TC_ACT_OK;
+		return MA_PASS;
 
 	sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);
 	if (!sk)

@@ -31,12 +31,12 @@ int to_pod(struct __sk_buff *skb)
 	__u32 *owner;
 
 	if (!ma_pods.lookup(&ifindex))
-		return TC_ACT_OK;
+		return MA_PASS;
 	cfg = ma_config();
 	if (!cfg)
 		return ma_drop(ifindex, DROP_NO_CONFIG);
 	if (skb->mark == cfg->tunnel_mark)
-		return TC_ACT_OK;
+		return MA_PASS;
 
 	switch (ma_parse(skb, &pkt)) {
 	case MA_PARSE_TCP:
@@ -44,21 +44,21 @@ int to_pod(struct __sk_buff *skb)
 	case MA_PARSE_DROP:
 		return ma_drop(ifindex, pkt.drop_reason);
 	default:
-		return TC_ACT_OK;
+		return MA_PASS;
 	}
 
 	ma_addr_key_dst(&pkt, &key);
 	owner = ma_pod_addrs.lookup(&key);
 	if (!owner || *owner != ifindex)
-		return TC_ACT_OK;
+		return MA_PASS;
 	ma_addr_key_src(&pkt, &key);
 	if (ma_node_addrs.lookup(&key))
-		return TC_ACT_OK;
+		return MA_PASS;
 
 	if (!ma_is_syn(&pkt)) {
 		sk = ma_lookup_established(skb, &pkt);
 		if (!sk)
-			return TC_ACT_OK;
+			return MA_PASS;
 		bpf_sk_release(sk);
 	}
 

@@ -25,7 +25,7 @@ int tunnel_dev_ingress(struct __sk_buff *skb)
 	case MA_PARSE_DROP:
 		return TC_ACT_SHOT;
 	default:
-		return TC_ACT_OK;
+		return MA_PASS;
 	}
 	ma_addr_key_dst(&pkt, &dst);
 	owner = ma_pod_addrs.lookup(&dst);

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 
 TC_ACT_OK = 0
+# TC_ACT_UNSPEC (-1) as the u32 the kernel reports in retval.
+TC_ACT_UNSPEC = 0xFFFFFFFF
 TC_ACT_SHOT = 2
 TC_ACT_REDIRECT = 7
 

@@ -19,6 +19,11 @@
 
 #define MA_TCP_LISTEN 10
 
+/* "Not ours": continue with the next tc filter on the device (a primary CNI's,
+ * an operator's) instead of ending classification, so they still see every
+ * packet we do not capture. Captured packets end with TC_ACT_OK. */
+#define MA_PASS TC_ACT_UNSPEC
+
 /* Sized for at least 65,536 pods, each with one IPv4 and one IPv6 address. */
 #ifndef MA_MAX_PODS
 #define MA_MAX_PODS 65536

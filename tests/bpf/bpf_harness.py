@@ -80,6 +80,7 @@ AF_INET = 2
 AF_INET6 = 10
 
 TC_ACT_OK = testrun.TC_ACT_OK
+TC_ACT_UNSPEC = testrun.TC_ACT_UNSPEC
 TC_ACT_SHOT = testrun.TC_ACT_SHOT
 TC_ACT_REDIRECT = testrun.TC_ACT_REDIRECT
 
@@ -315,8 +316,9 @@ def entered(name: str) -> Iterator[None]:
 
 def assert_untouched(dp: Harness, result: testrun.RunResult, frame: Packet | bytes, *,
                      mark: int = 0) -> None:
-    """Passed as if the program were not there: verdict, bytes, mark, maps."""
-    assert result.retval == TC_ACT_OK
+    """Passed as if the program were not there: verdict (continue with the next
+    filter), bytes, mark, maps."""
+    assert result.retval == TC_ACT_UNSPEC
     assert result.data == bytes(frame)
     assert result.mark == mark
     assert dp.assigned() is None
