@@ -22,6 +22,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -29,6 +30,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -354,7 +356,9 @@ class _GracefulGoawayH2Connection(h2.connection.H2Connection):
     with NO_ERROR is a graceful shutdown notice (nghttp2/Node and ztunnel send one when
     draining), so for that case we only report it and let the streams finish."""
 
-    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
+    def _receive_goaway_frame(
+            self, frame: hyperframe.frame.GoAwayFrame,
+    ) -> tuple[list[Any], list[h2.events.Event]]:
         if frame.error_code != NO_ERROR:
             return super()._receive_goaway_frame(frame)
         notice = h2.events.ConnectionTerminated()
