@@ -18,7 +18,9 @@ command -v apt-get >/dev/null || die "apt-get not found: meshagent's setup suppo
 APT_PACKAGES=(
   python3-bpfcc libbpfcc iproute2 iputils-ping curl iperf3 tcpdump socat
   containernetworking-plugins iptables nftables ipset wrk hey nghttp2-client
-  nodejs shellcheck ca-certificates procps psmisc kmod
+  nodejs shellcheck ca-certificates procps psmisc kmod systemd
+  # The Vagrant lab's Vagrantfile is validated in the test suite (no VM boots).
+  vagrant vagrant-libvirt
 )
 
 missing=()
@@ -55,7 +57,9 @@ else
     dpkg-query -W -f='${Status}' "linux-headers-$arch" 2>/dev/null | grep -q "install ok installed" \
       || { apt-get update -q; apt-get install -y -q "linux-headers-$arch"; }
     hdr="$(dpkg-query -W -f='${Depends}' "linux-headers-$arch" | grep -o "linux-headers-[^ ,]*-$arch" | head -n1)"
-    [ -n "$hdr" ] && [ -d "/usr/src/$hdr" ] || die "could not find the headers that linux-headers-$arch installs"
+    if [ -z "$hdr" ] || [ ! -d "/usr/src/$hdr" ]; then
+      die "could not find the headers that linux-headers-$arch installs"
+    fi
     common="/usr/src/${hdr%-"$arch"}-common"
     [ -d "$common" ] || die "missing $common"
     mkdir -p "$MODDIR"
@@ -83,7 +87,7 @@ stamp="$VENV/.meshagent-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   log "installing meshagent into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e "$ROOT[test,bench]"
+  "$VENV/bin/pip" install -q -e "${ROOT}[test,bench]"
   touch "$stamp"
 else
   log "python environment up to date"
