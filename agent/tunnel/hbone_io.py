@@ -34,7 +34,7 @@ from agent.tunnel.identity import IdentityError, SpiffeId, peer_spiffe_id
 log = structlog.get_logger(__name__)
 
 READ_CHUNK = 256 * 1024
-PIPE_CHUNK = 64 * 1024
+PIPE_CHUNK = 256 * 1024
 # How long close() waits for TLS close_notify to go out before giving up on the peer.
 CLOSE_TIMEOUT = 1.0
 

@@ -547,3 +547,15 @@ def test_raw_headers_frame_factory_round_trip() -> None:
     rst = RstStreamFrame(1)
     rst.error_code = hbone.CANCEL
     assert core.receive_data(rst.serialize()) == [StreamReset(1, hbone.CANCEL)]
+
+
+def test_data_frame_repr_does_not_hex_encode_the_payload() -> None:
+    """h2 reprs every received frame; the repr must not copy or encode the payload."""
+    import hyperframe.frame
+
+    from agent.tunnel import hbone  # noqa: F401  (installs the cheap repr)
+
+    frame = hyperframe.frame.DataFrame(1, data=b"\xab" * 100_000)
+    text = repr(frame)
+    assert "100000 bytes" in text
+    assert "abab" not in text
