@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from agent.datapath.drop_reasons import DROP_REASON_MAX, DropReason
 
 AF_INET = 2
@@ -22,6 +24,8 @@ _CONFIG = struct.Struct("<IIIIHHH6sH2x")
 _STATS = struct.Struct(f"<4Q{DROP_REASON_MAX}Q")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_NODE_ADDRS = 1024  # MA_MAX_NODE_ADDRS in bpf/lib/common.h
+log = structlog.get_logger("agent.datapath")
 
 
 def _family(addr: IPAddress) -> int:
@@ -152,7 +156,14 @@ class DatapathMaps:
         return removed
 
     def set_node_addresses(self, addresses: Iterable[str]) -> None:
-        self._replace_set("ma_node_addrs", {addr_key(a) for a in addresses})
+        wanted = sorted({addr_key(a) for a in addresses})
+        if len(wanted) > MAX_NODE_ADDRS:
+            # Never fail an enrollment over this: probes from the addresses
+            # left out are captured like any other client instead.
+            log.warning("too many node addresses for the datapath; keeping the first ones",
+                        count=len(wanted), kept=MAX_NODE_ADDRS)
+            wanted = wanted[:MAX_NODE_ADDRS]
+        self._replace_set("ma_node_addrs", set(wanted))
 
     def set_exclusions(self, ports: Iterable[int], cidrs: Iterable[str]) -> None:
         self._replace_set("ma_excluded_ports", {struct.pack("<H", p) for p in ports})

@@ -123,7 +123,13 @@ def _link_names(netns_path: str) -> list[tuple[int, str]]:
 
 
 def node_addresses(node: RtnlSocket | None = None) -> list[str]:
-    """Every address configured in the calling thread's netns (health-probe sources)."""
+    """The node's own addresses that its traffic to pods can come from (probe sources).
+
+    IPv6 link-local addresses are left out: every veth has one, so on a busy
+    node they would crowd the map, and traffic to a pod's global address never
+    uses one as its source. Loopback is left out for the same reason.
+    """
     with contextlib.nullcontext(node) if node is not None else RtnlSocket() as rtnl:
-        return sorted({str(ipaddress.ip_address(address))
-                       for _index, _scope, address in rtnl.addresses()})
+        found = {ipaddress.ip_address(address) for _index, _scope, address in rtnl.addresses()}
+    return sorted(str(ip) for ip in found
+                  if not ip.is_loopback and not (ip.version == 6 and ip.is_link_local))

@@ -165,3 +165,40 @@ def test_enrolling_the_enrolled_pod_again_is_refused_and_changes_nothing(
     assert response["ok"] is False
     assert "already enrolled" in response["error"]
     assert agent.snapshot() == before
+
+
+def test_many_node_interfaces_do_not_break_enrollment(agent: AgentUnderTest) -> None:
+    """Every veth has an IPv6 link-local address; a node with hundreds of them
+    must still enroll pods (they are not probe sources and stay out of the map)."""
+    extra = 400
+    second_pod = f"{agent.pod}2"
+    batch = "".join(f"link add {agent.host_veth[:8]}x{i} type veth peer name "
+                    f"{agent.host_veth[:8]}y{i}\nlink set {agent.host_veth[:8]}x{i} up\n"
+                    f"link set {agent.host_veth[:8]}y{i} up\n"
+                    for i in range(extra))
+    subprocess.run(["ip", "-n", agent.node, "-batch", "-"], input=batch, text=True, check=True)
+    try:
+        _run("ip", "netns", "add", second_pod)
+        _run("ip", "-n", agent.node, "link", "add", f"{agent.host_veth}2", "type", "veth",
+             "peer", "name", "eth0", "netns", second_pod)
+        _run("ip", "-n", second_pod, "addr", "add", "10.250.0.11/32", "dev", "eth0")
+        _run("ip", "-n", second_pod, "link", "set", "eth0", "up")
+        _run("ip", "-n", agent.node, "link", "set", f"{agent.host_veth}2", "up")
+        deadline = time.monotonic() + 30
+        link_locals = 0
+        while time.monotonic() < deadline:  # addrconf assigns them asynchronously
+            link_locals = _run("ip", "-n", agent.node, "-6", "addr", "show",
+                               "scope", "link").count("fe80::")
+            if link_locals > 256:
+                break
+            time.sleep(0.2)
+        assert link_locals > 256
+        pod = client.call(agent.socket, {"op": "pod_add", "netns": second_pod, "name": "web2",
+                                         "namespace": "shop"})
+        assert pod["addresses"] == ["10.250.0.11"]
+        client.call(agent.socket, {"op": "pod_del", "name": "web2", "namespace": "shop"})
+    finally:
+        subprocess.run(["ip", "netns", "del", second_pod], capture_output=True, check=False)
+        batch = "".join(f"link del {agent.host_veth[:8]}x{i}\n" for i in range(extra))
+        subprocess.run(["ip", "-n", agent.node, "-force", "-batch", "-"], input=batch, text=True,
+                       capture_output=True, check=False)

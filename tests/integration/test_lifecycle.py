@@ -49,6 +49,7 @@ from pyroute2 import netns as pyroute2_netns
 
 from agent.api import client
 from agent.datapath.maps import addr_key
+from agent.datapath.programs import pin_path
 from agent.lab import mesh, netlab
 from agent.lab.topology import LabPlan, PodPlan, build_plan, netns_path, run_dir
 from agent.netns import enter
@@ -208,7 +209,7 @@ def pinned_has(plan: LabPlan, node: str, map_name: str, key: bytes) -> bool:
     """Whether the agent's pinned map ``map_name`` has ``key`` (read straight from bpffs)."""
     from bcc.libbcc import lib
 
-    path = pin_dir(plan, node) / "v1" / map_name
+    path = pin_path(str(pin_dir(plan, node))) / map_name
     fd = lib.bpf_obj_get(str(path).encode())
     assert fd >= 0, f"cannot open pinned map {path}"
     try:

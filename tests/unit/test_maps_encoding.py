@@ -206,3 +206,15 @@ def test_counters_add_is_a_sum(per_cpu: list[list[int]]) -> None:
     assert [c.captured_out_packets, c.captured_out_bytes, c.captured_in_packets,
             c.captured_in_bytes] == totals[:4]
     assert c.drops == {r: totals[4 + r] for r in DropReason if totals[4 + r]}
+
+
+def test_node_address_limit_mirrors_the_c_header() -> None:
+    import re
+    from pathlib import Path
+
+    from agent.datapath.maps import MAX_NODE_ADDRS
+
+    header = (Path(__file__).resolve().parents[2] / "bpf" / "lib" / "common.h").read_text()
+    match = re.search(r"#define MA_MAX_NODE_ADDRS (\d+)", header)
+    assert match is not None
+    assert int(match.group(1)) == MAX_NODE_ADDRS
