@@ -19,7 +19,7 @@ def missing_privileges() -> str | None:
     if os.geteuid() != 0:
         return "needs root (run sudo scripts/test.sh)"
     try:
-        import bcc  # noqa: F401, PLC0415
+        import bcc  # noqa: F401
     except ImportError:
         return "python module bcc missing (run scripts/setup.sh)"
     if not os.path.isdir("/sys/fs/bpf"):
