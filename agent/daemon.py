@@ -128,7 +128,7 @@ class Agent:
                 log.info("pod veth changed while agent was down", pod=pod.key)
             try:
                 ipr = self.enroller.ipr
-                created = attach.ensure_clsact(ipr, veth.ifindex)
+                created = attach.ensure_clsact(ipr, veth.ifindex, self.enroller.rtnl)
                 pod = type(pod).from_json({
                     **pod.to_json(), "host_ifindex": veth.ifindex,
                     "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),

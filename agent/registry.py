@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -36,10 +36,13 @@ class Pod:
         return f"{self.namespace}/{self.name}"
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["addresses"] = list(self.addresses)
-        data["labels"] = dict(self.labels)
-        return data
+        # Built by hand: dataclasses.asdict deep-copies, and the state file
+        # serialises every pod on every change.
+        return {"name": self.name, "namespace": self.namespace,
+                "service_account": self.service_account, "netns": self.netns,
+                "ifname": self.ifname, "host_ifindex": self.host_ifindex,
+                "host_ifname": self.host_ifname, "addresses": list(self.addresses),
+                "labels": dict(self.labels), "created_clsact": self.created_clsact}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Pod:
@@ -61,8 +64,14 @@ class Pod:
 
 
 class Registry:
+    """Enrolled pods, indexed by every key a conflict check needs, so that
+    enrolling the 1,000th pod costs what enrolling the first did."""
+
     def __init__(self, pods: list[Pod] | None = None) -> None:
         self._pods: dict[str, Pod] = {}
+        self._by_netns: dict[str, Pod] = {}
+        self._by_ifindex: dict[int, Pod] = {}
+        self._by_address: dict[str, Pod] = {}
         for pod in pods or []:
             self.add(pod)
 
@@ -77,11 +86,10 @@ class Registry:
 
     def find(self, *, netns: str | None = None, name: str | None = None,
              namespace: str | None = None) -> Pod | None:
-        for pod in self._pods.values():
-            if netns is not None and pod.netns == netns:
-                return pod
-            if name is not None and pod.name == name and pod.namespace == namespace:
-                return pod
+        if netns is not None:
+            return self._by_netns.get(netns)
+        if name is not None:
+            return self._pods.get(f"{namespace}/{name}")
         return None
 
     def check_conflicts(self, pod: Pod) -> None:
@@ -89,25 +97,37 @@ class Registry:
         if pod.key in self._pods:
             raise RegistryError(f"pod {pod.key} is already enrolled; "
                                 "run 'meshagent pod del' first to re-enroll it")
-        for other in self._pods.values():
-            if other.netns == pod.netns:
-                raise RegistryError(f"netns {pod.netns} is already enrolled as pod {other.key}")
-            if other.host_ifindex == pod.host_ifindex:
+        other = self._by_netns.get(pod.netns)
+        if other is not None:
+            raise RegistryError(f"netns {pod.netns} is already enrolled as pod {other.key}")
+        other = self._by_ifindex.get(pod.host_ifindex)
+        if other is not None:
+            raise RegistryError(
+                f"veth {pod.host_ifname} (ifindex {pod.host_ifindex}) already belongs to "
+                f"enrolled pod {other.key}")
+        for address in map(_norm, pod.addresses):
+            other = self._by_address.get(address)
+            if other is not None:
                 raise RegistryError(
-                    f"veth {pod.host_ifname} (ifindex {pod.host_ifindex}) already belongs to "
-                    f"enrolled pod {other.key}")
-            shared = set(map(_norm, other.addresses)) & set(map(_norm, pod.addresses))
-            if shared:
-                raise RegistryError(
-                    f"address {', '.join(sorted(shared))} is already enrolled for pod "
-                    f"{other.key}; remove that pod first")
+                    f"address {address} is already enrolled for pod {other.key}; "
+                    "remove that pod first")
 
     def add(self, pod: Pod) -> None:
         self.check_conflicts(pod)
         self._pods[pod.key] = pod
+        self._by_netns[pod.netns] = pod
+        self._by_ifindex[pod.host_ifindex] = pod
+        for address in pod.addresses:
+            self._by_address[_norm(address)] = pod
 
     def remove(self, key: str) -> Pod | None:
-        return self._pods.pop(key, None)
+        pod = self._pods.pop(key, None)
+        if pod is not None:
+            self._by_netns.pop(pod.netns, None)
+            self._by_ifindex.pop(pod.host_ifindex, None)
+            for address in pod.addresses:
+                self._by_address.pop(_norm(address), None)
+        return pod
 
     def to_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self]

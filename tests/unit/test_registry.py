@@ -44,3 +44,9 @@ def test_json_round_trip_and_workload() -> None:
     assert again.get("default/web") == pod()
     assert pod().workload("cluster.local")["identity"] == \
         "spiffe://cluster.local/ns/default/sa/sa"
+
+
+def test_to_json_has_every_field() -> None:
+    from dataclasses import fields
+
+    assert set(pod().to_json()) == {f.name for f in fields(Pod)}
