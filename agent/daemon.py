@@ -168,7 +168,6 @@ class Agent:
     def _dispatch(self, req: schema.Request) -> Any:
         assert self.enroller is not None and self.maps is not None
         if isinstance(req, schema.PodAdd):
-            self.maps.set_node_addresses(node_addresses(self.enroller.rtnl))
             return self.enroller.add(req).to_json()
         if isinstance(req, schema.PodDel):
             pod = self.enroller.find(req)

@@ -22,7 +22,7 @@ from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
 from agent.netns.rtnl import RtnlSocket
-from agent.netns.veth import find_host_veth, resolve_netns
+from agent.netns.veth import find_host_veth, link_addresses, resolve_netns
 from agent.registry import Pod, Registry, RegistryError
 
 log = structlog.get_logger("agent.enrollment")
@@ -78,9 +78,11 @@ class Enroller:
         """Install (or atomically replace) both of our filters on a pod's veth."""
         prio, handle = self._prio_handle
         attach.attach(ipr, ifindex, attach.FilterSpec(attach.INGRESS, FROM_POD,
-                                                      self.programs.fds[FROM_POD]), prio, handle)
+                                                      self.programs.fds[FROM_POD]), prio, handle,
+                      self.rtnl)
         attach.attach(ipr, ifindex, attach.FilterSpec(attach.EGRESS, TO_POD,
-                                                      self.programs.fds[TO_POD]), prio, handle)
+                                                      self.programs.fds[TO_POD]), prio, handle,
+                      self.rtnl)
 
     def add(self, req: PodAdd) -> Pod:
         """Enroll a pod.
@@ -88,7 +90,8 @@ class Enroller:
         Side effects, in order (undone in reverse if any step fails):
         1. validate the netns, find the host-side veth and the pod's addresses;
         2. check for conflicts with enrolled pods (netns, veth, addresses);
-        3. add the pod's ifindex and addresses to the BPF maps;
+        3. add the host veth's own addresses to the node-address map, and the
+           pod's ifindex and addresses to the pod maps;
         4. add a clsact qdisc to the veth if it has none;
         5. attach from_pod on tc ingress, then to_pod on tc egress;
         6. record the pod in the registry and persist state (``on_change``).
@@ -105,6 +108,10 @@ class Enroller:
         prio, handle = self._prio_handle
         ipr = self.ipr
         try:
+            # The primary CNI may have put a gateway address on the new host
+            # veth; traffic from it is the node's own (probes), not a client.
+            added = self.maps.add_node_addresses(link_addresses(self.rtnl, pod.host_ifindex))
+            undo.append(lambda: self.maps.remove_node_addresses(added))
             self.maps.add_pod(pod.host_ifindex, pod.addresses)
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
             created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
@@ -112,10 +119,10 @@ class Enroller:
                 undo.append(lambda: self._remove_clsact_if_unused(pod.host_ifindex))
             pod = replace(pod, created_clsact=created)
             ingress = attach.FilterSpec(attach.INGRESS, FROM_POD, self.programs.fds[FROM_POD])
-            attach.attach(ipr, pod.host_ifindex, ingress, prio, handle)
+            attach.attach(ipr, pod.host_ifindex, ingress, prio, handle, self.rtnl)
             undo.append(lambda: self._detach(pod.host_ifindex, attach.INGRESS))
             egress = attach.FilterSpec(attach.EGRESS, TO_POD, self.programs.fds[TO_POD])
-            attach.attach(ipr, pod.host_ifindex, egress, prio, handle)
+            attach.attach(ipr, pod.host_ifindex, egress, prio, handle, self.rtnl)
             undo.append(lambda: self._detach(pod.host_ifindex, attach.EGRESS))
             self.registry.add(pod)
             undo.append(lambda: self.registry.remove(pod.key))

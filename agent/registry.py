@@ -72,6 +72,10 @@ class Registry:
         self._by_netns: dict[str, Pod] = {}
         self._by_ifindex: dict[int, Pod] = {}
         self._by_address: dict[str, Pod] = {}
+        # Serialised forms, made once per pod: the state file is rewritten on
+        # every change and must not cost a re-serialisation of every pod.
+        self._json: dict[str, dict[str, Any]] = {}
+        self._workloads: dict[str, tuple[str, dict[str, Any]]] = {}
         for pod in pods or []:
             self.add(pod)
 
@@ -115,6 +119,7 @@ class Registry:
     def add(self, pod: Pod) -> None:
         self.check_conflicts(pod)
         self._pods[pod.key] = pod
+        self._json[pod.key] = pod.to_json()
         self._by_netns[pod.netns] = pod
         self._by_ifindex[pod.host_ifindex] = pod
         for address in pod.addresses:
@@ -122,6 +127,8 @@ class Registry:
 
     def remove(self, key: str) -> Pod | None:
         pod = self._pods.pop(key, None)
+        self._json.pop(key, None)
+        self._workloads.pop(key, None)
         if pod is not None:
             self._by_netns.pop(pod.netns, None)
             self._by_ifindex.pop(pod.host_ifindex, None)
@@ -130,7 +137,18 @@ class Registry:
         return pod
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [p.to_json() for p in self]
+        return [self._json[key] for key in sorted(self._json)]
+
+    def workloads(self, trust_domain: str) -> list[dict[str, Any]]:
+        """What the tunnel needs about every pod (see :meth:`Pod.workload`)."""
+        out = []
+        for key in sorted(self._pods):
+            cached = self._workloads.get(key)
+            if cached is None or cached[0] != trust_domain:
+                cached = self._workloads[key] = (trust_domain,
+                                                 self._pods[key].workload(trust_domain))
+            out.append(cached[1])
+        return out
 
     @classmethod
     def from_json(cls, data: list[Mapping[str, Any]]) -> Registry:

@@ -66,6 +66,6 @@ def load_state(state_dir: str) -> AgentState:
 def save_state(state_dir: str, state: AgentState, trust_domain: str) -> None:
     base = Path(state_dir)
     write_json_atomic(base / STATE_FILE, state.to_json())
-    workloads = [pod.workload(trust_domain) for pod in state.registry]
+    workloads = state.registry.workloads(trust_domain)
     # The tunnel (same node, unprivileged reader possible) only needs this part.
     write_json_atomic(base / WORKLOADS_FILE, {"workloads": workloads}, mode=0o644)

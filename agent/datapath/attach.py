@@ -49,13 +49,22 @@ def ensure_clsact(ipr: Any, ifindex: int, rtnl: RtnlSocket | None = None) -> boo
     Side effects: may add a clsact qdisc to the device. ``rtnl`` makes the
     check for existing qdiscs cheap (enrollment's hot path).
     """
-    kinds = rtnl.qdisc_kinds(ifindex) if rtnl is not None else qdisc_kinds(ipr, ifindex)
+    if rtnl is not None:
+        kind = rtnl.ingress_qdisc_kind(ifindex)
+        kinds = {kind} if kind else set()
+    else:
+        kinds = qdisc_kinds(ipr, ifindex)
     if "clsact" in kinds:
         return False
     if "ingress" in kinds:
         raise AttachError(
             f"ifindex {ifindex} has an 'ingress' qdisc, which excludes clsact; "
             "its owner must switch to clsact before meshagent can attach")
+    if rtnl is not None:
+        try:
+            return rtnl.add_clsact(ifindex)
+        except OSError as exc:
+            raise AttachError(f"adding clsact to ifindex {ifindex} failed: {exc}") from exc
     try:
         ipr.tc("add", "clsact", ifindex)
     except NetlinkError as exc:
@@ -115,15 +124,28 @@ def foreign_filters(ipr: Any, ifindex: int, prio: int, handle: int) -> list[Any]
     return out
 
 
-def attach(ipr: Any, ifindex: int, spec: FilterSpec, prio: int, handle: int) -> None:
+def attach(ipr: Any, ifindex: int, spec: FilterSpec, prio: int, handle: int,
+           rtnl: RtnlSocket | None = None) -> None:
     """Install or atomically replace our filter on one direction of a device.
 
     Side effects: one tc ``replace`` of the bpf filter at (prio, handle); the
     kernel swaps the program in one step, so there is no window without one.
+    ``rtnl`` sends it through the lean rtnetlink writer (enrollment's hot path).
     """
+    name = f"{FILTER_NAME_PREFIX}-{spec.name}"[:64]
+    if rtnl is not None:
+        parent = 0xFFFF0000 | _parent_minor(spec.direction)
+        try:
+            rtnl.replace_bpf_filter(index=ifindex, parent=parent, prio=prio, handle=handle,
+                                    fd=spec.fd, name=name)
+        except OSError as exc:
+            raise AttachError(
+                f"attaching {spec.name} to ifindex {ifindex} ({spec.direction}) failed: {exc}"
+            ) from exc
+        return
     try:
         ipr.tc("replace-filter", "bpf", ifindex, handle, fd=spec.fd,
-               name=f"{FILTER_NAME_PREFIX}-{spec.name}"[:64], parent=spec.direction,
+               name=name, parent=spec.direction,
                classid=1, direct_action=True, prio=prio)
     except NetlinkError as exc:
         raise AttachError(

@@ -165,6 +165,31 @@ class DatapathMaps:
             wanted = wanted[:MAX_NODE_ADDRS]
         self._replace_set("ma_node_addrs", set(wanted))
 
+    def add_node_addresses(self, addresses: Iterable[str]) -> list[str]:
+        """Add to the node-address set without rewriting it (enrollment's hot path);
+        return the addresses that were not there before."""
+        table = self._t["ma_node_addrs"]
+        added = []
+        for address in addresses:
+            key = _key(table, addr_key(address))
+            if key in table:
+                continue
+            try:
+                table[key] = table.Leaf(1)
+            except Exception as exc:  # bcc raises a bare Exception when the map is full
+                log.warning("node address not added to the datapath", address=address,
+                            error=str(exc))
+                continue
+            added.append(address)
+        return added
+
+    def remove_node_addresses(self, addresses: Iterable[str]) -> None:
+        table = self._t["ma_node_addrs"]
+        for address in addresses:
+            key = _key(table, addr_key(address))
+            if key in table:
+                del table[key]
+
     def set_exclusions(self, ports: Iterable[int], cidrs: Iterable[str]) -> None:
         self._replace_set("ma_excluded_ports", {struct.pack("<H", p) for p in ports})
         self._replace_set("ma_excluded_cidrs", {lpm_key(c) for c in cidrs})

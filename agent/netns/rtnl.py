@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 NETLINK_ROUTE = 0
+RECV_TIMEOUT_S = 5.0
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
 NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
@@ -32,8 +34,25 @@ RTM_GETLINK = 18
 RTM_NEWADDR = 20
 RTM_GETADDR = 22
 RTM_NEWQDISC = 36
+RTM_DELQDISC = 37
 RTM_GETQDISC = 38
+RTM_NEWTFILTER = 44
+RTM_DELTFILTER = 45
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
 TCA_KIND = 1
+TCA_OPTIONS = 2
+TCA_BPF_CLASSID = 3
+TCA_BPF_FD = 6
+TCA_BPF_NAME = 7
+TCA_BPF_FLAGS = 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT = 0xFFFFFFF1
+CLSACT_HANDLE = 0xFFFF0000
+ETH_P_ALL = 0x0003
+NETLINK_GET_STRICT_CHK = 12
+SOL_NETLINK = 270
 
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
@@ -93,12 +112,47 @@ def get_link_request(seq: int, *, index: int = 0, name: str | None = None) -> by
     body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
     if name is not None:
         body += _attr(IFLA_IFNAME, name.encode() + b"\0")
-    return _message(RTM_GETLINK, NLM_F_REQUEST, seq, body)
+    return _message(RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK, seq, body)
 
 
-def dump_addresses_request(seq: int) -> bytes:
-    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+def dump_addresses_request(seq: int, index: int = 0) -> bytes:
+    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, index)
     return _message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+def add_clsact_request(seq: int, index: int) -> bytes:
+    """RTM_NEWQDISC clsact, failing with EEXIST rather than replacing anything."""
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, CLSACT_HANDLE, TC_H_CLSACT, 0)
+    body += _attr(TCA_KIND, b"clsact\0")
+    return _message(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                    seq, body)
+
+
+def _filter_info(prio: int) -> int:
+    return (prio << 16) | socket.htons(ETH_P_ALL)
+
+
+def replace_bpf_filter_request(seq: int, *, index: int, parent: int, prio: int, handle: int,
+                               fd: int, name: str) -> bytes:
+    """RTM_NEWTFILTER for a direct-action cls_bpf filter, created or replaced in place
+    (``tc filter replace ... bpf da fd FD``): the kernel swaps the program atomically."""
+    options = (_attr(TCA_BPF_FD, struct.pack("=I", fd))
+               + _attr(TCA_BPF_NAME, name.encode() + b"\0")
+               + _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT))
+               + _attr(TCA_BPF_CLASSID, struct.pack("=I", 1)))
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, handle, parent, _filter_info(prio))
+    body += _attr(TCA_KIND, b"bpf\0") + _attr(TCA_OPTIONS, options)
+    return _message(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                    seq, body)
+
+
+def get_ingress_qdisc_request(seq: int, index: int) -> bytes:
+    """RTM_GETQDISC for the one qdisc in a device's ingress slot (clsact or ingress)."""
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, TC_H_CLSACT, 0)
+    # tc answers a GET as a notification: without ECHO it goes only to the
+    # multicast group, never back to the asking socket.
+    # ACK too: for an empty slot the kernel answers nothing else at all.
+    return _message(RTM_GETQDISC, NLM_F_REQUEST | NLM_F_ECHO | NLM_F_ACK, seq, body)
 
 
 def dump_qdiscs_request(seq: int, index: int) -> bytes:
@@ -115,14 +169,14 @@ def parse_qdisc(payload: bytes) -> tuple[int, str | None]:
     return index, None
 
 
-def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, payload) of each netlink message in one datagram."""
+def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(type, sequence number, payload) of each netlink message in one datagram."""
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
-        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
         if length < _NLMSGHDR.size or offset + length > len(data):
             return
-        yield msg_type, data[offset + _NLMSGHDR.size: offset + length]
+        yield msg_type, seq, data[offset + _NLMSGHDR.size: offset + length]
         offset += _align(length)
 
 
@@ -163,6 +217,11 @@ class RtnlSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    NETLINK_ROUTE)
         self._sock.bind((0, 0))
+        # Dumps honour the ifindex in the request instead of listing every
+        # interface's objects (kernel >= 4.20).
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        # A request the kernel never answers must fail, not hang the agent.
+        self._sock.settimeout(RECV_TIMEOUT_S)
         self._seq = 0
 
     def close(self) -> None:
@@ -175,10 +234,19 @@ class RtnlSocket:
         self.close()
 
     def _request(self, build: bytes) -> Iterator[tuple[int, bytes]]:
+        """Send one request and yield its answers until DONE or ACK.
+
+        Consume the generator fully (or use ``_collect``): leaving early would
+        leave the rest of the answer queued on the socket. Messages of other
+        sequence numbers (late answers to an abandoned request) are skipped.
+        """
+        seq = _NLMSGHDR.unpack_from(build)[3]
         self._sock.send(build)
         while True:
             data = self._sock.recv(1 << 16)
-            for msg_type, payload in messages(data):
+            for msg_type, msg_seq, payload in messages(data):
+                if msg_seq != seq:
+                    continue
                 if msg_type == NLMSG_DONE:
                     return
                 if msg_type == NLMSG_ERROR:
@@ -192,29 +260,51 @@ class RtnlSocket:
         self._seq += 1
         return self._seq
 
+    def _collect(self, build: bytes) -> list[tuple[int, bytes]]:
+        return list(self._request(build))
+
     def link(self, *, index: int = 0, name: str | None = None) -> Link | None:
         """One link by index or name, or None if there is no such link."""
+        request = get_link_request(self._next_seq(), index=index, name=name)
         try:
-            for msg_type, payload in self._request(
-                    get_link_request(self._next_seq(), index=index, name=name)):
-                if msg_type == RTM_NEWLINK:
-                    return parse_link(payload)
+            answers = self._collect(request)
         except RtnlError as exc:
             if exc.errno in (errno.ENODEV, errno.EINVAL):
                 return None
             raise
+        for msg_type, payload in answers:
+            if msg_type == RTM_NEWLINK:
+                return parse_link(payload)
         return None
 
     def addresses(self, index: int | None = None) -> list[tuple[int, int, str]]:
         """(ifindex, scope, address) of every address, or of one link's."""
         out = []
-        for msg_type, payload in self._request(dump_addresses_request(self._next_seq())):
+        for msg_type, payload in self._request(
+                dump_addresses_request(self._next_seq(), index or 0)):
             if msg_type != RTM_NEWADDR:
                 continue
             parsed = parse_address(payload)
             if parsed is not None and (index is None or parsed[0] == index):
                 out.append(parsed)
         return out
+
+    def ingress_qdisc_kind(self, index: int) -> str | None:
+        """Kind of the qdisc in the device's ingress slot ("clsact", "ingress"), or None.
+
+        One request, not a dump: the kernel does not filter qdisc dumps by
+        device, so a dump costs as much as the node has interfaces.
+        """
+        try:
+            answers = self._collect(get_ingress_qdisc_request(self._next_seq(), index))
+        except RtnlError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINVAL):
+                return None
+            raise
+        for msg_type, payload in answers:
+            if msg_type == RTM_NEWQDISC:
+                return parse_qdisc(payload)[1]
+        return None
 
     def qdisc_kinds(self, index: int) -> set[str]:
         """Kinds of the qdiscs on one device (e.g. {"noqueue", "clsact"})."""
@@ -225,3 +315,23 @@ class RtnlSocket:
                 if qdisc_index == index and kind:
                     kinds.add(kind)
         return kinds
+
+    def _ack(self, request: bytes) -> None:
+        for _ in self._request(request):
+            pass
+
+    def add_clsact(self, index: int) -> bool:
+        """Add a clsact qdisc; False if one (or an ingress qdisc) is already there."""
+        try:
+            self._ack(add_clsact_request(self._next_seq(), index))
+        except RtnlError as exc:
+            if exc.errno == errno.EEXIST:
+                return False
+            raise
+        return True
+
+    def replace_bpf_filter(self, *, index: int, parent: int, prio: int, handle: int, fd: int,
+                           name: str) -> None:
+        """Install or atomically replace a direct-action cls_bpf filter."""
+        self._ack(replace_bpf_filter_request(self._next_seq(), index=index, parent=parent,
+                                             prio=prio, handle=handle, fd=fd, name=name))

@@ -122,6 +122,16 @@ def _link_names(netns_path: str) -> list[tuple[int, str]]:
         return [(m["index"], m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
 
 
+def _probe_source(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not ip.is_loopback and not (ip.version == 6 and ip.is_link_local)
+
+
+def link_addresses(node: RtnlSocket, ifindex: int) -> list[str]:
+    """The probe-source addresses on one node link (e.g. a pod gateway on its veth)."""
+    found = {ipaddress.ip_address(a) for _i, _s, a in node.addresses(ifindex)}
+    return sorted(str(ip) for ip in found if _probe_source(ip))
+
+
 def node_addresses(node: RtnlSocket | None = None) -> list[str]:
     """The node's own addresses that its traffic to pods can come from (probe sources).
 
@@ -131,5 +141,4 @@ def node_addresses(node: RtnlSocket | None = None) -> list[str]:
     """
     with contextlib.nullcontext(node) if node is not None else RtnlSocket() as rtnl:
         found = {ipaddress.ip_address(address) for _index, _scope, address in rtnl.addresses()}
-    return sorted(str(ip) for ip in found
-                  if not ip.is_loopback and not (ip.version == 6 and ip.is_link_local))
+    return sorted(str(ip) for ip in found if _probe_source(ip))

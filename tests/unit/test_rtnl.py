@@ -58,7 +58,8 @@ def test_parse_addresses() -> None:
 def test_requests_are_well_formed() -> None:
     req = rtnl.get_link_request(7, name="eth0")
     length, msg_type, flags, seq, _pid = struct.unpack_from("=IHHII", req)
-    assert (length, msg_type, flags, seq) == (len(req), rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST, 7)
+    assert (length, msg_type, flags, seq) == (len(req), rtnl.RTM_GETLINK,
+                                              rtnl.NLM_F_REQUEST | rtnl.NLM_F_ACK, 7)
     attrs = dict(rtnl.attributes(req, 16 + 16))
     assert attrs[rtnl.IFLA_IFNAME] == b"eth0\0"
     dump = rtnl.dump_addresses_request(8)
@@ -71,7 +72,7 @@ def test_messages_split_a_datagram() -> None:
     data = b""
     for body in (one, one):
         data += struct.pack("=IHHII", 16 + len(body), rtnl.RTM_NEWLINK, 0, 1, 0) + body
-    assert [t for t, _ in rtnl.messages(data)] == [rtnl.RTM_NEWLINK, rtnl.RTM_NEWLINK]
+    assert [t for t, _seq, _ in rtnl.messages(data)] == [rtnl.RTM_NEWLINK, rtnl.RTM_NEWLINK]
 
 
 @given(st.binary(max_size=200))
@@ -79,3 +80,22 @@ def test_attribute_walk_never_overruns(data: bytes) -> None:
     for _kind, payload in rtnl.attributes(data):
         assert len(payload) <= len(data)
     list(rtnl.messages(data))
+
+
+def test_tc_requests_are_well_formed() -> None:
+    req = rtnl.replace_bpf_filter_request(3, index=9, parent=0xFFFFFFF2, prio=0x3A,
+                                          handle=0xA11, fd=42, name="meshagent-from_pod")
+    _len, msg_type, flags, _seq, _pid = struct.unpack_from("=IHHII", req)
+    assert msg_type == rtnl.RTM_NEWTFILTER
+    assert flags & rtnl.NLM_F_CREATE and flags & rtnl.NLM_F_REPLACE
+    assert not flags & rtnl.NLM_F_EXCL
+    _family, index, handle, parent, info = struct.unpack_from("=BxxxiIII", req, 16)
+    assert (index, handle, parent) == (9, 0xA11, 0xFFFFFFF2)
+    assert info >> 16 == 0x3A
+    attrs = dict(rtnl.attributes(req, 16 + 20))
+    assert attrs[rtnl.TCA_KIND] == b"bpf\0"
+    options = dict(rtnl.attributes(attrs[rtnl.TCA_OPTIONS]))
+    assert struct.unpack("=I", options[rtnl.TCA_BPF_FD])[0] == 42
+    assert struct.unpack("=I", options[rtnl.TCA_BPF_FLAGS])[0] == rtnl.TCA_BPF_FLAG_ACT_DIRECT
+    clsact = rtnl.add_clsact_request(4, 9)
+    assert struct.unpack_from("=IHH", clsact)[2] & rtnl.NLM_F_EXCL
