@@ -4,10 +4,9 @@ restart with many pods.
 In one lab (plain mode), N extra pods are created in node1 (N = 1,000; 100 in
 ``--quick``): netns ``<prefix>-eNNNN`` with ``eth0`` (one /32 in
 10.250.0.0/16) and host veth ``<prefix>eNNNN`` in node1's netns, built with
-``ip -batch`` (not timed). The host veths get ``addrgenmode none`` (no IPv6
-link-local address): with them, the agent's node-address map (256 entries)
-overflows and enrollment fails outright beyond ~250 veths, a bug this
-benchmark found. Then each pod is enrolled with one ``pod_add`` API
+``ip -batch`` (not timed); each host veth gets its IPv6 link-local address as
+on a real node (1,000 of them once broke enrollment: a bug this benchmark
+found, fixed since). Then each pod is enrolled with one ``pod_add`` API
 call, one after the other; each call is timed from connect to answer
 (``enroll_p50_ms``/``enroll_p99_ms``), and the whole loop is
 ``enroll_total_s``. The agent's RSS (VmRSS) and peak (VmHWM) are read after.
@@ -43,11 +42,6 @@ def create_pods(bench: BenchLab, count: int) -> list[str]:
     lines = []
     for i, n in enumerate(names):
         lines.append(f"link add {p}e{i:04d} type veth peer name eth0 netns {n}\n")
-        # No IPv6 link-local address on the host side: the agent copies every
-        # node address into ma_node_addrs (256 entries), and 1,000 fe80::
-        # addresses make the very first pod_add fail with E2BIG (see
-        # docs/performance.md).
-        lines.append(f"link set {p}e{i:04d} addrgenmode none\n")
         lines.append(f"link set {p}e{i:04d} up\n")
     subprocess.run(["ip", "-n", node, "-batch", "-"], input="".join(lines), text=True,
                    check=True, timeout=300, capture_output=True)
