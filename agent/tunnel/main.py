@@ -104,9 +104,11 @@ class Tunnel:
         return found
 
     def is_mesh_destination(self, ip: str) -> bool:
-        return (self.workloads.by_address(ip) is not None
-                or self.peers.by_address(ip) is not None
-                or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs))
+        # The local lookup goes last: on a miss it stats workloads.json, so a
+        # pod enrolled here a moment ago is already reached over the mesh.
+        return (self.peers.by_address(ip) is not None
+                or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs)
+                or self.local_workload(ip) is not None)
 
     def authorize_inbound(self, *, src_ip: str, src_identity: str | None, dst: Workload,
                           dst_ip: str, dst_port: int,
