@@ -36,6 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_procs import leftovers as _leftovers
+from lab_procs import listening as _listening
+from lab_procs import run_in as _run_in
+from lab_procs import running as _running
+from lab_procs import stop as _stop
+from lab_procs import until as _until
 from pyroute2 import netns
 
 from agent.api import client
@@ -185,48 +191,8 @@ finish()
 # -- processes ------------------------------------------------------------------------
 
 
-def _run_in(ns: str, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        netlab.nsenter_argv(ns, argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
-def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
-    """Signal ``proc`` (if still running) and reap it, bounded."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for _ in range(int(timeout / POLL_S) + 1):
-        try:
-            last = check()
-        except (OSError, client.AgentUnavailable, client.AgentError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_S)
-    pytest.fail(f"{what}: not within {timeout:.0f}s (last: {last!r})")
 
 
 def _start_echo_server(plan: LabPlan, pod: str) -> subprocess.Popen[str]:
@@ -258,11 +224,6 @@ def _start_quiet(plan: LabPlan, pod: str, argv: Sequence[str]) -> subprocess.Pop
         start_new_session=True,
     )
 
-
-def _listening(ns: str, ports: Sequence[int]) -> bool:
-    out = _run_in(ns, ["ss", "-Hltn"], timeout=10).stdout
-    local = {line.split()[3].rsplit(":", 1)[-1] for line in out.splitlines() if line.strip()}
-    return all(str(p) in local for p in ports)
 
 
 # -- access log -----------------------------------------------------------------------
@@ -491,16 +452,6 @@ def _lab_address(plan: LabPlan) -> Callable[[str], bool]:
 
 # -- the lab --------------------------------------------------------------------------
 
-
-def _leftovers(prefix: str) -> list[str]:
-    left = (
-        [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")]
-        if os.path.isdir("/run/netns")
-        else []
-    )
-    if os.path.exists(run_dir(prefix)):
-        left.append(run_dir(prefix))
-    return left
 
 
 def _wait_mesh_ready(plan: LabPlan) -> None:

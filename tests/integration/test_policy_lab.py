@@ -31,16 +31,20 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from lab_procs import leftovers as _leftovers
+from lab_procs import listening as _listening
+from lab_procs import run_in as _run_in
+from lab_procs import running as _running
+from lab_procs import stop as _stop
+from lab_procs import until as _until
 from prometheus_client.parser import text_string_to_metric_families
 from pyroute2 import netns
 
@@ -219,54 +223,9 @@ class Lab:
 # -- processes ------------------------------------------------------------------------
 
 
-def _run_in(ns: str, argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        netlab.nsenter_argv(ns, argv), capture_output=True, text=True, timeout=timeout, check=False
-    )
 
 
-def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
-    """Signal ``proc`` (if still running) and reap it, bounded."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
 
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _until(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    for _ in range(int(timeout / POLL_S) + 1):
-        try:
-            last = check()
-        except (OSError, ValueError, client.AgentUnavailable, client.AgentError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(POLL_S)
-    pytest.fail(f"{what}: not within {timeout:.0f}s (last: {last!r})")
-
-
-def _listening(ns: str, ports: Sequence[int]) -> bool:
-    out = _run_in(ns, ["ss", "-Hltn"], timeout=10).stdout
-    local = {line.split()[3].rsplit(":", 1)[-1] for line in out.splitlines() if line.strip()}
-    return all(str(p) in local for p in ports)
 
 
 def _meshagent(args: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
@@ -280,16 +239,6 @@ def _meshagent(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Comple
         check=False,
     )
 
-
-def _leftovers(prefix: str) -> list[str]:
-    left = (
-        [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")]
-        if os.path.isdir("/run/netns")
-        else []
-    )
-    if os.path.exists(run_dir(prefix)):
-        left.append(run_dir(prefix))
-    return left
 
 
 # -- traffic --------------------------------------------------------------------------
