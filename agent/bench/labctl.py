@@ -10,6 +10,7 @@ process still inside them) and the run directory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -64,15 +65,8 @@ class BenchLab:
 
     def up(self) -> BenchLab:
         plan = build_plan(self.prefix)
-        old = os.environ.get(mesh.LAB_MODE_ENV)
-        os.environ[mesh.LAB_MODE_ENV] = self.mode
-        try:
-            self.plan = netlab.up(plan, after_topology=mesh.start_mesh)
-        finally:
-            if old is None:
-                os.environ.pop(mesh.LAB_MODE_ENV, None)
-            else:
-                os.environ[mesh.LAB_MODE_ENV] = old
+        self.plan = netlab.up(plan, after_topology=functools.partial(mesh.start_mesh,
+                                                                     mode=self.mode))
         # Many short connections per run: let pods and nodes reuse TIME_WAIT
         # ports for new outgoing connections instead of running out.
         for ns in (*(n.netns for n in plan.nodes), *(p.netns for p in plan.pods())):

@@ -23,8 +23,9 @@ POLL_S = 0.1
 LAB_MODE_ENV = "MESHAGENT_LAB_MODE"  # hbone (default) | plain | none
 
 
-def lab_mode() -> str:
-    mode = os.environ.get(LAB_MODE_ENV, "hbone")
+def lab_mode(mode: str | None = None) -> str:
+    """``mode`` if given, else $MESHAGENT_LAB_MODE, else hbone; checked."""
+    mode = mode or os.environ.get(LAB_MODE_ENV, "hbone")
     if mode not in ("hbone", "plain", "none"):
         raise ValueError(f"{LAB_MODE_ENV}={mode!r}: use hbone, plain or none")
     return mode
@@ -74,14 +75,17 @@ def _wait(what: str, check: Any, log_path: str) -> Any:
                           f"log {log_path}:\n{tail}")
 
 
-def start_mesh(plan: LabPlan) -> None:
+def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
     """Start agent + tunnel on every node, then enroll the pods marked ``enroll``.
+
+    ``mode`` (hbone, plain, none) defaults to $MESHAGENT_LAB_MODE; callers in
+    Python pass it, e.g. ``functools.partial(start_mesh, mode="plain")``.
 
     Side effects: writes the lab config file, creates the lab's mesh CA (HBONE
     mode), starts two processes per node, and enrolls pods (attaching tc
     filters in node namespaces). ``lab down`` undoes all of it.
     """
-    mode = lab_mode()
+    mode = lab_mode(mode)
     if mode == "none":
         if plan.pod_network == "cni":
             _cni_pods_up(plan, agent_sockets=None)

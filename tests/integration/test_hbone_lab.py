@@ -20,6 +20,7 @@ The tests check behaviour only, never timings:
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -478,16 +479,9 @@ def lab() -> Iterator[LabPlan]:
     """A two-node HBONE lab with servers in n2-a (echo, HTTP, iperf3) and n1-b (echo)."""
     prefix = "h" + secrets.token_hex(2)
     servers: list[subprocess.Popen[Any]] = []
-    old_mode = os.environ.get(mesh.LAB_MODE_ENV)
     try:
-        os.environ[mesh.LAB_MODE_ENV] = "hbone"
-        try:
-            plan = netlab.up(build_plan(prefix), after_topology=mesh.start_mesh)
-        finally:
-            if old_mode is None:
-                os.environ.pop(mesh.LAB_MODE_ENV, None)
-            else:
-                os.environ[mesh.LAB_MODE_ENV] = old_mode
+        plan = netlab.up(build_plan(prefix),
+                         after_topology=functools.partial(mesh.start_mesh, mode="hbone"))
         for pod in ("n2-a", "n2-b", "n1-b"):
             servers.append(_start_echo_server(plan, pod))
         http = [sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", "::"]

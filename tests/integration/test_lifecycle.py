@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -100,15 +101,14 @@ def leftovers(prefix: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def lab(monkeypatch: pytest.MonkeyPatch, with_mesh: bool) -> Iterator[LabPlan]:
+def lab(with_mesh: bool) -> Iterator[LabPlan]:
     """A two-node lab; with ``with_mesh`` agents + tunnels (HBONE) run and the
     pods are enrolled, else only the topology exists. Always torn down."""
     prefix = "l" + secrets.token_hex(2)
     plan = build_plan(prefix)
     try:
         if with_mesh:
-            monkeypatch.setenv(mesh.LAB_MODE_ENV, "hbone")
-            netlab.up(plan, after_topology=mesh.start_mesh)
+            netlab.up(plan, after_topology=functools.partial(mesh.start_mesh, mode="hbone"))
         else:
             netlab.up(plan)
         yield plan
@@ -500,9 +500,8 @@ def make_pod(plan: LabPlan, name: str, letter: str, host: int) -> PodPlan:
 # -- 1. kill -9 of the agent -------------------------------------------------------------
 
 
-def test_agent_kill9_under_load_then_restart_restores_and_enrolls(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=True) as plan:
+def test_agent_kill9_under_load_then_restart_restores_and_enrolls(servers: Servers) -> None:
+    with lab(with_mesh=True) as plan:
         a, b = plan.pod("n1-a"), plan.pod("n2-a")
         servers.http(b)
         http_get(a, b.ipv4)  # the path works before anything happens
@@ -571,9 +570,8 @@ def test_agent_kill9_under_load_then_restart_restores_and_enrolls(
 # -- 2. reconcile ------------------------------------------------------------------------
 
 
-def test_pod_deleted_while_agent_down_is_forgotten(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=True) as plan:
+def test_pod_deleted_while_agent_down_is_forgotten(servers: Servers) -> None:
+    with lab(with_mesh=True) as plan:
         a, gone, peer = plan.pod("n1-a"), plan.pod("n1-b"), plan.pod("n2-a")
         servers.http(peer)
         pods = enrolled(plan, "node1")
@@ -603,8 +601,8 @@ def test_pod_deleted_while_agent_down_is_forgotten(
 
 
 def test_connection_older_than_enrollment_survives_and_new_ones_are_captured(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=True) as plan:
+        servers: Servers) -> None:
+    with lab(with_mesh=True) as plan:
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         echo = servers.echo(plain)
         pod_del(plan, a)
@@ -653,13 +651,12 @@ def test_connection_older_than_enrollment_survives_and_new_ones_are_captured(
         assert (a.ipv4, old_port) in echo.peers  # it talked to the server directly
 
 
-def test_unenrollment_resets_connections_made_through_the_tunnel(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
+def test_unenrollment_resets_connections_made_through_the_tunnel(servers: Servers) -> None:
     """Documented behaviour: after ``pod del`` the pod's segments of a tunneled
     connection bypass the tunnel and reach the peer pod directly; the peer only
     knows the tunnel's leg (another source port), so it answers with a RST and
     the application sees ECONNRESET (not a hang)."""
-    with lab(monkeypatch, with_mesh=True) as plan:
+    with lab(with_mesh=True) as plan:
         a, b = plan.pod("n1-a"), plan.pod("n2-a")
         echo = servers.echo(b)
         # The tunnel dials the peer from the client's IP with an ephemeral port;
@@ -705,9 +702,8 @@ def curl(pod: PodPlan, ip: str, timeout: float) -> subprocess.CompletedProcess[s
                   timeout=timeout + 10)
 
 
-def test_tunnel_down_fails_closed_and_recovers(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=True) as plan:
+def test_tunnel_down_fails_closed_and_recovers(servers: Servers) -> None:
+    with lab(with_mesh=True) as plan:
         a, plain, b = plan.pod("n1-a"), plan.pod("n1-plain"), plan.pod("n2-a")
         servers.http(b)
         assert curl(a, b.ipv4, 5).stdout == "200"
@@ -820,9 +816,8 @@ def assert_nothing_of_ours(plan: LabPlan) -> None:
     assert not state_file(plan, "node1").exists()
 
 
-def test_uninstall_removes_ours_and_keeps_a_foreign_filter(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=False) as plan:
+def test_uninstall_removes_ours_and_keeps_a_foreign_filter(servers: Servers) -> None:
+    with lab(with_mesh=False) as plan:
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         ns = plan.node("node1").netns
         servers.http(plain)
@@ -866,9 +861,8 @@ def test_uninstall_removes_ours_and_keeps_a_foreign_filter(
 # -- 6. round trips ----------------------------------------------------------------------
 
 
-def test_enroll_unenroll_round_trips_and_node_reinstall(
-        monkeypatch: pytest.MonkeyPatch, servers: Servers) -> None:
-    with lab(monkeypatch, with_mesh=False) as plan:
+def test_enroll_unenroll_round_trips_and_node_reinstall(servers: Servers) -> None:
+    with lab(with_mesh=False) as plan:
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         ns = plan.node("node1").netns
         servers.http(plain)

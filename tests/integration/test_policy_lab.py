@@ -26,6 +26,7 @@ happened. The tests check behaviour only, never timings:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -441,16 +442,9 @@ def lab() -> Iterator[Lab]:
     """A two-node HBONE lab with HTTP (80, 8080), echo (9090) and iperf3 in n2-a."""
     prefix = "p" + secrets.token_hex(2)
     servers: list[subprocess.Popen[Any]] = []
-    old_mode = os.environ.get(mesh.LAB_MODE_ENV)
     try:
-        os.environ[mesh.LAB_MODE_ENV] = "hbone"
-        try:
-            plan = netlab.up(build_plan(prefix), after_topology=mesh.start_mesh)
-        finally:
-            if old_mode is None:
-                os.environ.pop(mesh.LAB_MODE_ENV, None)
-            else:
-                os.environ[mesh.LAB_MODE_ENV] = old_mode
+        plan = netlab.up(build_plan(prefix),
+                         after_topology=functools.partial(mesh.start_mesh, mode="hbone"))
         the_lab = Lab(plan)
         ns = the_lab.netns("n2-a")
         server = subprocess.Popen(
