@@ -16,8 +16,8 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.api.schema import PodAdd, PodDel
 from agent.config import Config
+from agent.contracts.api import PodAdd, PodDel
 from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
