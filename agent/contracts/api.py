@@ -19,6 +19,8 @@ connection, one line, answered by one JSON line.
 from __future__ import annotations
 
 import enum
+import hashlib
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +109,17 @@ _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     PodList: {},
     Status: {},
 }
+
+
+def default_pod_name(netns_path: str) -> str:
+    """The name of a pod enrolled without one: its netns file's name (``ip netns``
+    names), or for anonymous paths such as ``/proc/<pid>/ns/net`` ``pod-`` and
+    8 hex digits of the SHA-256 of the path, the same in every process and
+    after every restart (``hash()`` is randomised per process)."""
+    base = os.path.basename(netns_path.rstrip("/"))
+    if base not in ("net", ""):
+        return base
+    return "pod-" + hashlib.sha256(netns_path.encode()).hexdigest()[:8]
 
 
 def _check_name(field_name: str, value: str, pattern: re.Pattern[str]) -> None:

@@ -4,8 +4,12 @@ version the reader does not know."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,7 @@ from agent.contracts.api import (
     PodInfo,
     RequestError,
     Response,
+    default_pod_name,
     parse_request,
     pod_list,
 )
@@ -255,3 +260,20 @@ def test_client_refuses_a_newer_agent_clearly(
     answers.append({"version": 1, "ok": "yes"})
     with pytest.raises(client.AgentUnavailable, match=r"invalid response.*ok must be bool"):
         client.call(path, {"op": "pod_list"}, timeout=5)
+
+
+# -- default pod names -------------------------------------------------------------------
+
+
+def test_default_pod_name_is_the_netns_name_or_a_stable_digest() -> None:
+    assert default_pod_name("/run/netns/web-0") == "web-0"
+    assert default_pod_name("/var/run/netns/cni-1234/") == "cni-1234"
+    name = default_pod_name("/proc/4242/ns/net")
+    assert name == "pod-" + hashlib.sha256(b"/proc/4242/ns/net").hexdigest()[:8]
+    assert default_pod_name("/proc/4243/ns/net") != name
+    # the same in other processes, whatever their hash seed (hash() is not)
+    code = "from agent.contracts.api import default_pod_name as d; print(d('/proc/4242/ns/net'))"
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert out.stdout.strip() == name
