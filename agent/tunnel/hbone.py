@@ -358,7 +358,7 @@ def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 # or not tracing is on, and hyperframe's DataFrame repr re-serializes the whole
 # payload and hex-encodes it: on a bulk stream that was ~15% of the receiving
 # tunnel's CPU. A DATA frame's repr now names its size only.
-hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign]
+hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
 
 
 class _GracefulGoawayH2Connection(h2.connection.H2Connection):

@@ -315,7 +315,9 @@ def load_ca(ca_dir: str | os.PathLike[str]) -> MeshCA:
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise IdentityError(f"{key_path} is not an EC private key")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    cert_key = cert.public_key()
+    if (not isinstance(cert_key, ec.EllipticCurvePublicKey)
+            or key.public_key().public_numbers() != cert_key.public_numbers()):
         raise IdentityError(f"{key_path} does not belong to {cert_path}")
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -327,7 +329,7 @@ def load_ca(ca_dir: str | os.PathLike[str]) -> MeshCA:
     return MeshCA(trust_domain=trust_domain, cert=cert, key=key)
 
 
-def _tls13_context(purpose: int) -> ssl.SSLContext:
+def _tls13_context(purpose: ssl.Purpose) -> ssl.SSLContext:
     protocol = ssl.PROTOCOL_TLS_SERVER if purpose == ssl.Purpose.CLIENT_AUTH else \
         ssl.PROTOCOL_TLS_CLIENT
     ctx = ssl.SSLContext(protocol)

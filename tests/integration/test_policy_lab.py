@@ -25,6 +25,7 @@ happened. The tests check behaviour only, never timings:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -446,7 +447,8 @@ def test_metrics_count_connections_and_bytes_exactly(clean: Lab) -> None:
         return after if done >= K else None
 
     for node, reporter in reporters.items():
-        after = until(f"{node} counts {K} closed connections", lambda n=node: closed_counted(n))
+        after = until(f"{node} counts {K} closed connections",
+                      functools.partial(closed_counted, node))
         labels = {"reporter": reporter, **METRIC_LABELS}
         for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
             assert _delta(before[node], after, name, **labels) == K, (node, name)
@@ -506,7 +508,7 @@ def test_access_log_one_line_per_connection(clean: Lab) -> None:
     for port in ports:
         lines = until(
             f"node1 logs the connection from port {port}",
-            lambda p=port: closed_records(lab, "node1", marks["node1"], src=f"{N1A}:{p}"),
+            functools.partial(closed_records, lab, "node1", marks["node1"], src=f"{N1A}:{port}"),
         )
         assert len(lines) == 1, lines
         entry = lines[0]
