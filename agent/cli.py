@@ -170,7 +170,7 @@ def ca() -> None:
 @click.pass_context
 def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) -> None:
     """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent."""
-    from agent.tunnel.identity import IdentityError, init_ca
+    from agent.identity.ca import IdentityError, init_ca
 
     cfg: config_mod.Config = ctx.obj["config"]
     directory = ca_dir or cfg.tunnel.ca_dir
@@ -185,16 +185,6 @@ def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) ->
 @main.group()
 def policy() -> None:
     """L4 authorization policies (Istio AuthorizationPolicy, as ztunnel enforces them)."""
-
-
-def _is_ip(value: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _find_pod(pods: list[dict[str, Any]], ref: str) -> dict[str, Any] | None:
@@ -216,6 +206,8 @@ def _find_pod(pods: list[dict[str, Any]], ref: str) -> dict[str, Any] | None:
 def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: str | None,
                  as_json: bool) -> None:
     """Explain whether a connection would be allowed, and which policy decides."""
+    from agent.addr import is_ip
+    from agent.identity.spiffe import SCHEME, SpiffeId
     from agent.policy import ConnectionRequest, WorkloadRef
     from agent.policy.commands import EXIT_ALLOWED, EXIT_DENIED, _load, parse_source
     from agent.policy.explain import render
@@ -229,15 +221,15 @@ def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: 
     if dst is None:
         raise click.BadParameter(f"no enrolled pod {target!r} on this node "
                                  "('meshagent pod list' shows them)", param_hint="--to")
-    if source.startswith("spiffe://") or _is_ip(source):
+    if source.startswith(SCHEME) or is_ip(source):
         src_ip, identity = parse_source((source,))
     else:
         src = _find_pod(pods, source)
         if src is None:
             raise click.BadParameter(f"no enrolled pod {source!r} on this node; give a "
                                      "SPIFFE ID or an IP instead", param_hint="--from")
-        identity = (f"spiffe://{cfg.tunnel.trust_domain}/ns/{src['namespace']}"
-                    f"/sa/{src['service_account']}")
+        identity = SpiffeId(cfg.tunnel.trust_domain, src["namespace"],
+                            src["service_account"]).uri
         src_ip, _ = parse_source((src["addresses"][0],))
     request = ConnectionRequest(
         src_ip=src_ip, src_identity=identity, dst_ip=dst["addresses"][0], dst_port=int(port_text),

@@ -28,8 +28,9 @@ from typing import Any
 
 import structlog
 
+from agent.identity.spiffe import SpiffeId
+from agent.identity.verify import PeerRole, PeerVerificationError, verify_tls_peer
 from agent.tunnel import hbone
-from agent.tunnel.identity import IdentityError, SpiffeId, peer_spiffe_id
 
 log = structlog.get_logger(__name__)
 
@@ -71,28 +72,21 @@ class HbonePeerIdentityError(HboneStreamError):
     """The peer's certificate does not carry the SPIFFE identity we require."""
 
 
-def verify_peer_identity(peer: SpiffeId | None, *, trust_domain: str | None = None,
-                         expected: SpiffeId | None = None) -> SpiffeId:
-    """Check the peer's SPIFFE ID against the trust domain and an expected identity. Pure."""
-    if peer is None:
-        raise HbonePeerIdentityError("peer presented no SPIFFE identity")
-    if trust_domain is not None and peer.trust_domain != trust_domain:
-        raise HbonePeerIdentityError(
-            f"peer {peer} is outside trust domain {trust_domain!r}")
-    if expected is not None and peer != expected:
-        raise HbonePeerIdentityError(f"peer is {peer}, expected {expected}")
-    return peer
+def _peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
+                      trust_domain: str | None,
+                      expected: SpiffeId | None = None) -> SpiffeId | None:
+    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only).
 
-
-def _peer_identity_of(writer: asyncio.StreamWriter) -> SpiffeId | None:
-    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only)."""
+    Checks in :func:`agent.identity.verify.verify_tls_peer` (leaf profile, one SPIFFE
+    URI SAN, trust domain, expected identity).
+    """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
     try:
-        return peer_spiffe_id(der)
-    except IdentityError as exc:
+        return verify_tls_peer(ssl_object, role=role, trust_domain=trust_domain,
+                               expected=expected)
+    except PeerVerificationError as exc:
         raise HbonePeerIdentityError(str(exc)) from exc
 
 
@@ -511,10 +505,8 @@ class HboneClient(_HboneConnectionIO):
             raise
         try:
             _check_alpn(writer)
-            identity = _peer_identity_of(writer)
-            if trust_domain is not None or expected_peer is not None:
-                verify_peer_identity(identity, trust_domain=trust_domain,
-                                     expected=expected_peer)
+            identity = _peer_identity_of(writer, PeerRole.SERVER, trust_domain=trust_domain,
+                                         expected=expected_peer)
         except BaseException:
             writer.close()
             raise
@@ -730,6 +722,7 @@ class _HboneServerSession(_HboneConnectionIO):
 
 async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                       on_stream: Callable[[HboneServerRequest], Awaitable[None]],
+                      trust_domain: str | None = None,
                       settings: hbone.HboneSettings | None = None,
                       keepalive_interval: float | None = None,
                       keepalive_timeout: float = 10.0,
@@ -737,14 +730,16 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     """Serve one accepted HBONE connection until it closes.
 
     Use as (part of) an ``asyncio.start_server`` callback on a TLS listener whose context
-    requires client certificates (:meth:`IdentityStore.server_context`). Each valid
+    requires client certificates (:meth:`IdentityStore.server_context`); the client's
+    certificate must be a mesh identity in ``trust_domain`` (None: any, tests only), or
+    the connection is closed before HTTP/2 starts. Each valid
     CONNECT runs ``on_stream(request)`` in its own task. When the connection ends,
     handlers get ``handler_grace`` seconds to finish, then are cancelled.
     Side effects: reads/writes ``writer``'s transport and closes it at the end.
     """
     try:
         _check_alpn(writer)
-        identity = _peer_identity_of(writer)
+        identity = _peer_identity_of(writer, PeerRole.CLIENT, trust_domain=trust_domain)
     except HboneStreamError as exc:
         log.warning("hbone connection refused", error=str(exc))
         writer.close()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from agent.identity.spiffe import SpiffeId
 from agent.tunnel import hbone
 from agent.tunnel.hbone_io import (
     HboneClient,
@@ -26,7 +27,6 @@ from agent.tunnel.hbone_io import (
     HboneStreamReset,
     SocketFactory,
 )
-from agent.tunnel.identity import SpiffeId
 
 log = structlog.get_logger(__name__)
 

@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from agent.identity.ca import WorkloadCert, init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 from agent.tunnel.hbone_io import (
     HboneClient,
     HboneRejected,
@@ -30,7 +33,6 @@ from agent.tunnel.hbone_io import (
     HboneStreamError,
     serve_hbone,
 )
-from agent.tunnel.identity import IdentityStore, SpiffeId, WorkloadCert, init_ca
 from agent.tunnel.pool import HbonePool
 
 NODE_DIR = Path(__file__).parent / "node"
@@ -65,7 +67,7 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     paths["cert"].write_bytes(cert.cert_pem)
     paths["key"].touch(mode=0o600)
     paths["key"].write_bytes(cert.key_pem)
-    paths["ca"].write_bytes(cert.ca_cert_pem)
+    paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
 
 

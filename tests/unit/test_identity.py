@@ -14,15 +14,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.tunnel.identity import (
-    IdentityError,
-    IdentityStore,
-    SpiffeId,
-    init_ca,
-    load_ca,
-    parse_spiffe_id,
-    peer_spiffe_id,
-)
+from agent.identity.ca import IdentityError, init_ca, load_ca
+from agent.identity.spiffe import SpiffeId, parse_spiffe_id
+from agent.identity.store import IdentityStore
+from agent.identity.verify import peer_spiffe_id
 
 WEB = SpiffeId("cluster.local", "default", "web")
 

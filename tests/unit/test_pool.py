@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 import uvloop
 
+from agent.identity.ca import init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore, client_context_for
 from agent.tunnel import hbone
 from agent.tunnel.hbone_io import (
     HboneClient,
@@ -30,12 +33,6 @@ from agent.tunnel.hbone_io import (
     abort_with_rst,
     pipe_stream_and_socket,
     serve_hbone,
-)
-from agent.tunnel.identity import (
-    IdentityStore,
-    SpiffeId,
-    client_context_for,
-    init_ca,
 )
 from agent.tunnel.pool import HbonePool
 
