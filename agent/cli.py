@@ -169,7 +169,11 @@ def ca() -> None:
 @click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
 @click.pass_context
 def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) -> None:
-    """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent."""
+    """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent.
+
+    A directory that already holds a CA (this one or imported Istio material) is
+    loaded and checked against the trust domain instead.
+    """
     from agent.identity.ca import IdentityError, init_ca
 
     cfg: config_mod.Config = ctx.obj["config"]
@@ -180,6 +184,39 @@ def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) ->
     except (IdentityError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"mesh CA for trust domain {domain!r} ready in {directory}")
+
+
+@ca.command("import")
+@click.option("--from", "source", required=True,
+              type=click.Path(file_okay=False, exists=True),
+              help="Directory with Istio's cacerts files: ca-cert.pem, ca-key.pem, "
+                   "cert-chain.pem, root-cert.pem.")
+@click.option("--dir", "ca_dir", default=None, help="CA directory (default: tunnel.ca_dir).")
+@click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
+@click.pass_context
+def ca_import(ctx: click.Context, source: str, ca_dir: str | None,
+              trust_domain: str | None) -> None:
+    """Use Istio plug-in CA material (RSA or EC, with intermediates) as the mesh CA.
+
+    Checks the files as istiod does (the signing CA chains to a root, the key matches)
+    and copies them into the CA directory; nothing is written if a check fails.
+    The tunnel then signs with ca-cert.pem, sends leaf + chain, trusts root-cert.pem.
+    """
+    from agent.identity.ca import IdentityError, import_istio_ca
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    directory = ca_dir or cfg.tunnel.ca_dir
+    domain = trust_domain or cfg.tunnel.trust_domain
+    if domain != cfg.tunnel.trust_domain:
+        click.echo(f"note: tunnel.trust_domain is {cfg.tunnel.trust_domain!r}; the tunnel "
+                   f"loads this CA only with trust_domain = {domain!r}", err=True)
+    try:
+        ca = import_istio_ca(source, directory, trust_domain=domain)
+    except (IdentityError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Istio CA {ca.cert.subject.rfc4514_string()} for trust domain {domain!r} "
+               f"({len(ca.chain)} intermediate(s) above it, {len(ca.roots)} root(s)) "
+               f"installed in {directory}")
 
 
 @main.group()

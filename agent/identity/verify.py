@@ -25,8 +25,10 @@ Not used: ``cryptography.x509.verification`` (``PolicyBuilder`` ->
 ``build_client_verifier`` / ``build_server_verifier``, cryptography >= 42/43). It needs
 the peer's intermediates, and Python 3.11's ``ssl`` hands out only the leaf
 (``SSLSocket.get_verified_chain`` is 3.13+); and its CA/Browser-Forum profile rejects
-CA material Istio itself ships (the sample ``samples/certs/ca-cert.pem`` has a
-non-critical basicConstraints), which would refuse peers ztunnel accepts.
+certificates Istio itself issues from plug-in CA material: Istio's sample
+``samples/certs/workload-foo-cert.pem`` is refused with "missing required extension
+2.5.29.35" (no authorityKeyIdentifier, because its CA ``ca-cert.pem`` has no subject
+key identifier), so it would refuse peers ztunnel and OpenSSL accept.
 """
 
 from __future__ import annotations
