@@ -63,7 +63,7 @@ ISTIO_FILES = (ISTIO_CA_CERT_FILE, ISTIO_CA_KEY_FILE, ISTIO_CERT_CHAIN_FILE,
                ISTIO_ROOT_CERT_FILE)
 
 MIN_RSA_BITS = 2048
-_EC_CURVES: dict[str, hashes.HashAlgorithm] = {
+_EC_CURVES: dict[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = {
     "secp256r1": hashes.SHA256(), "secp384r1": hashes.SHA384(), "secp521r1": hashes.SHA512(),
 }
 
@@ -106,7 +106,7 @@ class WorkloadCert:
         return self.cert_pem + self.chain_pem
 
 
-def _signature_hash(key: CAKey) -> hashes.HashAlgorithm:
+def _signature_hash(key: CAKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     if isinstance(key, rsa.RSAPrivateKey):
         return hashes.SHA256()
     return _EC_CURVES[key.curve.name]

@@ -161,6 +161,22 @@ def test_generated_istio_hierarchy(tmp_path: Path, kind: str, levels: int,
     _mutual_tls(IdentityStore(load_ca(tmp_path / "ca", "cluster.local")), "cluster.local")
 
 
+def test_root_bundle_with_two_roots(tmp_path: Path) -> None:
+    # As istio's root-cert-combined.pem during a root rotation: peers under either root
+    # are trusted, the signing CA chains to one of them.
+    old, new = istio_hierarchy("ec"), istio_hierarchy("rsa")
+    source = new.write_cacerts(tmp_path / "cacerts")
+    (source / "root-cert.pem").write_bytes(pem(old.root, new.root))
+    ca = import_istio_ca(source, tmp_path / "ca", "cluster.local")
+    assert ca.roots == (old.root, new.root)
+    old_source = old.write_cacerts(tmp_path / "old")
+    (old_source / "root-cert.pem").write_bytes(pem(old.root, new.root))
+    old_ca = import_istio_ca(old_source, tmp_path / "old-ca", "cluster.local")
+    client, server = handshake(IdentityStore(old_ca).client_context(WEB),
+                               IdentityStore(ca).server_context(WEB))
+    assert verify_tls_peer(server, role=PeerRole.CLIENT, trust_domain="cluster.local") == WEB
+
+
 def test_leaf_validity_clamped_to_signing_chain(tmp_path: Path) -> None:
     root_key, key = new_key("ec"), new_key("ec")
     root = ca_cert("Root CA", root_key)
