@@ -813,3 +813,63 @@ def test_strict_mode_refuses_plaintext_but_not_hbone(lab: LabPlan) -> None:
         _restart_tunnel(lab, "node2", {})
     # permissive again: plaintext from outside the mesh is served
     assert _echo_ok(lab, "n1-plain", a2.ipv4) == plain1.ipv4
+
+
+# -- 5b: the HBONE listener only accepts its own trust domain (issue 11 item 2) ---------
+
+
+def _sign_foreign_domain_leaf(plan: LabPlan, uri: str) -> WorkloadCert:
+    """A leaf for ``uri`` signed by the lab's own mesh CA (which issue() refuses to do)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca = load_ca(Path(plan.run_dir) / "ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                       critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False,
+                                     False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    real = ca.issue(SpiffeId(TRUST_DOMAIN, "default", "sa-a"))
+    return WorkloadCert(**{
+        **real.__dict__,
+        "cert_pem": cert.public_bytes(serialization.Encoding.PEM),
+        "key_pem": key.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()),
+    })
+
+
+def test_other_trust_domain_signed_by_the_mesh_ca_is_refused(lab: LabPlan,
+                                                             tmp_path: Path) -> None:
+    a2 = lab.pod("n2-a")
+    evil_uri = "spiffe://evil.example/ns/default/sa/sa-a"
+    evil = _write_cert(tmp_path, "evil", _sign_foreign_domain_leaf(lab, evil_uri))
+    mark = _log_marks(lab)
+    refused = _h2_connect(lab, evil, a2.ipv4, _fmt(a2.ipv4, ECHO_PORT))
+    assert refused["status"] is None and refused["data"] == "", refused
+    assert refused["error"] is not None, refused
+    logged = _until(
+        "node2 logs the refused identity",
+        lambda: [e for e in _events(lab, "node2", mark["node2"])
+                 if e.get("event") == "hbone connection refused"],
+    )
+    assert "outside trust domain 'cluster.local'" in logged[0]["error"], logged
+    # nothing was accepted, dialled or logged under the foreign identity
+    assert not [e for e in _events(lab, "node2", mark["node2"])
+                if e.get("src_identity") == evil_uri]
