@@ -26,19 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.tunnel import hbone, sockets
+from agent.hbone import headers as hbone
+from agent.hbone.exceptions import HboneRejected, HboneStreamError
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.hbone_io import (
-    HboneRejected,
-    HboneServerRequest,
-    HboneStreamError,
-    pipe_stream_and_socket,
-    serve_hbone,
-)
 from agent.tunnel.identity import IdentityStore, load_ca, parse_spiffe_id
 from agent.tunnel.outbound import dial
-from agent.tunnel.pool import HbonePool
-from agent.tunnel.relay import RelayResult, relay
+from agent.tunnel.relay import RelayResult, pipe_stream_and_socket, relay
 from agent.tunnel.workloads import Workload
 
 if TYPE_CHECKING:
