@@ -41,6 +41,12 @@ log = structlog.get_logger(__name__)
 READ_CHUNK = 256 * 1024
 # How long close() waits for TLS close_notify to go out before giving up on the peer.
 CLOSE_TIMEOUT = 1.0
+# After we end a connection with an error GOAWAY, keep reading (and discarding) for up
+# to this long / this much before closing: closing a socket with unread input sends a
+# TCP RST, and the peer's kernel then drops our GOAWAY unread. Go's x/net/http2 server
+# likewise waits goAwayTimeout = 1s after its GOAWAY (server.go).
+GOAWAY_LINGER_SECONDS = 1.0
+GOAWAY_LINGER_BYTES = 4 * 1024 * 1024
 
 
 def verify_peer_identity(peer: SpiffeId | None, *, trust_domain: str | None = None,
@@ -235,6 +241,8 @@ class HboneSession:
                     self.core.output_drained()
                 if self.core.terminated is not None:
                     reason = self.core.terminated.reason
+                    if self.core.terminated.local:
+                        await self._linger()
                     break
                 if not self.core.is_usable and not self._streams:
                     reason = "peer sent GOAWAY and all streams finished"
@@ -246,6 +254,21 @@ class HboneSession:
             raise
         finally:
             self._connection_lost(reason)
+
+    async def _linger(self) -> None:
+        """Discard input for a bounded time/amount so our GOAWAY reaches the peer."""
+        deadline = self._loop.time() + GOAWAY_LINGER_SECONDS
+        discarded = 0
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError,
+                                 ssl.SSLError):
+            while discarded < GOAWAY_LINGER_BYTES:
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    return
+                data = await asyncio.wait_for(self._reader.read(READ_CHUNK), remaining)
+                if not data:
+                    return
+                discarded += len(data)
 
     # ---- events -------------------------------------------------------------------------
 
