@@ -27,21 +27,17 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.addr import normalize_ip
+from agent.hbone import headers as hbone
+from agent.hbone.exceptions import HboneRejected, HboneStreamError
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.identity.ca import load_ca
 from agent.identity.spiffe import parse_spiffe_id
 from agent.identity.store import IdentityStore
-from agent.tunnel import hbone, sockets
+from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.hbone_io import (
-    HboneRejected,
-    HboneServerRequest,
-    HboneStreamError,
-    pipe_stream_and_socket,
-    serve_hbone,
-)
 from agent.tunnel.outbound import dial
-from agent.tunnel.pool import HbonePool
-from agent.tunnel.relay import RelayResult, relay
+from agent.tunnel.relay import RelayResult, pipe_stream_and_socket, relay
 from agent.tunnel.workloads import Workload
 
 if TYPE_CHECKING:

@@ -22,18 +22,14 @@ from typing import Any
 
 import pytest
 
+from agent.hbone.client import HboneClient
+from agent.hbone.exceptions import HboneRejected, HboneStreamError
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.hbone.stream import HboneStream
 from agent.identity.ca import WorkloadCert, init_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
-from agent.tunnel.hbone_io import (
-    HboneClient,
-    HboneRejected,
-    HboneServerRequest,
-    HboneStream,
-    HboneStreamError,
-    serve_hbone,
-)
-from agent.tunnel.pool import HbonePool
 
 NODE_DIR = Path(__file__).parent / "node"
 TRUST_DOMAIN = "cluster.local"
@@ -234,7 +230,7 @@ def test_node_client_against_our_server(store: IdentityStore, tmp_path: Path) ->
     run(main())
 
 
-def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) -> None:
+def test_node_client_non_connect_gets_400(store: IdentityStore, tmp_path: Path) -> None:
     files = write_pems(tmp_path / "client", store.get(CLIENT))
 
     async def main() -> None:
@@ -250,7 +246,7 @@ def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) 
                 result = json.loads(await read_line(proc, timeout=NODE_TIMEOUT + 5))
         finally:
             server.close()
-        assert result["status"] == 405, result
+        assert result["status"] == 400, result
         assert seen == []
 
     run(main())

@@ -16,6 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from identity_certs import NOW, contexts_for, handshake, leaf, workload_cert
 
+from agent.hbone.client import HboneClient
+from agent.hbone.exceptions import HboneConnectionLost, HbonePeerIdentityError, HboneStreamError
+from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.identity.ca import MeshCA, import_istio_ca, init_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore, client_context_for, server_context_for
@@ -25,14 +28,6 @@ from agent.identity.verify import (
     PeerVerificationError,
     verify_peer,
     verify_tls_peer,
-)
-from agent.tunnel.hbone_io import (
-    HboneClient,
-    HboneConnectionLost,
-    HbonePeerIdentityError,
-    HboneServerRequest,
-    HboneStreamError,
-    serve_hbone,
 )
 
 TD = "cluster.local"
