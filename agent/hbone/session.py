@@ -34,7 +34,8 @@ from agent.hbone.exceptions import (
     HboneStreamReset,
 )
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import IdentityError, SpiffeId, peer_spiffe_id
+from agent.identity.spiffe import SpiffeId
+from agent.identity.verify import PeerRole, PeerVerificationError, verify_tls_peer
 
 log = structlog.get_logger(__name__)
 
@@ -49,28 +50,21 @@ GOAWAY_LINGER_SECONDS = 1.0
 GOAWAY_LINGER_BYTES = 4 * 1024 * 1024
 
 
-def verify_peer_identity(peer: SpiffeId | None, *, trust_domain: str | None = None,
-                         expected: SpiffeId | None = None) -> SpiffeId:
-    """Check the peer's SPIFFE ID against the trust domain and an expected identity. Pure."""
-    if peer is None:
-        raise HbonePeerIdentityError("peer presented no SPIFFE identity")
-    if trust_domain is not None and peer.trust_domain != trust_domain:
-        raise HbonePeerIdentityError(
-            f"peer {peer} is outside trust domain {trust_domain!r}")
-    if expected is not None and peer != expected:
-        raise HbonePeerIdentityError(f"peer is {peer}, expected {expected}")
-    return peer
+def peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
+                     trust_domain: str | None,
+                     expected: SpiffeId | None = None) -> SpiffeId | None:
+    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only).
 
-
-def peer_identity_of(writer: asyncio.StreamWriter) -> SpiffeId | None:
-    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only)."""
+    Checks in :func:`agent.identity.verify.verify_tls_peer` (leaf profile, one SPIFFE
+    URI SAN, trust domain, expected identity); raises HbonePeerIdentityError.
+    """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
     try:
-        return peer_spiffe_id(der)
-    except IdentityError as exc:
+        return verify_tls_peer(ssl_object, role=role, trust_domain=trust_domain,
+                               expected=expected)
+    except PeerVerificationError as exc:
         raise HbonePeerIdentityError(str(exc)) from exc
 
 

@@ -26,7 +26,9 @@ from typing import Any
 import pytest
 from hbone_peers import ROOT, hbone_server, mtls_bridge
 
-from agent.tunnel.identity import IdentityStore, SpiffeId, init_ca
+from agent.identity.ca import init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 
 TRUST_DOMAIN = "cluster.local"
 SERVER = "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
