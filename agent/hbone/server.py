@@ -209,8 +209,8 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     Use as (part of) an ``asyncio.start_server`` callback on a TLS listener whose context
     requires client certificates (:meth:`IdentityStore.server_context`); the client's
     certificate must be a mesh identity in ``trust_domain`` (None: any, tests only), or
-    the connection is closed before HTTP/2 starts. Each valid
-    CONNECT runs ``on_stream(request)`` in its own task. When the connection ends,
+    the connection is closed before HTTP/2 starts. Each valid CONNECT runs
+    ``on_stream(request)`` in its own task. When the connection ends,
     handlers get ``handler_grace`` seconds to finish, then are cancelled.
     Side effects: reads/writes ``writer``'s transport and closes it at the end.
     """

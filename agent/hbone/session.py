@@ -56,7 +56,7 @@ def peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
     """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only).
 
     Checks in :func:`agent.identity.verify.verify_tls_peer` (leaf profile, one SPIFFE
-    URI SAN, trust domain, expected identity); HbonePeerIdentityError if one fails.
+    URI SAN, trust domain, expected identity); raises HbonePeerIdentityError.
     """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:

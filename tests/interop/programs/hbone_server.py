@@ -32,6 +32,7 @@ from agent.identity.spiffe import parse_spiffe_id
 from agent.identity.store import IdentityStore
 from agent.tunnel.relay import pipe_stream_and_socket
 
+TRUST_DOMAIN = "cluster.local"
 STATS = {"dials": 0, "requests": 0, "connections": 0}
 
 
@@ -71,7 +72,8 @@ async def on_stream(request: HboneServerRequest) -> None:
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     STATS["connections"] += 1
-    await serve_hbone(reader, writer, on_stream=on_stream, handler_grace=1.0)
+    await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=TRUST_DOMAIN,
+                      handler_grace=1.0)
 
 
 async def commands() -> None:

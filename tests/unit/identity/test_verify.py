@@ -17,7 +17,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from identity_certs import NOW, contexts_for, handshake, leaf, workload_cert
 
 from agent.hbone.client import HboneClient
-from agent.hbone.exceptions import HboneConnectionLost, HbonePeerIdentityError, HboneStreamError
+from agent.hbone.exceptions import (
+    HboneConnectionLost,
+    HbonePeerIdentityError,
+    HboneStreamError,
+)
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.identity.ca import MeshCA, import_istio_ca, init_ca
 from agent.identity.spiffe import SpiffeId
