@@ -173,7 +173,7 @@ def test_root_bundle_with_two_roots(tmp_path: Path) -> None:
     (old_source / "root-cert.pem").write_bytes(pem(old.root, new.root))
     old_ca = import_istio_ca(old_source, tmp_path / "old-ca", "cluster.local")
     client, server = handshake(IdentityStore(old_ca).client_context(WEB),
-                               IdentityStore(ca).server_context(WEB))
+                              IdentityStore(ca).server_context(WEB))
     assert verify_tls_peer(server, role=PeerRole.CLIENT, trust_domain="cluster.local") == WEB
     assert verify_tls_peer(client, role=PeerRole.SERVER, trust_domain="cluster.local") == WEB
 
