@@ -22,8 +22,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
+from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
 from agent.policy import ConnectionRequest, PolicySet, PolicyWatcher, WorkloadRef
-from agent.state import WORKLOADS_FILE, write_json_atomic
+from agent.state import write_json_atomic
 from agent.telemetry.metrics import (
     REPORTER_DESTINATION,
     REPORTER_SOURCE,
@@ -38,7 +39,6 @@ from agent.tunnel.workloads import Workload, WorkloadIndex, in_cidrs
 
 log = structlog.get_logger("tunnel")
 WORKLOADS_POLL_SECONDS = 0.2
-STATUS_FILE = "tunnel-status.json"
 # Result of a connection -> ztunnel's response flag in metrics.
 _RESPONSE_FLAGS = {"denied": "DENY", "refused": "DENY", "connect_failed": "CONNECT",
                    "tls_failed": "TLS_FAILURE"}
@@ -204,7 +204,8 @@ class Tunnel:
         status = self.status()
         if status != self._last_status:
             self._last_status = status
-            write_json_atomic(Path(self.cfg.agent.state_dir) / STATUS_FILE, status, mode=0o644)
+            write_json_atomic(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE,
+                              TunnelStatus(**status).to_json(), mode=0o644)
 
     # --- workloads -----------------------------------------------------------
 
@@ -216,7 +217,8 @@ class Tunnel:
         if mtime == self._workloads_mtime:
             return False
         try:
-            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()))
+            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()),
+                                            str(self.workloads_path))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("workloads file unreadable; keeping the last good one",
                         path=str(self.workloads_path), error=str(exc))
@@ -234,7 +236,8 @@ class Tunnel:
         workloads: list[Workload] = []
         for path in paths:
             try:
-                workloads.extend(WorkloadIndex.from_json(json.loads(path.read_text())).workloads)
+                workloads.extend(
+                    WorkloadIndex.from_json(json.loads(path.read_text()), str(path)).workloads)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, KeyError) as exc:
