@@ -22,16 +22,14 @@ from typing import Any
 
 import pytest
 
-from agent.tunnel.hbone_io import (
-    HboneClient,
-    HboneRejected,
-    HboneServerRequest,
-    HboneStream,
-    HboneStreamError,
-    serve_hbone,
-)
-from agent.tunnel.identity import IdentityStore, SpiffeId, WorkloadCert, init_ca
-from agent.tunnel.pool import HbonePool
+from agent.hbone.client import HboneClient
+from agent.hbone.exceptions import HboneRejected, HboneStreamError
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.hbone.stream import HboneStream
+from agent.identity.ca import WorkloadCert, init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 
 NODE_DIR = Path(__file__).parent / "node"
 TRUST_DOMAIN = "cluster.local"
@@ -65,7 +63,7 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     paths["cert"].write_bytes(cert.cert_pem)
     paths["key"].touch(mode=0o600)
     paths["key"].write_bytes(cert.key_pem)
-    paths["ca"].write_bytes(cert.ca_cert_pem)
+    paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -232,7 +230,7 @@ def test_node_client_against_our_server(store: IdentityStore, tmp_path: Path) ->
     run(main())
 
 
-def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) -> None:
+def test_node_client_non_connect_gets_400(store: IdentityStore, tmp_path: Path) -> None:
     files = write_pems(tmp_path / "client", store.get(CLIENT))
 
     async def main() -> None:
@@ -248,7 +246,7 @@ def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) 
                 result = json.loads(await read_line(proc, timeout=NODE_TIMEOUT + 5))
         finally:
             server.close()
-        assert result["status"] == 405, result
+        assert result["status"] == 400, result
         assert seen == []
 
     run(main())
