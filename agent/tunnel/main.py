@@ -21,10 +21,10 @@ from typing import Any, Protocol
 import structlog
 from prometheus_client import CollectorRegistry
 
+from agent.addr import parse_ip
 from agent.config import Config
 from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
 from agent.policy import ConnectionRequest, PolicySet, PolicyWatcher, WorkloadRef
-from agent.policy.model import normalize_ip
 from agent.state import write_json_atomic
 from agent.telemetry.metrics import (
     REPORTER_DESTINATION,
@@ -120,8 +120,8 @@ class Tunnel:
         a later policy change that denies it closes it.
         """
         request = ConnectionRequest(
-            src_ip=normalize_ip(src_ip), src_identity=src_identity,
-            dst_ip=normalize_ip(dst_ip), dst_port=dst_port,
+            src_ip=parse_ip(src_ip), src_identity=src_identity,
+            dst_ip=parse_ip(dst_ip), dst_port=dst_port,
             dst_workload=WorkloadRef(dst.name, dst.namespace, dict(dst.labels)))
         result = self.policies.evaluate(request)
         if result.dry_run_matches:
