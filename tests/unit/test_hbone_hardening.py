@@ -328,3 +328,19 @@ def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> No
     events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
     assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
                e.error_code == errors.PROTOCOL_ERROR for e in events)
+
+
+def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None:
+    """A block small enough for the frame guard but decoding past
+    MAX_HEADER_LIST_SIZE is refused by the HPACK limit: GOAWAY ENHANCE_YOUR_CALM."""
+    core, encoder = server(), hpack.Encoder()
+    # One literal then 600 indexed references to it: a short block, a long list.
+    names = [(":method", "CONNECT"), (":authority", "10.0.0.7:8080")]
+    block = encoder.encode(names + [("x-a", "v" * 27)] * 600)
+    assert len(block) < 16 * 1024
+    frame = HeadersFrame(1)
+    frame.data = block
+    frame.flags.add("END_HEADERS")
+    events = core.receive_data(frame.serialize())
+    assert [type(e) for e in events] == [ConnectionTerminated]
+    assert events[0].error_code == errors.ENHANCE_YOUR_CALM
