@@ -81,7 +81,7 @@ class _Stream:
 
 @dataclass
 class _PingState:
-    counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     outstanding: set[bytes] = field(default_factory=set)
 
 
@@ -419,7 +419,7 @@ class HboneConnection:
         """Send a keepalive PING; returns its 8-byte payload (matched by PingAcked)."""
         if self._terminated is not None:
             raise ConnectionClosedError("connection is terminated")
-        payload = next(self._pings.counter).to_bytes(8, "big")
+        payload: bytes = int(next(self._pings.counter)).to_bytes(8, "big")
         self._h2.ping(payload)
         self._pings.outstanding.add(payload)
         return payload
