@@ -119,10 +119,28 @@ class StreamMalformed(h2.events.Event):
 # in sync, and the stream was created), we reset just that stream.
 
 
+# ---- patch 6: count the control frames we queue ---------------------------------------
+# A peer can make us queue a reply per frame it sends: PING and SETTINGS ACKs, and a
+# RST_STREAM for every frame on a stream we reset. If it does not read, they pile up in
+# our output buffer. Go's server bounds such queued control frames
+# (maxQueuedControlFrames, server.go); to do the same we count them where h2 queues
+# every outgoing frame (_prepare_for_sending). The core resets the count whenever the
+# shell reports its output drained.
+_require(h2.connection.H2Connection, "_prepare_for_sending")
+_CONTROL_REPLIES = (hyperframe.frame.PingFrame, hyperframe.frame.SettingsFrame,
+                    hyperframe.frame.RstStreamFrame)
+
+
 class H2Connection(h2.connection.H2Connection):
     """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running,
-    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS, and a stream
-    error (not GOAWAY) for a malformed request."""
+    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS, a stream
+    error (not GOAWAY) for a malformed request, and a count of queued control frames."""
+
+    control_frames_queued = 0
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        self.control_frames_queued += sum(1 for f in frames if isinstance(f, _CONTROL_REPLIES))
+        super()._prepare_for_sending(frames)
 
     def _receive_headers_frame(
             self, frame: hyperframe.frame.HeadersFrame,

@@ -248,6 +248,21 @@ def test_ping_flood_while_not_reading_gets_goaway_enhance_your_calm() -> None:
     assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
 
 
+def test_frames_on_a_reset_stream_from_a_peer_not_reading_are_bounded() -> None:
+    """h2 answers every DATA frame on a stream we reset with a RST_STREAM: a peer that
+    does not read could make us queue one per 9 bytes it sends. Counted with the
+    PING/SETTINGS ACKs (Go counts every queued control frame)."""
+    core, encoder = server(), hpack.Encoder()
+    core.receive_data(headers_frame(encoder, 1, connect()))
+    core.reject_stream(1, 503)  # 503 + RST_STREAM NO_ERROR: the client had not ended it
+    core.output_drained()
+    limit = HboneSettings().max_queued_control_replies
+    data = DataFrame(1, data=b"x").serialize()
+    events = core.receive_data(data * (limit + 1))
+    assert isinstance(events[-1], ConnectionTerminated)
+    assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
+
+
 def test_pings_of_a_peer_that_reads_are_answered() -> None:
     core = server()
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
