@@ -515,6 +515,9 @@ class HboneConnection:
                                    REFUSED_STREAM)]
         if isinstance(event, compat.StreamMalformed):
             self._count_local_error_reset()
+            if self._streams.pop(event.stream_id, None) is not None:
+                # A stream we already knew (trailers): it is reset, tell the application.
+                return [StreamReset(event.stream_id, PROTOCOL_ERROR, remote=False)]
             return [RequestRefused(event.stream_id, 400,
                                    f"malformed request: {event.reason}", PROTOCOL_ERROR)]
         if isinstance(event, h2.events.PingAckReceived):

@@ -341,8 +341,14 @@ def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> No
     core.accept_stream(1)
     core.data_to_send()
     events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
-    assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
-               e.error_code == errors.PROTOCOL_ERROR for e in events)
+    # A stream error (RFC 9113 8.1: trailers must end the stream), not the connection.
+    assert events == [StreamReset(1, errors.PROTOCOL_ERROR, remote=False)]
+    out = frames_of(core.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
+        (1, errors.PROTOCOL_ERROR)]
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+    assert core.receive_data(headers_frame(encoder, 3, connect())) == [
+        StreamRequest(3, "10.0.0.7:8080", ())]
 
 
 def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None:
