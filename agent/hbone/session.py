@@ -48,6 +48,9 @@ CLOSE_TIMEOUT = 1.0
 # likewise waits goAwayTimeout = 1s after its GOAWAY (server.go).
 GOAWAY_LINGER_SECONDS = 1.0
 GOAWAY_LINGER_BYTES = 4 * 1024 * 1024
+# Our output counts as drained (the peer is reading) while the transport buffers less
+# than asyncio's default high-water mark; a peer that stops reading keeps it above.
+OUTPUT_DRAINED_BELOW = 64 * 1024
 
 
 def peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
@@ -167,8 +170,9 @@ class HboneSession:
         self._streams.pop(stream_id, None)
         if not self._streams:
             self.idle_since = self._loop.time()
-            if not self.core.is_usable and not self.is_closed:
+            if not self.core.is_usable and not self.is_closed and self.core.terminated is None:
                 # Peer is going away (or we are draining) and the last stream is done.
+                # (A terminated core is closed by the read loop, after its linger.)
                 self._closing_task = asyncio.ensure_future(self.close())
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -199,8 +203,12 @@ class HboneSession:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except Exception:
+            # A peer that does not read keeps our output (and the socket) forever:
+            # after CLOSE_TIMEOUT, drop both.
+            self._writer.transport.abort()
 
     def _connection_lost(self, reason: str) -> None:
         if self.is_closed:
@@ -230,8 +238,8 @@ class HboneSession:
                     break
                 self._dispatch_all(self.core.receive_data(data))
                 self.flush()
-                if self._writer.transport.get_write_buffer_size() == 0:
-                    # The peer reads what we send: the ACKs owed so far have left.
+                if self._writer.transport.get_write_buffer_size() < OUTPUT_DRAINED_BELOW:
+                    # The peer reads what we send: the replies owed so far have left.
                     self.core.output_drained()
                 if self.core.terminated is not None:
                     reason = self.core.terminated.reason
