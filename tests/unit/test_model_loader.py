@@ -30,40 +30,8 @@ from agent.model.types import (
 
 ZTUNNEL_EXAMPLE = Path(__file__).parent / "data" / "ztunnel" / "localhost.yaml"
 
-GOOD = textwrap.dedent("""\
-    workloads:
-    - uid: c1//v1/Pod/default/web-1
-      name: web-1
-      namespace: default
-      serviceAccount: web
-      workloadIps: ["10.0.1.5", "fd00::1:5"]
-      protocol: HBONE
-      node: node1
-      locality: {region: r1, zone: z1, subzone: ""}
-      services:
-        "default/web.default.svc.cluster.local": {80: 8080}
-    - uid: c1//v1/Pod/default/web-2
-      name: web-2
-      namespace: default
-      workloadIps: ["10.0.2.5"]
-      protocol: TCP
-      node: node2
-      status: Unhealthy
-      services:
-        "default/web.default.svc.cluster.local": {80: 8080}
-    services:
-    - name: web
-      namespace: default
-      hostname: web.default.svc.cluster.local
-      vips: ["/10.96.0.10", "/fd00:96::10"]
-      ports: {80: 8080, 443: 0}
-      loadBalancer:
-        routingPreferences: [Network, Region, Zone]
-        mode: Failover
-        healthPolicy: OnlyHealthy
-      ipFamilies: Dual
-      canonical: true
-    """)
+# Two workloads (dual-stack HBONE on node1, unhealthy TCP on node2) behind one service.
+GOOD = (Path(__file__).parent / "data" / "model" / "web.yaml").read_text()
 
 
 def errors_of(text: str, **kw: bool) -> list[str]:
