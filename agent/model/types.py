@@ -381,7 +381,8 @@ class Model:
                 continue
             by_key[s.key()] = s
             key_path[s.key()] = path
-            by_host[s.hostname] = (*by_host.get(s.hostname, ()), s)
+            host = s.hostname.lower()
+            by_host[host] = (*by_host.get(host, ()), s)
             for j, vip in enumerate(s.vips):
                 if vip in vip_path:
                     issues.append(ModelIssue(f"{path}.vips[{j}]",
@@ -438,7 +439,8 @@ class Model:
             client_namespace)
 
     def services_by_hostname(self, hostname: str) -> tuple[Service, ...]:
-        return self._by_host.get(hostname, ())
+        """Services with this hostname (DNS names: compared case-insensitively)."""
+        return self._by_host.get(hostname.lower(), ())
 
     def service_by_hostname(self, hostname: str, client_namespace: str | None,
                             preferred_namespace: str | None = None) -> Service | None:
