@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.model import loader
 from agent.model.loader import (
@@ -231,3 +233,40 @@ def test_watcher_keeps_the_last_good_model(tmp_path: Path) -> None:
     assert watcher.poll() is ReloadOutcome.LOADED
     assert watcher.generation == 2 and watcher.error is None
     assert watcher.model.workload_by_uid("c1//v1/Pod/default/web-3") is not None
+
+
+# -- fuzzing: any text is a model or a ModelLoadError, never a crash ---------------
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 70000), st.text(max_size=12),
+                     st.sampled_from(["HBONE", "TCP", "/10.0.0.1", "default/a.b", "Healthy",
+                                      "Failover", "Network", "::1", "10.0.0.300"]))
+_KEYS = st.sampled_from([*loader.WORKLOAD_FIELDS, *loader.SERVICE_FIELDS, "x", 80, 0])
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=4)), max_leaves=8)
+
+
+def _loads_or_rejects(text: str) -> None:
+    try:
+        load_model_text(text, "f.yaml")
+    except ModelLoadError as error:
+        assert error.issues and all(str(i) for i in error.issues)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["workloads", "services", "policies", "x"]),
+                       st.lists(st.dictionaries(_KEYS, _VALUES, max_size=8), max_size=3),
+                       max_size=3))
+def test_fuzz_structures(doc: dict[str, object]) -> None:
+    _loads_or_rejects(yaml.safe_dump(doc))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(GOOD) - 1), st.sampled_from(
+    ["", "x", ":", "-", "\n", "{", "[", "0", "'", " ", "*", "&a", "!!python/object:os.system"])),
+    min_size=1, max_size=5))
+def test_fuzz_mutated_text(edits: list[tuple[int, str]]) -> None:
+    text = GOOD
+    for pos, insert in edits:
+        text = text[:pos] + insert + text[pos + 1:]
+    _loads_or_rejects(text)
