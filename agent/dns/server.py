@@ -20,6 +20,11 @@ Bounds (nothing here grows without limit):
 
 A client is a workload by source address (``client_for``); the model comes from
 ``model_source()`` on every query, so a reloaded model is used at once.
+
+Where a query goes: with ``forward_to_original`` set and the query's original
+destination known (a captured query keeps it: the resolver the pod asked, e.g. the
+cluster DNS VIP), there first, as "the resolver the pod would have used"; then the
+configured ``upstreams`` in order. The proxy's own address is never an upstream.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ Upstream = tuple[str, int]
 
 @dataclass
 class DnsProxyConfig:
-    upstreams: Sequence[Upstream]
+    upstreams: Sequence[Upstream] = ()
+    forward_to_original: bool = False
     settings: DnsSettings = field(default_factory=DnsSettings)
     timeout: float = 2.0
     max_inflight: int = 256
@@ -163,7 +169,17 @@ class DnsProxy:
         return decide(wire, transport, client, self.client_for, self.model_source(),
                       self.config.settings, self.rng)
 
-    async def _forward(self, decision: Decision, transport: Transport) -> bytes:
+    def upstreams_for(self, original: Upstream | None) -> list[Upstream]:
+        own = {self.udp_address, self.tcp_address}
+        first = [original] if original is not None and self.config.forward_to_original else []
+        out: list[Upstream] = []
+        for upstream in (*first, *self.config.upstreams):
+            if upstream not in own and upstream not in out:
+                out.append(upstream)
+        return out
+
+    async def _forward(self, decision: Decision, transport: Transport,
+                       original: Upstream | None = None) -> bytes:
         """Forward to the upstreams in order within the time budget; SERVFAIL if none
         answers."""
         assert decision.query is not None
@@ -176,7 +192,7 @@ class DnsProxy:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.timeout
         try:
-            for upstream in self.config.upstreams:
+            for upstream in self.upstreams_for(original):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -195,8 +211,10 @@ class DnsProxy:
         self.counts[QueryOutcome.FORWARD_FAILED] += 1
         return forward_failed(decision)
 
-    async def handle(self, wire: bytes, transport: Transport, client: IPAddress | str) -> bytes:
-        """The reply for one query (b"" for none)."""
+    async def handle(self, wire: bytes, transport: Transport, client: IPAddress | str,
+                     original: Upstream | None = None) -> bytes:
+        """The reply for one query (b"" for none); ``original`` is where the client sent
+        it, when known."""
         decision = self._decide(wire, transport, client)
         if decision.verdict is Verdict.DROP:
             self.counts[decision.outcome] += 1
@@ -204,13 +222,14 @@ class DnsProxy:
         if decision.verdict is Verdict.ANSWER:
             self.counts[decision.outcome] += 1
             return decision.response
-        return await self._forward(decision, transport)
+        return await self._forward(decision, transport, original)
 
     def _send_udp(self, reply: bytes, addr: tuple[str, int]) -> None:
         if reply and self._udp is not None and not self._udp.is_closing():
             self._udp.sendto(reply, addr)
 
-    def datagram(self, wire: bytes, addr: tuple[str, int]) -> None:
+    def datagram(self, wire: bytes, addr: tuple[str, int],
+                 original: Upstream | None = None) -> None:
         """A UDP query: answered at once, or forwarded in a task (bounded in number by
         ``max_inflight``: past it, SERVFAIL at once)."""
         decision = self._decide(wire, Transport.UDP, addr[0])
@@ -222,12 +241,13 @@ class DnsProxy:
             self.counts[QueryOutcome.OVERLOADED] += 1
             self._send_udp(forward_failed(decision), addr)
             return
-        task = asyncio.ensure_future(self._forward_udp(decision, addr))
+        task = asyncio.ensure_future(self._forward_udp(decision, addr, original))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward_udp(self, decision: Decision, addr: tuple[str, int]) -> None:
-        self._send_udp(await self._forward(decision, Transport.UDP), addr)
+    async def _forward_udp(self, decision: Decision, addr: tuple[str, int],
+                           original: Upstream | None) -> None:
+        self._send_udp(await self._forward(decision, Transport.UDP, original), addr)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:

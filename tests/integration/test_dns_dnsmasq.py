@@ -22,7 +22,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from agent.dns.answer import QueryOutcome
+from agent.dns.answer import QueryOutcome, Transport
 from agent.dns.server import DnsProxy, DnsProxyConfig
 from agent.model.loader import load_model_file
 from agent.model.types import NetworkAddress
@@ -246,4 +246,27 @@ def test_garbage_and_framing_never_stop_the_server(dnsmasq) -> None:
             reply = await query(server, "productpage.ns1.svc.cluster.local")
             assert answers(reply) == ["9.9.9.9"]
             assert server.counts[QueryOutcome.DROPPED] >= 3
+    asyncio.run(scenario())
+
+
+def test_forwarding_to_the_original_destination_first(dnsmasq) -> None:
+    """A captured query goes to the resolver the pod asked (its original destination),
+    then to the configured upstreams; the proxy never forwards to itself."""
+    port, _ = dnsmasq
+
+    async def scenario() -> None:
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind((HOST, 0))
+        try:
+            async with proxy(silent.getsockname()[1], forward_to_original=True,
+                             timeout=5.0) as server:
+                assert server.upstreams_for((HOST, port)) == [(HOST, port),
+                                                             silent.getsockname()]
+                assert server.upstreams_for(server.udp_address) == [silent.getsockname()]
+                wire = dns.message.make_query("host.test", "A").to_wire()
+                reply = dns.message.from_wire(
+                    await server.handle(wire, Transport.UDP, HOST, original=(HOST, port)))
+                assert answers(reply) == ["192.0.2.20"]
+        finally:
+            silent.close()
     asyncio.run(scenario())
