@@ -11,8 +11,10 @@ is one ztunnel accepts (see examples/localhost.yaml, copied in tests/unit/data/)
 
 Stricter than ztunnel, on purpose (never half-understood, never widened):
 
-- unknown fields are refused everywhere (ztunnel's ``#[serde(flatten)]`` on
-  ``LocalWorkload`` lets unknown workload fields through);
+- unknown fields are refused everywhere (ztunnel's ``LocalWorkload`` flattens
+  ``Workload`` with ``#[serde(flatten)]``, and serde documents
+  ``deny_unknown_fields`` as unsupported together with flatten, so ztunnel may let
+  unknown workload fields through);
 - fields we cannot honour are refused when set: waypoints, network gateways,
   ``cidrVips``, application tunnels, native tunnels, hostname-only workloads, and
   ztunnel-format ``policies`` (enforcing none of them would open access: write
