@@ -1,0 +1,44 @@
+"""What every connection handler gets: one frozen bundle, as ztunnel's ``ProxyInputs``
+(``src/proxy.rs``: config, state, metrics, connection manager, socket factory,
+certificate source). Handlers never see the :class:`~agent.tunnel.main.Tunnel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.config import TunnelConfig
+from agent.telemetry.metrics import TunnelMetrics
+from agent.tunnel.dialer import Dialer
+from agent.tunnel.discovery import WorkloadSource
+from agent.tunnel.gate import PolicyGate
+from agent.tunnel.identity import IdentityStore
+from agent.tunnel.pool import HbonePool
+from agent.tunnel.tracker import ConnectionTracker
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ProxyInputs:
+    cfg: TunnelConfig
+    workloads: WorkloadSource
+    policy: PolicyGate
+    tracker: ConnectionTracker
+    metrics: TunnelMetrics
+    dialer: Dialer
+    # HBONE mode only (None in plain mode): certificates and the outbound pool.
+    identities: IdentityStore | None = None
+    pool: HbonePool | None = None
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+
+    @property
+    def hbone(self) -> bool:
+        return self.identities is not None and self.pool is not None
+
+    @property
+    def tunnel_ports(self) -> frozenset[int]:
+        """The tunnel's own ports: never a destination a client may be carried to."""
+        c = self.cfg
+        return frozenset(p for p in (c.outbound_port, c.inbound_port, c.hbone_port,
+                                     c.metrics_port) if p)
