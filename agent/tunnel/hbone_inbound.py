@@ -32,9 +32,10 @@ import ssl
 
 import structlog
 
-from agent.tunnel import hbone, sockets
+from agent.hbone import headers as hbone
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.hbone_io import HboneServerRequest, serve_hbone
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent
 from agent.tunnel.identity import parse_spiffe_id
 from agent.tunnel.inbound import dial_pod, inbound_request

@@ -26,6 +26,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
+from agent.hbone.pool import HbonePool
 from agent.state import WORKLOADS_FILE, write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
@@ -34,7 +35,6 @@ from agent.tunnel.discovery import FileWorkloads, WorkloadSource
 from agent.tunnel.gate import PolicyGate
 from agent.tunnel.identity import IdentityError, IdentityStore, load_ca
 from agent.tunnel.inputs import ProxyInputs
-from agent.tunnel.pool import HbonePool
 from agent.tunnel.tracker import ConnectionTracker
 
 log = structlog.get_logger("tunnel")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import socket
 import ssl
 
-from agent.tunnel import hbone
+from agent.hbone import headers as hbone
+from agent.hbone.exceptions import HbonePeerIdentityError, HboneRejected, HboneStreamError
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.hbone_io import HbonePeerIdentityError, HboneRejected, HboneStreamError
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent, baggage_entries
 from agent.tunnel.identity import parse_spiffe_id
 from agent.tunnel.inbound import dial_pod, inbound_request

@@ -24,11 +24,11 @@ from typing import Protocol
 
 import structlog
 
+from agent.hbone.server import HboneServerRequest
 from agent.policy import ConnectionRequest
 from agent.telemetry.metrics import REPORTER_DESTINATION, REPORTER_SOURCE, tcp_labels
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord
-from agent.tunnel.hbone_io import HboneServerRequest
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.outcome import Direction, Outcome, Path
 from agent.tunnel.relay import (
@@ -55,6 +55,9 @@ HBONE_STATUS = {
 }
 
 
+_CLIENT_GONE = "the client went away before the connection was established"
+
+
 class DialError(Exception):
     """A path's dial failed: how (the outcome) and why."""
 
@@ -76,6 +79,11 @@ class Downstream(Protocol):
         """Tell the client yes; raises OSError if the client has already gone."""
         ...
 
+    @property
+    def gone(self) -> bool:
+        """True when the client is known to have given up already (nothing to dial for)."""
+        ...
+
 
 class SocketDownstream:
     """A captured TCP connection: refused with a reset."""
@@ -88,6 +96,10 @@ class SocketDownstream:
 
     def establish(self) -> ByteStream:
         return SocketStream(self.sock)
+
+    @property
+    def gone(self) -> bool:
+        return False
 
 
 class HboneRequestDownstream:
@@ -102,6 +114,10 @@ class HboneRequestDownstream:
 
     def establish(self) -> ByteStream:
         return HboneByteStream(self.request.accept())
+
+    @property
+    def gone(self) -> bool:
+        return self.request.cancelled
 
 
 @dataclass
@@ -147,6 +163,9 @@ class Pipeline:
                 task = asyncio.current_task()
                 if task is not None:
                     tracked = self.inputs.tracker.track(flow.admission, task.cancel)
+            if flow.downstream.gone:
+                self._finish(rec, Outcome.CANCELLED, _CLIENT_GONE)
+                return
             try:
                 upstream = await flow.dial()
             except DialError as exc:
@@ -156,9 +175,7 @@ class Pipeline:
                 client = flow.downstream.establish()
             except OSError as exc:
                 upstream.abort()
-                self._finish(rec, Outcome.CANCELLED,
-                             f"client went away before the connection was established: "
-                             f"{exc or type(exc).__name__}")
+                self._finish(rec, Outcome.CANCELLED, f"{_CLIENT_GONE}: {exc or type(exc).__name__}")
                 return
             self._opened(rec)
             try:

@@ -25,8 +25,8 @@ from typing import Protocol
 
 import structlog
 
-from agent.tunnel import hbone
-from agent.tunnel.hbone_io import HboneStream
+from agent.hbone.errors import CONNECT_ERROR, NO_ERROR
+from agent.hbone.stream import HboneStream
 from agent.tunnel.sockets import abort as abort_socket
 
 log = structlog.get_logger("tunnel.relay")
@@ -102,11 +102,11 @@ class HboneByteStream:
         await self.stream.close_write()
 
     def abort(self) -> None:
-        self.stream.abort(hbone.CONNECT_ERROR)
+        self.stream.abort(CONNECT_ERROR)
 
     async def close(self) -> None:
         if not self.stream.is_finished:
-            self.stream.abort(hbone.NO_ERROR)
+            self.stream.abort(NO_ERROR)
 
 
 @dataclass

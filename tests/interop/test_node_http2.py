@@ -22,16 +22,12 @@ from typing import Any
 
 import pytest
 
-from agent.tunnel.hbone_io import (
-    HboneClient,
-    HboneRejected,
-    HboneServerRequest,
-    HboneStream,
-    HboneStreamError,
-    serve_hbone,
-)
+from agent.hbone.client import HboneClient
+from agent.hbone.exceptions import HboneRejected, HboneStreamError
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.hbone.stream import HboneStream
 from agent.tunnel.identity import IdentityStore, SpiffeId, WorkloadCert, init_ca
-from agent.tunnel.pool import HbonePool
 
 NODE_DIR = Path(__file__).parent / "node"
 TRUST_DOMAIN = "cluster.local"

@@ -17,27 +17,25 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.tunnel import hbone
-from agent.tunnel.hbone_io import (
-    HboneClient,
+from agent.hbone import errors
+from agent.hbone.client import HboneClient
+from agent.hbone.exceptions import (
     HboneConnectionLost,
     HbonePeerIdentityError,
     HboneRejected,
-    HboneServerRequest,
-    HboneStream,
     HboneStreamError,
     HboneStreamReset,
-    abort_with_rst,
-    pipe_stream_and_socket,
-    serve_hbone,
 )
+from agent.hbone.pool import HbonePool
+from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.hbone.stream import HboneStream
 from agent.tunnel.identity import (
     IdentityStore,
     SpiffeId,
     client_context_for,
     init_ca,
 )
-from agent.tunnel.pool import HbonePool
+from agent.tunnel.relay import abort_with_rst, pipe_stream_and_socket
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT = SpiffeId(TRUST_DOMAIN, "default", "client")
@@ -378,7 +376,7 @@ def test_write_blocks_when_server_does_not_read(store: IdentityStore) -> None:
                     written += len(chunk)
             # Bounded by the 4 MiB stream window (plus what socket buffers absorbed).
             assert 4 * 1024 * 1024 <= written <= 8 * 1024 * 1024
-            buffered = sum(len(c) for c in server.requests[0].stream._chunks)
+            buffered = server.requests[0].stream.buffered_bytes
             assert buffered <= 4 * 1024 * 1024
             never_read.set()
 
@@ -465,7 +463,7 @@ def test_backend_reset_becomes_stream_reset(store: IdentityStore, loop: str) -> 
                 await stream.write(b"12345")
                 with pytest.raises(HboneStreamReset) as info:
                     await read_all(stream)
-                assert info.value.error_code == hbone.CONNECT_ERROR
+                assert info.value.error_code == errors.CONNECT_ERROR
                 await wait_until(lambda: outcomes == ["socket_reset"])
         finally:
             backend.close()
@@ -500,7 +498,7 @@ def test_stream_reset_becomes_tcp_rst(store: IdentityStore, loop: str) -> None:
                 stream = await open_on(pool, server)
                 await stream.write(b"partial")
                 await asyncio.sleep(0.1)
-                stream.abort(hbone.CANCEL)
+                stream.abort(errors.CANCEL)
                 await asyncio.wait_for(backend_done.wait(), 5)
         finally:
             backend_server.close()

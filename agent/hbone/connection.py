@@ -6,7 +6,7 @@ destination ``ip:port``. This module is only the protocol: bytes in
 (:meth:`HboneConnection.receive_data`), events and bytes out
 (:meth:`HboneConnection.data_to_send`). It does no I/O, owns no socket, and imports
 neither asyncio nor ssl, so it is fully testable by feeding it frames. The asyncio shell
-is :mod:`agent.tunnel.hbone_io`.
+is :mod:`agent.hbone.session` and the modules built on it.
 
 Flow control is end to end: received bytes are handed back to the peer (WINDOW_UPDATE)
 only when the application calls :meth:`HboneConnection.acknowledge_received`, and
@@ -17,274 +17,51 @@ side ever buffers more than one window per stream.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import h2.config
-import h2.connection
-import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hyperframe.frame
 
-KIB = 1024
-MIB = 1024 * KIB
-
-# RFC 9113 error codes, re-exported so callers need not import h2.
-NO_ERROR = int(h2.errors.ErrorCodes.NO_ERROR)
-PROTOCOL_ERROR = int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
-INTERNAL_ERROR = int(h2.errors.ErrorCodes.INTERNAL_ERROR)
-FRAME_SIZE_ERROR = int(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
-REFUSED_STREAM = int(h2.errors.ErrorCodes.REFUSED_STREAM)
-CANCEL = int(h2.errors.ErrorCodes.CANCEL)
-# RFC 9113 section 8.5: the TCP connection behind a CONNECT stream failed or was reset.
-CONNECT_ERROR = int(h2.errors.ErrorCodes.CONNECT_ERROR)
-
-# Headers a ztunnel peer sends or reads on the CONNECT request.
-FORWARDED_HEADER = "forwarded"
-BAGGAGE_HEADER = "baggage"
-TRACEPARENT_HEADER = "traceparent"
-
-
-@dataclass(frozen=True)
-class HboneSettings:
-    """HTTP/2 tuning; the defaults are ztunnel's."""
-
-    initial_stream_window: int = 4 * MIB
-    connection_window: int = 16 * MIB
-    max_frame_size: int = 1 * MIB
-    max_concurrent_streams: int = 100
-    # Largest request/response header list we accept (RFC 9113 SETTINGS_MAX_HEADER_LIST_SIZE).
-    max_header_list_size: int = 16 * KIB
-
-
-# --------------------------------------------------------------------------------------
-# Events handed to the application. Our own types, so callers never depend on h2's.
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    """Server side: a valid CONNECT request; answer with accept_stream or reject_stream."""
-
-    stream_id: int
-    authority: str
-    # Non-pseudo headers, lower-case names, in arrival order.
-    headers: tuple[tuple[str, str], ...]
-
-    def header(self, name: str) -> str | None:
-        """First value of header ``name`` (case-insensitive), or None."""
-        return header_value(self.headers, name)
-
-
-@dataclass(frozen=True)
-class StreamAccepted:
-    """Client side: the peer answered our CONNECT with 200; data may flow."""
-
-    stream_id: int
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class StreamRejected:
-    """Client side: the peer answered our CONNECT with a non-200 status. The stream is gone."""
-
-    stream_id: int
-    status: int
-
-
-@dataclass(frozen=True)
-class RequestRefused:
-    """Server side, informational: we answered a bad request ourselves (405/400/refused)."""
-
-    stream_id: int
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class DataReceived:
-    """Tunnel payload; call acknowledge_received(stream_id, len(data)) once consumed."""
-
-    stream_id: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StreamEnded:
-    """The peer half-closed the stream (END_STREAM, i.e. TCP FIN)."""
-
-    stream_id: int
-
-
-@dataclass(frozen=True)
-class StreamReset:
-    """The stream was reset (RST_STREAM from the peer, or refused by GOAWAY)."""
-
-    stream_id: int
-    error_code: int
-    remote: bool = True
-
-
-@dataclass(frozen=True)
-class WindowOpened:
-    """The peer granted send window: on one stream, or (None) on the connection/all."""
-
-    stream_id: int | None
-
-
-@dataclass(frozen=True)
-class ConnectionTerminated:
-    """The connection is over: GOAWAY received, or we hit a protocol error (local=True)."""
-
-    error_code: int
-    reason: str
-    last_stream_id: int | None = None
-    local: bool = False
-
-
-@dataclass(frozen=True)
-class GoingAway:
-    """The peer sent a graceful GOAWAY (NO_ERROR): open no new streams here; streams
-    up to ``last_stream_id`` keep running. Close the connection once they are done."""
-
-    last_stream_id: int
-
-
-@dataclass(frozen=True)
-class PingAcked:
-    """The peer answered one of our PINGs."""
-
-    payload: bytes
-
-
-HboneEvent = (StreamRequest | StreamAccepted | StreamRejected | RequestRefused | DataReceived
-              | StreamEnded | StreamReset | WindowOpened | GoingAway | ConnectionTerminated
-              | PingAcked)
-
-
-class HboneError(Exception):
-    """Misuse of the HBONE connection (bad arguments, closed stream or connection)."""
-
-
-class StreamClosedError(HboneError):
-    """The stream is reset, unknown, or already half-closed in the direction used."""
-
-
-class ConnectionClosedError(HboneError):
-    """The connection is terminated or going away; open a new one."""
-
-
-# --------------------------------------------------------------------------------------
-# Header helpers (pure).
-# --------------------------------------------------------------------------------------
-
-
-def parse_authority(authority: str) -> tuple[str, int]:
-    """Parse an HBONE ``:authority`` ``ip:port`` / ``[ipv6]:port`` into (ip, port).
-
-    ValueError for host names, missing or out-of-range ports, or IPv6 without brackets.
-    """
-    if authority.startswith("["):
-        host, sep, port_text = authority[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"authority {authority!r}: expected [ipv6]:port")
-        address = ipaddress.ip_address(host)  # ValueError if not an address
-        if address.version != 6:
-            raise ValueError(f"authority {authority!r}: brackets are for IPv6 only")
-    else:
-        host, sep, port_text = authority.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"authority {authority!r}: expected ip:port")
-        address = ipaddress.ip_address(host)
-        if address.version != 4:
-            raise ValueError(f"authority {authority!r}: IPv6 must be written [addr]:port")
-    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
-        raise ValueError(f"authority {authority!r}: port must be a decimal number")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"authority {authority!r}: port {port} out of range")
-    return str(address), port
-
-
-def format_authority(ip: str, port: int) -> str:
-    """``ip:port``, with IPv6 bracketed, as ztunnel writes ``:authority``."""
-    address = ipaddress.ip_address(ip)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-def format_forwarded_for(ip: str) -> str:
-    """RFC 7239 ``Forwarded`` value ``for="<ip>"`` (IPv6 bracketed inside the quotes)."""
-    address = ipaddress.ip_address(ip)
-    node = f"[{address}]" if address.version == 6 else str(address)
-    return f'for="{node}"'
-
-
-def parse_forwarded_for(value: str | None) -> str | None:
-    """The first ``for=`` address of a ``Forwarded`` header, or None if absent/unusable."""
-    if not value:
-        return None
-    first_element = value.split(",", 1)[0]
-    for pair in first_element.split(";"):
-        key, sep, node = pair.strip().partition("=")
-        if not sep or key.strip().lower() != "for":
-            continue
-        node = node.strip().strip('"')
-        if node.startswith("["):
-            node = node[1:].split("]", 1)[0]
-        elif node.count(":") == 1:  # IPv4 with a port: 192.0.2.1:4711
-            node = node.split(":", 1)[0]
-        try:
-            return str(ipaddress.ip_address(node))
-        except ValueError:
-            return None
-    return None
-
-
-def format_baggage(entries: Iterable[tuple[str, str]]) -> str:
-    """W3C baggage ``k=v,k=v`` as ztunnel sends it (e.g. ``k8s.namespace.name=default``)."""
-    parts = []
-    for key, value in entries:
-        if not key or any(c in key for c in ",;= ") or any(c in value for c in ",; "):
-            raise ValueError(f"baggage entry {key!r}={value!r} has a reserved character")
-        parts.append(f"{key}={value}")
-    return ",".join(parts)
-
-
-def parse_baggage(value: str | None) -> dict[str, str]:
-    """Parse a ``baggage`` header into a dict (properties after ';' are dropped)."""
-    result: dict[str, str] = {}
-    for member in (value or "").split(","):
-        key, sep, item = member.split(";", 1)[0].partition("=")
-        if sep and key.strip():
-            result[key.strip()] = item.strip()
-    return result
-
-
-def header_value(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    """First value of header ``name`` (case-insensitive) in ``headers``, or None."""
-    wanted = name.lower()
-    for key, value in headers:
-        if key.lower() == wanted:
-            return value
-    return None
+from agent.hbone import compat
+from agent.hbone.config import HboneSettings
+from agent.hbone.errors import (
+    CANCEL,
+    FRAME_SIZE_ERROR,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    REFUSED_STREAM,
+)
+from agent.hbone.events import (
+    ConnectionTerminated,
+    DataReceived,
+    GoingAway,
+    HboneEvent,
+    PingAcked,
+    RequestRefused,
+    StreamAccepted,
+    StreamEnded,
+    StreamRejected,
+    StreamRequest,
+    StreamReset,
+    WindowOpened,
+)
+from agent.hbone.exceptions import ConnectionClosedError, HboneError, StreamClosedError
+from agent.hbone.headers import (
+    BAGGAGE_HEADER,
+    FORWARDED_HEADER,
+    format_forwarded_for,
+    parse_authority,
+)
 
 
 def _text(value: bytes | str) -> str:
     # Header bytes are opaque octets; latin-1 maps each byte to one char losslessly.
     return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-# --------------------------------------------------------------------------------------
-# The connection.
-# --------------------------------------------------------------------------------------
 
 
 class _StreamPhase(Enum):
@@ -350,35 +127,6 @@ class _FrameSizeGuard:
         return None
 
 
-def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
-    return f"<{len(frame.data)} bytes>"
-
-
-# h2 formats repr(frame) of every frame it receives for its trace log, whether
-# or not tracing is on, and hyperframe's DataFrame repr re-serializes the whole
-# payload and hex-encodes it: on a bulk stream that was ~15% of the receiving
-# tunnel's CPU. A DATA frame's repr now names its size only.
-hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign]
-
-
-class _GracefulGoawayH2Connection(h2.connection.H2Connection):
-    """h2 treats every GOAWAY as fatal: it closes its state machine (so the frames of
-    streams still running become protocol errors) and drops queued output. A GOAWAY
-    with NO_ERROR is a graceful shutdown notice (nghttp2/Node and ztunnel send one when
-    draining), so for that case we only report it and let the streams finish."""
-
-    def _receive_goaway_frame(
-            self, frame: hyperframe.frame.GoAwayFrame,
-    ) -> tuple[list[Any], list[h2.events.Event]]:
-        if frame.error_code != NO_ERROR:
-            return super()._receive_goaway_frame(frame)
-        notice = h2.events.ConnectionTerminated()
-        notice.error_code = h2.errors.ErrorCodes.NO_ERROR
-        notice.last_stream_id = frame.last_stream_id
-        notice.additional_data = frame.additional_data or None
-        return [], [notice]
-
-
 class HboneConnection:
     """One HBONE HTTP/2 connection, client or server side, as a sans-IO state machine.
 
@@ -398,7 +146,7 @@ class HboneConnection:
             validate_outbound_headers=True,
             normalize_inbound_headers=True,
         )
-        self._h2 = _GracefulGoawayH2Connection(config=config)
+        self._h2 = compat.H2Connection(config=config)
         s = self.settings
         # Advertised in the very first SETTINGS frame (ztunnel's values). h2 treats
         # initial_values as already in force, which is safe: each is at least as
@@ -415,19 +163,13 @@ class HboneConnection:
         )
         # Because the settings above never go through an ACK "change", h2 would not
         # update these derived limits; set them to match what we advertise.
-        self._h2.max_inbound_frame_size = s.max_frame_size
-        self._h2.decoder.max_header_list_size = s.max_header_list_size
+        compat.apply_local_limits(self._h2, max_frame_size=s.max_frame_size,
+                                  max_header_list_size=s.max_header_list_size)
         self._h2.initiate_connection()
         # The connection window is not a setting: raise it with a WINDOW_UPDATE on 0.
         default_window = 65535
         if s.connection_window > default_window:
             self._h2.increment_flow_control_window(s.connection_window - default_window)
-            # h2's window manager only auto-replenishes up to its max_window_size,
-            # which it derives from the *stream* window; make it the connection window
-            # so that acknowledged bytes are returned to the full 16 MiB.
-            manager = getattr(self._h2, "_inbound_flow_control_window_manager", None)
-            if manager is not None:
-                manager.max_window_size = s.connection_window
         self._frame_guard = _FrameSizeGuard(s.max_frame_size,
                                             0 if client_side else _CLIENT_PREFACE_LEN)
         self._streams: dict[int, _Stream] = {}
@@ -435,6 +177,8 @@ class HboneConnection:
         self._terminated: ConnectionTerminated | None = None
         self._going_away = False
         self._draining = False
+        # Requests the peer reset before we answered, until the application releases them.
+        self._cancelled_requests: set[int] = set()
 
     # ---- connection state -------------------------------------------------------
 
@@ -519,6 +263,10 @@ class HboneConnection:
             raise ValueError(f"reject status must be 4xx or 5xx, got {status}")
         self._pending_request(stream_id)
         self._respond_and_close(stream_id, status)
+
+    def release_request(self, stream_id: int) -> None:
+        """The application is done with a request the peer cancelled before our answer."""
+        self._cancelled_requests.discard(stream_id)
 
     def start_draining(self) -> None:
         """Refuse new requests (REFUSED_STREAM, retryable) while existing streams finish."""

@@ -20,14 +20,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from agent.tunnel import hbone
-from agent.tunnel.hbone_io import (
-    HboneClient,
-    HboneConnectionLost,
-    HboneStream,
-    HboneStreamReset,
-    SocketFactory,
-)
+from agent.hbone.client import HboneClient, SocketFactory
+from agent.hbone.config import HboneSettings
+from agent.hbone.errors import REFUSED_STREAM
+from agent.hbone.exceptions import HboneConnectionLost, HboneStreamReset
+from agent.hbone.stream import HboneStream
 from agent.tunnel.identity import SpiffeId
 
 log = structlog.get_logger(__name__)
@@ -70,7 +67,7 @@ class HbonePool:
                  keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
                  keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
                  socket_factory: SocketFactory | None = None,
-                 settings: hbone.HboneSettings | None = None) -> None:
+                 settings: HboneSettings | None = None) -> None:
         if max_streams_per_connection < 1:
             raise ValueError("max_streams_per_connection must be at least 1")
         self._client_context = client_context
@@ -82,7 +79,7 @@ class HbonePool:
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self.socket_factory = socket_factory
-        self.settings = settings or hbone.HboneSettings()
+        self.settings = settings or HboneSettings()
         self._connections: dict[PoolKey, list[HboneClient]] = {}
         self._connect_locks: dict[PoolKey, asyncio.Lock] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -122,7 +119,7 @@ class HbonePool:
             try:
                 return await pending.established(self.response_timeout)
             except HboneStreamReset as exc:
-                if exc.error_code != hbone.REFUSED_STREAM or attempt == REFUSED_STREAM_RETRIES:
+                if exc.error_code != REFUSED_STREAM or attempt == REFUSED_STREAM_RETRIES:
                     raise
                 log.debug("hbone stream refused, retrying", peer=peer, attempt=attempt)
         raise HboneConnectionLost(f"could not open a stream to {peer}")

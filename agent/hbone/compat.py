@@ -1,0 +1,109 @@
+"""Every patch of h2/hyperframe internals HBONE relies on, checked against the versions
+it was tested with.
+
+Importing this module fails with :class:`UnsupportedH2Version` (saying what to install)
+when h2, hyperframe or hpack is not a tested version, or when an internal we patch is
+missing, rather than misbehaving at run time. Each patch has a test in
+``tests/unit/test_hbone_compat.py``. When upgrading h2: re-read each patched function
+in the new version, run those tests, then add the version to ``TESTED``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2
+import h2.connection
+import h2.errors
+import h2.events
+import hpack
+import hyperframe
+import hyperframe.frame
+
+from agent.hbone.exceptions import UnsupportedH2Version
+
+# The versions pinned in pyproject.toml; all tests pass with exactly these.
+TESTED: dict[str, frozenset[str]] = {
+    "h2": frozenset({"4.4.1"}),
+    "hyperframe": frozenset({"6.1.0"}),
+    "hpack": frozenset({"4.2.0"}),
+}
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """Raise UnsupportedH2Version unless every library is a TESTED version. Pure."""
+    installed = installed if installed is not None else {
+        "h2": h2.__version__, "hyperframe": hyperframe.__version__,
+        "hpack": hpack.__version__}
+    for name, versions in TESTED.items():
+        version = installed.get(name)
+        if version not in versions:
+            raise UnsupportedH2Version(
+                f"{name} {version} is not a version agent.hbone was tested with "
+                f"({', '.join(sorted(versions))}); install the pinned versions "
+                f"(pip install -e . from pyproject.toml) or re-validate "
+                f"agent/hbone/compat.py against {name} {version} and add it to TESTED")
+
+
+def _require(owner: object, attribute: str) -> None:
+    if not hasattr(owner, attribute):
+        raise UnsupportedH2Version(
+            f"{getattr(owner, '__name__', owner)!s} has no {attribute!r}: agent.hbone.compat "
+            f"patches it; this h2/hyperframe differs from the tested one")
+
+
+check_versions()
+
+# Not patched (checked by a test): h2's inbound window manager raises its replenish
+# target when we raise the connection window (WindowManager.window_opened), so a
+# 16 MiB connection window is returned in full as the application acknowledges bytes.
+
+# ---- patch 1: cheap DataFrame repr ---------------------------------------------------
+# h2 formats repr(frame) of every frame it receives for its trace log, whether or not
+# tracing is on, and hyperframe's DataFrame repr re-serializes the whole payload and
+# hex-encodes it: on a bulk stream that was ~15% of the receiving tunnel's CPU. A DATA
+# frame's repr now names its size only. (Process-wide: hyperframe has no other hook.)
+_require(hyperframe.frame.DataFrame, "_body_repr")
+
+
+def _data_frame_body_repr(frame: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
+
+
+# ---- patch 2: graceful GOAWAY ---------------------------------------------------------
+# h2 treats every GOAWAY as fatal: it closes its state machine (so the frames of streams
+# still running become protocol errors) and drops queued output. A GOAWAY with NO_ERROR
+# is a graceful shutdown notice (nghttp2/Node and ztunnel send one when draining), so
+# for that case we only report it and let the streams finish. Scoped to our subclass.
+_require(h2.connection.H2Connection, "_receive_goaway_frame")
+
+
+class H2Connection(h2.connection.H2Connection):
+    """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running."""
+
+    def _receive_goaway_frame(
+            self, frame: hyperframe.frame.GoAwayFrame,
+    ) -> tuple[list[Any], list[h2.events.Event]]:
+        if frame.error_code != int(h2.errors.ErrorCodes.NO_ERROR):
+            return super()._receive_goaway_frame(frame)
+        notice = h2.events.ConnectionTerminated()
+        notice.error_code = h2.errors.ErrorCodes.NO_ERROR
+        notice.last_stream_id = frame.last_stream_id
+        notice.additional_data = frame.additional_data or None
+        return [], [notice]
+
+
+# ---- patch 3: limits advertised in the first SETTINGS ------------------------------
+def apply_local_limits(conn: h2.connection.H2Connection, *, max_frame_size: int,
+                       max_header_list_size: int) -> None:
+    """Make h2 enforce the limits we put in ``local_settings.initial_values``.
+
+    h2 derives ``max_inbound_frame_size`` and the HPACK decoder's header-list limit
+    only when a settings *change* is acknowledged; initial values never go through
+    that, so set the derived limits to match what we advertise.
+    """
+    conn.max_inbound_frame_size = max_frame_size
+    conn.decoder.max_header_list_size = max_header_list_size
