@@ -5,11 +5,13 @@ certificate source). Handlers never see the :class:`~agent.tunnel.main.Tunnel`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import TunnelConfig
 from agent.hbone.pool import HbonePool
 from agent.telemetry.metrics import TunnelMetrics
+from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer
 from agent.tunnel.discovery import WorkloadSource
 from agent.tunnel.gate import PolicyGate
@@ -31,6 +33,8 @@ class ProxyInputs:
     identities: IdentityStore | None = None
     pool: HbonePool | None = None
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    # Writes a finished connection's access-log line (tests record them).
+    access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log
 
     @property
     def hbone(self) -> bool:

@@ -30,6 +30,7 @@ from agent.hbone.pool import HbonePool
 from agent.state import WORKLOADS_FILE, write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
+from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer, TransparentDialer
 from agent.tunnel.discovery import FileWorkloads, WorkloadSource
 from agent.tunnel.gate import PolicyGate
@@ -82,7 +83,8 @@ class Tunnel:
     def __init__(self, cfg: Config, *, workloads: WorkloadSource | None = None,
                  dialer: Dialer | None = None, listen: ListenerFactory | None = None,
                  identities: IdentityStore | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log) -> None:
         t = cfg.tunnel
         self.cfg = cfg
         self.file_workloads: FileWorkloads | None = None
@@ -106,7 +108,7 @@ class Tunnel:
             cfg=t, workloads=workloads,
             policy=PolicyGate(t.policy_dir, t.root_namespace, tracker),
             tracker=tracker, metrics=TunnelMetrics(self.registry), dialer=dialer,
-            identities=identities, pool=pool)
+            identities=identities, pool=pool, access_log=access_log)
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics_server: MetricsServer | None = None

@@ -239,7 +239,7 @@ class Pipeline:
         rec.outcome = outcome
         if reason is not None:
             rec.reason = reason
-        rec.log()
+        self.inputs.access_log(rec)
         metrics = self.inputs.metrics
         for reporter in self._reporters(rec):
             labels = self._labels(rec, reporter)
