@@ -16,6 +16,7 @@ import h2
 import h2.connection
 import h2.errors
 import h2.events
+import h2.stream
 import hpack
 import hyperframe
 import hyperframe.frame
@@ -80,9 +81,44 @@ hyperframe.frame.DataFrame._body_repr = _data_frame_body_repr  # type: ignore[me
 # for that case we only report it and let the streams finish. Scoped to our subclass.
 _require(h2.connection.H2Connection, "_receive_goaway_frame")
 
+# ---- patch 3: REFUSED_STREAM over MAX_CONCURRENT_STREAMS --------------------------------
+# h2 answers a HEADERS that opens one stream too many with TooManyStreamsError, a
+# connection error (GOAWAY: every other stream dies), and before decoding the header
+# block. RFC 9113 section 5.1.2 allows a stream error (REFUSED_STREAM, which tells the
+# client it may retry, as nghttp2, Go and the Rust h2 crate answer). We decode the
+# block anyway (HPACK state is connection-wide, RFC 9113 section 4.3), record the stream
+# as closed by our RST_STREAM so late frames on it are ignored (section 5.4.2), and
+# report it.
+_require(h2.connection.H2Connection, "_receive_headers_frame")
+_require(h2.connection, "_decode_headers")
+_require(h2.stream.StreamClosedBy, "SEND_RST_STREAM")
+
+
+class StreamRefused(h2.events.Event):
+    """A new stream over our MAX_CONCURRENT_STREAMS was refused with REFUSED_STREAM."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
 
 class H2Connection(h2.connection.H2Connection):
-    """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running."""
+    """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running and
+    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS."""
+
+    def _receive_headers_frame(
+            self, frame: hyperframe.frame.HeadersFrame,
+    ) -> tuple[list[Any], list[h2.events.Event]]:
+        stream_id = frame.stream_id
+        if (not self.config.client_side and stream_id not in self.streams
+                and stream_id % 2 == 1 and stream_id > self.highest_inbound_stream_id
+                and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+            h2.connection._decode_headers(self.decoder, frame.data)
+            self.highest_inbound_stream_id = stream_id
+            self._closed_streams[stream_id] = h2.stream.StreamClosedBy.SEND_RST_STREAM
+            refusal = hyperframe.frame.RstStreamFrame(stream_id)
+            refusal.error_code = int(h2.errors.ErrorCodes.REFUSED_STREAM)
+            return [refusal], [StreamRefused(stream_id)]
+        return super()._receive_headers_frame(frame)
 
     def _receive_goaway_frame(
             self, frame: hyperframe.frame.GoAwayFrame,
@@ -96,7 +132,7 @@ class H2Connection(h2.connection.H2Connection):
         return [], [notice]
 
 
-# ---- patch 3: limits advertised in the first SETTINGS ------------------------------
+# ---- patch 4: limits advertised in the first SETTINGS ------------------------------
 def apply_local_limits(conn: h2.connection.H2Connection, *, max_frame_size: int,
                        max_header_list_size: int) -> None:
     """Make h2 enforce the limits we put in ``local_settings.initial_values``.

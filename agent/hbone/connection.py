@@ -31,6 +31,7 @@ from agent.hbone import compat
 from agent.hbone.config import HboneSettings
 from agent.hbone.errors import (
     CANCEL,
+    ENHANCE_YOUR_CALM,
     FRAME_SIZE_ERROR,
     INTERNAL_ERROR,
     NO_ERROR,
@@ -87,22 +88,50 @@ _FRAME_HEADER_LEN = 9
 _CLIENT_PREFACE_LEN = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
 
 
-class _FrameSizeGuard:
-    """Spots an oversized frame from its 9-byte header, before its body arrives.
+_HEADERS = 0x1
+_PUSH_PROMISE = 0x5
+_CONTINUATION = 0x9
+_END_HEADERS = 0x4
+# Padding (up to 255 + 1 length byte), PRIORITY fields and HPACK table-size updates are
+# the only bytes of a header block that add nothing to the header list size.
+_HEADER_BLOCK_SLACK = 1024
+
+
+@dataclass(frozen=True)
+class _Violation:
+    error_code: int
+    reason: str
+
+
+class _FrameGuard:
+    """Spots oversized frames and header blocks from 9-byte frame headers, before
+    their bodies arrive.
 
     h2 checks a frame's length only once the whole frame is buffered, so a peer
-    announcing a 16 MiB frame would make us buffer 16 MiB first. Tracking frame
-    boundaries here lets us refuse at the header.
+    announcing a 16 MiB frame would make us buffer 16 MiB first; and it buffers up to
+    64 CONTINUATION frames of a header block (64 MiB at our frame size) before it
+    decodes any of it. Tracking frame boundaries here lets us refuse at the header.
+
+    Header blocks are bounded by the SETTINGS_MAX_HEADER_LIST_SIZE we advertise: an
+    HPACK encoding never takes more octets than the RFC 9113 section 6.5.2 size of the
+    list it encodes (name + value + 32 per field), so a block longer than that limit
+    (plus padding/priority slack) can only decode to a list over it. As the Rust h2
+    crate ztunnel uses does for a header list "way too large" or too many
+    CONTINUATIONs (src/codec/framed_read.rs), we answer GOAWAY ENHANCE_YOUR_CALM.
     """
 
-    def __init__(self, max_frame_size: int, preface_len: int) -> None:
+    def __init__(self, max_frame_size: int, max_header_list_size: int,
+                 preface_len: int) -> None:
         self._max_frame_size = max_frame_size
+        self._max_header_block = max_header_list_size + _HEADER_BLOCK_SLACK
         self._preface_left = preface_len
         self._body_left = 0
         self._header = bytearray()
+        self._in_header_block = False
+        self._header_block_len = 0
 
-    def oversized_frame(self, data: bytes) -> int | None:
-        """Feed the next received bytes; returns an offending frame length, if any."""
+    def check(self, data: bytes) -> _Violation | None:
+        """Feed the next received bytes; returns the first violation, if any."""
         view = memoryview(data)
         offset = 0
         if self._preface_left:
@@ -119,11 +148,31 @@ class _FrameSizeGuard:
             self._header += view[offset:offset + needed]
             offset += min(needed, len(view) - offset)
             if len(self._header) == _FRAME_HEADER_LEN:
-                length = int.from_bytes(self._header[:3], "big")
+                violation = self._frame_header(int.from_bytes(self._header[:3], "big"),
+                                               self._header[3], self._header[4])
                 self._header.clear()
-                if length > self._max_frame_size:
-                    return length
-                self._body_left = length
+                if violation is not None:
+                    return violation
+        return None
+
+    def _frame_header(self, length: int, frame_type: int, flags: int) -> _Violation | None:
+        if length > self._max_frame_size:
+            return _Violation(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds our "
+                              f"MAX_FRAME_SIZE {self._max_frame_size}")
+        self._body_left = length
+        if frame_type in (_HEADERS, _PUSH_PROMISE):
+            self._header_block_len = length
+            self._in_header_block = not flags & _END_HEADERS
+        elif frame_type == _CONTINUATION and self._in_header_block:
+            self._header_block_len += length
+            self._in_header_block = not flags & _END_HEADERS
+        else:
+            return None  # h2 rejects anything else inside a header block
+        if self._header_block_len > self._max_header_block:
+            limit = self._max_header_block - _HEADER_BLOCK_SLACK
+            return _Violation(ENHANCE_YOUR_CALM, f"header block of over "
+                              f"{self._header_block_len} bytes exceeds our "
+                              f"MAX_HEADER_LIST_SIZE {limit}")
         return None
 
 
@@ -170,8 +219,8 @@ class HboneConnection:
         default_window = 65535
         if s.connection_window > default_window:
             self._h2.increment_flow_control_window(s.connection_window - default_window)
-        self._frame_guard = _FrameSizeGuard(s.max_frame_size,
-                                            0 if client_side else _CLIENT_PREFACE_LEN)
+        self._frame_guard = _FrameGuard(s.max_frame_size, s.max_header_list_size,
+                                        0 if client_side else _CLIENT_PREFACE_LEN)
         self._streams: dict[int, _Stream] = {}
         self._pings = _PingState()
         self._terminated: ConnectionTerminated | None = None
@@ -179,6 +228,8 @@ class HboneConnection:
         self._draining = False
         # Requests the peer reset before we answered, until the application releases them.
         self._cancelled_requests: set[int] = set()
+        self._local_error_resets = 0
+        self._control_replies_queued = 0
 
     # ---- connection state -------------------------------------------------------
 
@@ -286,7 +337,9 @@ class HboneConnection:
         """Send ``status`` with END_STREAM, then stop the client's upload if any."""
         stream = self._streams.get(stream_id)
         self._h2.send_headers(stream_id, [(":status", str(status))], end_stream=True)
-        if stream is not None and not stream.remote_ended:
+        if stream is not None and not stream.remote_ended and \
+                self._h2.streams.get(stream_id) is not None and \
+                not self._h2.streams[stream_id].closed:
             # RFC 9113 8.1: a server that answered early resets with NO_ERROR so the
             # client stops sending, and the stream stops counting against concurrency.
             self._h2.reset_stream(stream_id, NO_ERROR)
@@ -390,13 +443,9 @@ class HboneConnection:
         """
         if self._terminated is not None:
             return []
-        oversized = self._frame_guard.oversized_frame(data)
-        if oversized is not None:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection(error_code=FRAME_SIZE_ERROR)
-            return [self._terminate_locally(
-                FRAME_SIZE_ERROR, f"frame of {oversized} bytes exceeds our MAX_FRAME_SIZE "
-                f"{self.settings.max_frame_size}")]
+        violation = self._frame_guard.check(data)
+        if violation is not None:
+            return [self._fail_connection(violation.error_code, violation.reason)]
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -408,12 +457,33 @@ class HboneConnection:
             return [self._terminate_locally(INTERNAL_ERROR, f"internal error: {exc!r}")]
         events: list[HboneEvent] = []
         for event in h2_events:
-            events.extend(self._translate(event))
+            try:
+                events.extend(self._translate(event))
+            except h2.exceptions.StreamClosedError:
+                # Answering a stream the peer closed in the same batch: nothing to do.
+                continue
+            if self._terminated is not None:  # a flood bound tripped, or fatal GOAWAY
+                if not events or events[-1] is not self._terminated:
+                    events.append(self._terminated)
+                break
         return events
+
+    def output_drained(self) -> None:
+        """The shell wrote everything we queued to the network (transport buffer empty):
+        control-frame replies owed so far have left; restart the flood count."""
+        self._control_replies_queued = 0
+
+    def _fail_connection(self, error_code: int, reason: str) -> ConnectionTerminated:
+        """Send GOAWAY ``error_code`` and end the connection; returns the event."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(error_code=error_code,
+                                      additional_data=reason.encode()[:256])
+        return self._terminate_locally(error_code, reason)
 
     def _terminate_locally(self, error_code: int, reason: str) -> ConnectionTerminated:
         self._terminated = ConnectionTerminated(error_code, reason, None, local=True)
         self._streams.clear()
+        self._cancelled_requests.clear()
         return self._terminated
 
     def _translate(self, event: h2.events.Event) -> list[HboneEvent]:
@@ -426,18 +496,22 @@ class HboneConnection:
         if isinstance(event, h2.events.StreamEnded):
             return self._on_stream_ended(event.stream_id)
         if isinstance(event, h2.events.StreamReset):
-            stream = self._streams.pop(event.stream_id, None)
-            if stream is None or stream.phase is _StreamPhase.DEAD:
-                return []
-            return [StreamReset(event.stream_id, int(event.error_code),
-                                remote=event.remote_reset)]
+            return self._on_reset(event)
         if isinstance(event, h2.events.WindowUpdated):
             return [WindowOpened(event.stream_id or None)]
         if isinstance(event, h2.events.RemoteSettingsChanged):
+            self._count_control_reply()
             changed = event.changed_settings
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed or \
                     h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS in changed:
                 return [WindowOpened(None)]
+            return []
+        if isinstance(event, compat.StreamRefused):
+            self._count_local_error_reset()
+            return [RequestRefused(event.stream_id, 503,
+                                   "over our MAX_CONCURRENT_STREAMS: REFUSED_STREAM")]
+        if isinstance(event, h2.events.PingReceived):
+            self._count_control_reply()
             return []
         if isinstance(event, h2.events.PingAckReceived):
             payload = bytes(event.ping_data or b"")
@@ -455,8 +529,13 @@ class HboneConnection:
         return []
 
     def _on_request(self, event: h2.events.RequestReceived) -> list[HboneEvent]:
+        """A new request: a valid CONNECT becomes StreamRequest; anything else is
+        answered here, on its stream alone (the connection and its other streams go
+        on). Status codes as ztunnel's inbound (src/proxy/inbound.rs,
+        build_inbound_request): 400 for a non-CONNECT method or an unusable authority."""
         stream_id = event.stream_id
-        self._streams[stream_id] = _Stream(_StreamPhase.REQUESTED)
+        stream = _Stream(_StreamPhase.REQUESTED, remote_ended=event.stream_ended is not None)
+        self._streams[stream_id] = stream
         pseudo: dict[str, str] = {}
         headers: list[tuple[str, str]] = []
         for raw_name, raw_value in event.headers or ():
@@ -471,18 +550,49 @@ class HboneConnection:
             self._h2.reset_stream(stream_id, REFUSED_STREAM)
             return [RequestRefused(stream_id, 503, "draining")]
         if method != "CONNECT":
-            self._respond_and_close(stream_id, 405)
-            return [RequestRefused(stream_id, 405, f"method {method!r} is not CONNECT")]
+            return self._refuse_request(stream_id, 400, f"method {method!r} is not CONNECT")
         if ":protocol" in pseudo:
-            self._respond_and_close(stream_id, 400)
-            return [RequestRefused(stream_id, 400, "extended CONNECT is not HBONE")]
+            return self._refuse_request(stream_id, 400, "extended CONNECT is not HBONE")
         authority = pseudo.get(":authority", "")
         try:
             parse_authority(authority)
         except ValueError as exc:
-            self._respond_and_close(stream_id, 400)
-            return [RequestRefused(stream_id, 400, str(exc))]
+            return self._refuse_request(stream_id, 400, str(exc))
         return [StreamRequest(stream_id, authority, tuple(headers))]
+
+    def _refuse_request(self, stream_id: int, status: int, reason: str) -> list[HboneEvent]:
+        self._respond_and_close(stream_id, status)
+        self._count_local_error_reset()
+        return [RequestRefused(stream_id, status, reason)]
+
+    def _on_reset(self, event: h2.events.StreamReset) -> list[HboneEvent]:
+        stream = self._streams.pop(event.stream_id, None)
+        if stream is None or stream.phase is _StreamPhase.DEAD:
+            return []
+        if (event.remote_reset and not self.client_side
+                and stream.phase is _StreamPhase.REQUESTED):
+            # Reset before we answered: the application may still be working on it.
+            self._cancelled_requests.add(event.stream_id)
+            limit = self.settings.max_pending_accept_reset_streams
+            if len(self._cancelled_requests) > limit:
+                self._fail_connection(ENHANCE_YOUR_CALM, "too_many_resets: over "
+                                      f"{limit} requests reset before they were answered")
+        return [StreamReset(event.stream_id, int(event.error_code),
+                            remote=event.remote_reset)]
+
+    def _count_local_error_reset(self) -> None:
+        self._local_error_resets += 1
+        limit = self.settings.max_local_error_resets
+        if self._local_error_resets > limit and self._terminated is None:
+            self._fail_connection(ENHANCE_YOUR_CALM, "too_many_internal_resets: over "
+                                  f"{limit} streams refused for bad input")
+
+    def _count_control_reply(self) -> None:
+        self._control_replies_queued += 1
+        limit = self.settings.max_queued_control_replies
+        if self._control_replies_queued > limit and self._terminated is None:
+            self._fail_connection(ENHANCE_YOUR_CALM, "too many queued control frames: "
+                                  f"over {limit} PING/SETTINGS ACKs the peer is not reading")
 
     def _on_response(self, event: h2.events.ResponseReceived) -> list[HboneEvent]:
         stream_id = event.stream_id

@@ -42,7 +42,8 @@ class StreamRejected:
 
 @dataclass(frozen=True)
 class RequestRefused:
-    """Server side, informational: we answered a bad request ourselves (405/400/refused)."""
+    """Server side, informational: we answered a bad request ourselves (400; 503 when
+    refused with REFUSED_STREAM)."""
 
     stream_id: int
     status: int

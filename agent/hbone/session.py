@@ -230,6 +230,9 @@ class HboneSession:
                     break
                 self._dispatch_all(self.core.receive_data(data))
                 self.flush()
+                if self._writer.transport.get_write_buffer_size() == 0:
+                    # The peer reads what we send: the ACKs owed so far have left.
+                    self.core.output_drained()
                 if self.core.terminated is not None:
                     reason = self.core.terminated.reason
                     break

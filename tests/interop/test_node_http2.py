@@ -228,7 +228,7 @@ def test_node_client_against_our_server(store: IdentityStore, tmp_path: Path) ->
     run(main())
 
 
-def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) -> None:
+def test_node_client_non_connect_gets_400(store: IdentityStore, tmp_path: Path) -> None:
     files = write_pems(tmp_path / "client", store.get(CLIENT))
 
     async def main() -> None:
@@ -244,7 +244,7 @@ def test_node_client_non_connect_gets_405(store: IdentityStore, tmp_path: Path) 
                 result = json.loads(await read_line(proc, timeout=NODE_TIMEOUT + 5))
         finally:
             server.close()
-        assert result["status"] == 405, result
+        assert result["status"] == 400, result
         assert seen == []
 
     run(main())

@@ -183,14 +183,15 @@ def test_server_surfaces_connect_and_accepts() -> None:
     assert dict(response.headers)[":status"] == "200"
 
 
-def test_server_answers_non_connect_with_405() -> None:
+def test_server_answers_non_connect_with_400() -> None:
+    # ztunnel src/proxy/inbound.rs build_inbound_request: NonConnectMethod -> 400.
     core, client = handshake_server()
     client.send_headers(1, connect_headers(method="GET"))
     events = to_core(client, core)
-    assert events == [RequestRefused(1, 405, "method 'GET' is not CONNECT")]
+    assert events == [RequestRefused(1, 400, "method 'GET' is not CONNECT")]
     peer_events = to_peer(core, client)
     response = of_type(peer_events, h2.events.ResponseReceived)[0]
-    assert dict(response.headers)[":status"] == "405"
+    assert dict(response.headers)[":status"] == "400"
     assert of_type(peer_events, h2.events.StreamEnded)
     # The client had not finished its request: it is told to stop with RST(NO_ERROR).
     assert of_type(peer_events, h2.events.StreamReset)[0].error_code == errors.NO_ERROR
