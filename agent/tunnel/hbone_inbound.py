@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import ssl
 
@@ -90,34 +89,23 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
 def _target_port(inputs: ProxyInputs, authority: str, dst: Workload,
                  dst_ip: str) -> tuple[int | None, Outcome, str, int]:
     """(target port, or None with the refusal's outcome, reason and status)."""
-    host, _, port_text = authority.rpartition(":")
-    if host.startswith("[") or _is_ip(host):
-        try:
-            target_ip, target_port = hbone.parse_authority(authority)
-        except ValueError as exc:
-            return None, Outcome.REFUSED, f"bad :authority {authority!r}: {exc}", 400
-        if sockets.normalize_ip(target_ip) != sockets.normalize_ip(dst_ip):
+    try:
+        host, port, is_ip = hbone.parse_hbone_address(authority)
+    except ValueError as exc:
+        return None, Outcome.REFUSED, f"bad :authority {authority!r}: {exc}", 400
+    if is_ip:
+        if sockets.normalize_ip(host) != sockets.normalize_ip(dst_ip):
             return (None, Outcome.REFUSED,
                     f":authority {authority} is not this connection's destination {dst_ip}", 400)
-        return target_port, Outcome.OK, "", 200
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        return None, Outcome.REFUSED, f"bad :authority {authority!r}", 400
+        return port, Outcome.OK, "", 200
     service = inputs.workloads.service(host, dst.namespace)
     if service is None:
         return None, Outcome.CONNECT_FAILED, f"no service with hostname {host}", 503
-    port = service.target_port(int(port_text), dst_ip)
-    if port is None:
+    target = service.target_port(port, dst_ip)
+    if target is None:
         return (None, Outcome.CONNECT_FAILED,
-                f"service {host} has no port {port_text} served by {dst_ip}", 503)
-    return port, Outcome.OK, "", 200
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+                f"service {host} has no port {port} served by {dst_ip}", 503)
+    return target, Outcome.OK, "", 200
 
 
 async def _serve_stream(inputs: ProxyInputs, pipeline: Pipeline,

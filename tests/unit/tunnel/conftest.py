@@ -290,7 +290,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
         for node in nodes.values():
             await node.drain()
         stop.set()
-        await asyncio.gather(*runs, return_exceptions=True)
+        _, hung = await asyncio.wait(runs, timeout=10)
+        assert not hung, "a tunnel did not stop within 10 s"
         servers.close()
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from conftest import (
     A1,
     A2,
@@ -28,6 +27,7 @@ from conftest import (
     start_mesh,
     until,
 )
+from cryptography.hazmat.primitives import serialization
 
 from agent.hbone.exceptions import HboneRejected
 from agent.hbone.pool import HbonePool
