@@ -13,6 +13,7 @@ the policy request and dialing the pod from the client's address.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from agent.policy import ConnectionRequest, WorkloadRef
@@ -27,7 +28,8 @@ from agent.tunnel.workloads import Workload
 def inbound_request(src_ip: str, src_identity: str | None, dst: Workload, dst_ip: str,
                     dst_port: int) -> ConnectionRequest:
     """What policy is evaluated on for a connection to a pod enrolled here."""
-    return ConnectionRequest(src_ip=src_ip, src_identity=src_identity, dst_ip=dst_ip,
+    return ConnectionRequest(src_ip=ipaddress.ip_address(src_ip), src_identity=src_identity,
+                             dst_ip=ipaddress.ip_address(dst_ip),
                              dst_port=dst_port,
                              dst_workload=WorkloadRef(dst.name, dst.namespace, dict(dst.labels)))
 

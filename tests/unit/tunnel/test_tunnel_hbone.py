@@ -272,7 +272,8 @@ def test_headers_traceparent_and_baggage(tmp_path: Path, mesh_ca: MeshCA) -> Non
                 await m.node1.drain()
             finally:
                 server.close()
-            request = one(seen)  # type: ignore[arg-type]
+            assert len(seen) == 1, seen
+            request = seen[0]
             # ztunnel src/baggage.rs: service.name is the canonical service (app label).
             assert request.header("baggage") == (
                 "k8s.namespace.name=default,k8s.pod.name=a1,service.name=web,"

@@ -3,6 +3,8 @@ start-up errors (agent/tunnel/{outcome,headers,tracker,main}.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from ipaddress import ip_address
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -54,11 +56,14 @@ def test_baggage_names_the_canonical_service_not_the_service_account() -> None:
 def test_tracker_revokes_only_denied() -> None:
     tracker = ConnectionTracker()
     cancelled: list[str] = []
-    req = {name: ConnectionRequest(src_ip=f"10.0.0.{i}", src_identity=None, dst_ip="10.0.1.1",
+    req = {name: ConnectionRequest(src_ip=ip_address(f"10.0.0.{i}"), src_identity=None,
+                                   dst_ip=ip_address("10.0.1.1"),
                                    dst_port=80, dst_workload=WorkloadRef("w", "ns", {}))
            for i, name in enumerate(("keep", "drop"))}
-    entries = {name: tracker.track(r, lambda n=name: cancelled.append(n))
-               for name, r in req.items()}
+    def canceller(name: str) -> Callable[[], None]:
+        return lambda: cancelled.append(name)
+
+    entries = {name: tracker.track(r, canceller(name)) for name, r in req.items()}
 
     def evaluate(r: ConnectionRequest) -> Decision:
         return Decision(str(r.src_ip) != "10.0.0.1", "ns/p", None, "test")
