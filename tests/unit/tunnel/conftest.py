@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -66,18 +67,31 @@ def ip(w: Workload) -> str:
     return w.addresses[0]
 
 
-def free_ports(count: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+def free_ports(count: int, addresses: list[str]) -> list[int]:
+    """``count`` ports free on every one of ``addresses``, below the ephemeral range
+    (so no outgoing connection of another test can take one before we bind it)."""
+    rng = random.Random()
+    ports: list[int] = []
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        if port in ports:
+            continue
+        socks = []
+        try:
+            for address in addresses:
+                s = socket.socket()
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((address, port))
+            ports.append(port)
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports on {addresses}")
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
@@ -251,7 +265,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                      extra_remote: tuple[Workload, ...] = (),
                      dialers: dict[str, Any] | None = None, mode: str = "hbone",
                      ) -> AsyncIterator[Mesh]:
-    outbound_port, inbound_port, hbone_port = free_ports(3)
+    every_address = [ip(w) for pods in PODS.values() for w in pods] + list(NODE_IPS.values())
+    outbound_port, inbound_port, hbone_port = free_ports(3, every_address)
     ports = {"outbound": outbound_port, "inbound": inbound_port, "hbone": hbone_port}
     servers = PeerEcho()
     for pods in PODS.values():
@@ -283,8 +298,15 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
             node.tunnel = tunnel
             nodes[name] = node
             ready = asyncio.Event()
-            runs.append(asyncio.create_task(tunnel.run(stop, ready)))
-            await asyncio.wait_for(ready.wait(), 5)
+            running = asyncio.create_task(tunnel.run(stop, ready))
+            runs.append(running)
+            waiting = asyncio.ensure_future(ready.wait())
+            await asyncio.wait({waiting, running}, timeout=5,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            if running.done():
+                running.result()  # raises why the tunnel could not start
+            assert ready.is_set(), f"{name}'s tunnel did not start within 5 s"
         yield Mesh(ca, nodes["node1"], nodes["node2"], ports, servers)
     finally:
         for node in nodes.values():

@@ -154,6 +154,24 @@ def test_source_is_the_tcp_peer_never_forwarded(tmp_path: Path, mesh_ca: MeshCA)
     run(main())
 
 
+def test_forwarded_cannot_satisfy_an_ip_blocks_allow(tmp_path: Path, mesh_ca: MeshCA) -> None:
+    from conftest import policy_yaml
+
+    async def main() -> None:
+        async with start_mesh(tmp_path, ca=mesh_ca) as m, client_pool(mesh_ca) as pool:
+            m.node2.write_policy("allow-b2", policy_yaml(
+                "allow-b2", "ALLOW", [{"from": [{"source": {"ipBlocks": [ip(B2)]}}]}]))
+            # issue 11 item 1: a mesh identity writing b2's address into Forwarded
+            with pytest.raises(HboneRejected) as info:
+                await connect(pool, m, as_=A1.identity, from_ip=ip(A1), to=A2,
+                              forwarded_for=ip(B2))
+            assert info.value.status == 401
+            entry = one(await until("node2 logs", lambda: m.node2.log))
+            assert (entry["result"], entry["src"]) == ("denied", ip(A1))
+
+    run(main())
+
+
 def test_identity_must_match_the_source_address(tmp_path: Path, mesh_ca: MeshCA) -> None:
     async def main() -> None:
         async with start_mesh(tmp_path, ca=mesh_ca) as m, client_pool(mesh_ca) as pool:
