@@ -25,8 +25,11 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
-from agent.api import schema
 from agent.config import Config
+from agent.contracts import ContractError
+from agent.contracts import api as schema
+from agent.contracts.api import ErrorCode, Response
+from agent.contracts.files import TUNNEL_STATUS_FILE, TunnelStatus
 from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps, DatapathSettings
 from agent.datapath.programs import (
@@ -154,16 +157,16 @@ class Agent:
         except (schema.RequestError, PodNetworkError, RegistryError, EnrollmentError) as exc:
             if is_add:
                 self.metrics.enrollment_failed(_ERROR_REASONS.get(type(exc), "other"))
-            return {"ok": False, "error": str(exc)}
+            return Response.failure(_error_code(exc), str(exc)).to_json()
         except Exception as exc:
             log.exception("request failed", request=raw)
             if is_add:
                 self.metrics.enrollment_failed("internal")
-            return {"ok": False, "error": f"internal error: {exc}"}
+            return Response.failure(ErrorCode.INTERNAL, f"internal error: {exc}").to_json()
         if is_add:
             self.metrics.observe_enrollment(time.monotonic() - started)
         self.metrics.set_enrolled_pods(len(self.state.registry))
-        return {"ok": True, "result": result}
+        return Response.success(result).to_json()
 
     def _dispatch(self, req: schema.Request) -> Any:
         assert self.enroller is not None and self.maps is not None
@@ -172,7 +175,8 @@ class Agent:
         if isinstance(req, schema.PodDel):
             pod = self.enroller.find(req)
             if pod is None:
-                raise RegistryError("no such enrolled pod; 'meshagent pod list' shows them")
+                raise RegistryError("no such enrolled pod; 'meshagent pod list' shows them",
+                                    ErrorCode.NOT_ENROLLED)
             self.enroller.remove(pod)
             return pod.to_json()
         if isinstance(req, schema.PodList):
@@ -200,27 +204,31 @@ class Agent:
                              "inbound": self.cfg.tunnel.inbound_port,
                              "hbone": self.cfg.tunnel.hbone_port},
             "listeners": _listening_ports(),
-            "tunnel": _read_json(Path(self.cfg.agent.state_dir) / "tunnel-status.json"),
+            **_tunnel_status(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE),
         }
 
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
+        response: dict[str, Any]
         try:
             sock = writer.get_extra_info("socket")
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                     struct.calcsize("3i"))
             _pid, uid, _gid = struct.unpack("3i", creds)
             if uid != 0:
-                response: dict[str, Any] = {"ok": False, "error": "the agent API is root-only"}
+                response = Response.failure(ErrorCode.PERMISSION_DENIED,
+                                            "the agent API is root-only").to_json()
             else:
                 line = await asyncio.wait_for(reader.readline(), timeout=10)
                 if len(line) > MAX_REQUEST_BYTES:
-                    response = {"ok": False, "error": "request too large"}
+                    response = Response.failure(ErrorCode.REQUEST_TOO_LARGE,
+                                                "request too large").to_json()
                 else:
                     try:
                         raw = json.loads(line)
                     except ValueError as exc:
-                        response = {"ok": False, "error": f"request is not JSON: {exc}"}
+                        response = Response.failure(ErrorCode.BAD_REQUEST,
+                                                    f"request is not JSON: {exc}").to_json()
                     else:
                         loop = asyncio.get_running_loop()
                         response = await loop.run_in_executor(self.kernel, self.handle, raw)
@@ -267,11 +275,31 @@ _ERROR_REASONS: dict[type, str] = {
 }
 
 
-def _read_json(path: Path) -> Any:
+def _error_code(exc: Exception) -> ErrorCode:
+    """The API error code of a refused request (see agent.contracts.api.ErrorCode)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, ErrorCode):
+        return code
+    return _ERROR_CODES.get(type(exc), ErrorCode.INTERNAL)
+
+
+_ERROR_CODES: dict[type, ErrorCode] = {PodNetworkError: ErrorCode.POD_NETWORK,
+                                       EnrollmentError: ErrorCode.KERNEL}
+
+
+def _tunnel_status(path: Path) -> dict[str, Any]:
+    """The ``tunnel`` part of the status (None while the tunnel has written
+    none) and ``tunnel_error``: why the file could not be used, if it could not."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {"tunnel": None, "tunnel_error": None}
+    except (OSError, ValueError) as exc:
+        return {"tunnel": None, "tunnel_error": f"{path}: unreadable ({exc})"}
+    try:
+        return {"tunnel": TunnelStatus.from_json(raw, str(path)).to_json(), "tunnel_error": None}
+    except ContractError as exc:
+        return {"tunnel": None, "tunnel_error": str(exc)}
 
 
 def _listening_ports() -> list[int]:

@@ -7,7 +7,6 @@ failed enrollment leaves the node exactly as it was.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -16,8 +15,8 @@ import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.api.schema import PodAdd, PodDel
 from agent.config import Config
+from agent.contracts.api import PodAdd, PodDel, default_pod_name
 from agent.datapath import attach
 from agent.datapath.maps import DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
@@ -37,11 +36,6 @@ def link_exists(ipr: Any, ifindex: int) -> bool:
         return bool(ipr.get_links(ifindex))
     except NetlinkError:
         return False
-
-
-def _pod_name_from_netns(path: str) -> str:
-    base = os.path.basename(path.rstrip("/"))
-    return base if base not in ("net", "") else f"pod-{abs(hash(path)) % 10**8}"
 
 
 class Enroller:
@@ -98,7 +92,7 @@ class Enroller:
         """
         path = resolve_netns(req.netns)
         veth = find_host_veth(path, req.ifname, self.rtnl)
-        pod = Pod(name=req.name or _pod_name_from_netns(path), namespace=req.namespace,
+        pod = Pod(name=req.name or default_pod_name(path), namespace=req.namespace,
                   service_account=req.service_account, netns=path, ifname=req.ifname,
                   host_ifindex=veth.ifindex, host_ifname=veth.ifname,
                   addresses=veth.pod_addresses, labels=dict(req.labels))

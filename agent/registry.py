@@ -12,9 +12,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.contracts.api import ErrorCode
+
 
 class RegistryError(ValueError):
-    """An enrollment conflicts with what is already enrolled."""
+    """An enrollment conflicts with what is already enrolled; ``code`` is the
+    API error code it is answered with."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.CONFLICT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,8 @@ class Registry:
         """Raise RegistryError if ``pod`` clashes with an enrolled pod."""
         if pod.key in self._pods:
             raise RegistryError(f"pod {pod.key} is already enrolled; "
-                                "run 'meshagent pod del' first to re-enroll it")
+                                "run 'meshagent pod del' first to re-enroll it",
+                                ErrorCode.ALREADY_ENROLLED)
         other = self._by_netns.get(pod.netns)
         if other is not None:
             raise RegistryError(f"netns {pod.netns} is already enrolled as pod {other.key}")

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.contracts import UnsupportedVersion, document_version
+from agent.contracts.files import WORKLOADS_FILE, workloads_document
 from agent.netns.node import NodeState
 from agent.registry import Registry
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
-WORKLOADS_FILE = "workloads.json"
 
 
 @dataclass
@@ -33,9 +34,12 @@ class AgentState:
                 "pods": self.registry.to_json()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentState:
-        if data.get("version") != STATE_VERSION:
-            raise ValueError(f"state version {data.get('version')!r} is not {STATE_VERSION}")
+    def from_json(cls, data: dict[str, Any], source: str = STATE_FILE) -> AgentState:
+        """Raises :class:`~agent.contracts.ContractError` (a ValueError) for a
+        document that is not a state file of a version this agent knows."""
+        if not isinstance(data, dict) or "version" not in data:
+            raise ValueError(f"{source}: not an agent state file (no version)")
+        document_version(data, source=source, what="agent state", supported=STATE_VERSION)
         return cls(node=NodeState.from_json(data.get("node", {})),
                    registry=Registry.from_json(data.get("pods", [])))
 
@@ -57,7 +61,9 @@ def load_state(state_dir: str) -> AgentState:
     if not path.exists():
         return AgentState()
     try:
-        return AgentState.from_json(json.loads(path.read_text()))
+        return AgentState.from_json(json.loads(path.read_text()), source=str(path))
+    except UnsupportedVersion:
+        raise  # says what to do: a newer agent wrote it
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); move it away to start fresh, "
                          "then run 'meshagent uninstall' to clean up") from exc
@@ -68,4 +74,4 @@ def save_state(state_dir: str, state: AgentState, trust_domain: str) -> None:
     write_json_atomic(base / STATE_FILE, state.to_json())
     workloads = state.registry.workloads(trust_domain)
     # The tunnel (same node, unprivileged reader possible) only needs this part.
-    write_json_atomic(base / WORKLOADS_FILE, {"workloads": workloads}, mode=0o644)
+    write_json_atomic(base / WORKLOADS_FILE, workloads_document(workloads), mode=0o644)

@@ -43,6 +43,8 @@ def status_view(data: dict[str, Any], console: Console | None = None) -> None:
         for cert in tunnel.get("certificates", []):
             expires = datetime.fromtimestamp(cert["not_after"], tz=timezone.utc)
             console.print(f"  certificate {cert['identity']} expires {expires:%Y-%m-%d %H:%M}Z")
+    elif data.get("tunnel_error"):
+        console.print(f"tunnel: status unusable: {data['tunnel_error']}")
     else:
         console.print("tunnel: no status yet (is 'meshagent tunnel' running?)")
     pods_table(data["pods"], console)

@@ -12,11 +12,12 @@ import structlog
 from pyroute2 import IPRoute
 
 from agent.config import Config
+from agent.contracts.files import WORKLOADS_FILE
 from agent.datapath import attach
 from agent.datapath.programs import remove_all_pins
 from agent.enrollment import link_exists
 from agent.netns.node import teardown_node
-from agent.state import STATE_FILE, WORKLOADS_FILE, load_state
+from agent.state import STATE_FILE, load_state
 
 log = structlog.get_logger("agent.uninstall")
 

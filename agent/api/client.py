@@ -1,4 +1,9 @@
-"""Synchronous client of the agent API, used by the CLI and the CNI plugin."""
+"""Synchronous client of the agent API, used by the CLI and the CNI plugin.
+
+Requests and responses follow :mod:`agent.contracts.api`; an error answer
+raises :class:`AgentError` carrying the agent's :class:`ErrorCode`, which
+callers switch on (the message is for people).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,28 @@ import json
 import socket
 from typing import Any
 
+from agent.contracts import ContractError, UnsupportedVersion
+from agent.contracts.api import ErrorCode, Response
+
 
 class AgentUnavailable(RuntimeError):
-    """The agent's socket is missing or refuses connections."""
+    """The agent's socket is missing or refuses connections, or it did not answer."""
 
 
 class AgentError(RuntimeError):
-    """The agent refused the request; the message is the agent's."""
+    """The agent refused the request: ``code`` says why, the message is the agent's."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.UNKNOWN) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def call(socket_path: str, request: dict[str, Any], timeout: float = 30.0) -> Any:
-    """Send one request and return its result, or raise AgentError/AgentUnavailable."""
+    """Send one request and return its result, or raise AgentError/AgentUnavailable.
+
+    An answer of a newer API version than this client knows raises
+    AgentError with :attr:`ErrorCode.UNSUPPORTED_VERSION` (retrying cannot help).
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -40,9 +56,15 @@ def call(socket_path: str, request: dict[str, Any], timeout: float = 30.0) -> An
     finally:
         sock.close()
     try:
-        response = json.loads(b"".join(chunks))
+        raw = json.loads(b"".join(chunks))
     except ValueError as exc:
         raise AgentUnavailable(f"the agent sent an invalid response: {exc}") from exc
-    if not response.get("ok"):
-        raise AgentError(response.get("error", "unknown error"))
-    return response.get("result")
+    try:
+        response = Response.from_json(raw, source=f"the answer of the agent on {socket_path}")
+    except UnsupportedVersion as exc:
+        raise AgentError(str(exc), ErrorCode.UNSUPPORTED_VERSION) from exc
+    except ContractError as exc:
+        raise AgentUnavailable(f"the agent sent an invalid response: {exc}") from exc
+    if not response.ok:
+        raise AgentError(response.error or "unknown error", response.code or ErrorCode.UNKNOWN)
+    return response.result

@@ -32,6 +32,7 @@ from typing import Any
 from agent.api import client
 from agent.cni import spec
 from agent.cni.spec import CniError
+from agent.contracts.api import ErrorCode
 
 AgentCall = Callable[[str, dict[str, Any], float], Any]
 MAX_STDIN_BYTES = 4 * 1024 * 1024
@@ -101,11 +102,11 @@ def _add(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> st
         try:
             pod = call(sock, request, timeout)
         except client.AgentError as exc:
-            if spec.AGENT_ALREADY_ENROLLED not in str(exc):
+            if exc.code is not ErrorCode.ALREADY_ENROLLED:
                 raise
             pods = call(sock, {"op": "pod_list"}, timeout)
             existing = spec.find_enrolled(pods, request["namespace"], request["name"])
-            existing_netns = str(existing.get("netns", "")) if existing else ""
+            existing_netns = existing.netns if existing else ""
             if existing and same_netns(existing_netns, env.netns):
                 run.log("info", "pod already enrolled (repeated ADD)", pod=key)
                 return spec.dumps(result)
@@ -148,7 +149,7 @@ def _del(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> st
         if enrolled is None:
             run.log("info", "pod not enrolled: nothing to remove", pod=key)
             return ""
-        enrolled_netns = str(enrolled.get("netns", ""))
+        enrolled_netns = enrolled.netns
         if (env.netns and enrolled_netns and not same_netns(enrolled_netns, env.netns)
                 and _netns_exists(enrolled_netns)):
             run.log("info", "enrolled pod belongs to another (newer) sandbox: kept", pod=key,
@@ -162,7 +163,7 @@ def _del(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> st
                 "pods whose netns is gone when it starts)", pod=key, error=str(exc))
         return ""
     except client.AgentError as exc:
-        if spec.AGENT_NO_SUCH_POD in str(exc):
+        if exc.code is ErrorCode.NOT_ENROLLED:
             run.log("info", "pod was already removed", pod=key)
             return ""
         raise CniError(spec.ERR_AGENT_REFUSED, f"meshagent agent failed to remove pod {key}",
@@ -198,9 +199,9 @@ def _check(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> 
                        f"namespace {namespace} is enrolled, but the agent does not list the "
                        "pod: delete the pod so the runtime re-creates it, or enroll it with "
                        f"'meshagent pod add --netns {env.netns}'")
-    if not same_netns(str(enrolled.get("netns", "")), env.netns):
+    if not same_netns(enrolled.netns, env.netns):
         raise CniError(spec.ERR_NOT_ENROLLED, f"pod {key} is enrolled with another netns",
-                       f"the agent has {enrolled.get('netns')}, the runtime says {env.netns}: "
+                       f"the agent has {enrolled.netns}, the runtime says {env.netns}: "
                        "delete the pod so the runtime re-creates it")
     return ""
 

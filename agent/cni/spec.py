@@ -31,6 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.contracts import ContractError
+from agent.contracts.api import PodInfo, pod_list
+
 SPEC_VERSION = "1.0.0"
 SUPPORTED_VERSIONS: tuple[str, ...] = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 PLUGIN_SECTION = "meshagent"
@@ -53,10 +56,6 @@ ERR_TRY_AGAIN_LATER = 11
 ERR_AGENT_REFUSED = 100
 ERR_NOT_ENROLLED = 101
 ERR_INTERNAL = 199
-
-# The agent's answer to pod_del for a pod it does not know (agent/daemon.py).
-AGENT_NO_SUCH_POD = "no such enrolled pod"
-AGENT_ALREADY_ENROLLED = "is already enrolled"
 
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _IFNAME = re.compile(r"^[^/\s:]{1,15}$")
@@ -411,15 +410,17 @@ def pod_del_request(namespace: str, name: str) -> dict[str, Any]:
     return {"op": "pod_del", "name": name, "namespace": namespace}
 
 
-def find_enrolled(pods: Any, namespace: str, name: str) -> Mapping[str, Any] | None:
-    """The entry of ``pod_list``'s result for ``namespace/name``, if enrolled."""
-    if not isinstance(pods, list):
-        return None
-    for pod in pods:
-        if (isinstance(pod, dict) and pod.get("namespace") == namespace
-                and pod.get("name") == name):
-            return pod
-    return None
+def find_enrolled(pods: Any, namespace: str, name: str) -> PodInfo | None:
+    """The entry of ``pod_list``'s result for ``namespace/name``, if enrolled.
+
+    Raises CniError (code ERR_AGENT_REFUSED) if the result does not follow the
+    API contract (:func:`agent.contracts.api.pod_list`)."""
+    try:
+        listed = pod_list(pods)
+    except ContractError as exc:
+        raise CniError(ERR_AGENT_REFUSED, "meshagent agent sent an invalid pod list",
+                       f"{exc}; the agent and meshagent-cni must be the same release") from exc
+    return next((p for p in listed if (p.namespace, p.name) == (namespace, name)), None)
 
 
 def version_result() -> dict[str, Any]:

@@ -135,7 +135,8 @@ class FileWorkloads:
         if mtime == self._mtime:
             return False
         try:
-            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()))
+            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()),
+                                            str(self.workloads_path))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("workloads file unreadable; keeping the last good one",
                         path=str(self.workloads_path), error=str(exc))
@@ -152,7 +153,8 @@ class FileWorkloads:
         workloads: list[Workload] = []
         for path in self.peer_paths:
             try:
-                workloads.extend(WorkloadIndex.from_json(json.loads(path.read_text())).workloads)
+                workloads.extend(
+                    WorkloadIndex.from_json(json.loads(path.read_text()), str(path)).workloads)
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, KeyError) as exc:

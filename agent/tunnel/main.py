@@ -26,8 +26,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config
+from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
 from agent.hbone.pool import HbonePool
-from agent.state import WORKLOADS_FILE, write_json_atomic
+from agent.state import write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
 from agent.tunnel.connection import ConnectionRecord
@@ -41,7 +42,6 @@ from agent.tunnel.tracker import ConnectionTracker
 log = structlog.get_logger("tunnel")
 WORKLOADS_POLL_SECONDS = 0.2
 ROTATION_CHECK_SECONDS = 60.0
-STATUS_FILE = "tunnel-status.json"
 
 Handler = Callable[[ProxyInputs, socket.socket, tuple[str, int], tuple[str, int]],
                    Awaitable[None]]
@@ -127,14 +127,15 @@ class Tunnel:
         error = inputs.policy.last_error
         return {"mode": self.cfg.tunnel.mode, "workloads": local, "peer_workloads": remote,
                 "policies": len(inputs.policy.policies.policies),
-                "policy_error": str(error) if error else None, "certificates": certs,
+                "policy_error": str(error) if error else None, "certificates": tuple(certs),
                 "active_inbound": len(inputs.tracker)}
 
     def write_status(self) -> None:
         status = self.status()
         if status != self._last_status:
             self._last_status = status
-            write_json_atomic(Path(self.cfg.agent.state_dir) / STATUS_FILE, status, mode=0o644)
+            write_json_atomic(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE,
+                              TunnelStatus(**status).to_json(), mode=0o644)
 
     def refresh(self) -> None:
         """Re-read workloads and policies. Side effects: reads their files."""

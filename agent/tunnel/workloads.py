@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.contracts.files import WORKLOADS_FILE, WorkloadsFile
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -38,12 +40,13 @@ class WorkloadIndex:
         return len(self.workloads)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> WorkloadIndex:
-        return cls(Workload(name=w["name"], namespace=w["namespace"],
-                            service_account=w["service_account"],
-                            addresses=tuple(w["addresses"]), identity=w["identity"],
-                            labels=dict(w.get("labels", {})))
-                   for w in data.get("workloads", []))
+    def from_json(cls, data: Any, source: str = WORKLOADS_FILE) -> WorkloadIndex:
+        """Index a decoded ``workloads.json`` (:class:`agent.contracts.files.WorkloadsFile`)
+        read from ``source``; raises :class:`agent.contracts.ContractError` (a ValueError)."""
+        return cls(Workload(name=w.name, namespace=w.namespace,
+                            service_account=w.service_account, addresses=w.addresses,
+                            identity=w.identity, labels=dict(w.labels))
+                   for w in WorkloadsFile.from_json(data, source).workloads)
 
 
 def in_cidrs(address: str, cidrs: Iterable[str]) -> bool:

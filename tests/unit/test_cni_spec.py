@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from agent.api import client
 from agent.cni import plugin, runtime, spec
 from agent.cni.spec import CniError
+from agent.contracts.api import ErrorCode
 
 NETNS = "/run/netns/pod-x"
 PREV = {
@@ -215,12 +216,19 @@ def test_pod_add_request() -> None:
 # -- the plugin against a fake agent ----------------------------------------------
 
 
+def full_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` with the keys of an agent's pod (agent.contracts.api.PodInfo) it lacks."""
+    return {"service_account": "default", "ifname": "eth0", "host_ifindex": 7,
+            "host_ifname": "veth1", "addresses": ["10.244.1.10"], "labels": {},
+            "created_clsact": True, **pod}
+
+
 class FakeAgent:
-    """Records requests; answers like agent/daemon.py."""
+    """Records requests; answers like agent/daemon.py (error codes included)."""
 
     def __init__(self, pods: list[dict[str, Any]] | None = None, down: bool = False,
                  refuse: str | None = None) -> None:
-        self.pods = pods if pods is not None else []
+        self.pods = [full_pod(p) for p in pods] if pods is not None else []
         self.down = down
         self.refuse = refuse
         self.requests: list[dict[str, Any]] = []
@@ -235,20 +243,23 @@ class FakeAgent:
             return list(self.pods)
         if op == "pod_add":
             if self.refuse:
-                raise client.AgentError(self.refuse)
+                raise client.AgentError(self.refuse, ErrorCode.CONFLICT)
             for p in self.pods:
                 if (p["namespace"], p["name"]) == (request["namespace"], request["name"]):
                     raise client.AgentError(f"pod {p['namespace']}/{p['name']} is already "
-                                            "enrolled; run 'meshagent pod del' first")
-            pod = {k: request[k] for k in ("name", "namespace", "netns", "service_account")}
-            self.pods.append({**pod, "host_ifname": "veth1", "addresses": ["10.244.1.10"]})
+                                            "enrolled; run 'meshagent pod del' first",
+                                            ErrorCode.ALREADY_ENROLLED)
+            pod = full_pod({k: request[k] for k in ("name", "namespace", "netns",
+                                                    "service_account")})
+            self.pods.append(pod)
             return pod
         if op == "pod_del":
             for p in self.pods:
                 if (p["namespace"], p["name"]) == (request["namespace"], request["name"]):
                     self.pods.remove(p)
                     return p
-            raise client.AgentError("no such enrolled pod; 'meshagent pod list' shows them")
+            raise client.AgentError("no such enrolled pod; 'meshagent pod list' shows them",
+                                    ErrorCode.NOT_ENROLLED)
         raise AssertionError(op)
 
     def ops(self) -> list[str]:
@@ -491,3 +502,44 @@ def test_fuzz_plugin_always_answers_in_protocol(e: dict[str, str], raw: Any) -> 
         assert isinstance(err["code"], int) and err["code"] != spec.ERR_INTERNAL, err
     elif out.stdout:
         json.loads(out.stdout)
+
+
+def test_plugin_decides_on_the_agents_code_not_its_words() -> None:
+    """A refusal that *says* "is already enrolled" but is a conflict is refused;
+    an ALREADY_ENROLLED answer in other words is a repeated ADD."""
+    agent = FakeAgent(refuse="address 10.244.1.10 is already enrolled for pod shop/other")
+    out = run(env(), conf(), agent)
+    assert out.exit_code == 1 and json.loads(out.stdout)["code"] == spec.ERR_AGENT_REFUSED
+    assert agent.ops() == ["pod_add"]
+
+    class Reworded(FakeAgent):
+        def __call__(self, sock: str, request: dict[str, Any], timeout: float) -> Any:
+            try:
+                return super().__call__(sock, request, timeout)
+            except client.AgentError as exc:
+                raise client.AgentError("déjà inscrit", exc.code) from None
+
+    agent = Reworded(pods=[{"name": "web-0", "namespace": "shop", "netns": NETNS}])
+    out = run(env(), conf(), agent)
+    assert out.exit_code == 0 and agent.ops() == ["pod_add", "pod_list"]
+
+    class RacyReworded(Reworded):  # the pod goes between pod_list and pod_del
+        def __call__(self, sock: str, request: dict[str, Any], timeout: float) -> Any:
+            if request["op"] == "pod_del":
+                self.pods.clear()
+            return super().__call__(sock, request, timeout)
+
+    agent = RacyReworded(pods=[{"name": "web-0", "namespace": "shop", "netns": NETNS}])
+    out = run(env("DEL"), conf(), agent)
+    assert out.exit_code == 0 and agent.ops() == ["pod_list", "pod_del"]
+
+
+def test_plugin_refuses_a_pod_list_that_breaks_the_contract() -> None:
+    class Broken(FakeAgent):
+        def __call__(self, sock: str, request: dict[str, Any], timeout: float) -> Any:
+            return [{"name": "web-0"}] if request["op"] == "pod_list" else None
+
+    out = run(env("CHECK"), conf(), Broken())
+    err = json.loads(out.stdout)
+    assert out.exit_code == 1 and err["code"] == spec.ERR_AGENT_REFUSED
+    assert "same release" in err["details"]

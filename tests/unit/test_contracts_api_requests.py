@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.api.schema import PodAdd, PodDel, PodList, RequestError, Status, parse_request
+from agent.contracts.api import PodAdd, PodDel, PodList, RequestError, Status, parse_request
 
 
 def test_pod_add_defaults() -> None:
