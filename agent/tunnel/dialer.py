@@ -14,6 +14,7 @@ import asyncio
 import socket
 from typing import Protocol
 
+from agent.addr import family_of
 from agent.tunnel import sockets
 
 
@@ -39,7 +40,7 @@ class TransparentDialer:
 
     async def connect(self, dst: tuple[str, int], source_ip: str | None) -> socket.socket:
         loop = asyncio.get_running_loop()
-        sock = self.socket_for(sockets.family_of(dst[0]), source_ip)
+        sock = self.socket_for(family_of(dst[0]), source_ip)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, dst), self.timeout)
         except BaseException:

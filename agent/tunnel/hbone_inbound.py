@@ -31,12 +31,13 @@ import ssl
 
 import structlog
 
+from agent.addr import normalize_ip
 from agent.hbone import headers as hbone
 from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.identity.spiffe import parse_spiffe_id
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent
-from agent.tunnel.identity import parse_spiffe_id
 from agent.tunnel.inbound import dial_pod, inbound_request
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.outcome import Direction, Outcome, Path
@@ -83,7 +84,7 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
     async def on_stream(request: HboneServerRequest) -> None:
         await _serve_stream(inputs, pipeline, request, dst, dst_ip, peer)
 
-    await serve_hbone(reader, writer, on_stream=on_stream)
+    await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=inputs.cfg.trust_domain)
 
 
 def _target_port(inputs: ProxyInputs, authority: str, dst: Workload,
@@ -94,7 +95,7 @@ def _target_port(inputs: ProxyInputs, authority: str, dst: Workload,
     except ValueError as exc:
         return None, Outcome.REFUSED, f"bad :authority {authority!r}: {exc}", 400
     if is_ip:
-        if sockets.normalize_ip(host) != sockets.normalize_ip(dst_ip):
+        if normalize_ip(host) != normalize_ip(dst_ip):
             return (None, Outcome.REFUSED,
                     f":authority {authority} is not this connection's destination {dst_ip}", 400)
         return port, Outcome.OK, "", 200
@@ -111,7 +112,7 @@ def _target_port(inputs: ProxyInputs, authority: str, dst: Workload,
 async def _serve_stream(inputs: ProxyInputs, pipeline: Pipeline,
                         request: HboneServerRequest, dst: Workload, dst_ip: str,
                         peer: tuple[str, int]) -> None:
-    src_ip = sockets.normalize_ip(peer[0])
+    src_ip = normalize_ip(peer[0])
     identity = str(request.peer_identity) if request.peer_identity else None
     trace = TraceParent.from_header(request.header(TRACEPARENT_HEADER))
     rec = ConnectionRecord(direction=Direction.INBOUND, path=Path.HBONE, src=src_ip,

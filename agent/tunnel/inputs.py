@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 from agent.config import TunnelConfig
 from agent.hbone.pool import HbonePool
+from agent.identity.store import IdentityStore
 from agent.telemetry.metrics import TunnelMetrics
 from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer
 from agent.tunnel.discovery import WorkloadSource
 from agent.tunnel.gate import PolicyGate
-from agent.tunnel.identity import IdentityStore
 from agent.tunnel.tracker import ConnectionTracker
 
 TLS_HANDSHAKE_TIMEOUT = 10.0

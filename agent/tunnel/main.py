@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry
 from agent.config import Config
 from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
 from agent.hbone.pool import HbonePool
+from agent.identity.ca import IdentityError, load_ca
+from agent.identity.store import IdentityStore
 from agent.state import write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
@@ -35,7 +37,6 @@ from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer, TransparentDialer
 from agent.tunnel.discovery import FileWorkloads, WorkloadSource
 from agent.tunnel.gate import PolicyGate
-from agent.tunnel.identity import IdentityError, IdentityStore, load_ca
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.tracker import ConnectionTracker
 
@@ -57,7 +58,7 @@ def load_identities(cfg: Config) -> IdentityStore:
     """The identity store over the mesh CA. Raises TunnelStartError with what to run."""
     t = cfg.tunnel
     try:
-        ca = load_ca(t.ca_dir)
+        ca = load_ca(t.ca_dir, t.trust_domain)
     except (IdentityError, OSError, ValueError) as exc:
         raise TunnelStartError(
             f"no usable mesh CA in {t.ca_dir} ({exc}): run `meshagent ca init` first "

@@ -24,9 +24,9 @@ import ssl
 
 from agent.hbone import headers as hbone
 from agent.hbone.exceptions import HbonePeerIdentityError, HboneRejected, HboneStreamError
+from agent.identity.spiffe import parse_spiffe_id
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent, baggage_entries
-from agent.tunnel.identity import parse_spiffe_id
 from agent.tunnel.inbound import dial_pod, inbound_request
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.outcome import Direction, Outcome, Path

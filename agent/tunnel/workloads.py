@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.addr import normalize_ip, parse_ip
 from agent.contracts.files import WORKLOADS_FILE, WorkloadsFile
 
 
@@ -28,11 +29,11 @@ class WorkloadIndex:
         self.workloads = list(workloads)
         for w in self.workloads:
             for a in w.addresses:
-                self._by_addr[str(ipaddress.ip_address(a))] = w
+                self._by_addr[normalize_ip(a)] = w
 
     def by_address(self, address: str) -> Workload | None:
         try:
-            return self._by_addr.get(str(ipaddress.ip_address(address)))
+            return self._by_addr.get(normalize_ip(address))
         except ValueError:
             return None
 
@@ -50,7 +51,7 @@ class WorkloadIndex:
 
 
 def in_cidrs(address: str, cidrs: Iterable[str]) -> bool:
-    ip = ipaddress.ip_address(address)
+    ip = parse_ip(address)
     return any(ip in ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
@@ -69,9 +70,9 @@ class ServiceEntry:
     def target_port(self, service_port: int, endpoint: str) -> int | None:
         """The target port on ``endpoint`` for ``service_port``; None if not served there."""
         try:
-            normalized = str(ipaddress.ip_address(endpoint))
+            normalized = normalize_ip(endpoint)
         except ValueError:
             return None
-        if normalized not in {str(ipaddress.ip_address(a)) for a in self.addresses}:
+        if normalized not in {normalize_ip(a) for a in self.addresses}:
             return None
         return self.ports.get(service_port) or None

@@ -53,7 +53,8 @@ from labkit import (
 from labkit import addr as _fmt
 from labkit import lab_address as _lab_address
 
-from agent.tunnel.identity import SpiffeId, WorkloadCert, init_ca, load_ca
+from agent.identity.ca import WorkloadCert, init_ca, load_ca
+from agent.identity.spiffe import SpiffeId
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 

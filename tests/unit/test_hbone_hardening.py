@@ -12,12 +12,15 @@ import h2.events
 import hpack
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from agent.hbone import errors
@@ -258,3 +261,51 @@ def test_a_plain_h2_client_still_works_after_the_hardening() -> None:
     core.accept_stream(1)
     events = client.receive_data(core.data_to_send())
     assert any(isinstance(e, h2.events.ResponseReceived) for e in events)
+
+
+# ---- what the h2spec cases excluded in tests/interop/test_h2spec.py check, on CONNECT -------
+
+
+def test_window_update_and_priority_on_half_closed_connect_stream() -> None:
+    """h2spec generic/2 #2 and #3: WINDOW_UPDATE and PRIORITY on a half-closed (remote)
+    stream are accepted and data keeps flowing."""
+    core, encoder = server(), hpack.Encoder()
+    assert core.receive_data(headers_frame(encoder, 1, connect(), end_stream=True)) == [
+        StreamRequest(1, "10.0.0.7:8080", ()), StreamEnded(1)]
+    core.accept_stream(1)
+    update = WindowUpdateFrame(1, window_increment=1000).serialize()
+    priority = PriorityFrame(1, depends_on=0, stream_weight=16).serialize()
+    events = core.receive_data(update + priority)
+    assert not any(isinstance(e, (ConnectionTerminated, StreamReset)) for e in events)
+    assert core.send_data(1, b"payload") == 7
+    out = frames_of(core.data_to_send())
+    assert [f.data for f in out if isinstance(f, DataFrame)] == [b"payload"]
+    assert not [f for f in out if isinstance(f, (GoAwayFrame, RstStreamFrame))]
+
+
+def test_stream_window_overflow_on_connect_stream_is_a_stream_error() -> None:
+    """h2spec http2/6.9.1 #3 (strict): a stream window past 2^31-1 resets that stream
+    with FLOW_CONTROL_ERROR; the connection stays."""
+    core, encoder = server(), hpack.Encoder()
+    core.receive_data(headers_frame(encoder, 1, connect()))
+    core.accept_stream(1)
+    core.data_to_send()
+    update = WindowUpdateFrame(1, window_increment=2**31 - 1).serialize()
+    events = core.receive_data(update + update)
+    assert StreamReset(1, errors.FLOW_CONTROL_ERROR, remote=False) in events
+    out = frames_of(core.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
+        (1, errors.FLOW_CONTROL_ERROR)]
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+
+
+def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> None:
+    """h2spec http2/8.1 #1: a second HEADERS (trailers) without END_STREAM is a
+    PROTOCOL_ERROR."""
+    core, encoder = server(), hpack.Encoder()
+    core.receive_data(headers_frame(encoder, 1, connect()))
+    core.accept_stream(1)
+    core.data_to_send()
+    events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
+    assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
+               e.error_code == errors.PROTOCOL_ERROR for e in events)

@@ -27,12 +27,9 @@ from agent.hbone.exceptions import (
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import (
-    IdentityStore,
-    SpiffeId,
-    client_context_for,
-    init_ca,
-)
+from agent.identity.ca import init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore, client_context_for
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT = SpiffeId(TRUST_DOMAIN, "default", "client")

@@ -34,13 +34,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.config import Config, TunnelConfig
+from agent.identity.ca import MeshCA, init_ca
+from agent.identity.store import IdentityStore
 from agent.policy.loader import load_policy_dir
 from agent.tunnel import inbound as inbound_plain
 from agent.tunnel import outbound
 from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import TransparentDialer
 from agent.tunnel.discovery import StaticWorkloads
-from agent.tunnel.identity import IdentityStore, MeshCA, init_ca
 from agent.tunnel.main import Tunnel
 from agent.tunnel.workloads import ServiceEntry, Workload
 

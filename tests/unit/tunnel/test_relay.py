@@ -19,8 +19,10 @@ from agent.hbone.exceptions import HboneStreamReset
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
+from agent.identity.ca import init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 from agent.tunnel import sockets
-from agent.tunnel.identity import IdentityStore, SpiffeId, init_ca
 from agent.tunnel.relay import CopyCounts, HboneByteStream, SocketStream, copy_bidirectional
 
 TRUST_DOMAIN = "cluster.local"

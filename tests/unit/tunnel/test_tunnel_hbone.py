@@ -33,15 +33,11 @@ from agent.hbone.exceptions import HboneRejected
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
+from agent.identity.ca import MeshCA
+from agent.identity.spiffe import SpiffeId, parse_spiffe_id
+from agent.identity.store import IdentityStore, client_context_for
 from agent.tunnel import sockets
 from agent.tunnel.dialer import TransparentDialer
-from agent.tunnel.identity import (
-    IdentityStore,
-    MeshCA,
-    SpiffeId,
-    client_context_for,
-    parse_spiffe_id,
-)
 from agent.tunnel.workloads import ServiceEntry, Workload
 
 FAILED = "istio_tcp_connections_failed_total"

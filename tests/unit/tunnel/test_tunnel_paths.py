@@ -20,7 +20,7 @@ from conftest import (
     until,
 )
 
-from agent.tunnel.identity import MeshCA
+from agent.identity.ca import MeshCA
 
 OPENED = "istio_tcp_connections_opened_total"
 CLOSED = "istio_tcp_connections_closed_total"

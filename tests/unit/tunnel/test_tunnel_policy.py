@@ -13,7 +13,7 @@ from typing import Any
 import structlog.testing
 from conftest import A1, A2, APP_PORT, B1, EXTERNAL, ip, policy_yaml, run, start_mesh, until
 
-from agent.tunnel.identity import MeshCA
+from agent.identity.ca import MeshCA
 
 DENY_TEAM_B = policy_yaml("deny-team-b", "DENY",
                           [{"from": [{"source": {"namespaces": ["team-b"]}}]}])
