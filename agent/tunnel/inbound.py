@@ -54,6 +54,8 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
                            src_ip=src_ip, dst_ip=dst_ip)
     downstream = SocketDownstream(conn)
     if dst_port in inputs.tunnel_ports:
+        # As ztunnel's inbound_passthrough.rs (illegal_ports -> SelfCall): a direct
+        # connection to the tunnel, or one that would loop back into it.
         pipeline.refuse(rec, downstream, Outcome.REFUSED,
                         f"direct connection to the tunnel's port {dst_port} (not captured)")
         return

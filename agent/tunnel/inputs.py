@@ -42,7 +42,8 @@ class ProxyInputs:
 
     @property
     def tunnel_ports(self) -> frozenset[int]:
-        """The tunnel's own ports: never a destination a client may be carried to."""
+        """The tunnel's own listener ports, ztunnel's ``illegal_ports`` (src/config.rs:
+        15008, 15006, 15001): a connection whose original destination port is one of
+        them is a direct connection to the tunnel or a loop, never carried."""
         c = self.cfg
-        return frozenset(p for p in (c.outbound_port, c.inbound_port, c.hbone_port,
-                                     c.metrics_port) if p)
+        return frozenset(p for p in (c.outbound_port, c.inbound_port, c.hbone_port) if p)

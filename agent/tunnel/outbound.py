@@ -45,7 +45,9 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
                            src=fmt_addr(src_ip, src_port), dst=fmt_addr(dst_ip, dst_port),
                            src_ip=src_ip, dst_ip=dst_ip)
     downstream = SocketDownstream(conn)
-    if dst_port in inputs.tunnel_ports:
+    if dst_port == inputs.cfg.outbound_port:
+        # Captured connections keep their original destination as the local address;
+        # one whose local port is this listener's own came straight at the tunnel.
         pipeline.refuse(rec, downstream, Outcome.REFUSED,
                         f"direct connection to the tunnel's port {dst_port} (not captured)")
         return
