@@ -124,6 +124,11 @@ async def _serve_stream(inputs: ProxyInputs, pipeline: Pipeline,
     if target_port is None:
         pipeline.refuse(rec, downstream, refusal, reason, status=status)
         return
+    if target_port in inputs.tunnel_ports:
+        # ztunnel find_inbound_upstream: illegal_ports -> SelfCall -> 503.
+        pipeline.refuse(rec, downstream, Outcome.REFUSED,
+                        f"CONNECT to the tunnel's own port {target_port}", status=503)
+        return
     owner = inputs.workloads.lookup(src_ip)
     if owner is not None and owner.identity != identity:
         pipeline.refuse(rec, downstream, Outcome.IDENTITY_ERROR,
