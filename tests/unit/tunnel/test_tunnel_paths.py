@@ -8,6 +8,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     A1,
     A2,
@@ -253,3 +254,33 @@ def test_every_access_log_line_is_written(tmp_path: Path, mesh_ca: MeshCA) -> No
 
     run(main())
 
+
+
+def test_a_reset_midway_is_reset_on_both_sides(tmp_path: Path, mesh_ca: MeshCA) -> None:
+    from agent.tunnel import sockets
+
+    async def rst_after_hello(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        sockets.abort(writer.get_extra_info("socket"))
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with start_mesh(tmp_path, ca=mesh_ca) as m:
+            server = await asyncio.start_server(rst_after_hello, EXTERNAL, APP_PORT + 1)
+            try:
+                reader, writer = await m.node1.capture(ip(A1), EXTERNAL, APP_PORT + 1)
+                writer.write(b"hello")
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                await m.node1.drain()
+            finally:
+                server.close()
+            entry = one(m.node1.log)
+            assert (entry["result"], entry["response_flags"], entry["bytes_sent"]) == (
+                "reset", "-", 5)
+            assert m.node1.metric(CLOSED, reporter="source", source_workload="a1") == 1
+            assert m.node1.metric(FAILED) == 0
+
+    run(main())
