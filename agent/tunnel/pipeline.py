@@ -84,6 +84,11 @@ class Downstream(Protocol):
         """True when the client is known to have given up already (nothing to dial for)."""
         ...
 
+    def wait_gone(self) -> Awaitable[None] | None:
+        """Something that completes when the client gives up before an answer (the dial
+        is abandoned then), or None when that cannot be told."""
+        ...
+
 
 class SocketDownstream:
     """A captured TCP connection: refused with a reset."""
@@ -100,6 +105,9 @@ class SocketDownstream:
     @property
     def gone(self) -> bool:
         return False
+
+    def wait_gone(self) -> Awaitable[None] | None:
+        return None
 
 
 class HboneRequestDownstream:
@@ -119,6 +127,9 @@ class HboneRequestDownstream:
     def gone(self) -> bool:
         return self.request.cancelled
 
+    def wait_gone(self) -> Awaitable[None] | None:
+        return self.request.wait_cancelled()
+
 
 @dataclass
 class Flow:
@@ -129,6 +140,28 @@ class Flow:
     dial: Callable[[], Awaitable[ByteStream]]
     # The request policy is evaluated on (inbound paths); None: no policy on this leg.
     admission: ConnectionRequest | None = None
+
+
+async def _dial_unless_gone(flow: Flow) -> ByteStream | None:
+    """``flow.dial()``, abandoned (None) if the client gives up first: no work is done
+    for a stream the client already reset (issue 11: rapid reset)."""
+    gone = flow.downstream.wait_gone()
+    if gone is None:
+        return await flow.dial()
+    dialing = asyncio.ensure_future(flow.dial())
+    watching = asyncio.ensure_future(gone)
+    try:
+        await asyncio.wait({dialing, watching}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        dialing.cancel()
+        raise
+    finally:
+        watching.cancel()
+    if not dialing.done():
+        dialing.cancel()
+        await asyncio.gather(dialing, return_exceptions=True)
+        return None
+    return dialing.result()
 
 
 class Pipeline:
@@ -167,9 +200,12 @@ class Pipeline:
                 self._finish(rec, Outcome.CANCELLED, _CLIENT_GONE)
                 return
             try:
-                upstream = await flow.dial()
+                upstream = await _dial_unless_gone(flow)
             except DialError as exc:
                 self.refuse(rec, flow.downstream, exc.outcome, exc.reason, status=exc.status)
+                return
+            if upstream is None:
+                self._finish(rec, Outcome.CANCELLED, _CLIENT_GONE)
                 return
             try:
                 client = flow.downstream.establish()
