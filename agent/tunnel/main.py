@@ -84,7 +84,7 @@ class Tunnel:
     def __init__(self, cfg: Config, *, workloads: WorkloadSource | None = None,
                  dialer: Dialer | None = None, listen: ListenerFactory | None = None,
                  identities: IdentityStore | None = None,
-                 registry: CollectorRegistry | None = None,
+                 collectors: CollectorRegistry | None = None,
                  access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log) -> None:
         t = cfg.tunnel
         self.cfg = cfg
@@ -95,7 +95,7 @@ class Tunnel:
             workloads = self.file_workloads
         dialer = dialer or TransparentDialer(t.socket_mark, t.connect_timeout_seconds)
         self._listen = listen or transparent_listeners(t.socket_mark)
-        self.registry = registry or CollectorRegistry()
+        self.collectors = collectors or CollectorRegistry()
         tracker = ConnectionTracker()
         pool = None
         if t.mode == "hbone":
@@ -108,7 +108,7 @@ class Tunnel:
         self.inputs = ProxyInputs(
             cfg=t, workloads=workloads,
             policy=PolicyGate(t.policy_dir, t.root_namespace, tracker),
-            tracker=tracker, metrics=TunnelMetrics(self.registry), dialer=dialer,
+            tracker=tracker, metrics=TunnelMetrics(self.collectors), dialer=dialer,
             identities=identities, pool=pool, access_log=access_log)
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
@@ -225,7 +225,7 @@ class Tunnel:
                 loop.add_signal_handler(sig, stop.set)
         self.refresh()
         if t.metrics_port:
-            self.metrics_server = serve_metrics(self.registry, t.metrics_host, t.metrics_port)
+            self.metrics_server = serve_metrics(self.collectors, t.metrics_host, t.metrics_port)
         background = [asyncio.create_task(self._watch()), asyncio.create_task(self._rotate())]
         for sock, handler in self.open_listeners():
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))

@@ -221,7 +221,7 @@ class Node:
     def metric(self, name: str, **labels: str) -> float:
         """Sum of ``name`` over every series whose labels include ``labels``."""
         total = 0.0
-        for family in self.tunnel.registry.collect():
+        for family in self.tunnel.collectors.collect():
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v
                                                for k, v in labels.items()):
@@ -295,7 +295,7 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 dialer=dialer,
                 listen=_listen_on([ip(w) for w in pods] + [NODE_IPS[name]]),
                 identities=IdentityStore(ca) if mode == "hbone" else None,
-                registry=CollectorRegistry(), access_log=node.record)
+                collectors=CollectorRegistry(), access_log=node.record)
             node.tunnel = tunnel
             nodes[name] = node
             ready = asyncio.Event()
