@@ -98,7 +98,7 @@ class Enroller:
                   addresses=veth.pod_addresses, labels=dict(req.labels))
         self.registry.check_conflicts(pod)
 
-        undo: list[Callable[[], None]] = []
+        undo: list[Callable[[], object]] = []  # return values are ignored
         prio, handle = self._prio_handle
         ipr = self.ipr
         try:
@@ -132,7 +132,7 @@ class Enroller:
                  addresses=list(pod.addresses), clsact_created=pod.created_clsact)
         return pod
 
-    def _unwind(self, undo: list[Callable[[], None]]) -> None:
+    def _unwind(self, undo: list[Callable[[], object]]) -> None:
         for step in reversed(undo):
             try:
                 step()

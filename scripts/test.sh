@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up the node (idempotent) and run every test: lint, unit, BPF, netns
-# integration, interop. Extra arguments go to pytest, e.g.
+# Set up the node (idempotent) and run every test: lint, types, unit, BPF,
+# netns integration, interop. Extra arguments go to pytest, e.g.
 #   sudo scripts/test.sh tests/unit -x
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,5 +8,7 @@ bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 echo "[test] ruff check"
 .venv/bin/ruff check .
+echo "[test] mypy (config: [tool.mypy] in pyproject.toml)"
+.venv/bin/mypy
 echo "[test] pytest"
 exec .venv/bin/pytest "$@"

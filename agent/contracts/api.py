@@ -169,7 +169,8 @@ def parse_request(raw: Any) -> Request:
                 raise RequestError(f"label {k!r}={v!r} is not a valid Kubernetes label")
     if cls is PodDel and not args.get("netns") and not args.get("name"):
         raise RequestError("pod_del needs netns or name")
-    return cls(**args)
+    request: Request = cls(**args)
+    return request
 
 
 # -- responses -------------------------------------------------------------------------

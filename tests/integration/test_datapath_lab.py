@@ -17,6 +17,7 @@ The last test stops node1's tunnel (fail closed), so it must stay last.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -101,7 +102,7 @@ def lab(mesh_lab: Lab) -> Lab:
                interval=0.1)
     # the tunnels know the enrolled workloads (inbound refuses unknown destinations)
     for node in ("node1", "node2"):
-        wait_until(f"{node}'s tunnel ready", lambda n=node: _tunnel_listening(lab, n))
+        wait_until(f"{node}'s tunnel ready", functools.partial(_tunnel_listening, lab, node))
     return lab
 
 

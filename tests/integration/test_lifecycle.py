@@ -581,8 +581,11 @@ def test_tunnel_down_fails_closed_and_recovers(
 
         start_process(plan, "node1", "tunnel")
         wait_listener(plan, "node1")
-        ok = wait_until("a curl to succeed after the tunnel restart",
-                        lambda: (r := curl(a, b.ipv4, 2)).stdout == "200" and r,
+        def served() -> subprocess.CompletedProcess[str] | None:
+            r = curl(a, b.ipv4, 2)
+            return r if r.stdout == "200" else None
+
+        ok = wait_until("a curl to succeed after the tunnel restart", served,
                         timeout=5, interval=0.05)
         assert ok.returncode == 0
 

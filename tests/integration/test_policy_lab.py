@@ -27,6 +27,7 @@ exact counts) is tested in process in tests/unit/tunnel/test_tunnel_policy.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -431,7 +432,8 @@ def test_metrics_count_connections_and_bytes_exactly(clean: Lab) -> None:
         return after if done >= K else None
 
     for node, reporter in reporters.items():
-        after = until(f"{node} counts {K} closed connections", lambda n=node: closed_counted(n))
+        after = until(f"{node} counts {K} closed connections",
+                      functools.partial(closed_counted, node))
         labels = {"reporter": reporter, **METRIC_LABELS}
         for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
             assert _delta(before[node], after, name, **labels) == K, (node, name)
