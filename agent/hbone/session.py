@@ -167,8 +167,9 @@ class HboneSession:
         self._streams.pop(stream_id, None)
         if not self._streams:
             self.idle_since = self._loop.time()
-            if not self.core.is_usable and not self.is_closed:
+            if not self.core.is_usable and not self.is_closed and self.core.terminated is None:
                 # Peer is going away (or we are draining) and the last stream is done.
+                # (A terminated core is closed by the read loop, after its linger.)
                 self._closing_task = asyncio.ensure_future(self.close())
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -199,8 +200,12 @@ class HboneSession:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except Exception:
+            # A peer that does not read keeps our output (and the socket) forever:
+            # after CLOSE_TIMEOUT, drop both.
+            self._writer.transport.abort()
 
     def _connection_lost(self, reason: str) -> None:
         if self.is_closed:

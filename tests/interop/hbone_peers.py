@@ -45,12 +45,13 @@ class HboneServerProcess:
 
 
 @contextlib.asynccontextmanager
-async def hbone_server(ca_dir: Path, identity: str,
-                       lifetime: float = 120.0) -> AsyncIterator[HboneServerProcess]:
+async def hbone_server(ca_dir: Path, identity: str, lifetime: float = 120.0,
+                       sndbuf: int = 0) -> AsyncIterator[HboneServerProcess]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(PROGRAMS / "hbone_server.py"), "--ca-dir", str(ca_dir),
         "--identity", identity, "--lifetime", str(lifetime),
+        "--sndbuf", str(sndbuf),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
     try:
         assert proc.stdout is not None

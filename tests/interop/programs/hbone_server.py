@@ -22,6 +22,7 @@ import gc
 import ipaddress
 import json
 import os
+import socket
 import sys
 
 import structlog
@@ -95,10 +96,19 @@ async def main() -> None:
     parser.add_argument("--ca-dir", required=True)
     parser.add_argument("--identity", required=True, help="spiffe://td/ns/N/sa/S")
     parser.add_argument("--lifetime", type=float, default=120.0)
+    parser.add_argument("--sndbuf", type=int, default=0,
+                        help="SO_SNDBUF of accepted sockets (0: kernel default). Flood "
+                             "tests shrink it so a peer that does not read fills our own "
+                             "buffers after thousands of frames, not millions.")
     args = parser.parse_args()
     store = IdentityStore(load_ca(args.ca_dir))
     identity = parse_spiffe_id(args.identity)
-    server = await asyncio.start_server(handle, "127.0.0.1", 0,
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.sndbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
+    listener.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(handle, sock=listener,
                                         ssl=store.server_context(identity))
     port = server.sockets[0].getsockname()[1]
     print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
