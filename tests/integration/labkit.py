@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from pyroute2 import netns as pyroute2_netns
 
 from agent.api import client
+from agent.identity.ca import DEFAULT_TRUST_DOMAIN, import_istio_ca
 from agent.lab import mesh, netlab
 from agent.lab.topology import LabPlan, NodePlan, PodPlan, build_plan, run_dir
 
@@ -326,7 +327,9 @@ class LabSpec:
     ``mode`` is the tunnel mode (hbone, plain) or None for the topology only
     (no agents, no tunnels); ``pod_networks`` the pod networks the suite
     supports (conftest runs it once per network); ``letter`` starts every
-    prefix, so a leftover says which suite made it.
+    prefix, so a leftover says which suite made it; ``ca_from`` an Istio
+    ``cacerts`` directory the lab's CA is imported from (default: a fresh
+    meshagent CA).
     """
 
     letter: str = "t"
@@ -334,6 +337,7 @@ class LabSpec:
     nodes: int = 2
     pods_per_node: int = 2
     pod_networks: tuple[str, ...] = ("veth",)
+    ca_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -416,6 +420,12 @@ class Lab:
         return netlab.start_node_process(self.plan, node, name, [*AGENT_ARGV, command], env)
 
 
+def _import_ca_then(ca_from: str, start: Callable[[LabPlan], None], plan: LabPlan) -> None:
+    """Install Istio CA material as the lab's CA (start_mesh then loads it), then start."""
+    import_istio_ca(ca_from, Path(plan.run_dir) / "ca", DEFAULT_TRUST_DOMAIN)
+    start(plan)
+
+
 LabFactory = Callable[..., contextlib.AbstractContextManager[Lab]]
 """conftest's ``lab_factory``: ``with lab_factory(**LabSpec overrides) as lab:``."""
 
@@ -434,6 +444,8 @@ def lab_up(
                       pods_per_node=spec.pods_per_node, pod_network=network)
     background = Background(logdir)
     hook = functools.partial(mesh.start_mesh, mode=spec.mode) if spec.mode else None
+    if hook is not None and spec.ca_from is not None:
+        hook = functools.partial(_import_ca_then, spec.ca_from, hook)
     if hook is None and network == "cni":
         hook = functools.partial(mesh.start_mesh, mode="none")  # CNI ADD without agents
     try:

@@ -172,9 +172,10 @@ def test_root_bundle_with_two_roots(tmp_path: Path) -> None:
     old_source = old.write_cacerts(tmp_path / "old")
     (old_source / "root-cert.pem").write_bytes(pem(old.root, new.root))
     old_ca = import_istio_ca(old_source, tmp_path / "old-ca", "cluster.local")
-    _client, server = handshake(IdentityStore(old_ca).client_context(WEB),
-                               IdentityStore(ca).server_context(WEB))
+    client, server = handshake(IdentityStore(old_ca).client_context(WEB),
+                              IdentityStore(ca).server_context(WEB))
     assert verify_tls_peer(server, role=PeerRole.CLIENT, trust_domain="cluster.local") == WEB
+    assert verify_tls_peer(client, role=PeerRole.SERVER, trust_domain="cluster.local") == WEB
 
 
 def test_leaf_validity_clamped_to_signing_chain(tmp_path: Path) -> None:
