@@ -33,8 +33,11 @@ import structlog
 
 from agent.addr import normalize_ip
 from agent.hbone import headers as hbone
+from agent.hbone.exceptions import HbonePeerIdentityError
 from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.hbone.session import peer_identity_of
 from agent.identity.spiffe import parse_spiffe_id
+from agent.identity.verify import PeerRole
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent
@@ -74,17 +77,32 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
         log.info("HBONE TLS handshake failed", peer=peer[0], dst=dst_ip, reason=reason)
         with contextlib.suppress(OSError):
             conn.close()
-        rec = ConnectionRecord(direction=Direction.INBOUND, path=Path.HBONE,
-                               src=peer[0], dst=fmt_addr(dst_ip, local[1]), src_ip=peer[0],
-                               dst_ip=dst_ip, dst_identity=dst.identity)
-        pipeline.refuse(rec, None, Outcome.TLS_FAILED, f"TLS handshake failed: {reason}")
+        _tls_failed(pipeline, peer, local, dst, f"TLS handshake failed: {reason}")
         return
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    try:
+        # The client's certificate as the SPIFFE profile wants it (trust domain, one
+        # URI SAN, ...): part of the TLS handshake for ztunnel (its verifier), so a
+        # failure is a TLS failure. serve_hbone checks the same again.
+        peer_identity_of(writer, PeerRole.CLIENT, trust_domain=inputs.cfg.trust_domain)
+    except HbonePeerIdentityError as exc:
+        log.warning("hbone connection refused", peer=peer[0], dst=dst_ip, error=str(exc))
+        transport.abort()
+        _tls_failed(pipeline, peer, local, dst, f"peer certificate refused: {exc}")
+        return
 
     async def on_stream(request: HboneServerRequest) -> None:
         await _serve_stream(inputs, pipeline, request, dst, dst_ip, peer)
 
     await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=inputs.cfg.trust_domain)
+
+
+def _tls_failed(pipeline: Pipeline, peer: tuple[str, int], local: tuple[str, int],
+                dst: Workload, reason: str) -> None:
+    rec = ConnectionRecord(direction=Direction.INBOUND, path=Path.HBONE, src=peer[0],
+                           dst=fmt_addr(local[0], local[1]), src_ip=peer[0], dst_ip=local[0],
+                           dst_identity=dst.identity)
+    pipeline.refuse(rec, None, Outcome.TLS_FAILED, reason)
 
 
 def _target_port(inputs: ProxyInputs, authority: str, dst: Workload,

@@ -35,7 +35,7 @@ LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def run(coro: Awaitable[None], loop: str, timeout: float = 20.0) -> None:
     factory = uvloop.new_event_loop if loop == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+        runner.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,62 @@ def test_inbound_tls_failure_is_reported(tmp_path: Path, mesh_ca: MeshCA,
     run(main())
 
 
+def _leaf_of_domain(ca: MeshCA, uri: str, directory: Path) -> tuple[str, str]:
+    """A leaf for ``uri`` signed by the mesh CA (issue() refuses other trust domains)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(ca.cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                       critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False,
+                                     False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256()))
+    crt, pem = directory / "evil.crt", directory / "evil.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    return str(crt), str(pem)
+
+
+def test_peer_certificate_outside_the_trust_domain_is_a_tls_failure(
+        tmp_path: Path, mesh_ca: MeshCA) -> None:
+    evil = "spiffe://evil.example/ns/default/sa/sa-a"
+
+    async def main() -> None:
+        async with start_mesh(tmp_path, ca=mesh_ca) as m:
+            crt, key = _leaf_of_domain(mesh_ca, evil, tmp_path)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.set_alpn_protocols(["h2"])
+            ctx.load_cert_chain(crt, key)
+            ctx.load_verify_locations(
+                cadata=mesh_ca.cert.public_bytes(serialization.Encoding.PEM).decode())
+            with contextlib.suppress(ssl.SSLError, OSError):
+                reader, writer = await asyncio.open_connection(
+                    ip(A2), m.ports["hbone"], ssl=ctx, local_addr=(ip(A1), 0))
+                await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+            entry = one(await until("node2 logs", lambda: m.node2.log))
+            assert (entry["result"], entry["response_flags"]) == ("tls_failed", "TLS_FAILURE")
+            assert "trust domain" in entry["reason"] and "src_identity" not in entry, entry
+
+    run(main())
+
+
 def test_outbound_tls_failure_is_reported(tmp_path: Path, mesh_ca: MeshCA,
                                           foreign_ca: MeshCA) -> None:
     impostor = Workload("c2", "default", "sa-c", ("127.0.2.9",), identity("default", "sa-c"))
