@@ -38,13 +38,12 @@ from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.session import peer_identity_of
 from agent.identity.spiffe import parse_spiffe_id
 from agent.identity.verify import PeerRole
-from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent
 from agent.tunnel.inbound import dial_pod, inbound_request
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.outcome import Direction, Outcome, Path
-from agent.tunnel.pipeline import Flow, HboneRequestDownstream, Pipeline
+from agent.tunnel.pipeline import Flow, HboneRequestDownstream, Pipeline, SocketDownstream
 from agent.tunnel.workloads import Workload
 
 log = structlog.get_logger("tunnel.hbone")
@@ -56,14 +55,14 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
     """Serve one accepted 15008 connection until it closes."""
     dst_ip = local[0]
     pipeline = Pipeline(inputs)
-    if not inputs.hbone or inputs.identities is None:
-        log.info("HBONE connection refused: tunnel runs in plain mode", peer=peer[0])
-        sockets.abort(conn)
-        return
     dst = inputs.workloads.local(dst_ip)
-    if dst is None:
-        log.info("HBONE connection for a pod not enrolled here", dst=dst_ip, peer=peer[0])
-        sockets.abort(conn)
+    if not inputs.hbone or inputs.identities is None or dst is None:
+        reason = ("HBONE refused: the tunnel runs in plain mode" if not inputs.hbone
+                  else "HBONE for a pod not enrolled on this node")
+        log.info(reason, dst=dst_ip, peer=peer[0])
+        rec = ConnectionRecord(direction=Direction.INBOUND, path=Path.HBONE, src=peer[0],
+                               dst=fmt_addr(dst_ip, local[1]), src_ip=peer[0], dst_ip=dst_ip)
+        pipeline.refuse(rec, SocketDownstream(conn), Outcome.REFUSED, reason)
         return
     ctx = inputs.identities.server_context(parse_spiffe_id(dst.identity))
     loop = asyncio.get_running_loop()

@@ -163,6 +163,23 @@ def test_peer_certificate_outside_the_trust_domain_is_a_tls_failure(
     run(main())
 
 
+def test_hbone_for_a_pod_not_here_is_refused_and_counted(tmp_path: Path,
+                                                         mesh_ca: MeshCA) -> None:
+    async def main() -> None:
+        async with start_mesh(tmp_path, ca=mesh_ca) as m:
+            # node2's node address: no pod there (the datapath would never do this)
+            reader, writer = await asyncio.open_connection(m.node2.ip, m.ports["hbone"])
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            entry = one(await until("node2 logs", lambda: m.node2.log))
+            assert (entry["result"], entry["policy_decision"]) == ("refused", "deny")
+            assert "not enrolled" in entry["reason"]
+            assert m.node2.metric(FAILED, reporter="destination", response_flags="DENY") == 1
+
+    run(main())
+
+
 def test_outbound_tls_failure_is_reported(tmp_path: Path, mesh_ca: MeshCA,
                                           foreign_ca: MeshCA) -> None:
     impostor = Workload("c2", "default", "sa-c", ("127.0.2.9",), identity("default", "sa-c"))
