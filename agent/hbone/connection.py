@@ -35,6 +35,7 @@ from agent.hbone.errors import (
     FRAME_SIZE_ERROR,
     INTERNAL_ERROR,
     NO_ERROR,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
 )
 from agent.hbone.events import (
@@ -80,7 +81,7 @@ class _Stream:
 
 @dataclass
 class _PingState:
-    counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     outstanding: set[bytes] = field(default_factory=set)
 
 
@@ -418,7 +419,7 @@ class HboneConnection:
         """Send a keepalive PING; returns its 8-byte payload (matched by PingAcked)."""
         if self._terminated is not None:
             raise ConnectionClosedError("connection is terminated")
-        payload = next(self._pings.counter).to_bytes(8, "big")
+        payload: bytes = int(next(self._pings.counter)).to_bytes(8, "big")
         self._h2.ping(payload)
         self._pings.outstanding.add(payload)
         return payload
@@ -509,7 +510,12 @@ class HboneConnection:
         if isinstance(event, compat.StreamRefused):
             self._count_local_error_reset()
             return [RequestRefused(event.stream_id, 503,
-                                   "over our MAX_CONCURRENT_STREAMS: REFUSED_STREAM")]
+                                   "over our MAX_CONCURRENT_STREAMS: REFUSED_STREAM",
+                                   REFUSED_STREAM)]
+        if isinstance(event, compat.StreamMalformed):
+            self._count_local_error_reset()
+            return [RequestRefused(event.stream_id, 400,
+                                   f"malformed request: {event.reason}", PROTOCOL_ERROR)]
         if isinstance(event, h2.events.PingReceived):
             self._count_control_reply()
             return []
@@ -548,7 +554,7 @@ class HboneConnection:
         if self._draining or self._terminated is not None:
             self._streams.pop(stream_id, None)
             self._h2.reset_stream(stream_id, REFUSED_STREAM)
-            return [RequestRefused(stream_id, 503, "draining")]
+            return [RequestRefused(stream_id, 503, "draining", REFUSED_STREAM)]
         if method != "CONNECT":
             return self._refuse_request(stream_id, 400, f"method {method!r} is not CONNECT")
         if ":protocol" in pseudo:

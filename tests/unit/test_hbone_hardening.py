@@ -120,6 +120,25 @@ def test_valid_connect_with_end_stream_is_a_request_and_a_half_close() -> None:
     assert not goaways(core)
 
 
+def test_malformed_request_is_reset_on_its_stream_alone() -> None:
+    """RFC 9113 8.1.1: a malformed request (here an upper-case header name, a
+    connection-specific header, a :path on CONNECT) is a stream error PROTOCOL_ERROR."""
+    core, encoder = server(), hpack.Encoder()
+    malformed = [[*connect(), ("X-Upper", "1")], [*connect(), ("connection", "close")],
+                 [*connect(), (":path", "/")]]
+    for n, headers in enumerate(malformed):
+        stream_id = 2 * n + 1
+        events = core.receive_data(headers_frame(encoder, stream_id, headers))
+        assert [(type(e), e.error_code) for e in events] == [
+            (RequestRefused, errors.PROTOCOL_ERROR)], events
+    out = frames_of(core.data_to_send())
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in out if isinstance(f, RstStreamFrame)] == [
+        errors.PROTOCOL_ERROR] * 3
+    assert core.receive_data(headers_frame(encoder, 7, connect())) == [
+        StreamRequest(7, "10.0.0.7:8080", ())]
+
+
 # ---- item 9: REFUSED_STREAM beyond the limit, not GOAWAY --------------------------------
 
 
@@ -130,7 +149,7 @@ def test_stream_over_the_limit_is_refused_and_hpack_stays_in_sync() -> None:
         events = core.receive_data(headers_frame(
             encoder, stream_id, [*connect(), (f"x-n{stream_id}", "v" * 40)]))
     assert events == [RequestRefused(5, 503, "over our MAX_CONCURRENT_STREAMS: "
-                                             "REFUSED_STREAM")]
+                                             "REFUSED_STREAM", errors.REFUSED_STREAM)]
     out = frames_of(core.data_to_send())
     assert not [f for f in out if isinstance(f, GoAwayFrame)]
     refusal = [f for f in out if isinstance(f, RstStreamFrame)]
@@ -309,3 +328,19 @@ def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> No
     events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
     assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
                e.error_code == errors.PROTOCOL_ERROR for e in events)
+
+
+def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None:
+    """A block small enough for the frame guard but decoding past
+    MAX_HEADER_LIST_SIZE is refused by the HPACK limit: GOAWAY ENHANCE_YOUR_CALM."""
+    core, encoder = server(), hpack.Encoder()
+    # One literal then 600 indexed references to it: a short block, a long list.
+    names = [(":method", "CONNECT"), (":authority", "10.0.0.7:8080")]
+    block = encoder.encode(names + [("x-a", "v" * 27)] * 600)
+    assert len(block) < 16 * 1024
+    frame = HeadersFrame(1)
+    frame.data = block
+    frame.flags.add("END_HEADERS")
+    events = core.receive_data(frame.serialize())
+    assert [type(e) for e in events] == [ConnectionTerminated]
+    assert events[0].error_code == errors.ENHANCE_YOUR_CALM
