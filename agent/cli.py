@@ -193,8 +193,9 @@ def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) ->
 @ca.command("import")
 @click.option("--from", "source", required=True,
               type=click.Path(file_okay=False, exists=True),
-              help="Directory with Istio's cacerts files: ca-cert.pem, ca-key.pem, "
-                   "cert-chain.pem, root-cert.pem.")
+              help="Directory with Istio's cacerts files (ca-cert.pem, ca-key.pem, "
+                   "cert-chain.pem, root-cert.pem) or a kubernetes.io/tls secret's "
+                   "(tls.crt, tls.key, ca.crt).")
 @click.option("--dir", "ca_dir", default=None, help="CA directory (default: tunnel.ca_dir).")
 @click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
 @click.pass_context

@@ -21,6 +21,8 @@ APT_PACKAGES=(
   nodejs shellcheck ca-certificates procps psmisc kmod systemd
   # nghttpx: an independent HTTP/2 CONNECT proxy, the remote peer in tests/interop.
   nghttp2-proxy
+  # openssl: an independent TLS peer and CA tool for the identity tests.
+  openssl
   # The Vagrant lab's Vagrantfile is validated in the test suite (no VM boots).
   vagrant vagrant-libvirt
 )

@@ -11,7 +11,9 @@ Two directory layouts are understood by :func:`load_ca`:
   usually an intermediate), ``ca-key.pem`` (its key, RSA or EC, PKCS#1, SEC1 or PKCS#8),
   ``cert-chain.pem`` (the signing CA's chain, possibly ending with the root) and
   ``root-cert.pem`` (the trust anchors, one or more roots). Such a CA records no trust
-  domain; it is the configured one. :func:`import_istio_ca` checks the files as istiod
+  domain; it is the configured one. A ``kubernetes.io/tls`` secret (``tls.crt``: the
+  signing CA then its chain, ``tls.key``, ``ca.crt``: the roots) is read the same way,
+  as istiod reads it. :func:`import_istio_ca` checks the files as istiod
   does (``util.Verify`` in ``security/pkg/pki/util/keycertbundle.go``: the signing cert
   verifies from the roots through the chain, the key matches; ``ca.go``
   ``NewPluggedCertIstioCAOptions``: the signing cert is a CA) and copies them in.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
 import os
 import shutil
 import tempfile
@@ -61,6 +64,10 @@ ISTIO_CERT_CHAIN_FILE = "cert-chain.pem"
 ISTIO_ROOT_CERT_FILE = "root-cert.pem"
 ISTIO_FILES = (ISTIO_CA_CERT_FILE, ISTIO_CA_KEY_FILE, ISTIO_CERT_CHAIN_FILE,
                ISTIO_ROOT_CERT_FILE)
+# A kubernetes.io/tls secret (istio ca.go TLSSecretCACertFile, ...)
+K8S_TLS_CERT_FILE = "tls.crt"
+K8S_TLS_KEY_FILE = "tls.key"
+K8S_TLS_ROOT_FILE = "ca.crt"
 
 MIN_RSA_BITS = 2048
 _EC_CURVES: dict[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = {
@@ -270,7 +277,9 @@ def _private_dir(ca_dir: str | os.PathLike[str]) -> Path:
 
 
 def _holds_a_ca(directory: Path) -> list[str]:
-    return [n for n in (CA_CERT_FILE, CA_KEY_FILE, *ISTIO_FILES) if (directory / n).exists()]
+    names = (CA_CERT_FILE, CA_KEY_FILE, *ISTIO_FILES, K8S_TLS_CERT_FILE, K8S_TLS_KEY_FILE,
+             K8S_TLS_ROOT_FILE)
+    return [n for n in dict.fromkeys(names) if (directory / n).exists()]
 
 
 def init_ca(ca_dir: str | os.PathLike[str],
@@ -442,38 +451,78 @@ def _recorded_trust_domain(cert: x509.Certificate) -> str | None:
     return None
 
 
-def layout_of(ca_dir: str | os.PathLike[str]) -> str | None:
-    """``"meshagent"``, ``"istio"`` or None (no CA there). Side effects: stats files."""
+class CaLayout(enum.Enum):
+    """Which files a CA directory holds."""
+
+    MESHAGENT = "meshagent"  # ca.crt, ca.key (meshagent ca init)
+    ISTIO_CACERTS = "istio-cacerts"  # ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem
+    KUBERNETES_TLS = "kubernetes-tls"  # tls.crt (+ chain), tls.key, ca.crt
+
+
+@dataclass(frozen=True)
+class _PluggedFiles:
+    """File names of plugged CA material, as istiod's ``SigningCAFileBundle``."""
+
+    cert: str
+    key: str
+    chain: str | None
+    roots: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.cert, self.chain, self.roots, self.key) if n)
+
+
+_PLUGGED = {
+    CaLayout.ISTIO_CACERTS: _PluggedFiles(ISTIO_CA_CERT_FILE, ISTIO_CA_KEY_FILE,
+                                          ISTIO_CERT_CHAIN_FILE, ISTIO_ROOT_CERT_FILE),
+    # kubernetes.io/tls secrets (e.g. from cert-manager): tls.crt is the signing CA
+    # followed by its chain, ca.crt the roots (istio pilot/pkg/bootstrap/istio_ca.go,
+    # detectSigningCABundleAndCRL, checks for tls.crt first).
+    CaLayout.KUBERNETES_TLS: _PluggedFiles(K8S_TLS_CERT_FILE, K8S_TLS_KEY_FILE, None,
+                                           K8S_TLS_ROOT_FILE),
+}
+
+
+def layout_of(ca_dir: str | os.PathLike[str]) -> CaLayout | None:
+    """The layout of the CA in ``ca_dir``, or None (no CA there). Side effects: stats."""
     directory = Path(ca_dir)
-    if any((directory / n).exists() for n in ISTIO_FILES):
-        return "istio"
+    if (directory / K8S_TLS_CERT_FILE).exists():
+        return CaLayout.KUBERNETES_TLS
+    if any((directory / n).exists() for n in _PLUGGED[CaLayout.ISTIO_CACERTS].names):
+        return CaLayout.ISTIO_CACERTS
     if any((directory / n).exists() for n in (CA_CERT_FILE, CA_KEY_FILE)):
-        return "meshagent"
+        return CaLayout.MESHAGENT
     return None
 
 
+def _plugged_ca(directory: Path, layout: CaLayout, trust_domain: str,
+                now: float | None = None) -> MeshCA:
+    files = _PLUGGED[layout]
+    missing = [n for n in files.names if not (directory / n).exists()]
+    if missing:
+        raise IdentityError(f"{directory} is missing {', '.join(missing)}; Istio's "
+                            f"{layout.value} layout has {', '.join(files.names)}")
+    return _ca_from_parts(check_trust_domain(trust_domain), directory / files.cert,
+                          directory / files.key,
+                          directory / files.chain if files.chain else None,
+                          directory / files.roots, now)
+
+
 def load_ca(ca_dir: str | os.PathLike[str], trust_domain: str | None = None) -> MeshCA:
-    """Load the CA in ``ca_dir`` (either layout); side effects: reads its files.
+    """Load the CA in ``ca_dir`` (any :class:`CaLayout`); side effects: reads its files.
 
     ``trust_domain``: the configured one. A meshagent CA must record the same (None:
     take the recorded one); Istio material records none and needs it.
     """
     directory = Path(ca_dir)
     layout = layout_of(directory)
-    if layout == "istio":
+    if layout in _PLUGGED:
+        assert layout is not None
         if trust_domain is None:
             raise IdentityError(f"{directory} holds Istio CA material, which names no trust "
                                 "domain: give one (tunnel.trust_domain)")
-        missing = [n for n in ISTIO_FILES if not (directory / n).exists()
-                   and n != ISTIO_CERT_CHAIN_FILE]
-        if missing:
-            raise IdentityError(f"Istio CA directory {directory} is missing "
-                                f"{', '.join(missing)}; it needs {', '.join(ISTIO_FILES)}")
-        chain = directory / ISTIO_CERT_CHAIN_FILE
-        return _ca_from_parts(check_trust_domain(trust_domain), directory / ISTIO_CA_CERT_FILE,
-                              directory / ISTIO_CA_KEY_FILE,
-                              chain if chain.exists() else None,
-                              directory / ISTIO_ROOT_CERT_FILE)
+        return _plugged_ca(directory, layout, trust_domain)
     cert_path, key_path = directory / CA_CERT_FILE, directory / CA_KEY_FILE
     missing = [p.name for p in (cert_path, key_path) if not p.exists()]
     if missing:
@@ -494,39 +543,41 @@ def import_istio_ca(source_dir: str | os.PathLike[str], ca_dir: str | os.PathLik
                     trust_domain: str, now: float | None = None) -> MeshCA:
     """Check Istio plug-in CA files in ``source_dir`` and install them in ``ca_dir``.
 
-    Side effects: creates ``ca_dir`` (0700) and writes the four files there (the key
-    0600, certificates 0644), each atomically, after every check passed; nothing is
-    written on error. IdentityError (naming the file and the fault) if the material is
-    unusable or ``ca_dir`` already holds a CA (remove it deliberately first).
+    ``source_dir`` holds istiod's ``cacerts`` files or a ``kubernetes.io/tls`` secret's
+    (``tls.crt``, ``tls.key``, ``ca.crt``), detected as istiod does.
+    Side effects: creates ``ca_dir`` (0700) and writes the files there (the key 0600,
+    certificates 0644), each atomically, after every check passed; nothing is written
+    on error. IdentityError (naming the file and the fault) if the material is unusable
+    or ``ca_dir`` already holds a CA (remove it deliberately first).
     """
     check_trust_domain(trust_domain)
     source = Path(source_dir)
     if not source.is_dir():
         raise IdentityError(f"{source}: not a directory (give the directory holding "
-                            f"{', '.join(ISTIO_FILES)})")
-    missing = [n for n in ISTIO_FILES if not (source / n).exists()]
-    if missing:
-        raise IdentityError(f"{source} is missing {', '.join(missing)}; Istio's cacerts "
-                            f"layout has {', '.join(ISTIO_FILES)}")
-    ca = _ca_from_parts(trust_domain, source / ISTIO_CA_CERT_FILE, source / ISTIO_CA_KEY_FILE,
-                        source / ISTIO_CERT_CHAIN_FILE, source / ISTIO_ROOT_CERT_FILE, now)
+                            f"{', '.join(_PLUGGED[CaLayout.ISTIO_CACERTS].names)})")
+    layout = layout_of(source)
+    if layout not in _PLUGGED:
+        layout = CaLayout.ISTIO_CACERTS  # report what that layout misses
+    assert layout is not None
+    ca = _plugged_ca(source, layout, trust_domain, now)
     target = Path(ca_dir)
     if target.exists() and _holds_a_ca(target):
         if target.resolve() == source.resolve():
             return ca
         raise IdentityError(f"{target} already holds a CA ({', '.join(_holds_a_ca(target))}); "
                             "remove it deliberately before importing another")
+    files = _PLUGGED[layout]
     directory = _private_dir(target)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=directory))
     try:
-        for name in ISTIO_FILES:
-            mode = 0o600 if name == ISTIO_CA_KEY_FILE else 0o644
+        for name in files.names:
+            mode = 0o600 if name == files.key else 0o644
             write_private(staging / name, _read(source / name), mode)
-        # Key last on the way in: load_ca never sees a key without its certificate.
+        # Key last on the way in (names ends with it): load_ca never sees a key
+        # without its certificate.
         installed: list[Path] = []
         try:
-            for name in (*[n for n in ISTIO_FILES if n != ISTIO_CA_KEY_FILE],
-                         ISTIO_CA_KEY_FILE):
+            for name in files.names:
                 os.replace(staging / name, directory / name)
                 installed.append(directory / name)
         except BaseException:

@@ -28,6 +28,7 @@ from identity_certs import (
 from agent.cli import main as cli
 from agent.identity.ca import (
     ISTIO_FILES,
+    CaLayout,
     IdentityError,
     import_istio_ca,
     init_ca,
@@ -61,7 +62,7 @@ def test_init_ca_permissions_and_idempotence(tmp_path: Path) -> None:
     second = init_ca(directory, "example.org")
     assert second.cert_pem == first.cert_pem
     assert load_ca(directory).trust_domain == "example.org"
-    assert layout_of(directory) == "meshagent"
+    assert layout_of(directory) is CaLayout.MESHAGENT
     assert first.chain_pem == b""  # a self-signed root sends no chain
     assert first.trust_anchors_pem == first.cert_pem
 
@@ -119,7 +120,7 @@ def _mutual_tls(store: IdentityStore, trust_domain: str) -> None:
 
 def test_istio_sample_cacerts_load_and_sign(tmp_path: Path) -> None:
     ca = import_istio_ca(SAMPLES, tmp_path / "ca", trust_domain="trust-domain-foo")
-    assert layout_of(tmp_path / "ca") == "istio"
+    assert layout_of(tmp_path / "ca") is CaLayout.ISTIO_CACERTS
     assert isinstance(ca.key, type(serialization.load_pem_private_key(
         (SAMPLES / "ca-key.pem").read_bytes(), None)))  # RSA, PKCS#1 PEM
     assert ca.chain == ()  # cert-chain.pem holds only ca-cert.pem itself
@@ -176,6 +177,27 @@ def test_root_bundle_with_two_roots(tmp_path: Path) -> None:
                               IdentityStore(ca).server_context(WEB))
     assert verify_tls_peer(server, role=PeerRole.CLIENT, trust_domain="cluster.local") == WEB
     assert verify_tls_peer(client, role=PeerRole.SERVER, trust_domain="cluster.local") == WEB
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+def test_kubernetes_tls_secret_layout(tmp_path: Path, kind: str) -> None:
+    # tls.crt = signing CA + its chain, tls.key, ca.crt = roots (cert-manager's CA issuer
+    # writes this; istiod's detectSigningCABundleAndCRL prefers it).
+    h = istio_hierarchy(kind, levels=2)
+    source = tmp_path / "tls"
+    source.mkdir()
+    (source / "tls.crt").write_bytes(pem(*reversed(h.intermediates)))
+    (source / "tls.key").write_bytes(key_pem(h.signing_key))
+    (source / "ca.crt").write_bytes(pem(h.root))
+    ca = import_istio_ca(source, tmp_path / "ca", "cluster.local")
+    assert layout_of(tmp_path / "ca") is CaLayout.KUBERNETES_TLS
+    assert ca.cert == h.signing and list(ca.chain) == [h.intermediates[0]]
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == ["ca.crt", "tls.crt",
+                                                                   "tls.key"]
+    _mutual_tls(IdentityStore(load_ca(tmp_path / "ca", "cluster.local")), "cluster.local")
+    (source / "ca.crt").unlink()
+    with pytest.raises(IdentityError, match=r"missing ca\.crt"):
+        import_istio_ca(source, tmp_path / "ca2", "cluster.local")
 
 
 def test_leaf_validity_clamped_to_signing_chain(tmp_path: Path) -> None:
@@ -320,7 +342,7 @@ def test_cli_ca_import_and_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     # ca init on the imported CA loads and checks it, does not overwrite it
     result = runner.invoke(cli, ["--config", str(config), "ca", "init"])
     assert result.exit_code == 0, result.output
-    assert layout_of(tmp_path / "ca") == "istio"
+    assert layout_of(tmp_path / "ca") is CaLayout.ISTIO_CACERTS
     (source / "ca-key.pem").write_bytes(b"junk")
     result = runner.invoke(cli, ["--config", str(config), "ca", "import", "--from",
                                  str(source), "--dir", str(tmp_path / "other")])
