@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 from labkit import (
-    POD_NETWORKS,
     POD_NETWORKS_ENV,
     Lab,
     LabFactory,
@@ -35,6 +34,8 @@ from labkit import (
     lab_up,
     owned_prefix,
 )
+
+from agent.lab.topology import POD_NETWORKS
 
 
 def _spec(module: Any) -> LabSpec:

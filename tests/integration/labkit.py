@@ -18,6 +18,7 @@ both (see ``tests/README.md``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -59,9 +60,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 TC_PREF = "pref 58 "
 TC_HANDLE = "handle 0xa11 "
 
-# Pod networks a lab can be built with (LabPlan.pod_network); conftest's
-# ``pod_network`` fixture parametrises suites over the ones they declare.
-POD_NETWORKS = ("veth", "cni")
+# Pod networks a lab can be built with: agent.lab.topology.POD_NETWORKS;
+# conftest's ``pod_network`` fixture parametrises suites over the ones they declare.
 POD_NETWORKS_ENV = "MESHAGENT_TEST_POD_NETWORKS"  # e.g. "veth,cni": restrict every suite
 
 
@@ -347,6 +347,9 @@ class Lab:
     plan: LabPlan
     background: Background
     mode: str | None = None
+    # Pods as the kernel has them (CNI labs: the addresses and host veths the
+    # plugins made); filled by lab_up. Use lab.pod(name), not lab.plan.pod(name).
+    pods: Mapping[str, PodPlan] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -357,7 +360,8 @@ class Lab:
         return self.plan.run_dir
 
     def pod(self, name: str) -> PodPlan:
-        return self.plan.pod(name)
+        """Pod ``name`` with its real addresses and host veth (see ``pods``)."""
+        return self.pods.get(name) or self.plan.pod(name)
 
     def node(self, name: str) -> NodePlan:
         return self.plan.node(name)
@@ -450,7 +454,8 @@ def lab_up(
         hook = functools.partial(mesh.start_mesh, mode="none")  # CNI ADD without agents
     try:
         netlab.up(plan, after_topology=hook)
-        yield Lab(plan, background, spec.mode)
+        real = netlab.load_plan(plan.prefix)  # the lab may record what CNI plugins chose
+        yield Lab(real, background, spec.mode, _pods_as_built(real))
     finally:
         background.stop_all()
         save_logs(plan.prefix, logdir / "run")
@@ -458,6 +463,19 @@ def lab_up(
         assert not left and not problem, (
             f"lab {plan.prefix} left {left} behind ({problem or 'lab down said nothing'}); "
             f"its logs are in {logdir / 'run'}")
+
+
+def _pods_as_built(plan: LabPlan) -> dict[str, PodPlan]:
+    """Every pod of ``plan`` with the addresses and host veth the kernel has
+    (they differ from the plan where CNI plugins chose them)."""
+    listed = {p["name"]: p for n in netlab.list_lab(plan.prefix)["nodes"] for p in n["pods"]}
+    out: dict[str, PodPlan] = {}
+    for pod in plan.pods():
+        seen = listed.get(pod.name, {})
+        out[pod.name] = dataclasses.replace(
+            pod, ipv4=seen.get("ipv4") or pod.ipv4, ipv6=seen.get("ipv6") or pod.ipv6,
+            host_ifname=seen.get("host_ifname") or pod.host_ifname)
+    return out
 
 
 # -- addresses ----------------------------------------------------------------------
