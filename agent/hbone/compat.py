@@ -93,6 +93,8 @@ _require(h2.connection.H2Connection, "_receive_goaway_frame")
 _require(h2.connection.H2Connection, "_receive_headers_frame")
 _require(h2.connection, "_decode_headers")
 _require(h2.stream.StreamClosedBy, "SEND_RST_STREAM")
+_require(h2.stream, "StreamState")
+_REMOTE_MAY_SEND = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
 
 
 class StreamRefused(h2.events.Event):
@@ -116,13 +118,32 @@ class StreamMalformed(h2.events.Event):
 # connection error: one malformed request ends every stream on the connection. RFC 9113
 # section 8.1.1 makes it a stream error of type PROTOCOL_ERROR. When the error comes
 # from validating a *new* inbound stream's headers (the block was decoded, so HPACK is
-# in sync, and the stream was created), we reset just that stream.
+# in sync, and the stream was created), we reset just that stream; likewise for
+# trailers without END_STREAM on a stream the client may still send on.
+
+
+# ---- patch 6: count the control frames we queue ---------------------------------------
+# A peer can make us queue a reply per frame it sends: PING and SETTINGS ACKs, and a
+# RST_STREAM for every frame on a stream we reset. If it does not read, they pile up in
+# our output buffer. Go's server bounds such queued control frames
+# (maxQueuedControlFrames, server.go); to do the same we count them where h2 queues
+# every outgoing frame (_prepare_for_sending). The core resets the count whenever the
+# shell reports its output drained.
+_require(h2.connection.H2Connection, "_prepare_for_sending")
+_CONTROL_REPLIES = (hyperframe.frame.PingFrame, hyperframe.frame.SettingsFrame,
+                    hyperframe.frame.RstStreamFrame)
 
 
 class H2Connection(h2.connection.H2Connection):
     """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running,
-    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS, and a stream
-    error (not GOAWAY) for a malformed request."""
+    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS, a stream
+    error (not GOAWAY) for a malformed request, and a count of queued control frames."""
+
+    control_frames_queued = 0
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        self.control_frames_queued += sum(1 for f in frames if isinstance(f, _CONTROL_REPLIES))
+        super()._prepare_for_sending(frames)
 
     def _receive_headers_frame(
             self, frame: hyperframe.frame.HeadersFrame,
@@ -138,6 +159,15 @@ class H2Connection(h2.connection.H2Connection):
             refusal = hyperframe.frame.RstStreamFrame(stream_id)
             refusal.error_code = int(h2.errors.ErrorCodes.REFUSED_STREAM)
             return [refusal], [StreamRefused(stream_id)]
+        if not self.config.client_side and not is_new and "END_STREAM" not in frame.flags:
+            stream = self.streams[stream_id]
+            if stream.state_machine.state in _REMOTE_MAY_SEND:
+                # A second HEADERS from a client is trailers, which must end the stream
+                # (RFC 9113 8.1): malformed, a stream error. h2 makes it a connection
+                # error. Decode it first: HPACK state is connection-wide.
+                h2.connection._decode_headers(self.decoder, frame.data)
+                frames = stream.reset_stream(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))
+                return frames, [StreamMalformed(stream_id, "trailers without END_STREAM")]
         try:
             return super()._receive_headers_frame(frame)
         except h2.exceptions.ProtocolError as exc:

@@ -195,6 +195,32 @@ async def rapid_reset(store: IdentityStore, port: int, backend: int) -> int | No
         await close_quietly(writer)
 
 
+async def bad_request_flood(store: IdentityStore, port: int, backend: int) -> int | None:
+    """GETs with END_STREAM, each answered 400 on its stream: 3000 per connection."""
+    reader, writer = await attacker_connection(store, port)
+    answer = asyncio.ensure_future(goaway_code(reader))
+    encoder = hpack.Encoder()
+    get = [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+           (":authority", f"127.0.0.1:{backend}")]
+    try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for burst in range(6):
+                if answer.done():
+                    break
+                data = bytearray()
+                for i in range(500):
+                    frame = HeadersFrame(2 * (burst * 500 + i) + 1)
+                    frame.data = encoder.encode(get)
+                    frame.flags.add("END_HEADERS")
+                    frame.flags.add("END_STREAM")
+                    data += frame.serialize()
+                writer.write(bytes(data))
+                await asyncio.wait_for(writer.drain(), 30)
+        return await answer
+    finally:
+        await close_quietly(writer)
+
+
 async def continuation_flood(store: IdentityStore, port: int, backend: int) -> int | None:
     """One header block that never ends: 16 KiB CONTINUATIONs, 32 MiB at most."""
     reader, writer = await attacker_connection(store, port)
@@ -249,6 +275,12 @@ def test_rapid_reset_flood(ca_dir: Path) -> None:
     # checks request.cancelled before dialing).
     honest_dials = ROUNDS + 2
     assert result["stats"]["dials"] - honest_dials <= ROUNDS, result
+
+
+def test_bad_request_flood(ca_dir: Path) -> None:
+    result = check_flood(ca_dir, bad_request_flood)
+    assert result["codes"] == [errors.ENHANCE_YOUR_CALM] * ROUNDS, result
+    assert result["stats"]["dials"] == ROUNDS + 2, result  # the honest ones
 
 
 def test_continuation_flood(ca_dir: Path) -> None:

@@ -196,3 +196,39 @@ def test_patch_malformed_request_is_a_stream_error() -> None:
             if isinstance(f, hyperframe.frame.RstStreamFrame)] == [(1, 1)]
     assert [type(e) for e in server.receive_data(_headers(encoder, 3, CONNECT))] == [
         h2.events.RequestReceived]
+
+
+def test_patch_queued_control_frames_are_counted() -> None:
+    """Patch 6: every PING/SETTINGS ACK and RST_STREAM h2 queues is counted; DATA,
+    HEADERS and WINDOW_UPDATE are not."""
+    server, encoder = _raw_server(), hpack.Encoder()
+    before = server.control_frames_queued
+    ping = hyperframe.frame.PingFrame(0, opaque_data=b"12345678").serialize()
+    settings = hyperframe.frame.SettingsFrame(0).serialize()
+    server.receive_data(ping * 3 + settings * 2)
+    assert server.control_frames_queued - before == 5
+    server.receive_data(_headers(encoder, 1, CONNECT))
+    server.send_headers(1, [(":status", "200")])
+    server.send_data(1, b"payload")
+    server.increment_flow_control_window(1000)
+    assert server.control_frames_queued - before == 5
+    server.reset_stream(1)
+    server.receive_data(hyperframe.frame.DataFrame(1, data=b"late").serialize() * 4)
+    assert server.control_frames_queued - before == 5 + 1 + 4
+
+
+def test_patch_trailers_without_end_stream_are_a_stream_error() -> None:
+    """Patch 5, second half: a client's second HEADERS without END_STREAM resets that
+    stream PROTOCOL_ERROR (h2 alone: GOAWAY); HPACK stays in sync."""
+    server, encoder = _raw_server(), hpack.Encoder()
+    server.receive_data(_headers(encoder, 1, CONNECT))
+    server.send_headers(1, [(":status", "200")])
+    server.data_to_send()
+    events = server.receive_data(_headers(encoder, 1, [("x-trailer", "indexed")]))
+    assert [type(e) for e in events] == [compat.StreamMalformed]
+    frames = _frames(server.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in frames
+            if isinstance(f, hyperframe.frame.RstStreamFrame)] == [(1, 1)]
+    events = server.receive_data(_headers(encoder, 3, [*CONNECT, ("x-trailer", "indexed")]))
+    request = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    assert (b"x-trailer", b"indexed") in request.headers

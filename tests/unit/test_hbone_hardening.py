@@ -248,6 +248,21 @@ def test_ping_flood_while_not_reading_gets_goaway_enhance_your_calm() -> None:
     assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
 
 
+def test_frames_on_a_reset_stream_from_a_peer_not_reading_are_bounded() -> None:
+    """h2 answers every DATA frame on a stream we reset with a RST_STREAM: a peer that
+    does not read could make us queue one per 9 bytes it sends. Counted with the
+    PING/SETTINGS ACKs (Go counts every queued control frame)."""
+    core, encoder = server(), hpack.Encoder()
+    core.receive_data(headers_frame(encoder, 1, connect()))
+    core.reject_stream(1, 503)  # 503 + RST_STREAM NO_ERROR: the client had not ended it
+    core.output_drained()
+    limit = HboneSettings().max_queued_control_replies
+    data = DataFrame(1, data=b"x").serialize()
+    events = core.receive_data(data * (limit + 1))
+    assert isinstance(events[-1], ConnectionTerminated)
+    assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
+
+
 def test_pings_of_a_peer_that_reads_are_answered() -> None:
     core = server()
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
@@ -326,8 +341,14 @@ def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> No
     core.accept_stream(1)
     core.data_to_send()
     events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
-    assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
-               e.error_code == errors.PROTOCOL_ERROR for e in events)
+    # A stream error (RFC 9113 8.1: trailers must end the stream), not the connection.
+    assert events == [StreamReset(1, errors.PROTOCOL_ERROR, remote=False)]
+    out = frames_of(core.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
+        (1, errors.PROTOCOL_ERROR)]
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+    assert core.receive_data(headers_frame(encoder, 3, connect())) == [
+        StreamRequest(3, "10.0.0.7:8080", ())]
 
 
 def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None:
