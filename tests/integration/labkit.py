@@ -450,7 +450,7 @@ def lab_up(
     hook = functools.partial(mesh.start_mesh, mode=spec.mode) if spec.mode else None
     if hook is not None and spec.ca_from is not None:
         hook = functools.partial(_import_ca_then, spec.ca_from, hook)
-    if hook is None and network == "cni":
+    if hook is None and network != "veth":
         hook = functools.partial(mesh.start_mesh, mode="none")  # CNI ADD without agents
     try:
         netlab.up(plan, after_topology=hook)
