@@ -23,6 +23,7 @@ from agent.hbone.exceptions import (
     HbonePeerIdentityError,
     HboneRejected,
     HboneStreamError,
+    HboneStreamReset,
 )
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
