@@ -60,9 +60,13 @@ def run(ctx: click.Context) -> None:
 @click.pass_context
 def tunnel(ctx: click.Context) -> None:
     """Run the node's tunnel (outbound 15001, inbound 15006, HBONE 15008)."""
+    from agent.tunnel.main import TunnelStartError
     from agent.tunnel.main import run as run_tunnel
 
-    run_tunnel(ctx.obj["config"])
+    try:
+        run_tunnel(ctx.obj["config"])
+    except TunnelStartError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.group()

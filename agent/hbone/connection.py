@@ -57,7 +57,7 @@ from agent.hbone.headers import (
     BAGGAGE_HEADER,
     FORWARDED_HEADER,
     format_forwarded_for,
-    parse_authority,
+    parse_hbone_address,
 )
 
 
@@ -284,7 +284,7 @@ class HboneConnection:
             raise ConnectionClosedError("connection is closed or going away")
         if self.available_stream_slots(limit=self.peer_max_concurrent_streams) <= 0:
             raise HboneError("peer's MAX_CONCURRENT_STREAMS reached")
-        parse_authority(authority)  # ValueError for anything but ip:port
+        parse_hbone_address(authority)  # ValueError for anything but ip:port / host:port
         headers: list[tuple[str, str]] = [(":method", "CONNECT"), (":authority", authority)]
         if forwarded_for is not None:
             headers.append((FORWARDED_HEADER, format_forwarded_for(forwarded_for)))
@@ -562,7 +562,9 @@ class HboneConnection:
             return self._refuse_request(stream_id, 400, "extended CONNECT is not HBONE")
         authority = pseudo.get(":authority", "")
         try:
-            parse_authority(authority)
+            # A hostname goes to the application, which resolves it through a service
+            # (ztunnel inbound.rs find_inbound_upstream) or answers 503.
+            parse_hbone_address(authority)
         except ValueError as exc:
             return self._refuse_request(stream_id, 400, str(exc))
         return [StreamRequest(stream_id, authority, tuple(headers))]

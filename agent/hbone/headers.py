@@ -4,6 +4,7 @@ W3C ``baggage``, lookups in header lists."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 # Headers a ztunnel peer sends or reads on the CONNECT request.
@@ -37,6 +38,33 @@ def parse_authority(authority: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"authority {authority!r}: port {port} out of range")
     return str(address), port
+
+
+_HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def parse_hbone_address(authority: str) -> tuple[str, int, bool]:
+    """(host, port, is_ip): an ``ip:port`` authority, or ``hostname:port`` as ztunnel's
+    ``HboneAddress::SvcHostname`` (src/proxy.rs ``TryFrom<&Uri> for HboneAddress``:
+    an authority whose host is not an IP is a service hostname). ValueError otherwise.
+    """
+    host, sep, port_text = authority.rpartition(":")
+    if authority.startswith("[") or ":" in host or not sep:
+        ip, port = parse_authority(authority)
+        return ip, port, True
+    try:
+        ip, port = parse_authority(authority)
+        return ip, port, True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels) \
+            or labels[-1].isdigit():
+        raise ValueError(f"authority {authority!r}: expected ip:port or hostname:port")
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5 \
+            or not 0 < int(port_text) < 65536:
+        raise ValueError(f"authority {authority!r}: port must be in 1..65535")
+    return host.lower(), int(port_text), False
 
 
 def format_authority(ip: str, port: int) -> str:

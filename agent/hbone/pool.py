@@ -1,7 +1,9 @@
 """Pool of outbound HBONE connections, shared by streams like ztunnel's pool.
 
 One TLS + HTTP/2 connection carries up to ``max_streams_per_connection`` CONNECT streams
-for the same (source identity, destination node address, expected peer identity); the
+for the same (source identity, source address, destination node address, expected peer
+identity) -- ztunnel's ``WorkloadKey`` (src/proxy/h2/client.rs: src_id, src, dst,
+dst_id; the source address is in the key because the connection is made from it); the
 next stream beyond that opens another connection. Connections idle for
 ``idle_timeout`` seconds are closed, PINGs keep the others alive, and the server's
 SPIFFE ID is checked on every new connection (trust domain, and the expected identity
@@ -41,6 +43,7 @@ class PoolKey:
     source: SpiffeId
     peer: tuple[str, int]
     expected_peer: SpiffeId | None
+    source_ip: str | None = None
 
 
 class PoolClosedError(RuntimeError):
@@ -90,11 +93,13 @@ class HbonePool:
                           trust_domain: str | None = None,
                           extra_headers: Sequence[tuple[str, str]] = (),
                           socket_factory: SocketFactory | None = None,
-                          local_addr: tuple[str, int] | None = None) -> HboneStream:
+                          local_addr: tuple[str, int] | None = None,
+                          source_ip: str | None = None) -> HboneStream:
         """Open a CONNECT stream for ``authority`` via the node at ``peer`` (ip, 15008).
 
         Reuses a pooled connection with a free stream slot or opens a new one (with
         ``socket_factory``/``local_addr`` for the TCP leg, else the pool's factory).
+        ``source_ip`` is the address the connection is made from (part of the key).
         Raises HbonePeerIdentityError if the server is outside ``trust_domain`` (default:
         the pool's) or is not ``expected_peer``; HboneRejected(status) if the peer refuses
         the CONNECT; HboneConnectionLost, TimeoutError or OSError for transport failures.
@@ -102,7 +107,7 @@ class HbonePool:
         if self._closed:
             raise PoolClosedError("HBONE pool is closed")
         self._ensure_reaper()
-        key = PoolKey(source, (peer[0], int(peer[1])), expected_peer)
+        key = PoolKey(source, (peer[0], int(peer[1])), expected_peer, source_ip)
         for attempt in range(REFUSED_STREAM_RETRIES + 1):
             client = await self._client_with_capacity(
                 key, trust_domain or self.trust_domain, socket_factory, local_addr)

@@ -138,6 +138,16 @@ def _first_label(labels: Mapping[str, str], names: Iterable[str]) -> str | None:
     return None
 
 
+def canonical_service(workload: WorkloadLike) -> str:
+    """Istio's canonical service of a workload: its canonical-name label, else the name."""
+    return _first_label(workload.labels, _CANONICAL_NAME_LABELS) or workload.name
+
+
+def canonical_revision(workload: WorkloadLike) -> str:
+    """Istio's canonical revision of a workload: its canonical-revision label, else "latest"."""
+    return _first_label(workload.labels, _CANONICAL_REVISION_LABELS) or "latest"
+
+
 def _workload_labels(prefix: str, workload: WorkloadLike | None,
                      cluster: str | None) -> dict[str, str]:
     if workload is None:
@@ -145,16 +155,15 @@ def _workload_labels(prefix: str, workload: WorkloadLike | None,
             ("workload", "canonical_service", "canonical_revision", "workload_namespace",
              "app", "version"))
     else:
-        canonical_service = _first_label(workload.labels, _CANONICAL_NAME_LABELS) or workload.name
-        canonical_revision = _first_label(workload.labels, _CANONICAL_REVISION_LABELS) or "latest"
+        service, revision = canonical_service(workload), canonical_revision(workload)
         values = {
             "workload": workload.name,
-            "canonical_service": canonical_service,
-            "canonical_revision": canonical_revision,
+            "canonical_service": service,
+            "canonical_revision": revision,
             "workload_namespace": workload.namespace,
             # ztunnel fills app/version from the canonical service/revision.
-            "app": canonical_service,
-            "version": canonical_revision,
+            "app": service,
+            "version": revision,
         }
     result = {f"{prefix}_{key}": bounded_label_value(value) for key, value in values.items()}
     result[f"{prefix}_cluster"] = bounded_label_value(cluster)

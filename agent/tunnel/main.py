@@ -1,206 +1,135 @@
-"""``meshagent tunnel``: the node's co-located tunnel process.
+"""``meshagent tunnel``: the node's co-located tunnel process (lifecycle and listeners).
 
-It listens, IP_TRANSPARENT, on the outbound (15001), inbound plaintext
-(15006) and HBONE (15008) ports, IPv4 and IPv6, in the node's netns; the
-datapath assigns captured connections to these listeners. It learns the
-node's enrolled workloads from the agent's ``workloads.json``.
+It listens, IP_TRANSPARENT, on the outbound (15001), inbound plaintext (15006)
+and HBONE (15008) ports, IPv4 and IPv6, in the node's netns; the datapath
+assigns captured connections to these listeners. Each accepted connection goes
+to its path's handler (``outbound``, ``inbound``, ``hbone_inbound``) with one
+frozen :class:`~agent.tunnel.inputs.ProxyInputs`; :class:`Tunnel` itself only
+builds that bundle, runs the accept loops, polls workloads and policies, writes
+the status file and stops.
+
+Everything a test needs to run the tunnel in process on loopback is injectable:
+the workload source, the dialer, the listener factory and the identity store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent.addr import parse_ip
 from agent.config import Config
 from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
-from agent.policy import ConnectionRequest, PolicySet, PolicyWatcher, WorkloadRef
+from agent.hbone.pool import HbonePool
+from agent.identity.ca import IdentityError, load_ca
+from agent.identity.store import IdentityStore
 from agent.state import write_json_atomic
-from agent.telemetry.metrics import (
-    REPORTER_DESTINATION,
-    REPORTER_SOURCE,
-    MetricsServer,
-    TunnelMetrics,
-    serve_metrics,
-    tcp_labels,
-)
-from agent.tunnel import inbound, outbound, sockets
+from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
+from agent.tunnel import hbone_inbound, inbound, outbound, sockets
 from agent.tunnel.connection import ConnectionRecord
-from agent.tunnel.workloads import Workload, WorkloadIndex, in_cidrs
+from agent.tunnel.dialer import Dialer, TransparentDialer
+from agent.tunnel.discovery import FileWorkloads, WorkloadSource
+from agent.tunnel.gate import PolicyGate
+from agent.tunnel.inputs import ProxyInputs
+from agent.tunnel.tracker import ConnectionTracker
 
 log = structlog.get_logger("tunnel")
 WORKLOADS_POLL_SECONDS = 0.2
-# Result of a connection -> ztunnel's response flag in metrics.
-_RESPONSE_FLAGS = {"denied": "DENY", "refused": "DENY", "connect_failed": "CONNECT",
-                   "tls_failed": "TLS_FAILURE"}
+ROTATION_CHECK_SECONDS = 60.0
 
-Handler = Callable[[Any, socket.socket, tuple[str, int]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    policy: str | None = None
-    reason: str | None = None
+Handler = Callable[[ProxyInputs, socket.socket, tuple[str, int], tuple[str, int]],
+                   Awaitable[None]]
+ListenerFactory = Callable[[int], list[socket.socket]]
+"""Makes the listening sockets for a port (production: transparent, v4 and v6)."""
 
 
-class HboneEndpoint(Protocol):
-    async def outbound(self, conn: socket.socket, rec: ConnectionRecord, src: Workload | None,
-                       src_ip: str, dst_ip: str, dst_port: int) -> None: ...
+class TunnelStartError(RuntimeError):
+    """The tunnel cannot start; the message says what to do."""
 
-    async def serve(self, tunnel: Tunnel, conn: socket.socket,
-                    peer: tuple[str, int]) -> None: ...
 
-    async def close(self) -> None: ...
+def load_identities(cfg: Config) -> IdentityStore:
+    """The identity store over the mesh CA. Raises TunnelStartError with what to run."""
+    t = cfg.tunnel
+    try:
+        ca = load_ca(t.ca_dir, t.trust_domain)
+    except (IdentityError, OSError, ValueError) as exc:
+        raise TunnelStartError(
+            f"no usable mesh CA in {t.ca_dir} ({exc}): run `meshagent ca init` first "
+            f"(or set tunnel.mode = \"plain\" to run without HBONE)") from exc
+    return IdentityStore(ca, ttl_seconds=t.cert_ttl_seconds)
 
-    def certificates(self) -> list[dict[str, Any]]: ...
+
+def transparent_listeners(mark: int) -> ListenerFactory:
+    def listen(port: int) -> list[socket.socket]:
+        out: list[socket.socket] = []
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                out.append(sockets.listener(family, port, mark=mark))
+        except OSError:
+            for sock in out:
+                sock.close()
+            raise
+        return out
+    return listen
 
 
 class Tunnel:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, workloads: WorkloadSource | None = None,
+                 dialer: Dialer | None = None, listen: ListenerFactory | None = None,
+                 identities: IdentityStore | None = None,
+                 collectors: CollectorRegistry | None = None,
+                 access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log) -> None:
+        t = cfg.tunnel
         self.cfg = cfg
-        self.workloads = WorkloadIndex()
-        self.workloads_path = Path(cfg.agent.state_dir) / WORKLOADS_FILE
-        self._workloads_mtime: float | None = None
-        self.peers = WorkloadIndex()
-        self._peer_mtimes: tuple[float | None, ...] = ()
-        self.hbone: HboneEndpoint | None = None
+        self.file_workloads: FileWorkloads | None = None
+        if workloads is None:
+            self.file_workloads = FileWorkloads(Path(cfg.agent.state_dir) / WORKLOADS_FILE,
+                                                t.peer_workloads, t.mesh_cidrs)
+            workloads = self.file_workloads
+        dialer = dialer or TransparentDialer(t.socket_mark, t.connect_timeout_seconds)
+        self._listen = listen or transparent_listeners(t.socket_mark)
+        self.collectors = collectors or CollectorRegistry()
+        tracker = ConnectionTracker()
+        pool = None
+        if t.mode == "hbone":
+            identities = identities or load_identities(cfg)
+            pool = HbonePool(identities.client_context, trust_domain=t.trust_domain,
+                             connect_timeout=t.connect_timeout_seconds,
+                             socket_factory=lambda family: dialer.socket_for(family, None))
+        else:
+            identities = None
+        self.inputs = ProxyInputs(
+            cfg=t, workloads=workloads,
+            policy=PolicyGate(t.policy_dir, t.root_namespace, tracker),
+            tracker=tracker, metrics=TunnelMetrics(self.collectors), dialer=dialer,
+            identities=identities, pool=pool, access_log=access_log)
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
-        self.on_close: list[Callable[[ConnectionRecord], None]] = []
-        self.policy_watcher = PolicyWatcher(cfg.tunnel.policy_dir, cfg.tunnel.root_namespace)
-        self.policies: PolicySet = self.policy_watcher.current
-        # Allowed inbound connections and what they were allowed as, so a policy
-        # change can close exactly the ones it no longer allows.
-        self._active: dict[asyncio.Task[Any], tuple[ConnectionRequest, ConnectionRecord]] = {}
-        self.registry = CollectorRegistry()
-        self.metrics = TunnelMetrics(self.registry)
         self.metrics_server: MetricsServer | None = None
         self._last_status: dict[str, Any] | None = None
-        self._logged_policy_error: Exception | None = None
 
-    # --- decisions -----------------------------------------------------------
-
-    def local_workload(self, ip: str) -> Workload | None:
-        """The workload enrolled on this node at ``ip``.
-
-        On a miss, re-read ``workloads.json`` (a stat when unchanged) before
-        answering: the agent writes it before ``pod add`` returns, so a pod's
-        first connection right after enrollment must not be refused just
-        because the next poll has not come yet.
-        """
-        found = self.workloads.by_address(ip)
-        if found is None and self.reload_workloads():
-            found = self.workloads.by_address(ip)
-        return found
-
-    def is_mesh_destination(self, ip: str) -> bool:
-        # The local lookup goes last: on a miss it stats workloads.json, so a
-        # pod enrolled here a moment ago is already reached over the mesh.
-        return (self.peers.by_address(ip) is not None
-                or in_cidrs(ip, self.cfg.tunnel.mesh_cidrs)
-                or self.local_workload(ip) is not None)
-
-    def authorize_inbound(self, *, src_ip: str, src_identity: str | None, dst: Workload,
-                          dst_ip: str, dst_port: int,
-                          rec: ConnectionRecord | None = None) -> Decision:
-        """Evaluate the L4 authorization policies for a connection to a local pod.
-
-        An allowed connection is remembered (keyed by the task serving it) so
-        a later policy change that denies it closes it.
-        """
-        request = ConnectionRequest(
-            src_ip=parse_ip(src_ip), src_identity=src_identity,
-            dst_ip=parse_ip(dst_ip), dst_port=dst_port,
-            dst_workload=WorkloadRef(dst.name, dst.namespace, dict(dst.labels)))
-        result = self.policies.evaluate(request)
-        if result.dry_run_matches:
-            log.info("dry-run policy matched", src=src_ip, dst=f"{dst_ip}:{dst_port}",
-                     matches=[f"{m.policy} {m.action}" for m in result.dry_run_matches],
-                     would_allow=result.dry_run_allowed)
-        if result.allowed and rec is not None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._active[task] = (request, rec)
-                task.add_done_callback(lambda t: self._active.pop(t, None))
-        return Decision(allowed=result.allowed, policy=result.policy, reason=result.reason)
-
-    def _apply_policy_change(self, new: PolicySet) -> None:
-        self.policies = new
-        closed = 0
-        for task, (request, rec) in list(self._active.items()):
-            decision = new.evaluate(request)
-            if not decision.allowed:
-                rec.result, rec.reason, rec.policy = "denied", decision.reason, decision.policy
-                task.cancel()
-                closed += 1
-        log.info("policies loaded", count=len(new.policies), connections_closed=closed)
-
-    def reload_policies(self) -> None:
-        if not Path(self.cfg.tunnel.policy_dir).is_dir():
-            # No policy directory means no policies (allow all), not an error.
-            if self.policies.policies:
-                self._apply_policy_change(PolicySet.empty(self.cfg.tunnel.root_namespace))
-            return
-        new = self.policy_watcher.poll()
-        if new is not None:
-            self._apply_policy_change(new)
-        elif (self.policy_watcher.last_error
-              and self.policy_watcher.last_error is not self._logged_policy_error):
-            self._logged_policy_error = self.policy_watcher.last_error
-            log.error("policy files rejected; the last good policy set stays in force",
-                      error=str(self.policy_watcher.last_error))
-
-    def _metric_labels(self, rec: ConnectionRecord, reporter: str) -> dict[str, str]:
-        src = self.workloads.by_address(rec.src_ip) or self.peers.by_address(rec.src_ip)
-        dst = self.workloads.by_address(rec.dst_ip) or self.peers.by_address(rec.dst_ip)
-        flag = _RESPONSE_FLAGS.get(rec.result, "-")
-        return tcp_labels(reporter, _ref(src), _ref(dst), rec.src_identity, rec.dst_identity,
-                          mtls=rec.path in ("hbone", "hbone-local"), response_flags=flag)
-
-    def _reporters(self, rec: ConnectionRecord) -> tuple[str, ...]:
-        if rec.path == "hbone-local":  # this tunnel is both ends
-            return (REPORTER_SOURCE, REPORTER_DESTINATION)
-        return (REPORTER_SOURCE,) if rec.direction == "outbound" else (REPORTER_DESTINATION,)
-
-    def connection_opened(self, rec: ConnectionRecord) -> None:
-        rec.opened = True
-        for reporter in self._reporters(rec):
-            self.metrics.connection_opened(self._metric_labels(rec, reporter))
-
-    def connection_closed(self, rec: ConnectionRecord) -> None:
-        rec.log()
-        for reporter in self._reporters(rec):
-            if rec.opened:
-                # Istio: "sent" is server -> client, "received" client -> server.
-                labels = self._metric_labels(rec, reporter)
-                labels["response_flags"] = "-"
-                self.metrics.connection_closed(labels, sent=rec.received, received=rec.sent)
-            else:
-                labels = self._metric_labels(rec, reporter)
-                self.metrics.connection_failed(labels, labels["response_flags"])
-        for callback in self.on_close:
-            callback(rec)
+    # --- status ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        inputs = self.inputs
         certs = []
-        if self.hbone is not None:
-            certs = self.hbone.certificates()
-        error = self.policy_watcher.last_error
-        return {"mode": self.cfg.tunnel.mode, "workloads": len(self.workloads),
-                "peer_workloads": len(self.peers), "policies": len(self.policies.policies),
-                "policy_error": str(error) if error else None, "certificates": certs,
-                "active_inbound": len(self._active)}
+        if inputs.identities is not None:
+            for spiffe_id in inputs.identities.identities():
+                cert = inputs.identities.get(spiffe_id)
+                certs.append({"identity": str(spiffe_id), "not_after": cert.not_after})
+        local, remote = inputs.workloads.counts()
+        error = inputs.policy.last_error
+        return {"mode": self.cfg.tunnel.mode, "workloads": local, "peer_workloads": remote,
+                "policies": len(inputs.policy.policies.policies),
+                "policy_error": str(error) if error else None, "certificates": tuple(certs),
+                "active_inbound": len(inputs.tracker)}
 
     def write_status(self) -> None:
         status = self.status()
@@ -209,86 +138,46 @@ class Tunnel:
             write_json_atomic(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE,
                               TunnelStatus(**status).to_json(), mode=0o644)
 
-    # --- workloads -----------------------------------------------------------
+    def refresh(self) -> None:
+        """Re-read workloads and policies. Side effects: reads their files."""
+        if self.file_workloads is not None:
+            self.file_workloads.refresh()
+        self.inputs.policy.reload()
 
-    def reload_workloads(self) -> bool:
-        try:
-            mtime = self.workloads_path.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        if mtime == self._workloads_mtime:
-            return False
-        try:
-            index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()),
-                                            str(self.workloads_path))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("workloads file unreadable; keeping the last good one",
-                        path=str(self.workloads_path), error=str(exc))
-            return False
-        self._workloads_mtime = mtime
-        self.workloads = index
-        log.info("workloads loaded", count=len(index))
-        return True
-
-    def reload_peers(self) -> bool:
-        paths = [Path(p) for p in self.cfg.tunnel.peer_workloads]
-        mtimes = tuple(p.stat().st_mtime if p.exists() else None for p in paths)
-        if mtimes == self._peer_mtimes:
-            return False
-        workloads: list[Workload] = []
-        for path in paths:
-            try:
-                workloads.extend(
-                    WorkloadIndex.from_json(json.loads(path.read_text()), str(path)).workloads)
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning("peer workloads unreadable; keeping the last good set",
-                            path=str(path), error=str(exc))
-                return False
-        self._peer_mtimes = mtimes
-        self.peers = WorkloadIndex(workloads)
-        log.info("peer workloads loaded", count=len(self.peers))
-        return True
-
-    async def _watch_workloads(self) -> None:
+    async def _watch(self) -> None:
         while True:
-            self.reload_workloads()
-            self.reload_peers()
-            self.reload_policies()
+            self.refresh()
             try:
                 self.write_status()
             except OSError as exc:
                 log.warning("could not write tunnel status", error=str(exc))
             await asyncio.sleep(WORKLOADS_POLL_SECONDS)
 
-    # --- serving -------------------------------------------------------------
+    async def _rotate(self) -> None:
+        identities = self.inputs.identities
+        while identities is not None:
+            await asyncio.sleep(ROTATION_CHECK_SECONDS)
+            rotated = identities.rotate_due()
+            if rotated:
+                log.info("certificates rotated", identities=[str(i) for i in rotated])
+
+    # --- serving -----------------------------------------------------------------
 
     def open_listeners(self) -> list[tuple[socket.socket, Handler]]:
         t = self.cfg.tunnel
-        hbone_handler: Handler = self._serve_hbone
         plan: list[tuple[int, Handler]] = [(t.outbound_port, outbound.handle),
                                            (t.inbound_port, inbound.handle),
-                                           (t.hbone_port, hbone_handler)]
+                                           (t.hbone_port, hbone_inbound.handle)]
         out: list[tuple[socket.socket, Handler]] = []
         try:
             for port, handler in plan:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    sock = sockets.listener(family, port, mark=t.socket_mark)
+                for sock in self._listen(port):
                     self.listeners.append(sock)
                     out.append((sock, handler))
         except OSError:
             self.close()
             raise
         return out
-
-    async def _serve_hbone(self, _tunnel: Any, conn: socket.socket,
-                           peer: tuple[str, int]) -> None:
-        if self.hbone is None:
-            log.info("HBONE connection refused: tunnel runs in plain mode", peer=peer[0])
-            sockets.abort(conn)
-            return
-        await self.hbone.serve(self, conn, peer)
 
     async def _accept_loop(self, lsock: socket.socket, handler: Handler) -> None:
         loop = asyncio.get_running_loop()
@@ -300,15 +189,20 @@ class Tunnel:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.create_task(self._run_handler(handler, conn, peer))
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                local = conn.getsockname()  # the original destination (no NAT)
+            except OSError:
+                conn.close()
+                continue
+            task = asyncio.create_task(self._run_handler(handler, conn, peer, local))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
     async def _run_handler(self, handler: Handler, conn: socket.socket,
-                           peer: tuple[str, int]) -> None:
+                           peer: tuple[str, int], local: tuple[str, int]) -> None:
         try:
-            await handler(self, conn, peer)
+            await handler(self.inputs, conn, (peer[0], peer[1]), (local[0], local[1]))
         except asyncio.CancelledError:
             sockets.abort(conn)
             raise
@@ -321,47 +215,42 @@ class Tunnel:
             sock.close()
         self.listeners.clear()
 
-    async def run(self, stop: asyncio.Event | None = None) -> None:
+    async def run(self, stop: asyncio.Event | None = None,
+                  ready: asyncio.Event | None = None) -> None:
         t = self.cfg.tunnel
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError, ValueError):
                 loop.add_signal_handler(sig, stop.set)
-        self.reload_workloads()
-        self.reload_peers()
-        self.reload_policies()
+        self.refresh()
         if t.metrics_port:
-            self.metrics_server = serve_metrics(self.registry, t.metrics_host, t.metrics_port)
-        if self.cfg.tunnel.mode == "hbone" and self.hbone is None:
-            from agent.tunnel.hbone_endpoint import HboneEndpoint as Endpoint
-
-            endpoint = Endpoint(self)
-            endpoint.start()
-            self.hbone = endpoint
-        background = [asyncio.create_task(self._watch_workloads())]
+            self.metrics_server = serve_metrics(self.collectors, t.metrics_host, t.metrics_port)
+        background = [asyncio.create_task(self._watch()), asyncio.create_task(self._rotate())]
         for sock, handler in self.open_listeners():
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))
+        local, _ = self.inputs.workloads.counts()
         log.info("tunnel ready", mode=t.mode, outbound=t.outbound_port, inbound=t.inbound_port,
-                 hbone=t.hbone_port, workloads=len(self.workloads))
-        await stop.wait()
-        for task in background:
-            task.cancel()
-        self.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*background, *self.tasks, return_exceptions=True)
-        if self.hbone is not None:
-            await self.hbone.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-        log.info("tunnel stopped")
-
-
-def _ref(workload: Workload | None) -> WorkloadRef | None:
-    if workload is None:
-        return None
-    return WorkloadRef(workload.name, workload.namespace, dict(workload.labels))
+                 hbone=t.hbone_port, workloads=local)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            for task in background:
+                task.cancel()
+            self.close()
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+            if self.inputs.pool is not None:
+                await self.inputs.pool.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
+                    loop.remove_signal_handler(sig)
+            log.info("tunnel stopped")
 
 
 def install_event_loop_policy() -> str:
@@ -375,7 +264,9 @@ def install_event_loop_policy() -> str:
 
 
 def run(cfg: Config) -> None:
+    """Run the tunnel until SIGTERM/SIGINT. Raises TunnelStartError (one line, what to
+    do) when it cannot start, e.g. without a mesh CA in HBONE mode."""
+    tunnel = Tunnel(cfg)  # loads the CA first: a missing one fails here, before the loop
     loop_name = install_event_loop_policy()
     log.info("starting tunnel", event_loop=loop_name)
-    tunnel = Tunnel(cfg)
     asyncio.run(tunnel.run())

@@ -1,63 +1,129 @@
 """Outbound (port 15001): connections captured from enrolled pods on this node.
 
-The accepted socket's peer is the client pod and its local address is the
-original destination. Plain mode (and any destination outside the mesh) dials
-the destination directly from the client's own address; HBONE mode carries
-mesh destinations over mTLS HTTP/2 CONNECT to the destination's port 15008.
+The accepted socket's peer is the client pod and its local address the original
+destination. This module only classifies; :class:`~agent.tunnel.pipeline.Pipeline`
+carries the connection:
+
+- a direct connection to a tunnel port (not captured: its local port is the
+  tunnel's own) is refused, and so is a client that is not an enrolled pod in
+  HBONE mode: nothing is ever labelled with an identity on the strength of an
+  address alone;
+- plain mode, and HBONE mode for a destination outside the mesh
+  (``passthrough``): dial the destination from the client's own address;
+- a mesh destination on another node (``hbone``): a CONNECT stream on a pooled
+  mTLS connection to ``dst:15008`` made from the source pod's own address, with
+  the source pod's certificate, checking the server's SPIFFE ID;
+- a destination enrolled on this node (``hbone-local``): handed straight to the
+  inbound side in process (same policy check, no TLS round trip).
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import TYPE_CHECKING
+import ssl
 
-from agent.addr import family_of
-from agent.tunnel import sockets
+from agent.hbone import headers as hbone
+from agent.hbone.exceptions import HbonePeerIdentityError, HboneRejected, HboneStreamError
+from agent.identity.spiffe import parse_spiffe_id
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.relay import relay
-
-if TYPE_CHECKING:
-    from agent.tunnel.main import Tunnel
-
-
-async def dial(tunnel: Tunnel, dst_ip: str, dst_port: int,
-               source_ip: str | None) -> socket.socket:
-    """Connect to dst with the tunnel's mark, from ``source_ip`` if given."""
-    loop = asyncio.get_running_loop()
-    up = sockets.upstream(family_of(dst_ip), mark=tunnel.cfg.tunnel.socket_mark,
-                          source_ip=source_ip)
-    try:
-        await asyncio.wait_for(loop.sock_connect(up, (dst_ip, dst_port)),
-                               tunnel.cfg.tunnel.connect_timeout_seconds)
-    except BaseException:
-        up.close()
-        raise
-    return up
+from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent, baggage_entries
+from agent.tunnel.inbound import dial_pod, inbound_request
+from agent.tunnel.inputs import ProxyInputs
+from agent.tunnel.outcome import Direction, Outcome, Path
+from agent.tunnel.pipeline import DialError, Flow, Pipeline, SocketDownstream
+from agent.tunnel.relay import ByteStream, HboneByteStream, SocketStream
+from agent.tunnel.workloads import Workload
 
 
-async def handle(tunnel: Tunnel, conn: socket.socket, peer: tuple[str, int]) -> None:
+async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int],
+                 local: tuple[str, int]) -> None:
     src_ip, src_port = peer[0], peer[1]
-    dst_ip, dst_port = conn.getsockname()[:2]
-    rec = ConnectionRecord(direction="outbound", src=fmt_addr(src_ip, src_port),
-                           dst=fmt_addr(dst_ip, dst_port), src_ip=src_ip, dst_ip=dst_ip)
-    src = tunnel.local_workload(src_ip)
+    dst_ip, dst_port = local[0], local[1]
+    pipeline = Pipeline(inputs)
+    rec = ConnectionRecord(direction=Direction.OUTBOUND,
+                           path=Path.PASSTHROUGH if inputs.hbone else Path.PLAIN,
+                           src=fmt_addr(src_ip, src_port), dst=fmt_addr(dst_ip, dst_port),
+                           src_ip=src_ip, dst_ip=dst_ip)
+    downstream = SocketDownstream(conn)
+    if dst_port == inputs.cfg.outbound_port:
+        # Captured connections keep their original destination as the local address;
+        # one whose local port is this listener's own came straight at the tunnel.
+        pipeline.refuse(rec, downstream, Outcome.REFUSED,
+                        f"direct connection to the tunnel's port {dst_port} (not captured)")
+        return
+    src = inputs.workloads.local(src_ip)
     rec.src_identity = src.identity if src else None
+    if inputs.hbone and inputs.workloads.is_mesh_destination(dst_ip):
+        if src is None:
+            rec.path = Path.HBONE
+            pipeline.refuse(rec, downstream, Outcome.IDENTITY_ERROR,
+                            "source is not a workload enrolled on this node")
+            return
+        local_dst = inputs.workloads.local(dst_ip)
+        if local_dst is not None:
+            await _same_node(inputs, pipeline, rec, downstream, src, local_dst, dst_port)
+        else:
+            await _hbone(inputs, pipeline, rec, downstream, src, dst_port)
+        return
+    await pipeline.run(Flow(rec, downstream, dial=lambda: _dial_direct(inputs, rec, dst_port)))
+
+
+async def _dial_direct(inputs: ProxyInputs, rec: ConnectionRecord,
+                       dst_port: int) -> ByteStream:
     try:
-        if tunnel.hbone is not None and tunnel.is_mesh_destination(dst_ip):
-            rec.path = "hbone"
-            await tunnel.hbone.outbound(conn, rec, src, src_ip, dst_ip, dst_port)
-            return
-        rec.path = "passthrough" if tunnel.hbone is not None else "plain"
+        sock = await inputs.dialer.connect((rec.dst_ip, dst_port), source_ip=rec.src_ip)
+    except (OSError, TimeoutError) as exc:
+        raise DialError(Outcome.CONNECT_FAILED, str(exc) or type(exc).__name__) from exc
+    return SocketStream(sock)
+
+
+async def _same_node(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
+                     downstream: SocketDownstream, src: Workload, dst: Workload,
+                     dst_port: int) -> None:
+    rec.path = Path.HBONE_LOCAL
+    rec.dst_identity = dst.identity
+    request = inbound_request(rec.src_ip, src.identity, dst, rec.dst_ip, dst_port)
+    await pipeline.run(Flow(rec, downstream, admission=request,
+                            dial=lambda: dial_pod(inputs, rec.dst_ip, dst_port, rec.src_ip)))
+
+
+async def _hbone(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
+                 downstream: SocketDownstream, src: Workload, dst_port: int) -> None:
+    rec.path = Path.HBONE
+    dst = inputs.workloads.remote(rec.dst_ip)
+    rec.dst_identity = dst.identity if dst else None
+    trace = TraceParent.new()
+    rec.traceparent = trace.header()
+
+    async def dial() -> ByteStream:
+        pool = inputs.pool
+        assert pool is not None
+        src_ip = rec.src_ip
         try:
-            up = await dial(tunnel, dst_ip, dst_port, source_ip=src_ip)
-        except (OSError, TimeoutError) as exc:
-            rec.result, rec.reason = "connect_failed", str(exc) or type(exc).__name__
-            sockets.abort(conn)
-            return
-        tunnel.connection_opened(rec)
-        res = await relay(conn, up)
-        rec.sent, rec.received = res.a_to_b, res.b_to_a
-        rec.result = "reset" if res.reset else "ok"
-    finally:
-        tunnel.connection_closed(rec)
+            stream = await pool.open_stream(
+                source=parse_spiffe_id(src.identity),
+                peer=(rec.dst_ip, inputs.cfg.hbone_port),
+                authority=hbone.format_authority(rec.dst_ip, dst_port),
+                forwarded_for=src_ip, baggage=hbone.format_baggage(baggage_entries(src)),
+                expected_peer=parse_spiffe_id(dst.identity) if dst else None,
+                extra_headers=[(TRACEPARENT_HEADER, rec.traceparent or "")],
+                # The outer connection leaves from the source pod's own address, as
+                # ztunnel's does (it connects from inside the pod's netns:
+                # src/proxy/pool.rs freebind_connect(None, ...)); replies come back
+                # through the pod's veth to this socket (see README "Tunnel").
+                socket_factory=lambda family: inputs.dialer.socket_for(family, src_ip),
+                source_ip=src_ip)
+        except HboneRejected as exc:
+            # ztunnel's inbound answers a policy denial 401; an older peer may say 403.
+            outcome = Outcome.DENIED if exc.status in (401, 403) else Outcome.CONNECT_FAILED
+            raise DialError(outcome, f"peer answered {exc.status}") from exc
+        except (ssl.SSLError, HbonePeerIdentityError) as exc:
+            raise DialError(Outcome.TLS_FAILED, str(exc) or type(exc).__name__) from exc
+        except (HboneStreamError, OSError, TimeoutError, ValueError) as exc:
+            raise DialError(Outcome.CONNECT_FAILED, str(exc) or type(exc).__name__) from exc
+        if stream.peer_identity is not None:
+            rec.dst_identity = str(stream.peer_identity)
+        return HboneByteStream(stream)
+
+    await pipeline.run(Flow(rec, downstream, dial=dial))
+

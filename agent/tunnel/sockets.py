@@ -49,13 +49,22 @@ def listener(family: int, port: int, *, mark: int, backlog: int = 4096,
         raise
 
 
-def upstream(family: int, *, mark: int, source_ip: str | None = None) -> socket.socket:
-    """A non-blocking socket for dialing out, optionally from a non-local source IP."""
+def upstream(family: int, *, mark: int, source_ip: str | None = None,
+             transparent: bool = True) -> socket.socket:
+    """A non-blocking socket for dialing out, optionally from ``source_ip``.
+
+    ``transparent`` (IP_TRANSPARENT, needs CAP_NET_ADMIN) lets ``source_ip`` be an
+    address that is not local (a pod's); without it only a local address binds
+    (tests on loopback).
+    """
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source_ip is not None:
-            _transparent(sock, family, mark)
+            if transparent:
+                _transparent(sock, family, mark)
+            elif mark:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
             sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source_ip, 0))
         elif mark:

@@ -53,3 +53,26 @@ class WorkloadIndex:
 def in_cidrs(address: str, cidrs: Iterable[str]) -> bool:
     ip = parse_ip(address)
     return any(ip in ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """A service a hostname ``:authority`` may name (ztunnel ``find_service_by_hostname``).
+
+    ``ports`` maps service port -> target port; ``addresses`` are the endpoints.
+    """
+
+    hostname: str
+    namespace: str
+    ports: Mapping[int, int]
+    addresses: tuple[str, ...] = ()
+
+    def target_port(self, service_port: int, endpoint: str) -> int | None:
+        """The target port on ``endpoint`` for ``service_port``; None if not served there."""
+        try:
+            normalized = normalize_ip(endpoint)
+        except ValueError:
+            return None
+        if normalized not in {normalize_ip(a) for a in self.addresses}:
+            return None
+        return self.ports.get(service_port) or None

@@ -148,7 +148,7 @@ def test_client_sends_connect_with_forwarded_and_baggage() -> None:
     assert to_core(server, core) == [StreamAccepted(stream_id)]
 
 
-@pytest.mark.parametrize("authority", ["example.com:80", "10.0.0.1", "fd00::1:80",
+@pytest.mark.parametrize("authority", ["exa_mple.com:80", "10.0.0.1", "fd00::1:80",
                                        "10.0.0.1:0", "10.0.0.1:99999", "[10.0.0.1]:80"])
 def test_client_refuses_bad_authority(authority: str) -> None:
     core, _ = handshake_client()
@@ -198,8 +198,9 @@ def test_server_answers_non_connect_with_400() -> None:
     assert core.open_stream_count == 0
 
 
-@pytest.mark.parametrize("authority", ["example.com:80", "10.0.0.1", "10.0.0.1:http",
-                                       "fd00::1:80", "10.0.0.1:70000", ":80"])
+@pytest.mark.parametrize("authority", ["exa_mple.com:80", "10.0.0.1", "10.0.0.1:http",
+                                       "fd00::1:80", "10.0.0.1:70000", ":80",
+                                       "svc.local:0"])
 def test_server_answers_malformed_authority_with_400(authority: str) -> None:
     core, client = handshake_server()
     client.send_headers(1, connect_headers(authority))
@@ -208,6 +209,17 @@ def test_server_answers_malformed_authority_with_400(authority: str) -> None:
     assert events[0].status == 400
     response = of_type(to_peer(core, client), h2.events.ResponseReceived)[0]
     assert dict(response.headers)[":status"] == "400"
+
+
+def test_server_hands_a_hostname_authority_to_the_application() -> None:
+    # ztunnel accepts hostname:port (HboneAddress::SvcHostname) and resolves it
+    # through a service; the core passes it on, the tunnel decides.
+    core, client = handshake_server()
+    client.send_headers(1, connect_headers("api.default.svc.cluster.local:80"))
+    events = to_core(client, core)
+    assert [type(e) for e in events] == [StreamRequest]
+    assert hbone_headers.parse_hbone_address("API.default.svc:80") == (
+        "api.default.svc", 80, False)
 
 
 def test_server_missing_authority_is_a_stream_error_not_an_exception() -> None:

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from agent.hbone import errors
 from agent.hbone.client import HboneClient
 from agent.hbone.exceptions import (
     HboneConnectionLost,
@@ -32,7 +31,6 @@ from agent.hbone.stream import HboneStream
 from agent.identity.ca import init_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore, client_context_for
-from agent.tunnel.relay import abort_with_rst, pipe_stream_and_socket
 
 TRUST_DOMAIN = "cluster.local"
 CLIENT = SpiffeId(TRUST_DOMAIN, "default", "client")
@@ -407,131 +405,6 @@ def test_write_blocks_when_server_does_not_read(store: IdentityStore) -> None:
             never_read.set()
 
     run(main())
-
-
-async def _tcp_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                         Awaitable[None]]) -> tuple[asyncio.Server, int]:
-    backend = await asyncio.start_server(handler, LOOPBACK, 0)
-    return backend, backend.sockets[0].getsockname()[1]
-
-
-@LOOPS
-def test_pipe_half_close_through_the_tunnel(store: IdentityStore, loop: str) -> None:
-    """client TCP -> pipe -> HBONE -> pipe -> backend TCP, and back, with FINs."""
-
-    async def main() -> None:
-        results: list[Any] = []
-
-        async def backend_echo(reader: asyncio.StreamReader,
-                               writer: asyncio.StreamWriter) -> None:
-            data = await reader.read()  # until FIN
-            writer.write(data.upper())
-            writer.write_eof()
-            await writer.drain()
-            writer.close()
-
-        backend, backend_port = await _tcp_backend(backend_echo)
-
-        async def forward(request: HboneServerRequest) -> None:
-            host, port = request.destination
-            assert host == LOOPBACK
-            reader, writer = await asyncio.open_connection(host, port)
-            results.append(await pipe_stream_and_socket(request.accept(), reader, writer))
-
-        try:
-            async with HboneTestServer(store.server_context(SERVER), forward) as server, \
-                    pool_for(store) as pool:
-                async def outbound(reader: asyncio.StreamReader,
-                                   writer: asyncio.StreamWriter) -> None:
-                    stream = await open_on(pool, server,
-                                           authority=f"127.0.0.1:{backend_port}")
-                    results.append(await pipe_stream_and_socket(stream, reader, writer))
-
-                front, front_port = await _tcp_backend(outbound)
-                try:
-                    reader, writer = await asyncio.open_connection(LOOPBACK, front_port)
-                    writer.write(b"hello hbone")
-                    writer.write_eof()
-                    assert await reader.read() == b"HELLO HBONE"
-                    writer.close()
-                    await wait_until(lambda: len(results) == 2)
-                finally:
-                    front.close()
-        finally:
-            backend.close()
-        for result in results:
-            assert result.outcome == "closed"
-            assert tuple(result) == (11, 11)
-
-    run(main(), loop=loop)
-
-
-@LOOPS
-def test_backend_reset_becomes_stream_reset(store: IdentityStore, loop: str) -> None:
-    async def main() -> None:
-        async def backend_rst(reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
-            await reader.read(5)
-            abort_with_rst(writer)
-
-        backend, backend_port = await _tcp_backend(backend_rst)
-        outcomes: list[str] = []
-
-        async def forward(request: HboneServerRequest) -> None:
-            reader, writer = await asyncio.open_connection(LOOPBACK, backend_port)
-            outcomes.append((await pipe_stream_and_socket(request.accept(), reader,
-                                                          writer)).outcome)
-
-        try:
-            async with HboneTestServer(store.server_context(SERVER), forward) as server, \
-                    pool_for(store) as pool:
-                stream = await open_on(pool, server)
-                await stream.write(b"12345")
-                with pytest.raises(HboneStreamReset) as info:
-                    await read_all(stream)
-                assert info.value.error_code == errors.CONNECT_ERROR
-                await wait_until(lambda: outcomes == ["socket_reset"])
-        finally:
-            backend.close()
-
-    run(main(), loop=loop)
-
-
-@LOOPS
-def test_stream_reset_becomes_tcp_rst(store: IdentityStore, loop: str) -> None:
-    async def main() -> None:
-        seen: list[BaseException | bytes] = []
-        backend_done = asyncio.Event()
-
-        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                seen.append(await reader.read())
-            except ConnectionResetError as exc:
-                seen.append(exc)
-            finally:
-                backend_done.set()
-                writer.close()
-
-        backend_server, backend_port = await _tcp_backend(backend)
-
-        async def forward(request: HboneServerRequest) -> None:
-            reader, writer = await asyncio.open_connection(LOOPBACK, backend_port)
-            await pipe_stream_and_socket(request.accept(), reader, writer)
-
-        try:
-            async with HboneTestServer(store.server_context(SERVER), forward) as server, \
-                    pool_for(store) as pool:
-                stream = await open_on(pool, server)
-                await stream.write(b"partial")
-                await asyncio.sleep(0.1)
-                stream.abort(errors.CANCEL)
-                await asyncio.wait_for(backend_done.wait(), 5)
-        finally:
-            backend_server.close()
-        # The backend saw a reset, not a clean FIN (b"" / only the bytes).
-        assert isinstance(seen[-1], ConnectionResetError)
-
-    run(main(), loop=loop)
 
 
 def test_rotation_keeps_existing_connections(store: IdentityStore, tmp_path: Path) -> None:
