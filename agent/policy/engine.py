@@ -174,15 +174,34 @@ def condition_mismatch(condition: Condition, request: ConnectionRequest,
 
 def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
                   identity: SourceIdentity | None, verbose: bool = False) -> Mismatch:
-    """Why ``rule`` does not match at L4 (see module docstring for L7 fields), or None."""
-    if action is PolicyAction.ALLOW:
-        l7_fields = rule.l7_fields
-        if l7_fields:
-            return (f"uses HTTP attributes {_values(l7_fields)}: never matches at L4 in an "
-                    "ALLOW policy" if verbose else _TERSE)
+    """Why ``rule`` does not match at L4, or None.
+
+    Follows the form istiod converts a rule into for ztunnel
+    (``handleRule`` in istio pilot/pkg/serviceregistry/ambient/authorization.go) and
+    how ztunnel evaluates it (``Authorization::matches`` in ztunnel src/rbac.rs):
+
+    * ALLOW: a rule using any attribute ztunnel cannot see is dropped (never matches).
+    * DENY: those attributes are removed. A ``from``/``to`` entry left with no L4
+      field becomes an empty ``Match``, which ztunnel *skips* (it matches nothing, it
+      does not match everything); a non-L4 ``when`` becomes a clause holding only an
+      empty ``Match``, so the whole rule can never match.
+    """
+    unsupported = rule.unsupported_fields
+    if action is PolicyAction.ALLOW and unsupported:
+        return (f"uses attributes ztunnel cannot enforce {_values(unsupported)}: an ALLOW "
+                "rule using them never matches at L4" if verbose else _TERSE)
+    for condition in rule.conditions:
+        if not condition.is_l4:
+            return (f"when[{condition.key}] cannot be evaluated at L4: istiod sends an "
+                    "empty match for it, which ztunnel skips, so this DENY rule never "
+                    "matches" if verbose else _TERSE)
     if rule.operations is not None:
         reasons = []
         for index, operation in enumerate(rule.operations):
+            if not operation.has_l4:
+                reasons.append(f"to[{index}]: only HTTP attributes "
+                               f"{_values(operation.unsupported_fields)}: skipped at L4")
+                continue
             mismatch = operation_mismatch(operation, request, verbose)
             if mismatch is None:
                 break
@@ -192,6 +211,10 @@ def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
     if rule.sources is not None:
         reasons = []
         for index, source in enumerate(rule.sources):
+            if not source.has_l4:
+                reasons.append(f"from[{index}]: only attributes ztunnel cannot enforce "
+                               f"{_values(source.unsupported_fields)}: skipped at L4")
+                continue
             mismatch = source_mismatch(source, request, identity, verbose)
             if mismatch is None:
                 break
@@ -199,8 +222,6 @@ def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
         else:
             return "; ".join(reasons) if verbose else _TERSE
     for condition in rule.conditions:
-        if not condition.is_l4:
-            continue  # DENY: HTTP-only conditions are dropped (ALLOW returned above)
         mismatch = condition_mismatch(condition, request, identity, verbose)
         if mismatch is not None:
             return mismatch
@@ -244,6 +265,19 @@ class Evaluation:
     root_namespace: str
     results: tuple[PolicyResult, ...]
     decision: Decision
+
+
+FAIL_CLOSED_NAME = "meshagent-fail-closed"
+
+
+def deny_all_stand_in(reason: str, namespace: str, name: str = FAIL_CLOSED_NAME,
+                      selector: Mapping[str, str] | None = None,
+                      origin: str = "") -> AuthorizationPolicy:
+    """A DENY policy with one empty rule (deny-all) standing in for something that
+    could not be read; scoped to ``namespace`` (+ ``selector``)."""
+    return AuthorizationPolicy(name=name, namespace=namespace, action=PolicyAction.DENY,
+                               selector=selector, rules=(Rule(),), origin=origin,
+                               stands_in_for=reason)
 
 
 def policy_applies(policy: AuthorizationPolicy, workload: WorkloadRef,
@@ -317,6 +351,13 @@ class PolicySet:
     @classmethod
     def empty(cls, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
         return cls((), root_namespace)
+
+    @classmethod
+    def fail_closed(cls, reason: str,
+                    root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+        """A set that denies every connection (one mesh-wide DENY-all stand-in):
+        what is in force while the policy files have not been read successfully."""
+        return cls((deny_all_stand_in(reason, root_namespace),), root_namespace)
 
     @property
     def policies(self) -> tuple[AuthorizationPolicy, ...]:
