@@ -18,13 +18,23 @@ Semantics (Istio AuthorizationPolicy as ztunnel enforces it at L4):
   ``principals``/``serviceAccounts``, so it always satisfies ``notPrincipals``; its
   namespace is the empty string, so it never matches ``namespaces`` and satisfies
   ``notNamespaces`` (exactly as ztunnel).
-* HTTP-only attributes (methods, paths, hosts, requestPrincipals, remoteIpBlocks,
-  non-L4 ``when`` keys...) cannot be seen at L4. As istiod does for ztunnel: in an
-  ALLOW policy a rule using any of them never matches (more restrictive); in a DENY
-  policy they are dropped and the L4 rest of the rule is enforced (more restrictive:
-  denies a superset). An entry left with no L4 field then matches everything.
-* Dry-run (``istio.io/dry-run: "true"``): evaluated and reported on the decision, never
-  enforced.
+* Attributes ztunnel cannot see (methods, paths, hosts, requestPrincipals,
+  remoteIpBlocks, ``when`` keys other than source.ip/namespace/principal and
+  destination.ip/port; also ``trustDomains``), as istiod converts them for ztunnel
+  (``handleRule`` in istio pilot/pkg/serviceregistry/ambient/authorization.go) and
+  ztunnel evaluates the result (``Authorization::matches`` in ztunnel src/rbac.rs):
+  in an ALLOW policy a rule using any of them never matches (more restrictive). In a
+  DENY policy they are dropped; a ``from``/``to`` entry left with no L4 field is an
+  empty match, which ztunnel *skips* (it matches nothing), and a non-L4 ``when`` makes
+  the whole rule unmatchable. So ``DENY to: [{operation: {methods: [GET]}}]`` has no
+  effect at L4, while ``{methods: [GET], ports: ["80"]}`` denies all of port 80.
+* Principals are compared with the peer's SPIFFE ID without ``spiffe://``
+  (``StringMatch::matches_principal``): a principal written with ``spiffe://`` never
+  matches (and a ``notPrincipals`` one excludes nobody), exactly as in ztunnel.
+* Dry-run (``istio.io/dry-run``, Go ``strconv.ParseBool`` true): evaluated and
+  reported on the decision, never enforced (ztunnel ``assert_rbac``).
+* Fail-closed stand-ins (``stands_in_for`` set) are ordinary DENY-all or
+  allow-nothing policies; the loader puts them where a document could not be used.
 
 Nothing here does I/O; :class:`PolicySet` is immutable and safe to share across threads.
 """
@@ -313,6 +323,9 @@ def _verdict(policies: Sequence[AuthorizationPolicy],
     for policy in policies:
         if policy.action is PolicyAction.DENY and matched[policy.key] is not None:
             rule = matched[policy.key]
+            if policy.stands_in_for:
+                return Decision(False, policy.key, PolicyAction.DENY,
+                                f"denied: fail closed ({policy.stands_in_for})", rule)
             return Decision(False, policy.key, PolicyAction.DENY,
                             f"denied by DENY policy {policy.key} rule {rule}", rule)
     allows = [p for p in policies if p.action is PolicyAction.ALLOW]

@@ -482,7 +482,8 @@ def test_check_command_decides_with_the_stand_ins(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "'10.0.0.300/8' is not a CIDR" in result.output  # listed (stderr)
     assert "fail-closed stand-in for: deny.yaml: document 2" in result.output
-    assert "denied by DENY policy foo/meshagent-fail-closed[deny.yaml#2]" in result.output
+    assert "DENY  foo/meshagent-fail-closed[deny.yaml#2]: MATCHED rule 0" in result.output
+    assert "decision: DENY (denied: fail closed (deny.yaml: document 2" in result.output
 
 
 def test_validate_command_lists_every_document(tmp_path: Path) -> None:
@@ -499,3 +500,32 @@ def test_validate_command_lists_every_document(tmp_path: Path) -> None:
     assert "audit.yaml document 1 (foo/allow-sleep): ignored" in bad.output
     assert "deny.yaml document 2 (foo/deny-legacy): fail_closed: every connection" in (
         bad.output)
+
+
+def test_tunnel_denies_until_its_first_policy_read(tmp_path: Path) -> None:
+    """The call site (agent/tunnel/main.py): before reload_policies() has run, an inbound
+    connection is denied; after it, the directory's set decides."""
+    from dataclasses import replace
+
+    from agent.config import Config
+    from agent.tunnel.main import Tunnel
+    from agent.tunnel.workloads import Workload
+
+    cfg = Config()
+    cfg = replace(cfg, tunnel=replace(cfg.tunnel, policy_dir=str(tmp_path / "absent")))
+    tunnel = Tunnel(cfg)
+    pod = Workload("httpbin", "foo", "httpbin", ("10.1.0.7",), "spiffe://x/ns/foo/sa/httpbin",
+                   {"app": "httpbin"})
+
+    def decide() -> bool:
+        return tunnel.authorize_inbound(src_ip="10.0.0.5", src_identity=SLEEP, dst=pod,
+                                        dst_ip="10.1.0.7", dst_port=8080).allowed
+
+    assert not decide()
+    tunnel.reload_policies()  # missing directory: no policies
+    assert decide()
+    (tmp_path / "absent").mkdir()
+    write(tmp_path / "absent", "deny.yaml", BAD_CIDR_DOC2)
+    tunnel.reload_policies()
+    assert not decide()  # document 2 fails closed for namespace foo
+    assert "deny.yaml: document 2" in (tunnel.status()["policy_error"] or "")
