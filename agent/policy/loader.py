@@ -111,6 +111,15 @@ class _Invalid(Exception):
         self.problem = problem
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value for an error message: repr of a scalar, cut at ``limit`` characters; the
+    type of anything else (never the repr of a large, possibly alias-expanded tree)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "...'"
+    return _type_name(value)
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -150,9 +159,10 @@ def _string_match(value: Any, path: str, field: str) -> StringMatch:
     if not pattern:
         raise _Invalid(path, "must not be empty")
     if pattern != "*" and ("*" in pattern[1:-1] or pattern.count("*") > 1):
-        raise _Invalid(path, f"{pattern!r}: '*' is only allowed once, at the start or the end")
+        raise _Invalid(path, f"{_shown(pattern)}: '*' is only allowed once, "
+                             "at the start or the end")
     if field == "trustDomains" and "/" in pattern:
-        raise _Invalid(path, f"{pattern!r}: a trust domain has no '/'")
+        raise _Invalid(path, f"{_shown(pattern)}: a trust domain has no '/'")
     return StringMatch.parse(pattern)
 
 
@@ -167,7 +177,7 @@ def _cidr(value: Any, path: str) -> IPNetwork:
         # Like istiod (netip.ParsePrefix): host bits may be set; a bare IP is a /32 or /128.
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
-        raise _Invalid(path, f"{text!r} is not a CIDR") from None
+        raise _Invalid(path, f"{_shown(text)} is not a CIDR") from None
 
 
 def _cidrs(value: Any, path: str) -> tuple[IPNetwork, ...]:
@@ -178,15 +188,15 @@ def _port(value: Any, path: str) -> int:
     # Istio writes ports as strings ("8080"); YAML integers are accepted too. 0 is
     # valid as in Istio's security.ValidatePorts (it never matches a connection).
     if isinstance(value, bool):
-        raise _Invalid(path, f"{value!r} is not a port")
+        raise _Invalid(path, f"{_shown(value)} is not a port")
     if isinstance(value, int):
         port = value
     elif isinstance(value, str) and value.isdigit() and value.isascii():
         port = int(value)
     else:
-        raise _Invalid(path, f"{value!r} is not a port (an integer 0..65535)")
+        raise _Invalid(path, f"{_shown(value)} is not a port (an integer 0..65535)")
     if not 0 <= port <= 65535:
-        raise _Invalid(path, f"{value!r} is not a port (an integer 0..65535)")
+        raise _Invalid(path, f"{_shown(value)} is not a port (an integer 0..65535)")
     return port
 
 
@@ -208,7 +218,7 @@ def _service_accounts(value: Any, path: str, policy_namespace: str
             namespace = policy_namespace
         if ("*" in text or not account or not namespace or "/" in namespace
                 or len(text) > 320):
-            raise _Invalid(item_path, f"{text!r} is not a service account "
+            raise _Invalid(item_path, f"{_shown(text)} is not a service account "
                                       "('<namespace>/<name>' or '<name>', no wildcards)")
         accounts.append(ServiceAccountMatch(namespace, account))
     return tuple(accounts)
@@ -289,15 +299,15 @@ def _check_condition_key(key: str, path: str) -> None:
         open_at = key.find("[")
         if key.endswith("]") and 0 < open_at < len(key) - 2:
             return
-        raise _Invalid(path, f"bad key {key!r}: should have the form a[b]")
+        raise _Invalid(path, f"bad key {_shown(key)}: should have the form a[b]")
     replaced = {"destination.namespace": "is replaced by metadata.namespace",
                 "destination.name": "is deprecated (only supported in v1alpha1)",
                 "destination.user": "is deprecated (only supported in v1alpha1)"}
     if key in replaced:
-        raise _Invalid(path, f"{key!r} {replaced[key]}")
+        raise _Invalid(path, f"{_shown(key)} {replaced[key]}")
     if key.startswith("destination.labels"):
-        raise _Invalid(path, f"{key!r} is replaced by spec.selector")
-    raise _Invalid(path, f"unknown condition key {key!r} "
+        raise _Invalid(path, f"{_shown(key)} is replaced by spec.selector")
+    raise _Invalid(path, f"unknown condition key {_shown(key)} "
                          f"(L4 keys: {', '.join(sorted(L4_CONDITION_KEYS))})")
 
 
@@ -322,7 +332,7 @@ def _parse_condition(value: Any, path: str) -> Condition:
     key = _string(condition["key"], f"{path}.key")
     _check_condition_key(key, f"{path}.key")
     if not condition.get("values") and not condition.get("notValues"):
-        raise _Invalid(path, f"values or notValues must be set for key {key!r}")
+        raise _Invalid(path, f"values or notValues must be set for key {_shown(key)}")
     return Condition(
         key=key,
         values=_condition_values(key, condition.get("values", []), f"{path}.values"),
@@ -373,9 +383,9 @@ def _parse_metadata(value: Any) -> tuple[str, str, bool]:
     name = _string(metadata["name"], "metadata.name")
     namespace = _string(metadata["namespace"], "metadata.namespace")
     if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
-        raise _Invalid("metadata.name", f"{name!r} is not a valid Kubernetes name")
+        raise _Invalid("metadata.name", f"{_shown(name)} is not a valid Kubernetes name")
     if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
-        raise _Invalid("metadata.namespace", f"{namespace!r} is not a valid namespace")
+        raise _Invalid("metadata.namespace", f"{_shown(namespace)} is not a valid namespace")
     annotations = metadata.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise _Invalid("metadata.annotations",
@@ -391,7 +401,7 @@ def _parse_metadata(value: Any) -> tuple[str, str, bool]:
             # were it to see one, would log and *enforce* the policy, which for an
             # ALLOW can widen access: so it is invalid here (fails closed).
             raise _Invalid(f"metadata.annotations[{DRY_RUN_ANNOTATION}]",
-                           f"{dry_run_text!r} is not a boolean (Go strconv.ParseBool: "
+                           f"{_shown(dry_run_text)} is not a boolean (Go strconv.ParseBool: "
                            "true/false, 1/0, t/f, TRUE/FALSE, True/False)")
         dry_run = parsed
     return name, namespace, dry_run
@@ -432,11 +442,12 @@ def _parse_policy(document: Any, origin: str) -> AuthorizationPolicy:
     top = _mapping(document, "", ("apiVersion", "kind", "metadata", "spec", "status"))
     api_version = top.get("apiVersion")
     if api_version not in API_VERSIONS:
-        raise _Invalid("apiVersion", f"{api_version!r} is not supported "
+        raise _Invalid("apiVersion", f"{_shown(api_version)} is not supported "
                                      f"(use {' or '.join(sorted(API_VERSIONS))})")
     if top.get("kind") != "AuthorizationPolicy":
-        raise _Invalid("kind", f"{top.get('kind')!r} is not supported (use AuthorizationPolicy; "
-                               "keep other resources out of the policy directory)")
+        raise _Invalid("kind", f"{_shown(top.get('kind'))} is not supported (use "
+                               "AuthorizationPolicy; keep other resources out of the "
+                               "policy directory)")
     if "metadata" not in top:
         raise _Invalid("metadata", "is required")
     name, namespace, dry_run = _parse_metadata(top["metadata"])
@@ -453,7 +464,7 @@ def _parse_policy(document: Any, origin: str) -> AuthorizationPolicy:
     if action_text is None:
         action_text = "ALLOW"
     if action_text not in ("ALLOW", "DENY"):
-        raise _Invalid("spec.action", f"{action_text!r} is not an action: use ALLOW or DENY "
+        raise _Invalid("spec.action", f"{_shown(action_text)} is not an action: use ALLOW or DENY "
                                       "(AUDIT and CUSTOM are valid but not enforced by ztunnel)")
     if spec.get("provider") is not None:
         raise _Invalid("spec.provider", f"must only be set with action CUSTOM, found {action_text}")
@@ -573,7 +584,7 @@ def _spiffe_principal_issues(policy: AuthorizationPolicy) -> list[tuple[str, str
                 for i, match in enumerate(matches):
                     if str(match).startswith(SPIFFE_SCHEME):
                         found.append((f"spec.rules[{r}].from[{f}].source.{field}[{i}]",
-                                      f"{str(match)!r} {hint}"))
+                                      f"{_shown(str(match))} {hint}"))
         for w, condition in enumerate(rule.conditions):
             if condition.key != "source.principal":
                 continue
@@ -582,7 +593,7 @@ def _spiffe_principal_issues(policy: AuthorizationPolicy) -> list[tuple[str, str
                 for i, match in enumerate(values):
                     if str(match).startswith(SPIFFE_SCHEME):
                         found.append((f"spec.rules[{r}].when[{w}].{field}[{i}]",
-                                      f"{str(match)!r} {hint}"))
+                                      f"{_shown(str(match))} {hint}"))
     return found
 
 
@@ -686,7 +697,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Any:
         if duplicate:
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark)
+                f"found duplicate key {_shown(key)}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=True)
 

@@ -529,3 +529,16 @@ def test_tunnel_denies_until_its_first_policy_read(tmp_path: Path) -> None:
     tunnel.reload_policies()
     assert not decide()  # document 2 fails closed for namespace foo
     assert "deny.yaml: document 2" in (tunnel.status()["policy_error"] or "")
+
+
+def test_alias_bomb_fails_closed_without_expanding(tmp_path: Path) -> None:
+    # Nine levels of nine aliases: 9**9 strings if anything walked or printed the tree.
+    levels = ['x0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    labels = "\n".join(f"    {line}" for line in levels)
+    write(tmp_path, "bomb.yaml", "apiVersion: security.istio.io/v1\n"
+          "kind: AuthorizationPolicy\nmetadata:\n  name: bomb\n  namespace: foo\n"
+          f"  labels:\n{labels}\n"
+          "spec: {rules: [{to: [{operation: {ports: [*l8]}}]}]}\n")
+    failure = only_failure(tmp_path)
+    assert "ports[0]: a list is not a port" in str(failure)
