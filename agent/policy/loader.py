@@ -714,9 +714,19 @@ def _split_documents(text: str) -> list[tuple[int, str]]:
     starts = [m.start() for m in _DOCUMENT_START.finditer(text)]
     bounds = [0, *starts] if not starts or starts[0] != 0 else starts
     parts = []
+    carried: tuple[int, str] | None = None  # directives/comments before a '---'
     for i, start in enumerate(bounds):
         end = bounds[i + 1] if i + 1 < len(bounds) else len(text)
-        parts.append((text.count("\n", 0, start), text[start:end]))
+        line, part = text.count("\n", 0, start), text[start:end]
+        if carried is not None:
+            line, part = carried[0], carried[1] + part
+            carried = None
+        if i + 1 < len(bounds) and all(
+                not row.strip() or row.lstrip().startswith(("#", "%"))
+                for row in part.splitlines()) and not part.startswith("---"):
+            carried = (line, part)  # e.g. "%YAML 1.1": belongs to the next document
+            continue
+        parts.append((line, part))
     return parts
 
 

@@ -542,3 +542,18 @@ def test_alias_bomb_fails_closed_without_expanding(tmp_path: Path) -> None:
           "spec: {rules: [{to: [{operation: {ports: [*l8]}}]}]}\n")
     failure = only_failure(tmp_path)
     assert "ports[0]: a list is not a port" in str(failure)
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\n---\nb: 2\n", "---\na: 1\n---\n", "# c\n---\na: 1\n", "--- {a: 1}\n--- {b: 2}\n",
+    "a: 1\n...\n---\nb: 2\n", "%YAML 1.1\n---\na: 1\n", "a: |\n  x\n  ---\n  y\n",
+    "a: 1\n---\n---\nb: 1\n", "# only\n", "", "a: 1\n---\n# trailing comment\n",
+])
+def test_document_split_agrees_with_pyyaml_on_valid_streams(text: str) -> None:
+    import yaml
+
+    from agent.policy.loader import _split_documents, _StrictLoader
+
+    split = [doc for _, part in _split_documents(text)
+             for doc in yaml.load_all(part, Loader=_StrictLoader)]
+    assert split == list(yaml.safe_load_all(text))
