@@ -528,7 +528,7 @@ def _readable_key(document: Any) -> tuple[str | None, str | None]:
 
 
 def _stand_in(document: Any, file_label: str, index: int | None, root_namespace: str,
-              reason: str) -> tuple[AuthorizationPolicy, str]:
+              reason: str, item: int | None = None) -> tuple[AuthorizationPolicy, str]:
     """The fail-closed stand-in for an unreadable/invalid document, and its effect.
 
     Scope: the document's namespace when readable (mesh-wide for the root namespace or
@@ -551,6 +551,8 @@ def _stand_in(document: Any, file_label: str, index: int | None, root_namespace:
                                                and spec.get("action") in (None, "ALLOW")))
     where = file_label if index is None else f"{file_label}#{index}"
     origin = file_label if index is None else f"{file_label} document {index}"
+    if item is not None:
+        where, origin = f"{where}.items[{item}]", f"{origin} items[{item}]"
     name = f"{FAIL_CLOSED_NAME}[{where}]"
     scope_ns = namespace or root_namespace
     if scope_ns == root_namespace:
@@ -636,19 +638,25 @@ def _conversion_warnings(policy: AuthorizationPolicy) -> list[tuple[str, str]]:
 
 
 def judge_document(document: Any, file_label: str, index: int,
-                   root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> DocumentResult:
-    """The outcome of one parsed YAML document (see the module docstring)."""
+                   root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+                   item: int | None = None) -> DocumentResult:
+    """The outcome of one parsed YAML document (see the module docstring); ``item`` is
+    its index in a ``kind: List`` document (``kubectl get -o yaml``), if it is one."""
     namespace, name = _readable_key(document)
     key = f"{namespace}/{name}" if namespace and name else None
     origin = f"{file_label} document {index}"
+    prefix = ""
+    if item is not None:
+        origin, prefix = f"{origin} items[{item}]", f"items[{item}]"
 
     def issue(path: str, problem: str) -> PolicyIssue:
-        return PolicyIssue(file_label, index, path, problem)
+        full = f"{prefix}.{path}" if prefix and path else (prefix or path)
+        return PolicyIssue(file_label, index, full, problem)
 
     reason = _ignore_reason(document)
     if reason is not None:
         return DocumentResult(file_label, index, key, DocumentOutcome.IGNORED,
-                              (issue(*reason),), None, "not enforced by the node tunnel")
+                              (issue(*reason),), None, "not enforced by the node tunnel", item)
     try:
         policy = _parse_policy(document, origin)
     except _Invalid as invalid:
@@ -657,24 +665,25 @@ def judge_document(document: Any, file_label: str, index: int,
             # A dry-run policy never changes a decision: dropping it widens nothing.
             return DocumentResult(file_label, index, key, DocumentOutcome.IGNORED, (problem,),
                                   None, "an invalid dry-run policy is dropped (fix it to see "
-                                        "its dry-run matches)")
+                                        "its dry-run matches)", item)
         stand_in, effect = _stand_in(document, file_label, index, root_namespace,
-                                     str(problem))
+                                     str(problem), item)
         return DocumentResult(file_label, index, key, DocumentOutcome.FAIL_CLOSED, (problem,),
-                              stand_in, effect)
+                              stand_in, effect, item)
     spec = document.get("spec") or {}
     if policy.action is PolicyAction.DENY and not spec.get("rules"):
         return DocumentResult(
             file_label, index, key, DocumentOutcome.IGNORED,
             (issue("spec.rules", "a DENY without rules never matches (Istio's validation "
                                  "rejects it); add `rules: [{}]` to deny everything"),),
-            None, "it would never match")
+            None, "it would never match", item)
     warnings = _conversion_warnings(policy)
     if warnings:
         return DocumentResult(file_label, index, key, DocumentOutcome.ACCEPTED_WITH_WARNINGS,
                               tuple(issue(path, problem) for path, problem in warnings),
-                              policy, "enforced as ztunnel enforces it")
-    return DocumentResult(file_label, index, key, DocumentOutcome.ACCEPTED, (), policy)
+                              policy, "enforced as ztunnel enforces it", item)
+    return DocumentResult(file_label, index, key, DocumentOutcome.ACCEPTED, (), policy, "",
+                          item)
 
 
 # ------------------------------------------------------------------ YAML
@@ -760,10 +769,27 @@ def _judge_text(text: str, file_label: str,
             continue
         for document in documents:
             index += 1
-            if document is not None:
+            if document is None:
+                continue
+            items = _list_items(document)
+            if items is None:
                 results.append((judge_document(document, file_label, index, root_namespace),
                                 document))
+                continue
+            for item, element in enumerate(items):
+                results.append((judge_document(element, file_label, index, root_namespace,
+                                               item), element))
     return results
+
+
+def _list_items(document: Any) -> list[Any] | None:
+    """The items of a well-formed Kubernetes ``v1 List`` (what ``kubectl get -o yaml``
+    prints for several objects), else None (the document is judged as a policy)."""
+    if not (isinstance(document, dict) and document.get("apiVersion") == "v1"
+            and document.get("kind") == "List" and isinstance(document.get("items"), list)
+            and set(document) <= {"apiVersion", "kind", "items", "metadata"}):
+        return None
+    return list(document["items"])
 
 
 # ------------------------------------------------------------------ directory
@@ -799,13 +825,15 @@ def _fail_duplicates(results: list[DocumentResult], documents: dict[int, Any],
         for position in positions:
             result = results[position]
             others = ", ".join(w for w in wheres if w != result.where)
-            issue = PolicyIssue(result.file, result.document, "metadata.name",
+            path = "metadata.name" if result.item is None else f"items[{result.item}].metadata.name"
+            issue = PolicyIssue(result.file, result.document, path,
                                 f"duplicate policy {key} (also defined in {others})")
             stand_in, effect = _stand_in(documents.get(position), result.file, result.document,
-                                         root_namespace, str(issue))
+                                         root_namespace, str(issue), result.item)
             out[position] = DocumentResult(result.file, result.document, key,
                                            DocumentOutcome.FAIL_CLOSED,
-                                           (*result.issues, issue), stand_in, effect)
+                                           (*result.issues, issue), stand_in, effect,
+                                           result.item)
     return out
 
 

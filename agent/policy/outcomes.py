@@ -61,7 +61,8 @@ class PolicyIssue:
 
 @dataclass(frozen=True)
 class DocumentResult:
-    """One document (``document`` None: a whole file or the directory) and its fate.
+    """One document (``document`` None: a whole file or the directory; ``item``: its
+    index in a ``kind: List`` document) and its fate.
 
     ``policy`` is what is enforced for it: the converted policy, its fail-closed
     stand-in, or None when ignored. ``effect`` says in words what is enforced and
@@ -75,10 +76,12 @@ class DocumentResult:
     issues: tuple[PolicyIssue, ...] = ()
     policy: AuthorizationPolicy | None = None
     effect: str = ""
+    item: int | None = None
 
     @property
     def where(self) -> str:
-        return self.file if self.document is None else f"{self.file} document {self.document}"
+        where = self.file if self.document is None else f"{self.file} document {self.document}"
+        return where if self.item is None else f"{where} items[{self.item}]"
 
     def __str__(self) -> str:
         name = f" ({self.key})" if self.key else ""

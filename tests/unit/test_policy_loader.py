@@ -557,3 +557,33 @@ def test_document_split_agrees_with_pyyaml_on_valid_streams(text: str) -> None:
     split = [doc for _, part in _split_documents(text)
              for doc in yaml.load_all(part, Loader=_StrictLoader)]
     assert split == list(yaml.safe_load_all(text))
+
+
+def test_kubectl_list_items_are_judged_one_by_one(tmp_path: Path) -> None:
+    import yaml
+
+    good = yaml.safe_load(ALLOW_SLEEP)
+    bad = yaml.safe_load(ALLOW_SLEEP.replace("allow-sleep", "bad").replace('"8080"', '"x"'))
+    audit = yaml.safe_load(ALLOW_SLEEP.replace("allow-sleep", "audit").replace(
+        "  rules:", "  action: AUDIT\n  rules:"))
+    write(tmp_path, "dump.yaml", yaml.safe_dump(
+        {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""},
+         "items": [good, bad, audit]}))
+    report, results = judged(tmp_path, "dump.yaml")
+    assert [(r.document, r.item, r.outcome) for r in results] == [
+        (1, 0, DocumentOutcome.ACCEPTED), (1, 1, DocumentOutcome.FAIL_CLOSED),
+        (1, 2, DocumentOutcome.IGNORED)]
+    assert str(results[1].issues[0]) == (
+        "dump.yaml: document 1: items[1].spec.rules[0].to[0].operation.ports[0]: "
+        "'x' is not a port (an integer 0..65535)")
+    assert results[1].where == "dump.yaml document 1 items[1]"
+    assert results[1].policy is not None
+    assert results[1].policy.key == "foo/meshagent-fail-closed[dump.yaml#1.items[1]]"
+    assert allowed(report.policies, SLEEP) and not allowed(report.policies, OTHER)
+
+
+def test_a_malformed_list_fails_closed(tmp_path: Path) -> None:
+    write(tmp_path, "dump.yaml", "apiVersion: v1\nkind: List\nitems: {not: a list}\n")
+    failure = only_failure(tmp_path)
+    assert "items: unknown field" in str(failure) and failure.policy is not None
+    assert failure.policy.namespace == "istio-system"  # mesh-wide
