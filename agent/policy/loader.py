@@ -506,8 +506,11 @@ def _ignore_reason(document: Any) -> tuple[str, str] | None:
 
 
 def _readable_dry_run(document: Any) -> bool:
-    """Whether the document unambiguously says ``istio.io/dry-run`` is true."""
-    metadata = document.get("metadata") if isinstance(document, dict) else None
+    """Whether the document is unambiguously a dry-run ``AuthorizationPolicy``."""
+    if not (isinstance(document, dict) and document.get("kind") == "AuthorizationPolicy"
+            and document.get("apiVersion") in API_VERSIONS):
+        return False
+    metadata = document.get("metadata")
     annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
     if not isinstance(annotations, dict):
         return False

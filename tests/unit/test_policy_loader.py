@@ -587,3 +587,9 @@ def test_a_malformed_list_fails_closed(tmp_path: Path) -> None:
     failure = only_failure(tmp_path)
     assert "items: unknown field" in str(failure) and failure.policy is not None
     assert failure.policy.namespace == "istio-system"  # mesh-wide
+
+
+def test_dry_run_annotation_on_another_kind_still_fails_closed(tmp_path: Path) -> None:
+    write(tmp_path, "pa.yaml", DENY_TWO_DOCS.split("---\n")[1].replace(
+        "kind: AuthorizationPolicy", "kind: PeerAuthentication"))
+    assert "kind: 'PeerAuthentication' is not supported" in str(only_failure(tmp_path))
