@@ -25,7 +25,6 @@ class PolicyGate:
         self.tracker = tracker
         self.watcher = PolicyWatcher(str(policy_dir), root_namespace)
         self.policies: PolicySet = policies if policies is not None else self.watcher.current
-        self._logged_error: Exception | None = None
 
     @property
     def last_error(self) -> Exception | None:
@@ -48,16 +47,21 @@ class PolicyGate:
         return closed
 
     def reload(self) -> None:
-        """Side effects: reads the policy directory (via the watcher)."""
-        if not self.policy_dir.is_dir():
-            # No policy directory means no policies (allow all), not an error.
-            if self.policies.policies:
-                self.apply(PolicySet.empty(self.root_namespace))
-            return
+        """Side effects: reads the policy directory (via the watcher); logs every
+        document not enforced as written.
+
+        The watcher judges each document on its own (a bad one fails closed for its
+        scope) and treats a missing directory as no policies; until its first read
+        the set in force denies everything.
+        """
         new = self.watcher.poll()
-        if new is not None:
-            self.apply(new)
-        elif self.watcher.last_error and self.watcher.last_error is not self._logged_error:
-            self._logged_error = self.watcher.last_error
-            log.error("policy files rejected; the last good policy set stays in force",
-                      error=str(self.watcher.last_error))
+        if new is None:
+            return
+        report = self.watcher.report
+        for result in report.problems if report is not None else ():
+            for issue in result.issues:
+                log.warning("policy document not enforced as written", file=result.file,
+                            document=result.document, policy=result.key,
+                            outcome=result.outcome.value, field=issue.path,
+                            problem=issue.problem, effect=result.effect)
+        self.apply(new)

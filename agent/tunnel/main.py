@@ -30,6 +30,7 @@ from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStat
 from agent.hbone.pool import HbonePool
 from agent.identity.ca import IdentityError, load_ca
 from agent.identity.store import IdentityStore
+from agent.policy.metrics import PolicyDocumentsCollector
 from agent.state import write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
@@ -110,6 +111,7 @@ class Tunnel:
             policy=PolicyGate(t.policy_dir, t.root_namespace, tracker),
             tracker=tracker, metrics=TunnelMetrics(self.collectors), dialer=dialer,
             identities=identities, pool=pool, access_log=access_log)
+        self.registry.register(PolicyDocumentsCollector(self.inputs.policy.watcher))
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics_server: MetricsServer | None = None
