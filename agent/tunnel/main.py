@@ -111,7 +111,7 @@ class Tunnel:
             policy=PolicyGate(t.policy_dir, t.root_namespace, tracker),
             tracker=tracker, metrics=TunnelMetrics(self.collectors), dialer=dialer,
             identities=identities, pool=pool, access_log=access_log)
-        self.registry.register(PolicyDocumentsCollector(self.inputs.policy.watcher))
+        self.collectors.register(PolicyDocumentsCollector(self.inputs.policy.watcher))
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics_server: MetricsServer | None = None

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.asyncquery
 import dns.flags
@@ -87,7 +88,7 @@ def dnsmasq() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
         proc.wait(timeout=10)
 
 
-def client_for(ip):  # type: ignore[no-untyped-def]
+def client_for(ip: Any) -> Any:
     return MODEL.workload_by_address(NetworkAddress("", ip))
 
 
