@@ -503,32 +503,28 @@ def test_validate_command_lists_every_document(tmp_path: Path) -> None:
 
 
 def test_tunnel_denies_until_its_first_policy_read(tmp_path: Path) -> None:
-    """The call site (agent/tunnel/main.py): before reload_policies() has run, an inbound
+    """The call site (agent/tunnel/gate.py): before the gate's first reload, an inbound
     connection is denied; after it, the directory's set decides."""
-    from dataclasses import replace
+    from agent.policy import ConnectionRequest, WorkloadRef
+    from agent.tunnel.gate import PolicyGate
+    from agent.tunnel.tracker import ConnectionTracker
 
-    from agent.config import Config
-    from agent.tunnel.main import Tunnel
-    from agent.tunnel.workloads import Workload
-
-    cfg = Config()
-    cfg = replace(cfg, tunnel=replace(cfg.tunnel, policy_dir=str(tmp_path / "absent")))
-    tunnel = Tunnel(cfg)
-    pod = Workload("httpbin", "foo", "httpbin", ("10.1.0.7",), "spiffe://x/ns/foo/sa/httpbin",
-                   {"app": "httpbin"})
+    gate = PolicyGate(tmp_path / "absent", "istio-system", ConnectionTracker())
+    pod = WorkloadRef(name="httpbin", namespace="foo", labels={"app": "httpbin"})
 
     def decide() -> bool:
-        return tunnel.authorize_inbound(src_ip="10.0.0.5", src_identity=SLEEP, dst=pod,
-                                        dst_ip="10.1.0.7", dst_port=8080).allowed
+        request = ConnectionRequest(src_ip="10.0.0.5", src_identity=SLEEP, dst_ip="10.1.0.7",
+                                    dst_port=8080, dst_workload=pod)
+        return gate.evaluate(request).allowed
 
     assert not decide()
-    tunnel.reload_policies()  # missing directory: no policies
+    gate.reload()  # missing directory: no policies
     assert decide()
     (tmp_path / "absent").mkdir()
     write(tmp_path / "absent", "deny.yaml", BAD_CIDR_DOC2)
-    tunnel.reload_policies()
+    gate.reload()
     assert not decide()  # document 2 fails closed for namespace foo
-    assert "deny.yaml: document 2" in (tunnel.status()["policy_error"] or "")
+    assert "deny.yaml: document 2" in str(gate.last_error or "")
 
 
 def test_alias_bomb_fails_closed_without_expanding(tmp_path: Path) -> None:
