@@ -3,8 +3,9 @@
  * listener.
  *
  *   not enrolled ifindex          -> pass (the filter outlived its pod entry)
- *   not TCP                       -> pass (UDP, ICMP, ...)
- *   malformed / fragment          -> drop (fail closed: ports unknown)
+ *   not allowed by the datapath rule (lib/parse.h: tagged, encapsulated,
+ *   unknown ethertype, malformed, TCP fragment) -> drop, counted by reason
+ *   ARP, IP that is not TCP       -> pass (UDP, ICMP, ND, ...)
  *   source not one of pod's addrs -> drop (the tunnel trusts the source)
  *   socket owns the 4-tuple       -> assign (replies to the tunnel, later segments)
  *   not a SYN                     -> pass (a connection older than enrollment)

@@ -8,8 +8,10 @@
  * the ingress of one device the agent owns, where tunnel_ingress.c assigns
  * the socket. Only enrolled veths and our own device carry our programs.
  *
- *   not enrolled / not TCP               -> pass
- *   sent by the tunnel (its SO_MARK)     -> pass (the tunnel dialing the pod)
+ *   not enrolled                         -> pass
+ *   sent by the tunnel (its SO_MARK)     -> pass (before any parsing)
+ *   not allowed by the datapath rule (lib/parse.h) -> drop, counted by reason
+ *   ARP, IP that is not TCP              -> pass
  *   not addressed to this pod            -> pass
  *   from the node's own addresses        -> pass (kubelet-style probes)
  *   SYN, or a segment a tunnel socket owns -> redirect to the tunnel device

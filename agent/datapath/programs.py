@@ -20,7 +20,7 @@ FUNCTIONS = (FROM_POD, TO_POD, TUNNEL_DEV_INGRESS)
 # Bump when a map's key or value layout changes: maps pinned by an older agent
 # are then left for the new ones (in a new v<N> directory) and removed after
 # the new programs are attached, instead of being reused with the wrong layout.
-MAP_LAYOUT_VERSION = 2
+MAP_LAYOUT_VERSION = 3
 
 
 class CompileError(RuntimeError):
