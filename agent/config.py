@@ -49,6 +49,9 @@ class DatapathConfig:
     # skb->mark set on captured packets so the fwmark rule delivers them locally.
     capture_mark: int = 0x5A0000
     capture_mask: int = 0xFF0000
+    # skb->mark (under capture_mask) of a bridged pod's captured packet on its
+    # way to the tunnel device, which assigns it there (bpf/lib/common.h).
+    redirect_mark: int = 0x5C0000
     route_table: int = 15000
     rule_priority: int = 15000
     excluded_ports: tuple[int, ...] = ()
@@ -110,6 +113,12 @@ class Config:
             raise ConfigError("datapath.capture_mark has bits outside datapath.capture_mask")
         if t.socket_mark & d.capture_mask == d.capture_mark:
             raise ConfigError("tunnel.socket_mark must not match datapath.capture_mark/mask")
+        if d.redirect_mark & ~d.capture_mask or not d.redirect_mark & d.capture_mask:
+            raise ConfigError("datapath.redirect_mark must be nonzero and inside "
+                              "datapath.capture_mask")
+        if d.redirect_mark in (d.capture_mark, t.socket_mark & d.capture_mask):
+            raise ConfigError("datapath.redirect_mark must differ from datapath.capture_mark "
+                              "and tunnel.socket_mark")
         if t.inbound_mode not in ("permissive", "strict"):
             raise ConfigError(
                 f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")

@@ -35,7 +35,7 @@ from agent.datapath.programs import (
     compile_programs,
     remove_stale_pins,
 )
-from agent.enrollment import Enroller, EnrollmentError
+from agent.enrollment import Enroller, EnrollmentError, pod_flags
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
 from agent.registry import Registry, RegistryError
@@ -86,7 +86,8 @@ class Agent:
             capture_mark=d.capture_mark, capture_mask=d.capture_mask,
             tunnel_mark=t.socket_mark, tunnel_ifindex=self.tunnel_device.ifindex,
             tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
-            inbound_port=t.inbound_port, hbone_port=t.hbone_port))
+            inbound_port=t.inbound_port, hbone_port=t.hbone_port,
+            redirect_mark=d.redirect_mark))
         self.maps.set_node_addresses(node_addresses())
         self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
         self._attach_tunnel_device()
@@ -133,7 +134,7 @@ class Agent:
                     **pod.to_json(), "host_ifindex": veth.ifindex,
                     "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
                     "created_clsact": pod.created_clsact or created})
-                self.maps.add_pod(pod.host_ifindex, pod.addresses)
+                self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
                 self.enroller.attach_filters(ipr, pod.host_ifindex)
                 self.state.registry.add(pod)
             except (attach.AttachError, RegistryError, OSError) as exc:

@@ -19,14 +19,19 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.api.schema import PodAdd, PodDel
 from agent.config import Config
 from agent.datapath import attach
-from agent.datapath.maps import DatapathMaps
+from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
 from agent.netns.rtnl import RtnlSocket
-from agent.netns.veth import find_host_veth, link_addresses, resolve_netns
+from agent.netns.veth import HostVeth, find_host_veth, link_addresses, resolve_netns
 from agent.registry import Pod, Registry, RegistryError
 
 log = structlog.get_logger("agent.enrollment")
 
+
+
+def pod_flags(veth: HostVeth) -> int:
+    """struct ma_pod_info flags for a pod on ``veth`` (bpf/lib/common.h)."""
+    return POD_F_BRIDGED if veth.bridged else 0
 
 class EnrollmentError(RuntimeError):
     """Enrollment failed and was rolled back; the message says what to do."""
@@ -112,7 +117,7 @@ class Enroller:
             # veth; traffic from it is the node's own (probes), not a client.
             added = self.maps.add_node_addresses(link_addresses(self.rtnl, pod.host_ifindex))
             undo.append(lambda: self.maps.remove_node_addresses(added))
-            self.maps.add_pod(pod.host_ifindex, pod.addresses)
+            self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
             created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
             if created:

@@ -13,8 +13,10 @@
  *   not allowed by the datapath rule (lib/parse.h) -> drop, counted by reason
  *   ARP, IP that is not TCP              -> pass
  *   not addressed to this pod            -> pass
- *   from the node's own addresses        -> pass (kubelet-style probes)
+ *   SYN from the node's own addresses    -> pass (kubelet-style probes)
  *   SYN, or a segment a tunnel socket owns -> redirect to the tunnel device
+ *     (from a node address too: the reply of a node-local service to a
+ *     connection the pod made through the tunnel)
  *   anything else                        -> pass (connection older than enrollment)
  */
 #include "lib/common.h"
@@ -54,7 +56,7 @@ int to_pod(struct __sk_buff *skb)
 	if (!owner || *owner != ifindex)
 		return MA_PASS;
 	ma_addr_key_src(&pkt, &key);
-	if (ma_node_addrs.lookup(&key))
+	if (ma_is_syn(&pkt) && ma_node_addrs.lookup(&key))
 		return MA_PASS;
 
 	if (!ma_is_syn(&pkt)) {

@@ -57,6 +57,7 @@ SOL_NETLINK = 270
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_LINK = 5
+IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFA_ADDRESS = 1
@@ -81,6 +82,7 @@ class Link:
     kind: str | None
     link: int | None  # IFLA_LINK: for a veth, the peer's ifindex (in the peer's netns)
     mac: str | None
+    master: int | None = None  # IFLA_MASTER: the bridge (or bond, ...) it is a port of
 
 
 def _align(n: int) -> int:
@@ -182,7 +184,7 @@ def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 def parse_link(payload: bytes) -> Link:
     _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(payload)
-    name, kind, link, mac = "", None, None, None
+    name, kind, link, mac, master = "", None, None, None, None
     for kind_id, value in attributes(payload, _IFINFOMSG.size):
         if kind_id == IFLA_IFNAME:
             name = value.rstrip(b"\0").decode(errors="replace")
@@ -190,11 +192,13 @@ def parse_link(payload: bytes) -> Link:
             link = struct.unpack_from("=i", value)[0]
         elif kind_id == IFLA_ADDRESS:
             mac = ":".join(f"{b:02x}" for b in value)
+        elif kind_id == IFLA_MASTER and len(value) >= 4:
+            master = struct.unpack_from("=i", value)[0] or None
         elif kind_id == IFLA_LINKINFO:
             for info_id, info in attributes(value):
                 if info_id == IFLA_INFO_KIND:
                     kind = info.rstrip(b"\0").decode(errors="replace")
-    return Link(index=index, name=name, kind=kind, link=link, mac=mac)
+    return Link(index=index, name=name, kind=kind, link=link, mac=mac, master=master)
 
 
 def parse_address(payload: bytes) -> tuple[int, int, str] | None:
