@@ -1,10 +1,12 @@
 """``meshagent run``: the node agent daemon.
 
 Start-up, in order: load persisted state; set up node plumbing; compile the
-BPF programs once; write the datapath settings, node addresses and
-exclusions into the maps; re-enroll the pods from state whose netns and veth
-still exist (filters are replaced atomically, so traffic never runs without
-one) and forget the rest; then serve the API on a root-only UNIX socket.
+BPF programs once; subscribe to the node's address changes (rtnetlink), then
+write the datapath settings, node addresses and exclusions into the maps;
+re-enroll the pods from state whose netns and veth still exist (filters are
+replaced atomically, so traffic never runs without one) and forget the rest;
+then serve the API on a root-only UNIX socket and keep the node-address map
+in step with the node (:mod:`agent.netns.addrwatch`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from agent.datapath.programs import (
     remove_stale_pins,
 )
 from agent.enrollment import Enroller, EnrollmentError, pod_flags
+from agent.netns.addrwatch import AddressChanges, AddressWatch
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
 from agent.registry import Registry, RegistryError
@@ -44,6 +47,9 @@ from agent.telemetry.metrics import AgentMetrics, MetricsServer, serve_metrics
 
 log = structlog.get_logger("agent.daemon")
 MAX_REQUEST_BYTES = 64 * 1024
+# A removed address is applied by re-reading them all; a burst of removals
+# (pods deleted together) is coalesced into one re-read this long after the first.
+ADDRESS_RESYNC_DELAY_S = 0.1
 
 
 class Agent:
@@ -54,6 +60,8 @@ class Agent:
         self.maps: DatapathMaps | None = None
         self.enroller: Enroller | None = None
         self.tunnel_device: TunnelDevice | None = None
+        self.address_watch: AddressWatch | None = None
+        self._resync_pending = False
         self.started_at = time.time()
         # Every kernel operation runs on this one thread: pyroute2's sync API
         # and bcc tables must not run inside the asyncio loop, and serialising
@@ -88,6 +96,8 @@ class Agent:
             tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
             inbound_port=t.inbound_port, hbone_port=t.hbone_port,
             redirect_mark=d.redirect_mark))
+        # Subscribe before the first read: a change in between is not lost.
+        self.address_watch = AddressWatch()
         self.maps.set_node_addresses(node_addresses())
         self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
         self._attach_tunnel_device()
@@ -142,6 +152,41 @@ class Agent:
                           error=str(exc))
                 continue
             log.info("pod restored", pod=pod.key, ifindex=pod.host_ifindex)
+
+    # --- node addresses -------------------------------------------------------
+
+    def _on_address_events(self) -> None:
+        """Reader callback (event loop): queue the map update on the kernel thread."""
+        assert self.address_watch is not None
+        try:
+            changes = self.address_watch.read()
+        except OSError as exc:
+            log.error("reading address events failed; re-reading the addresses", error=str(exc))
+            changes = AddressChanges(resync=True)
+        if not changes:
+            return
+        loop = asyncio.get_running_loop()
+        if changes.added:
+            loop.run_in_executor(self.kernel, self._add_node_addresses, sorted(changes.added))
+        if changes.resync and not self._resync_pending:
+            self._resync_pending = True
+            loop.call_later(ADDRESS_RESYNC_DELAY_S, lambda: loop.run_in_executor(
+                self.kernel, self._resync_node_addresses))
+
+    def _add_node_addresses(self, addresses: list[str]) -> None:
+        assert self.maps is not None
+        added = self.maps.add_node_addresses(addresses)
+        if added:
+            log.info("node addresses added to the datapath", addresses=added)
+
+    def _resync_node_addresses(self) -> None:
+        """Side effects: one address dump; rewrites the node-address map to match."""
+        assert self.maps is not None
+        self._resync_pending = False
+        try:
+            self.maps.set_node_addresses(node_addresses())
+        except Exception as exc:  # the map keeps its old content; next event retries
+            log.error("re-reading node addresses failed", error=str(exc))
 
     # --- API -----------------------------------------------------------------
 
@@ -251,8 +296,15 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.address_watch is not None:
+            loop.add_reader(self.address_watch.fileno(), self._on_address_events)
+            # Whatever changed since start() read the addresses is queued on the socket.
+            self._on_address_events()
         async with server:
             await stop.wait()
+        if self.address_watch is not None:
+            loop.remove_reader(self.address_watch.fileno())
+            self.address_watch.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         if self.metrics_server is not None:
