@@ -34,6 +34,7 @@ from agent.datapath.maps import DatapathMaps, DatapathSettings
 from agent.datapath.programs import (
     TUNNEL_DEV_INGRESS,
     Programs,
+    check_bpffs,
     compile_programs,
     remove_stale_pins,
 )
@@ -84,7 +85,11 @@ class Agent:
 
     def start(self) -> None:
         """Bring the node to the desired state (see the module docstring)."""
+        check_bpffs()  # before any change: under `ip netns exec` there is no bpffs
+        state_dir_existed = Path(self.cfg.agent.state_dir).exists()
         self.state = load_state(self.cfg.agent.state_dir)
+        if not state_dir_existed:
+            self.state.node.created_state_dir = True  # uninstall may remove it
         self.tunnel_device = setup_node(self.cfg, self.state.node)
         self.persist()
         self.programs = compile_programs(pin_dir=self.cfg.agent.bpf_pin_dir)
@@ -225,14 +230,24 @@ class Agent:
             return self._pods_with_counters()
         return self.status()
 
-    def _pods_with_counters(self) -> list[dict[str, Any]]:
-        assert self.maps is not None
+    def _pods_with_counters(self, shadowing: bool = False) -> list[dict[str, Any]]:
+        """The enrolled pods with their counters; with ``shadowing``, also the
+        foreign tc filters that run before ours on each veth (two netlink dumps
+        per pod)."""
+        assert self.maps is not None and self.enroller is not None
         counters = self.maps.counters()
         out = []
+        prio, handle = self.cfg.agent.tc_priority, self.cfg.agent.tc_handle
         for pod in self.state.registry:
             data = pod.to_json()
             c = counters.get(pod.host_ifindex)
             data["counters"] = c.as_dict() if c else None
+            if shadowing:
+                try:
+                    data["shadowed_by"] = attach.shadowing_filters(
+                        self.enroller.rtnl, pod.host_ifindex, prio, handle)
+                except OSError as exc:
+                    data["shadowed_by"] = [{"error": str(exc)}]
             out.append(data)
         return out
 
@@ -240,12 +255,13 @@ class Agent:
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
-            "pods": self._pods_with_counters(),
+            "pods": self._pods_with_counters(shadowing=True),
             "node": verify_node(self.cfg),
             "tunnel_ports": {"outbound": self.cfg.tunnel.outbound_port,
                              "inbound": self.cfg.tunnel.inbound_port,
                              "hbone": self.cfg.tunnel.hbone_port},
             "listeners": _listening_ports(),
+            "tc_priority": self.cfg.agent.tc_priority,
             "tunnel": _read_json(Path(self.cfg.agent.state_dir) / "tunnel-status.json"),
         }
 
