@@ -37,6 +37,17 @@ TC_HANDLE = "handle 0xa11 "
 
 # -- prefixes, processes, cleanup -------------------------------------------------
 
+# The pod networks a lab suite runs on (``meshagent lab up --pods``): pods made by
+# Debian's CNI plugins, ptp and bridge (br_netfilter on), with meshagent-cni
+# chained. A module fixture takes them as ``params=CNI_POD_NETWORKS`` and
+# passes ``request.param`` to :func:`lab_up_args`.
+CNI_POD_NETWORKS = ("cni", "cni-bridge")
+
+
+def lab_up_args(prefix: str, pod_network: str = "veth") -> list[str]:
+    """``meshagent lab up`` arguments for lab ``prefix`` on ``pod_network``."""
+    return ["lab", "up", "--prefix", prefix, "--pods", pod_network]
+
 
 def unique_prefix(letter: str) -> str:
     """``letter`` + 4 hex digits: unique per run, valid as a lab prefix."""

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from lab_helpers import (
+    CNI_POD_NETWORKS,
     Background,
     Lab,
     addr,
@@ -34,6 +35,7 @@ from lab_helpers import (
     destroy_lab,
     flush_tunnel_logs,
     in_netns,
+    lab_up_args,
     log_tails,
     mark,
     meshagent_cli,
@@ -197,13 +199,15 @@ def _tunnel_listening(lab: Lab, node: str) -> bool:
     return 15001 in lab.api(node, {"op": "status"})["listeners"]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The plain-mode lab with servers running; removed afterwards, always."""
+@pytest.fixture(scope="module", params=CNI_POD_NETWORKS)
+def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The plain-mode lab with servers running, its pods made by the real CNI
+    plugins: once with ptp, once with bridge (br_netfilter on); removed
+    afterwards, always."""
     prefix = unique_prefix("d")
     background = Background(tmp_path_factory.mktemp(f"lab-{prefix}"))
     try:
-        up = meshagent_cli(["lab", "up", "--prefix", prefix],
+        up = meshagent_cli(lab_up_args(prefix, request.param),
                            env={"MESHAGENT_LAB_MODE": "plain"}, timeout=180)
         assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
         lab = Lab(netlab.load_plan(prefix), background)
