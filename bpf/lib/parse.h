@@ -18,15 +18,18 @@
  *   IP-in-IP, IPv6-in-IP, GRE, EtherIP, L2TPv3,   | drop ENCAPSULATED
  *     MPLS-in-IP (after any IPv6 ext. headers)    |
  *   UDP to 4789/4790/8472 (VXLAN), 6081 (Geneve)  | drop ENCAPSULATED
- *   TCP fragment (first, later, atomic)           | drop FRAGMENT
+ *   TCP fragment (first, later, atomic), and an   | drop FRAGMENT
+ *     IPv6 later fragment whose fragment header   |
+ *     names another extension header              |
  *   truncated or invalid IP / TCP / UDP header    | drop MALFORMED
  *   more than MA_MAX_EXTHDRS IPv6 ext. headers    | drop EXTHDR_LIMIT
  *     before TCP                                  |
  *   any other ethertype (MPLS, PPPoE, LLDP, STP,  | drop UNKNOWN_L3
  *     802.3 length frames, IPX, ...)              |
  *
- * Later fragments of non-TCP datagrams pass: they carry no header to judge
- * and cannot be reassembled without the first fragment, which was judged.
+ * Later fragments of non-TCP datagrams (by the IPv4 protocol field or the
+ * IPv6 fragment header's next header) pass: they carry no header to judge and
+ * cannot be reassembled without the first fragment, which was judged.
  *
  * Headers are copied with bpf_skb_load_bytes rather than read in place: veth
  * traffic can be non-linear after GRO, and copying keeps variable offsets
@@ -219,9 +222,17 @@ static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet
 				goto fragment;
 			if (ma_is_encap_proto(nexthdr))
 				goto encapsulated;
-			/* A later fragment holds no upper-layer header to inspect. */
-			if (frag_off & bpf_htons(0xFFF8))
+			/* A later fragment holds no upper-layer header to inspect: it
+			 * passes only when the fragment header names a protocol that
+			 * is not TCP. Naming another extension header leaves the upper
+			 * layer unknown (it may be TCP): cannot classify, drop. */
+			if (frag_off & bpf_htons(0xFFF8)) {
+				if (nexthdr == MA_NEXTHDR_HOP || nexthdr == MA_NEXTHDR_ROUTING ||
+				    nexthdr == MA_NEXTHDR_DEST || nexthdr == MA_NEXTHDR_AUTH ||
+				    nexthdr == MA_NEXTHDR_FRAGMENT)
+					goto fragment;
 				return MA_PARSE_NOT_TCP;
+			}
 			/* The first fragment may put more extension headers before
 			 * TCP: keep walking, and drop if TCP turns up (as above). */
 			fragmented = 1;
