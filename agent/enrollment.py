@@ -130,7 +130,8 @@ class Enroller:
             attach.attach(ipr, pod.host_ifindex, egress, prio, handle, self.rtnl)
             undo.append(lambda: self._detach(pod.host_ifindex, attach.EGRESS))
             self.registry.add(pod)
-            undo.append(lambda: self.registry.remove(pod.key))
+            key = pod.key
+            undo.append(lambda: self._forget(key))
             self.on_change()
         except (RegistryError, attach.AttachError, OSError) as exc:
             self._unwind(undo)
@@ -142,6 +143,9 @@ class Enroller:
         log.info("pod enrolled", pod=pod.key, veth=pod.host_ifname, ifindex=pod.host_ifindex,
                  addresses=list(pod.addresses), clsact_created=pod.created_clsact)
         return pod
+
+    def _forget(self, key: Any) -> None:
+        self.registry.remove(key)
 
     def _unwind(self, undo: list[Callable[[], None]]) -> None:
         for step in reversed(undo):

@@ -128,7 +128,7 @@ def remove_stale_pins(pin_dir: str) -> list[str]:
     Side effects: unlinks pinned maps (the kernel frees a map once no program
     and no pin references it) and their now empty version directories.
     """
-    removed = []
+    removed: list[str] = []
     base = Path(pin_dir)
     if not base.is_dir():
         return removed
