@@ -149,7 +149,7 @@ def bad(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                            env={"MESHAGENT_LAB_MODE": "hbone"}, timeout=180)
         assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
         lab = Lab(netlab.load_plan(prefix), background)
-        for pod in ("n2-a", "n1-b"):
+        for pod in ("n2-a", "n1-b", "n1-plain"):
             background.start(lab.ns(pod), f"server-{pod}",
                              [sys.executable, "-c", SERVER, pod, str(HTTP_PORT)],
                              ready_line="ready")
@@ -386,6 +386,23 @@ def test_same_node_enrolled_pods_take_hbone_local_with_identities(bad: BadLab,
     assert rec["dst_identity"] == f"spiffe://cluster.local/ns/{b.namespace}/sa/{b.service_account}"
     assert not [r for r in new_records(lab, since, "node1")
                 if r["direction"] == "inbound" and r.get("path") == "plain"]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_enrolled_pod_reaches_a_plain_pod_on_its_node_and_the_reply_finds_the_tunnel(
+        bad: BadLab, family: int) -> None:
+    """On a bridge the plain pod answers the tunnel's connection (made from n1-a's
+    address) straight to n1-a's MAC; to_pod must hand it to the tunnel socket."""
+    lab = bad.lab
+    a, p = lab.plan.pod("n1-a"), lab.plan.pod("n1-plain")
+    cip, sip = (str(a.ipv4), str(p.ipv4)) if family == 4 else (str(a.ipv6), str(p.ipv6))
+    since = mark(lab)
+    res = curl(lab.ns("n1-a"), sip, HTTP_PORT)
+    assert (res.rc, res.status) == (0, 200), res
+    assert res.server_view()["peer"] == cip
+    rec = wait_record(lab, "node1", since, lambda r: r["src"] == addr(cip, res.local_port),
+                      "the connection's outbound record")
+    assert (rec["direction"], rec["path"], rec["result"]) == ("outbound", "passthrough", "ok")
 
 
 @pytest.mark.parametrize("target", ["underlay-v4", "underlay-v6", "gateway-v4"])
