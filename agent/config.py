@@ -55,6 +55,10 @@ class DatapathConfig:
     route_table: int = 15000
     rule_priority: int = 15000
     excluded_ports: tuple[int, ...] = ()
+    # UDP ports of this node's tunnels beyond VXLAN 4789/4790/8472 and Geneve 6081
+    # (a custom VXLAN dstport, FOU/GUE): an enrolled pod's UDP to them is dropped,
+    # as the node would decapsulate it around capture (README "Datapath rules").
+    encapsulation_udp_ports: tuple[int, ...] = ()
     excluded_cidrs: tuple[str, ...] = ()
 
 
@@ -104,6 +108,12 @@ class Config:
         for port in d.excluded_ports:
             if not 1 <= port <= 65535:
                 raise ConfigError(f"datapath.excluded_ports: {port} is not a port in 1..65535")
+        for port in d.encapsulation_udp_ports:
+            if not 1 <= port <= 65535:
+                raise ConfigError(
+                    f"datapath.encapsulation_udp_ports: {port} is not a port in 1..65535")
+        if len(d.encapsulation_udp_ports) > 64:
+            raise ConfigError("datapath.encapsulation_udp_ports: at most 64 ports")
         for cidr in (*d.excluded_cidrs, *t.mesh_cidrs):
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -105,6 +105,7 @@ class Agent:
         self.address_watch = AddressWatch()
         self.maps.set_node_addresses(node_addresses())
         self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
+        self.maps.set_encapsulation_ports(d.encapsulation_udp_ports)
         self._attach_tunnel_device()
         saved = list(self.state.registry)
         self.state.registry = Registry()

@@ -109,7 +109,7 @@ class DatapathMaps:
     def __init__(self, programs: Any) -> None:
         self._t = {name: programs.table(name) for name in (
             "ma_pods", "ma_pod_addrs", "ma_node_addrs", "ma_excluded_ports",
-            "ma_excluded_cidrs", "ma_config_map", "ma_stats")}
+            "ma_excluded_cidrs", "ma_config_map", "ma_stats", "ma_encap_udp_ports")}
 
     def set_settings(self, settings: DatapathSettings) -> None:
         table = self._t["ma_config_map"]
@@ -199,6 +199,10 @@ class DatapathMaps:
     def set_exclusions(self, ports: Iterable[int], cidrs: Iterable[str]) -> None:
         self._replace_set("ma_excluded_ports", {struct.pack("<H", p) for p in ports})
         self._replace_set("ma_excluded_cidrs", {lpm_key(c) for c in cidrs})
+
+    def set_encapsulation_ports(self, ports: Iterable[int]) -> None:
+        """UDP ports of the node's own tunnels: the datapath drops pods' UDP to them."""
+        self._replace_set("ma_encap_udp_ports", {struct.pack("<H", p) for p in ports})
 
     def _replace_set(self, name: str, wanted: set[bytes]) -> None:
         table = self._t[name]

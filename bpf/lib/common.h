@@ -32,6 +32,7 @@
 #define MA_MAX_NODE_ADDRS 1024
 #define MA_MAX_EXCLUDED_PORTS 1024
 #define MA_MAX_EXCLUDED_CIDRS 1024
+#define MA_MAX_ENCAP_PORTS 64
 
 /* IPv6 extension headers walked before giving up (fail closed). */
 #define MA_MAX_EXTHDRS 6

@@ -18,6 +18,7 @@
  *   IP-in-IP, IPv6-in-IP, GRE, EtherIP, L2TPv3,   | drop ENCAPSULATED
  *     MPLS-in-IP (after any IPv6 ext. headers)    |
  *   UDP to 4789/4790/8472 (VXLAN), 6081 (Geneve)  | drop ENCAPSULATED
+ *     or a port in datapath.encapsulation_udp_ports |
  *   TCP fragment (first, later, atomic), and an   | drop FRAGMENT
  *     IPv6 later fragment whose fragment header   |
  *     names another extension header              |
@@ -39,6 +40,7 @@
 #define MESHAGENT_PARSE_H
 
 #include "lib/common.h"
+#include "lib/maps.h"
 
 #define MA_ETH_HLEN 14
 #define MA_IP_MF 0x2000
@@ -111,7 +113,7 @@ static __always_inline int ma_parse_udp(struct __sk_buff *skb, __u32 off, struct
 	}
 	port = bpf_ntohs(dport);
 	if (port == MA_UDP_VXLAN || port == MA_UDP_VXLAN_GPE || port == MA_UDP_VXLAN_LINUX ||
-	    port == MA_UDP_GENEVE) {
+	    port == MA_UDP_GENEVE || ma_encap_udp_ports.lookup(&port)) {
 		pkt->drop_reason = DROP_ENCAPSULATED;
 		return MA_PARSE_DROP;
 	}

@@ -206,6 +206,7 @@ class Harness:
             self.programs.table(name).clear()
         self.maps.set_node_addresses([])
         self.maps.set_exclusions([], [])
+        self.maps.set_encapsulation_ports([])
         self.clear_settings()
         self.clear_assignment()
 

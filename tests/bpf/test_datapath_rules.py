@@ -248,3 +248,16 @@ def test_unenrolled_veth_is_not_judged(dp: Harness) -> None:
     """The rule is for enrolled pods only: another veth's tagged frame is not ours."""
     frame = from_pod_eth() / Dot1Q(vlan=0) / IP(src=POD_V4, dst=REMOTE_V4) / _syn()
     assert_untouched(dp, dp.from_pod(frame, ifindex=dp.net.peer_ifindex), frame)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_udp_to_a_configured_tunnel_port_is_dropped(dp: Harness, direction: str) -> None:
+    """datapath.encapsulation_udp_ports: the node's own tunnels (a custom VXLAN
+    dstport, FOU/GUE) on other ports; the well-known ones need no configuration."""
+    build: Build = lambda e, s, d: e / IP(src=s, dst=d) / UDP(sport=40000, dport=5555) \
+        / Raw(bytes(16))  # noqa: E731
+    frame, result = run(dp, direction, build)
+    assert_untouched(dp, result, frame)
+    dp.maps.set_encapsulation_ports([5555])
+    _, result = run(dp, direction, build)
+    assert_dropped(dp, result, dp.net.pod_ifindex, DropReason.ENCAPSULATED)
