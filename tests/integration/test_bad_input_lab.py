@@ -122,13 +122,15 @@ for line in sys.stdin:
 class BadLab:
     lab: Lab
     pod_network: str
-    sender: subprocess.Popen[str]
+    sender: subprocess.Popen[str]  # raw frames out of n1-a (enrolled)
+    plain_sender: subprocess.Popen[str]  # raw frames out of n1-plain (not enrolled)
 
-    def send(self, frame: bytes) -> None:
-        assert self.sender.stdin is not None and self.sender.stdout is not None
-        self.sender.stdin.write(frame.hex() + "\n")
-        self.sender.stdin.flush()
-        assert self.sender.stdout.readline().strip() == "sent"
+    def send(self, frame: bytes, sender: subprocess.Popen[str] | None = None) -> None:
+        proc = sender or self.sender
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(frame.hex() + "\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "sent"
 
 
 def _link_mac(ns: str, dev: str) -> str:
@@ -143,7 +145,7 @@ def bad(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[BadLab]:
     prefix = unique_prefix("b")
     background = Background(tmp_path_factory.mktemp(f"lab-{prefix}"))
-    sender: subprocess.Popen[str] | None = None
+    senders: list[subprocess.Popen[str]] = []
     try:
         up = meshagent_cli(lab_up_args(prefix, request.param),
                            env={"MESHAGENT_LAB_MODE": "hbone"}, timeout=180)
@@ -156,13 +158,16 @@ def bad(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         background.start(lab.ns("node1"), "server-node1",
                          [sys.executable, "-c", SERVER, "node1", str(NODE_PORT)],
                          ready_line="ready")
-        sender = subprocess.Popen(netlab.nsenter_argv(lab.ns("n1-a"),
-                                                      [sys.executable, "-c", RAW_SENDER]),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
-        yield BadLab(lab=lab, pod_network=request.param, sender=sender)
+        for pod in ("n1-a", "n1-plain"):
+            sender = subprocess.Popen(netlab.nsenter_argv(lab.ns(pod),
+                                                          [sys.executable, "-c", RAW_SENDER]),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            senders.append(sender)
+            assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
+        yield BadLab(lab=lab, pod_network=request.param, sender=senders[0],
+                     plain_sender=senders[1])
     finally:
-        if sender is not None:
+        for sender in senders:
             sender.kill()
             sender.communicate(timeout=10)
         background.stop_all()
@@ -362,6 +367,49 @@ def test_bad_input_corpus_is_dropped_or_captured_and_nothing_leaves_in_clear(
         leaked += [f"{name} in clear: {pkt.summary()}" for name, m in markers.items()
                    if m in raw]
     assert leaked == []
+
+
+INBOUND_TAGGED = [
+    pytest.param(lambda e, s, d: e / Dot1Q(vlan=0) / IP(src=s, dst=d) / _syn(b"in-1"),
+                 id="priority-tag"),
+    pytest.param(lambda e, s, d: e / Dot1Q(vlan=0) / Dot1Q(vlan=0) / IP(src=s, dst=d)
+                 / _syn(b"in-2"), id="two-priority-tags"),
+    pytest.param(lambda e, s, d: e / Dot1AD(vlan=0) / Dot1Q(vlan=0) / IP(src=s, dst=d)
+                 / _syn(b"in-3"), id="802.1ad-priority-outer"),
+]
+
+
+@pytest.mark.parametrize("build", INBOUND_TAGGED)
+def test_tagged_syn_from_a_plain_pod_never_reaches_an_enrolled_pod_uncaptured(
+        bad: BadLab, build: Callable[[Ether, str, str], Packet]) -> None:
+    """Inbound evasion: on a bridge the frame is forwarded by MAC with its tags to
+    the enrolled pod, whose kernel would strip them and accept plaintext around
+    the tunnel (and its policy). It must be dropped at the pod's veth (bridge) or
+    arrive untagged and be captured (ptp: the node routes it)."""
+    lab = bad.lab
+    plain, b = lab.plan.pod("n1-plain"), lab.plan.pod("n1-b")
+    if bad.pod_network == "cni-bridge":  # same L2: straight to n1-b's MAC
+        dst_mac = in_netns(lab.ns("n1-b"), ["ip", "-o", "link", "show", "dev", "eth0"])
+        words = dst_mac.stdout.split()
+        mac = words[words.index("link/ether") + 1]
+    else:
+        mac = _link_mac(lab.ns("node1"), plain.host_ifname)
+    eth = Ether(src=_link_mac(lab.ns("n1-plain"), "eth0"), dst=mac)
+
+    def totals() -> tuple[int, int]:
+        c = lab.pod_counters("node1", "n1-b")
+        return int(c.get("captured_in_packets", 0)), sum((c.get("drops") or {}).values())
+
+    before = totals()
+    bad.send(bytes(build(eth, str(plain.ipv4), str(b.ipv4))), bad.plain_sender)
+    after = wait_until("n1-b's counters to move", lambda: (t := totals()) != before and t,
+                       attempts=60, interval=0.05)
+    if bad.pod_network == "cni-bridge":
+        assert after[1] > before[1] and after[0] == before[0], (before, after)
+        drops = lab.pod_counters("node1", "n1-b")["drops"]
+        assert drops.get("vlan_tagged", 0) > 0, drops
+    else:
+        assert after[0] > before[0], (before, after)
 
 
 # -- same node, node-local services, node addresses ---------------------------------------
