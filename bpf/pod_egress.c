@@ -95,9 +95,9 @@ int from_pod(struct __sk_buff *skb)
 	return TC_ACT_OK;
 
 redirect:
-	ma_count_out(ifindex, skb->len);
 	verdict = ma_redirect_out(skb, cfg);
 	if (verdict < 0)
 		return ma_drop(ifindex, DROP_REDIRECT_FAILED);
+	ma_count_out(ifindex, skb->len);
 	return verdict;
 }

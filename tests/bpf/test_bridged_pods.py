@@ -14,6 +14,8 @@ from a node address) still reach the pod directly.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from bpf_harness import (
     AF_INET,
@@ -41,6 +43,7 @@ from bpf_harness import (
     assert_assigned,
     assert_dropped,
     assert_untouched,
+    default_settings,
     from_pod_eth,
     ip,
     mac_bytes,
@@ -123,15 +126,13 @@ def test_bridged_syn_without_listener_fails_closed(dp: Harness) -> None:
 
 def test_bridged_without_redirect_mark_fails_closed(dp: Harness) -> None:
     """An agent that did not set redirect_mark: drop, never assign where it is lost."""
-    from bpf_harness import default_settings
-
-    dp.maps.set_settings(default_settings(dp.net).__class__(
-        **{**default_settings(dp.net).__dict__, "redirect_mark": 0}))
+    dp.maps.set_settings(dataclasses.replace(default_settings(dp.net), redirect_mark=0))
     dp.enroll_bridged()
     dp.listen_all(OUTBOUND_PORT)
     result = dp.from_pod(out_frame(POD_V4, REMOTE_V4))
-    assert result.retval != TC_ACT_REDIRECT
-    assert dp.all_counters()[dp.net.pod_ifindex].drops == {DropReason.REDIRECT_FAILED: 1}
+    assert result.retval == TC_ACT_SHOT
+    assert dp.all_counters() == {dp.net.pod_ifindex: PodCounters(
+        drops={DropReason.REDIRECT_FAILED: 1})}
 
 
 def test_ptp_pod_is_still_assigned_in_place(dp: Harness) -> None:
