@@ -30,7 +30,7 @@ from agent import __version__
 from agent.api import schema
 from agent.config import Config
 from agent.datapath import attach
-from agent.datapath.maps import DatapathMaps, DatapathSettings
+from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps, DatapathSettings
 from agent.datapath.programs import (
     TUNNEL_DEV_INGRESS,
     Programs,
@@ -174,6 +174,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         if changes.added:
             loop.run_in_executor(self.kernel, self._add_node_addresses, sorted(changes.added))
+        if changes.links:
+            loop.run_in_executor(self.kernel, self._follow_masters, dict(changes.links))
         if changes.resync and not self._resync_pending:
             self._resync_pending = True
             loop.call_later(ADDRESS_RESYNC_DELAY_S, lambda: loop.run_in_executor(
@@ -184,6 +186,19 @@ class Agent:
         added = self.maps.add_node_addresses(addresses)
         if added:
             log.info("node addresses added to the datapath", addresses=added)
+
+    def _follow_masters(self, links: dict[int, int | None]) -> None:
+        """An enrolled pod's host veth joined or left a bridge: re-flag it, so its
+        captured packets take the path that works there (MA_POD_F_BRIDGED)."""
+        assert self.maps is not None
+        for ifindex, master in links.items():
+            flags = self.maps.pod_flags(ifindex)
+            if flags is None:
+                continue
+            wanted = (flags | POD_F_BRIDGED) if master else (flags & ~POD_F_BRIDGED)
+            if wanted != flags and self.maps.set_pod_flags(ifindex, wanted):
+                log.info("pod veth master changed", ifindex=ifindex, master=master,
+                         bridged=bool(master))
 
     def _resync_node_addresses(self) -> None:
         """Side effects: one address dump; rewrites the node-address map to match."""

@@ -125,6 +125,23 @@ class DatapathMaps:
         pods = self._t["ma_pods"]
         pods[pods.Key(ifindex)] = pods.Leaf.from_buffer_copy(_POD_INFO.pack(flags, 0))
 
+    def pod_flags(self, ifindex: int) -> int | None:
+        """The enrolled pod's flags, or None when ``ifindex`` is not enrolled."""
+        pods = self._t["ma_pods"]
+        try:
+            leaf = pods[pods.Key(ifindex)]
+        except KeyError:
+            return None
+        return int(_POD_INFO.unpack(bytes(leaf))[0])
+
+    def set_pod_flags(self, ifindex: int, flags: int) -> bool:
+        """Rewrite an enrolled pod's flags; False when it is not enrolled."""
+        if self.pod_flags(ifindex) is None:
+            return False
+        pods = self._t["ma_pods"]
+        pods[pods.Key(ifindex)] = pods.Leaf.from_buffer_copy(_POD_INFO.pack(flags, 0))
+        return True
+
     def remove_pod(self, ifindex: int, addresses: Iterable[str]) -> None:
         """Unenroll: the pod entry first, so no packet sees a half-removed pod."""
         for name in ("ma_pods", "ma_stats"):

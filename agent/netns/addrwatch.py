@@ -15,6 +15,11 @@ change to apply:
   RTM_DELADDR does not mean the node lost it;
 - a lost event (ENOBUFS: the socket overflowed) also means ``resync``.
 
+The same socket follows links (RTNLGRP_LINK): ``links`` maps an ifindex to
+its master (or None) for every RTM_NEWLINK, so the agent can re-flag an
+enrolled pod whose host veth joined or left a bridge after enrollment
+(``MA_POD_F_BRIDGED``, bpf/lib/common.h).
+
 The socket is opened before the agent reads the addresses the first time, so
 nothing that changes in between is missed.
 """
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from agent.netns import rtnl
 
 RTM_DELADDR = 21
+RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 RECV_BUFFER = 1 << 20
@@ -41,9 +47,10 @@ MAX_DATAGRAMS_PER_READ = 256  # one read drains at most this many, then yields
 class AddressChanges:
     added: set[str] = field(default_factory=set)
     resync: bool = False
+    links: dict[int, int | None] = field(default_factory=dict)  # ifindex -> master
 
     def __bool__(self) -> bool:
-        return bool(self.added) or self.resync
+        return bool(self.added) or self.resync or bool(self.links)
 
 
 def is_probe_source(address: str) -> bool:
@@ -56,6 +63,13 @@ def classify(datagrams: Iterable[bytes]) -> AddressChanges:
     changes = AddressChanges()
     for data in datagrams:
         for msg_type, _seq, payload in rtnl.messages(data):
+            if msg_type == rtnl.RTM_NEWLINK:
+                try:
+                    link = rtnl.parse_link(payload)
+                except (struct.error, ValueError, IndexError):
+                    continue
+                changes.links[link.index] = link.master
+                continue
             if msg_type not in (rtnl.RTM_NEWADDR, RTM_DELADDR):
                 continue
             try:
@@ -81,7 +95,7 @@ class AddressWatch:
                                    rtnl.NETLINK_ROUTE)
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER)
-            self._sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            self._sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             self._sock.setblocking(False)
         except OSError:
             self._sock.close()

@@ -208,3 +208,16 @@ def test_probe_from_a_node_address_reaches_the_pod_directly(dp: Harness, flags: 
     frame = to_pod_eth() / ip(NODE_V4, POD_V4) / TCP(sport=SYN_SPORT, dport=APP_PORT,
                                                       flags=flags)
     assert_untouched(dp, dp.to_pod(frame), frame)
+
+
+def test_pod_flags_can_be_rewritten_in_place(dp: Harness) -> None:
+    """The agent re-flags a pod whose veth joined a bridge after enrollment."""
+    from agent.datapath.maps import POD_F_BRIDGED
+
+    dp.listen_all(OUTBOUND_PORT)
+    assert dp.maps.pod_flags(dp.net.pod_ifindex) == 0
+    assert dp.maps.set_pod_flags(dp.net.pod_ifindex, POD_F_BRIDGED)
+    assert dp.maps.pod_flags(dp.net.pod_ifindex) == POD_F_BRIDGED
+    assert_redirected_out(dp, out_frame(POD_V4, REMOTE_V4))
+    assert not dp.maps.set_pod_flags(dp.net.peer_ifindex, POD_F_BRIDGED)  # not enrolled
+    assert dp.maps.pod_flags(dp.net.peer_ifindex) is None

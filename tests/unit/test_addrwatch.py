@@ -124,3 +124,50 @@ def test_watch_sees_addresses_come_and_go_in_its_netns() -> None:
                 assert _read_until(watch, "resync").resync
         finally:
             watch.close()
+
+
+def link_message(index: int, master: int | None) -> bytes:
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 1, index, 0, 0)
+    name = b"veth9\0"
+    body += struct.pack("=HH", 4 + len(name), rtnl.IFLA_IFNAME) + name + b"\0" * (-len(name) % 4)
+    if master is not None:
+        body += struct.pack("=HHi", 8, rtnl.IFLA_MASTER, master)
+    return struct.pack("=IHHII", 16 + len(body), rtnl.RTM_NEWLINK, 0, 0, 0) + body
+
+
+def test_link_messages_report_each_links_master() -> None:
+    changes = addrwatch.classify([link_message(7, 3) + link_message(8, None)])
+    assert changes.links == {7: 3, 8: None} and changes and not changes.added
+
+
+@pytest.mark.privileged
+def test_watch_sees_a_veth_join_and_leave_a_bridge() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from pyroute2 import IPRoute
+
+    with private_netns():
+        watch = addrwatch.AddressWatch()
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="br9", kind="bridge")
+                ipr.link("add", ifname="v9a", kind="veth", peer="v9b")
+                br, veth = ipr.link_lookup(ifname="br9")[0], ipr.link_lookup(ifname="v9a")[0]
+
+                def master_seen(want: int | None) -> bool:
+                    deadline = time.monotonic() + 5
+                    for _ in range(100):
+                        links = watch.read().links
+                        if veth in links and links[veth] == want:
+                            return True
+                        if time.monotonic() > deadline:
+                            return False
+                        time.sleep(0.02)
+                    return False
+
+                ipr.link("set", index=veth, master=br)
+                assert master_seen(br)
+                ipr.link("set", index=veth, master=0)
+                assert master_seen(None)
+        finally:
+            watch.close()
