@@ -270,7 +270,8 @@ CORPUS: list[Case] = [
          "dropped"),
     Case("v4-header-cut", lambda e, s4, d4, s6, d6, m: bytes(e / IP(src=s4, dst=d4)
                                                           / _syn(m))[:14 + 12], "dropped"),
-    Case("v4-options-past-end", lambda e, s4, d4, s6, d6, m: e / IP(src=s4, dst=d4, ihl=15)
+    Case("v4-options-past-end", lambda e, s4, d4, s6, d6, m: e / IP(src=s4, dst=d4, ihl=15,
+                                                                     proto=6)
          / Raw(bytes(_syn(m))[:1]), "dropped"),
     Case("tcp-header-cut", lambda e, s4, d4, s6, d6, m: bytes(e / IP(src=s4, dst=d4)
                                                            / _syn(m))[:14 + 20 + 10],
