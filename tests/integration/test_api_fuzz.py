@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from labkit import AGENT_ARGV, stop, unique_prefix, wait_until
 
 from agent.api import client
 from agent.datapath.programs import remove_all_pins
@@ -33,11 +33,11 @@ def _run(*argv: str) -> str:
 
 class AgentUnderTest:
     def __init__(self, tmp: Path) -> None:
-        tag = secrets.token_hex(3)
-        self.node = f"fz{tag}-node"
-        self.pod = f"fz{tag}-pod"
-        self.host_veth = f"fz{tag}h"
-        self.pins = f"/sys/fs/bpf/meshagent-fz{tag}"
+        tag = unique_prefix("fz", 3)
+        self.node = f"{tag}-node"
+        self.pod = f"{tag}-pod"
+        self.host_veth = f"{tag}h"
+        self.pins = f"/sys/fs/bpf/meshagent-{tag}"
         self.socket = str(tmp / "agent.sock")
         self.state_dir = tmp / "state"
         (tmp / "config.toml").write_text("")
@@ -59,31 +59,30 @@ class AgentUnderTest:
         _run("ip", "-n", self.node, "link", "set", self.host_veth, "up")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.node}", "--",
-                 sys.executable, "-m", "agent", "run"],
+                ["nsenter", f"--net=/run/netns/{self.node}", "--", *AGENT_ARGV, "run"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 raise AssertionError(f"agent exited: {self.log.read_text()[-2000:]}")
-            try:
-                client.call(self.socket, {"op": "status"}, timeout=2)
-                return
-            except client.AgentUnavailable:
-                time.sleep(0.1)
-        raise AssertionError(f"agent not ready: {self.log.read_text()[-2000:]}")
+            client.call(self.socket, {"op": "status"}, timeout=2)
+            return True
+
+        wait_until(f"the agent to answer (log: {self.log})", ready, timeout=READY_TIMEOUT_S,
+                   interval=0.1, tolerate=(client.AgentUnavailable,))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop(self.proc, signal.SIGTERM)
         for ns in (self.pod, self.node):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         remove_all_pins(self.pins)
+
+    def leftovers(self) -> list[str]:
+        """What of this agent's namespaces and BPF pins still exists."""
+        left = [ns for ns in (self.pod, self.node) if os.path.exists(f"/run/netns/{ns}")]
+        return left + ([self.pins] if os.path.lexists(self.pins) else [])
 
     def raw_call(self, payload: bytes) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -117,6 +116,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentUnderTest]:
         yield under_test
     finally:
         under_test.stop()
+        assert under_test.leftovers() == []
 
 
 json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=30)

@@ -21,27 +21,21 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lab_helpers import (
-    CNI_POD_NETWORKS,
-    Background,
+from labkit import (
     Lab,
+    LabSpec,
     addr,
+    closed_records,
     curl,
-    destroy_lab,
-    in_netns,
-    lab_up_args,
     mark,
-    meshagent_cli,
-    new_records,
-    save_logs,
-    unique_prefix,
+    program,
+    run_in,
     wait_record,
     wait_until,
 )
@@ -72,50 +66,8 @@ HBONE_PORT = 15008
 LATE_NODE_ADDR = "198.51.100.20"  # an address node1 gains after its agent started
 COUNTER_WAIT_S = 3.0
 
-SERVER = r"""
-import socket, sys, threading
-name, port = sys.argv[1], int(sys.argv[2])
-def serve(s):
-    while True:
-        c, peer = s.accept()
-        def one(c=c, peer=peer):
-            try:
-                c.settimeout(10)
-                data = b""
-                while b"\r\n\r\n" not in data and len(data) < 65536:
-                    chunk = c.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                body = f"server={name} peer={peer[0]} port={peer[1]}\n".encode()
-                c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                          % len(body) + body)
-            except OSError:
-                pass
-            finally:
-                c.close()
-        threading.Thread(target=one, daemon=True).start()
-for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((host, port)); s.listen(64)
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-# Writes each hex line of stdin onto eth0 as one raw frame; answers "sent".
-RAW_SENDER = r"""
-import socket, sys
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind(("eth0", 0))
-print("ready", flush=True)
-for line in sys.stdin:
-    s.send(bytes.fromhex(line.strip()))
-    print("sent", flush=True)
-"""
+# Pods made by Debian's CNI plugins: ptp, and bridge with br_netfilter on.
+LAB = LabSpec(letter="b", mode="hbone", pod_networks=("cni", "cni-bridge"))
 
 
 @dataclass
@@ -134,46 +86,36 @@ class BadLab:
 
 
 def _link_mac(ns: str, dev: str) -> str:
-    out = in_netns(ns, ["ip", "-o", "link", "show", "dev", dev], timeout=10)
+    out = run_in(ns, ["ip", "-o", "link", "show", "dev", dev], timeout=10)
     assert out.returncode == 0, out.stderr
     words = out.stdout.split()
     return words[words.index("link/ether") + 1]
 
 
-@pytest.fixture(scope="module", params=CNI_POD_NETWORKS)
-def bad(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[BadLab]:
-    prefix = unique_prefix("b")
-    background = Background(tmp_path_factory.mktemp(f"lab-{prefix}"))
-    senders: list[subprocess.Popen[str]] = []
-    try:
-        up = meshagent_cli(lab_up_args(prefix, request.param),
-                           env={"MESHAGENT_LAB_MODE": "hbone"}, timeout=180)
-        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
-        lab = Lab(netlab.load_plan(prefix), background)
-        for pod in ("n2-a", "n1-b", "n1-plain"):
-            background.start(lab.ns(pod), f"server-{pod}",
-                             [sys.executable, "-c", SERVER, pod, str(HTTP_PORT)],
-                             ready_line="ready")
-        background.start(lab.ns("node1"), "server-node1",
-                         [sys.executable, "-c", SERVER, "node1", str(NODE_PORT)],
-                         ready_line="ready")
-        for pod in ("n1-a", "n1-plain"):
-            sender = subprocess.Popen(netlab.nsenter_argv(lab.ns(pod),
-                                                          [sys.executable, "-c", RAW_SENDER]),
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            senders.append(sender)
-            assert sender.stdout is not None and sender.stdout.readline().strip() == "ready"
-        yield BadLab(lab=lab, pod_network=request.param, sender=senders[0],
-                     plain_sender=senders[1])
-    finally:
-        for sender in senders:
-            sender.kill()
-            sender.communicate(timeout=10)
-        background.stop_all()
-        save_logs(prefix, background.logdir / "run")
-        left = destroy_lab(prefix)
-        assert left == [], f"lab {prefix} left things behind: {left}"
+def _sender(lab: Lab, pod: str) -> subprocess.Popen[str]:
+    """raw_frame_sender on the pod's eth0; the lab's background list kills it."""
+    proc = subprocess.Popen(netlab.nsenter_argv(lab.ns(pod), [*program("raw_frame_sender"),
+                                                               "eth0"]),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lab.background.procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bad(mesh_lab: Lab, pod_network: str) -> BadLab:
+    """The module's HBONE lab (conftest's ``mesh_lab``) with servers and raw senders."""
+    lab = mesh_lab
+    for pod in ("n2-a", "n1-b", "n1-plain"):
+        lab.background.start(lab.ns(pod), f"server-{pod}",
+                             [*program("datapath_server"), pod, str(HTTP_PORT), "9000",
+                              "9001", "16"], ready_line="ready")
+    lab.background.start(lab.ns("node1"), "server-node1",
+                         [*program("datapath_server"), "node1", str(NODE_PORT), "9010",
+                          "9011", "16"], ready_line="ready")
+    return BadLab(lab=lab, pod_network=pod_network, sender=_sender(lab, "n1-a"),
+                  plain_sender=_sender(lab, "n1-plain"))
 
 
 # -- the corpus ------------------------------------------------------------------------
@@ -390,7 +332,7 @@ def test_tagged_syn_from_a_plain_pod_never_reaches_an_enrolled_pod_uncaptured(
     lab = bad.lab
     plain, b = lab.plan.pod("n1-plain"), lab.plan.pod("n1-b")
     if bad.pod_network == "cni-bridge":  # same L2: straight to n1-b's MAC
-        dst_mac = in_netns(lab.ns("n1-b"), ["ip", "-o", "link", "show", "dev", "eth0"])
+        dst_mac = run_in(lab.ns("n1-b"), ["ip", "-o", "link", "show", "dev", "eth0"])
         words = dst_mac.stdout.split()
         mac = words[words.index("link/ether") + 1]
     else:
@@ -407,7 +349,7 @@ def test_tagged_syn_from_a_plain_pod_never_reaches_an_enrolled_pod_uncaptured(
         now = totals()
         return now if now != before else None
 
-    after = wait_until("n1-b's counters to move", moved, attempts=60, interval=0.05)
+    after = wait_until("n1-b's counters to move", moved, timeout=3)
     if bad.pod_network == "cni-bridge":
         assert after[1] > before[1] and after[0] == before[0], (before, after)
         drops = lab.pod_counters("node1", "n1-b")["drops"]
@@ -436,7 +378,7 @@ def test_same_node_enrolled_pods_take_hbone_local_with_identities(bad: BadLab,
     assert (rec["direction"], rec["path"], rec["result"]) == ("outbound", "hbone-local", "ok")
     assert rec["src_identity"] == f"spiffe://cluster.local/ns/{a.namespace}/sa/{a.service_account}"
     assert rec["dst_identity"] == f"spiffe://cluster.local/ns/{b.namespace}/sa/{b.service_account}"
-    assert not [r for r in new_records(lab, since, "node1")
+    assert not [r for r in closed_records(lab, "node1", since)
                 if r["direction"] == "inbound" and r.get("path") == "plain"]
 
 
@@ -485,18 +427,17 @@ def test_a_node_address_added_later_reaches_pods_directly(bad: BadLab) -> None:
     address that appeared after the agent started is not captured."""
     lab = bad.lab
     node_ns, b = lab.ns("node1"), lab.plan.pod("n1-b")
-    add = in_netns(node_ns, ["ip", "addr", "add", f"{LATE_NODE_ADDR}/32", "dev", "lo"])
+    add = run_in(node_ns, ["ip", "addr", "add", f"{LATE_NODE_ADDR}/32", "dev", "lo"])
     assert add.returncode == 0, add.stderr
     since = mark(lab)
     agent_log = Path(lab.plan.node_run_dir("node1")) / "agent.log"
     try:
         # The watch applies it within moments; the agent logs when it did.
         wait_until("node1's agent to add the new address to the datapath",
-                   lambda: LATE_NODE_ADDR in agent_log.read_text(), attempts=100,
-                   interval=0.05)
+                   lambda: LATE_NODE_ADDR in agent_log.read_text(), timeout=5)
 
         def probe() -> tuple[int, str] | None:
-            out = in_netns(node_ns, ["curl", "-sS", "-m", "3", "--interface", LATE_NODE_ADDR,
+            out = run_in(node_ns, ["curl", "-sS", "-m", "3", "--interface", LATE_NODE_ADDR,
                                      "-w", "\n%{local_port}", f"http://{b.ipv4}:{HTTP_PORT}/"],
                            timeout=15)
             if out.returncode != 0:
@@ -504,12 +445,12 @@ def test_a_node_address_added_later_reaches_pods_directly(bad: BadLab) -> None:
             body, _, port = out.stdout.rpartition("\n")
             return int(port), body.strip()
 
-        port, body = wait_until("a probe from the new address", probe, attempts=20,
+        port, body = wait_until("a probe from the new address", probe, timeout=4,
                                 interval=0.2)
         # the server saw the probe's own socket: nothing proxied it
         assert body == f"server=n1-b peer={LATE_NODE_ADDR} port={port}"
     finally:
-        in_netns(node_ns, ["ip", "addr", "del", f"{LATE_NODE_ADDR}/32", "dev", "lo"])
+        run_in(node_ns, ["ip", "addr", "del", f"{LATE_NODE_ADDR}/32", "dev", "lo"])
     # A marker connection through node1's tunnel, closed after the probe: once its
     # record is written, a record of the probe would have been written too.
     a = lab.plan.pod("n1-a")
@@ -517,5 +458,5 @@ def test_a_node_address_added_later_reaches_pods_directly(bad: BadLab) -> None:
     assert (res.rc, res.status) == (0, 200), res
     wait_record(lab, "node1", since, lambda r: r["src"] == addr(str(a.ipv4), res.local_port),
                 "the marker connection's record")
-    assert not [r for r in new_records(lab, since, "node1")
+    assert not [r for r in closed_records(lab, "node1", since)
                 if r["src"].startswith((LATE_NODE_ADDR, f"[{LATE_NODE_ADDR}]"))]

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from labkit import REPO, destroy_lab, leftovers
 
 from agent.lab import netlab
 
 pytestmark = pytest.mark.privileged
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 170
 
 
@@ -37,10 +37,12 @@ def test_bench_quick_hbone(tmp_path: Path) -> None:
         results = out / "results.json"
         if results.exists():
             labs = json.loads(results.read_text()).get("labs", [])
+        left: dict[str, tuple[list[str], str]] = {}
         for prefix in labs:  # last resort; the benchmark removes them itself
-            if netlab.lab_exists(prefix):
-                netlab.down(prefix)
+            if netlab.lab_exists(prefix) or leftovers(prefix):
+                left[prefix] = destroy_lab(prefix)
     assert proc.returncode == 0, log[-3000:]
+    assert not left, f"the benchmark left labs behind: {left}"
     report = (out / "report.md").read_text()
     assert (out / "hbone.png").stat().st_size > 0
     assert "Smoke only, not reported" in report

@@ -15,83 +15,47 @@ import contextlib
 import ipaddress
 import json
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pyroute2_netns
+from labkit import (
+    Lab,
+    LabSpec,
+    leftovers,
+    log_events,
+    meshagent_cli,
+    our_filters,
+    program,
+    read_line,
+    run_in,
+    spawned,
+    wait_until,
+)
 
 from agent.api import client
 from agent.cni import spec
 from agent.lab import mesh, netlab
-from agent.lab.topology import LabPlan, build_plan, netns_path, run_dir
+from agent.lab.topology import LabPlan, netns_path
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
-REPO = Path(__file__).resolve().parents[2]
+# part 1's lab (mesh_lab): one node, one enrolled pod and n1-plain, plain tunnel
+LAB = LabSpec(letter="c", mode="plain", nodes=1, pods_per_node=1)
 PLUGIN = Path(sys.executable).parent / "meshagent-cni"
 PORT = 18090
-TC_PREF, TC_HANDLE = "pref 58 ", "handle 0xa11 "  # agent.tc_priority / tc_handle
-
-
-def _prefix() -> str:
-    return "c" + secrets.token_hex(2)
-
-
-def _leftovers(prefix: str) -> list[str]:
-    left = [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")] \
-        if os.path.isdir("/run/netns") else []
-    if os.path.exists(run_dir(prefix)):
-        left.append(run_dir(prefix))
-    return left
-
-
-def _destroy(prefix: str) -> None:
-    with contextlib.suppress(Exception):
-        netlab.down(prefix)
-    if _leftovers(prefix):  # last resort, should never be needed
-        for ns in netlab.existing_netns(prefix):
-            with contextlib.suppress(OSError):
-                pyroute2_netns.remove(ns)
-        shutil.rmtree(run_dir(prefix), ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # -- part 1: the executable against a veth lab's agent ------------------------------
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[LabPlan]:
+def lab(mesh_lab: Lab) -> LabPlan:
     if not PLUGIN.exists():
         pytest.fail(f"{PLUGIN} is missing: run `{sys.executable} -m pip install -e .`")
-    prefix = _prefix()
-    try:
-        with _env(MESHAGENT_LAB_MODE="plain"):
-            plan = netlab.up(build_plan(prefix, nodes=1, pods_per_node=1),
-                             after_topology=mesh.start_mesh)
-        yield plan
-    finally:
-        _destroy(prefix)
-        assert _leftovers(prefix) == []
+    return mesh_lab.plan
 
 
 def _sock(plan: LabPlan) -> str:
@@ -104,12 +68,6 @@ def _pods(plan: LabPlan) -> list[dict[str, Any]]:
 
 def _state(plan: LabPlan) -> list[tuple[str, int]]:
     return sorted((p["namespace"] + "/" + p["name"], p["host_ifindex"]) for p in _pods(plan))
-
-
-def _our_filters(ns: str, dev: str, direction: str) -> list[str]:
-    out = subprocess.run(["tc", "-n", ns, "filter", "show", "dev", dev, direction],
-                         capture_output=True, text=True, timeout=10, check=False)
-    return [line for line in out.stdout.splitlines() if TC_PREF in line and TC_HANDLE in line]
 
 
 def _netconf(plan: LabPlan, **section: Any) -> dict[str, Any]:
@@ -150,7 +108,7 @@ def test_add_check_del_del(lab: LabPlan) -> None:
     node_ns = lab.node("node1").netns
     before = _state(lab)
     assert "default/n1-plain" not in [key for key, _ in before]
-    assert _our_filters(node_ns, pod.host_ifname, "ingress") == []
+    assert our_filters(node_ns, pod.host_ifname, "ingress") == []
     conf = _netconf(lab, service_account_patterns=[
         {"pod_name_pattern": "n1-p*", "service_account": "sa-plain"}])
     try:
@@ -161,8 +119,8 @@ def test_add_check_del_del(lab: LabPlan) -> None:
         assert len(enrolled) == 1 and enrolled[0]["namespace"] == "default"
         assert enrolled[0]["service_account"] == "sa-plain"
         assert enrolled[0]["host_ifname"] == pod.host_ifname
-        assert len(_our_filters(node_ns, pod.host_ifname, "ingress")) >= 1
-        assert len(_our_filters(node_ns, pod.host_ifname, "egress")) >= 1
+        assert len(our_filters(node_ns, pod.host_ifname, "ingress")) >= 1
+        assert len(our_filters(node_ns, pod.host_ifname, "egress")) >= 1
 
         rc, out, err = _run(lab, _cni_env(lab, "CHECK"), conf)
         assert (rc, out) == (0, None), err
@@ -172,8 +130,8 @@ def test_add_check_del_del(lab: LabPlan) -> None:
         rc, out, err = _run(lab, _cni_env(lab, "DEL"), conf)
         assert (rc, out) == (0, None), err
         assert _state(lab) == before
-        assert _our_filters(node_ns, pod.host_ifname, "ingress") == []
-        assert _our_filters(node_ns, pod.host_ifname, "egress") == []
+        assert our_filters(node_ns, pod.host_ifname, "ingress") == []
+        assert our_filters(node_ns, pod.host_ifname, "egress") == []
         rc, out, err = _run(lab, _cni_env(lab, "CHECK"), conf)  # should be enrolled, is not
         assert rc != 0 and out["code"] == spec.ERR_NOT_ENROLLED
 
@@ -230,7 +188,7 @@ def test_malformed_stdin_and_missing_env_change_nothing(lab: LabPlan) -> None:
         rc, out, _ = _run(lab, _cni_env(lab, "ADD", **{missing: None}), _netconf(lab))
         assert rc != 0 and out["code"] == spec.ERR_INVALID_ENV == 4, missing
     assert _state(lab) == before
-    assert _our_filters(node_ns, pod.host_ifname, "ingress") == []
+    assert our_filters(node_ns, pod.host_ifname, "ingress") == []
 
 
 def test_version(lab: LabPlan) -> None:
@@ -242,102 +200,56 @@ def test_version(lab: LabPlan) -> None:
 
 # -- part 2: a lab whose pods come from ptp + host-local + meshagent-cni ------------
 
-SERVER = r"""
-import socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8); s.settimeout(30)
-print("ready", flush=True)
-c, peer = s.accept(); c.settimeout(5)
-c.sendall(b"hello " + c.recv(64)); c.close(); s.close()
-"""
-CLIENT = r"""
-import socket, sys
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as c:
-    c.sendall(b"from-cni-pod"); print(c.recv(64).decode())
-"""
+def test_cni_lab_pods_are_enrolled_and_mesh_traffic_flows(lab_prefix: str) -> None:
+    prefix = lab_prefix
+    res = meshagent_cli(["lab", "up", "--prefix", prefix, "--pods", "cni"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    plan = netlab.load_plan(prefix)
+    assert plan.pod_network == "cni"
 
+    res = meshagent_cli(["lab", "list", "--prefix", prefix, "--json"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    info = json.loads(res.stdout)
+    assert info["healthy"], info["problems"]
+    listed = {p["name"]: p for n in info["nodes"] for p in n["pods"]}
+    for node in plan.nodes:
+        v4net = ipaddress.ip_network(node.pod_cidrs[0])
+        for pod in node.pods:
+            entry = listed[pod.name]
+            assert ipaddress.ip_address(entry["ipv4"]) in v4net, entry
+            assert entry["host_ifname"].startswith("veth"), entry  # made by ptp
+        enrolled = {p["name"]: p for p in client.call(
+            mesh.agent_socket(plan, node.name), {"op": "pod_list"}, timeout=10)}
+        want = {p.name for p in node.pods if p.enroll}
+        assert set(enrolled) == want and f"n{node.index}-plain" not in enrolled
+        for name in want:
+            assert enrolled[name]["service_account"] == plan.pod(name).service_account
+            assert listed[name]["ipv4"] in enrolled[name]["addresses"]
+            host = listed[name]["host_ifname"]
+            assert enrolled[name]["host_ifname"] == host
+            assert our_filters(node.netns, host, "ingress"), host
+    ipam = Path(plan.node_run_dir("node1")) / "ipam" / "meshlab"
+    assert ipam.is_dir() and any(ipam.glob("10.244.1.*"))
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO, check=False)
+    dst = listed["n2-a"]["ipv4"]
+    server_argv = [*program("oneshot_server"), str(PORT), "hello ", "30"]
+    with spawned(plan.pod("n2-a").netns, server_argv) as server:
+        assert read_line(server, 30) == "ready"
+        out = run_in(plan.pod("n1-a").netns,
+                     [*program("send_recv_client"), dst, str(PORT), "from-cni-pod"])
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "hello from-cni-pod"
 
+    def closed_records() -> list[dict[str, Any]]:
+        return [r for node in ("node1", "node2") for r in log_events(plan, node)
+                if r.get("event") == "connection closed" and dst in json.dumps(r)]
 
-def _tunnel_events(plan: LabPlan, node: str) -> list[dict[str, Any]]:
-    path = Path(plan.node_run_dir(node)) / "tunnel.log"
-    records = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if isinstance(rec, dict):
-                    records.append(rec)
-    return records
+    closed = wait_until("a 'connection closed' record for the mesh connection in tunnel.log",
+                        closed_records, timeout=15, interval=0.2)
+    assert closed, "no 'connection closed' record for the mesh connection in tunnel.log"
 
-
-def test_cni_lab_pods_are_enrolled_and_mesh_traffic_flows() -> None:
-    prefix = _prefix()
-    try:
-        res = _cli("lab", "up", "--prefix", prefix, "--pods", "cni")
-        assert res.returncode == 0, res.stdout + res.stderr
-        plan = netlab.load_plan(prefix)
-        assert plan.pod_network == "cni"
-
-        res = _cli("lab", "list", "--prefix", prefix, "--json")
-        assert res.returncode == 0, res.stdout + res.stderr
-        info = json.loads(res.stdout)
-        assert info["healthy"], info["problems"]
-        listed = {p["name"]: p for n in info["nodes"] for p in n["pods"]}
-        for node in plan.nodes:
-            v4net = ipaddress.ip_network(node.pod_cidrs[0])
-            for pod in node.pods:
-                entry = listed[pod.name]
-                assert ipaddress.ip_address(entry["ipv4"]) in v4net, entry
-                assert entry["host_ifname"].startswith("veth"), entry  # made by ptp
-            enrolled = {p["name"]: p for p in client.call(
-                mesh.agent_socket(plan, node.name), {"op": "pod_list"}, timeout=10)}
-            want = {p.name for p in node.pods if p.enroll}
-            assert set(enrolled) == want and f"n{node.index}-plain" not in enrolled
-            for name in want:
-                assert enrolled[name]["service_account"] == plan.pod(name).service_account
-                assert listed[name]["ipv4"] in enrolled[name]["addresses"]
-                host = listed[name]["host_ifname"]
-                assert enrolled[name]["host_ifname"] == host
-                assert _our_filters(node.netns, host, "ingress"), host
-        ipam = Path(plan.node_run_dir("node1")) / "ipam" / "meshlab"
-        assert ipam.is_dir() and any(ipam.glob("10.244.1.*"))
-
-        dst = listed["n2-a"]["ipv4"]
-        server = subprocess.Popen(
-            netlab.nsenter_argv(plan.pod("n2-a").netns, [sys.executable, "-c", SERVER,
-                                                           str(PORT)]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout is not None
-            assert server.stdout.readline().strip() == "ready"
-            out = subprocess.run(
-                netlab.nsenter_argv(plan.pod("n1-a").netns,
-                                    [sys.executable, "-c", CLIENT, dst, str(PORT)]),
-                capture_output=True, text=True, timeout=30, check=False)
-            assert out.returncode == 0, out.stderr
-            assert out.stdout.strip() == "hello from-cni-pod"
-        finally:
-            server.kill()
-            server.communicate(timeout=10)
-        deadline = time.monotonic() + 15
-        closed: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            closed = [r for node in ("node1", "node2") for r in _tunnel_events(plan, node)
-                      if r.get("event") == "connection closed" and dst in json.dumps(r)]
-            if closed:
-                break
-            time.sleep(0.2)
-        assert closed, "no 'connection closed' record for the mesh connection in tunnel.log"
-
-        res = _cli("lab", "down", "--prefix", prefix, "-v")
-        assert res.returncode == 0, res.stdout + res.stderr
-        assert "CNI DEL n1-a" in res.stderr
-        assert "CNI DEL (best effort) failed" not in res.stderr
-        assert _leftovers(prefix) == []
-    finally:
-        _destroy(prefix)
-        assert _leftovers(prefix) == []
+    res = meshagent_cli(["lab", "down", "--prefix", prefix, "-v"], timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "CNI DEL n1-a" in res.stderr
+    assert "CNI DEL (best effort) failed" not in res.stderr
+    assert leftovers(prefix) == []

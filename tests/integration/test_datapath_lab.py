@@ -20,44 +20,39 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_helpers import (
-    CNI_POD_NETWORKS,
-    Background,
+from labkit import (
     Lab,
+    LabSpec,
     addr,
+    closed_records,
     curl,
-    destroy_lab,
+    diagnose,
     flush_tunnel_logs,
-    in_netns,
-    lab_up_args,
-    log_tails,
     mark,
     meshagent_cli,
-    new_records,
     our_filters,
-    python_in,
+    program,
     qdiscs,
-    save_logs,
+    run_in,
+    run_program,
     split_addr,
-    unique_prefix,
     wait_record,
     wait_until,
 )
 
 from agent.api import client
-from agent.lab import mesh, netlab
 from agent.lab.topology import PodPlan
 from agent.tunnel.relay import BUFFER_SIZE as RELAY_BUFFER
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
-HTTP_PORT = 8080   # tiny HTTP server: replies "server=<name> peer=<ip> port=<port>"
+# Pods made by Debian's CNI plugins: ptp, and bridge with br_netfilter on.
+LAB = LabSpec(letter="d", mode="plain", pod_networks=("cni", "cni-bridge"))
+HTTP_PORT = 8080   # datapath_server.py: replies "server=<name> peer=<ip> port=<port>"
 HALF_PORT = 9000   # reads to EOF, then replies (half-close)
 UDP_PORT = 9001    # UDP echo: replies "<peer ip> <peer port> <data>"
 IPERF_PORT = 5201
@@ -65,120 +60,13 @@ IPERF_COOKIE = 37  # iperf3 opens each data stream with a cookie of this size
 REPLY_BYTES = 300_000  # what the half-close server sends after the client's EOF
 SERVER_PODS = ("n2-a", "n1-b", "n2-plain")
 
-SERVER = r"""
-import hashlib, socket, sys, threading
-name, http_port, half_port, udp_port, reply_bytes = sys.argv[1], *map(int, sys.argv[2:6])
-PATTERN = bytes(i % 251 for i in range(reply_bytes))
-
-def listen(kind, port):
-    out = []
-    for fam, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(fam, kind)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((host, port))
-        if kind == socket.SOCK_STREAM:
-            s.listen(64)
-        out.append(s)
-    return out
-
-def http(c, peer):
-    data = b""
-    while b"\r\n\r\n" not in data and len(data) < 65536:
-        chunk = c.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    body = f"server={name} peer={peer[0]} port={peer[1]}\n".encode()
-    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body) + body)
-
-def half(c, peer):
-    digest, n = hashlib.sha256(), 0
-    while True:
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        digest.update(chunk)
-        n += len(chunk)
-    c.sendall(f"{n} {digest.hexdigest()} {peer[0]}\n".encode() + PATTERN)
-
-def conn(c, peer, fn):
-    try:
-        c.settimeout(30)
-        fn(c, peer)
-    except OSError as exc:
-        print(f"{fn.__name__} {peer}: {exc}", file=sys.stderr, flush=True)
-    finally:
-        c.close()
-
-def accept(lsock, fn):
-    while True:
-        c, peer = lsock.accept()
-        threading.Thread(target=conn, args=(c, peer, fn), daemon=True).start()
-
-def udp(s):
-    while True:
-        data, peer = s.recvfrom(2048)
-        s.sendto(f"{peer[0]} {peer[1]} ".encode() + data, peer)
-
-threads = [threading.Thread(target=accept, args=(s, fn), daemon=True)
-           for port, fn in ((http_port, http), (half_port, half))
-           for s in listen(socket.SOCK_STREAM, port)]
-threads += [threading.Thread(target=udp, args=(s,), daemon=True)
-            for s in listen(socket.SOCK_DGRAM, udp_port)]
-for t in threads:
-    t.start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
-
-HALF_CLIENT = r"""
-import hashlib, json, socket, sys
-host, port, size, reply_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-payload = hashlib.shake_256(b"meshagent half-close").digest(size)
-with socket.create_connection((host, port), timeout=20) as c:
-    local = c.getsockname()
-    c.sendall(payload)
-    c.shutdown(socket.SHUT_WR)
-    chunks = []
-    while True:
-        chunk = c.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-data = b"".join(chunks)
-head, _, rest = data.partition(b"\n")
-print(json.dumps({"local_ip": local[0], "local_port": local[1], "head": head.decode(),
-                  "sha": hashlib.sha256(payload).hexdigest(), "total": len(data),
-                  "reply_ok": rest == bytes(i % 251 for i in range(reply_bytes))}))
-"""
-
-UDP_CLIENT = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1)
-s.connect((host, port))
-local, reply = s.getsockname(), None
-for i in range(5):  # UDP may lose a datagram: a bounded number of tries
-    s.send(b"hello-%d" % i)
-    try:
-        reply = s.recv(2048).decode()
-        break
-    except TimeoutError:
-        continue
-print(json.dumps({"local_ip": local[0], "local_port": local[1], "reply": reply}))
-"""
-
 
 def _ip(pod: PodPlan, family: int) -> str:
     return str(pod.ipv4 if family == 4 else pod.ipv6)
 
 
 def _listening(lab: Lab, pod: str, port: int) -> bool:
-    out = in_netns(lab.ns(pod), ["ss", "-Hltn", f"sport = :{port}"], timeout=10)
+    out = run_in(lab.ns(pod), ["ss", "-Hltn", f"sport = :{port}"], timeout=10)
     return out.returncode == 0 and bool(out.stdout.strip())
 
 
@@ -191,7 +79,7 @@ def _is_marker(lab: Lab, rec: dict[str, Any]) -> bool:
 def _unexplained(lab: Lab, since: dict[str, int], node: str,
                  expected: tuple[dict[str, Any], ...] = ()) -> list[dict[str, Any]]:
     """New records on ``node`` other than the marker's and ``expected``."""
-    return [r for r in new_records(lab, since, node)
+    return [r for r in closed_records(lab, node, since)
             if not _is_marker(lab, r) and r not in expected]
 
 
@@ -199,36 +87,23 @@ def _tunnel_listening(lab: Lab, node: str) -> bool:
     return 15001 in lab.api(node, {"op": "status"})["listeners"]
 
 
-@pytest.fixture(scope="module", params=CNI_POD_NETWORKS)
-def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """The plain-mode lab with servers running, its pods made by the real CNI
-    plugins: once with ptp, once with bridge (br_netfilter on); removed
-    afterwards, always."""
-    prefix = unique_prefix("d")
-    background = Background(tmp_path_factory.mktemp(f"lab-{prefix}"))
-    try:
-        up = meshagent_cli(lab_up_args(prefix, request.param),
-                           env={"MESHAGENT_LAB_MODE": "plain"}, timeout=180)
-        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
-        lab = Lab(netlab.load_plan(prefix), background)
-        for pod in SERVER_PODS:
-            background.start(
-                lab.ns(pod), f"server-{pod}",
-                [sys.executable, "-c", SERVER, pod, str(HTTP_PORT), str(HALF_PORT),
-                 str(UDP_PORT), str(REPLY_BYTES)],
-                ready_line="ready")
-        background.start(lab.ns("n2-a"), "iperf3-n2-a", ["iperf3", "-s", "-p", str(IPERF_PORT)])
-        wait_until("iperf3 listening in n2-a", lambda: _listening(lab, "n2-a", IPERF_PORT),
-                   attempts=100, interval=0.1)
-        # the tunnels know the enrolled workloads (inbound refuses unknown destinations)
-        for node in ("node1", "node2"):
-            wait_until(f"{node}'s tunnel ready", lambda n=node: _tunnel_listening(lab, n))
-        yield lab
-    finally:
-        background.stop_all()
-        save_logs(prefix, background.logdir / "run")
-        left = destroy_lab(prefix)
-        assert left == [], f"lab {prefix} left things behind: {left}"
+@pytest.fixture(scope="module")
+def lab(mesh_lab: Lab) -> Lab:
+    """The plain-mode lab (conftest's ``mesh_lab``) with servers running."""
+    lab = mesh_lab
+    for pod in SERVER_PODS:
+        lab.background.start(
+            lab.ns(pod), f"server-{pod}",
+            [*program("datapath_server"), pod, str(HTTP_PORT), str(HALF_PORT),
+             str(UDP_PORT), str(REPLY_BYTES)],
+            ready_line="ready")
+    lab.background.start(lab.ns("n2-a"), "iperf3-n2-a", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+    wait_until("iperf3 listening in n2-a", lambda: _listening(lab, "n2-a", IPERF_PORT),
+               interval=0.1)
+    # the tunnels know the enrolled workloads (inbound refuses unknown destinations)
+    for node in ("node1", "node2"):
+        wait_until(f"{node}'s tunnel ready", lambda n=node: _tunnel_listening(lab, n))
+    return lab
 
 
 # -- 1. curl through the tunnels ------------------------------------------------------
@@ -280,7 +155,7 @@ def test_half_close_carries_bytes_both_ways(lab: Lab, family: int) -> None:
     size = 1_000_003  # several relay buffers, not a round number
     since = mark(lab)
 
-    r = python_in(lab.ns("n1-a"), HALF_CLIENT, _ip(s, family), str(HALF_PORT), str(size),
+    r = run_program(lab.ns("n1-a"), "half_close_client", _ip(s, family), str(HALF_PORT), str(size),
                   str(REPLY_BYTES))
 
     # the server read everything up to the client's EOF, then still replied
@@ -304,7 +179,7 @@ def test_half_close_carries_bytes_both_ways(lab: Lab, family: int) -> None:
 def test_iperf3_cross_node_is_fully_accounted_by_the_tunnels(lab: Lab) -> None:
     s = lab.plan.pod("n2-a")
     since = mark(lab)
-    out = in_netns(lab.ns("n1-a"),
+    out = run_in(lab.ns("n1-a"),
                    ["iperf3", "-c", str(s.ipv4), "-p", str(IPERF_PORT), "-t", "2", "-J"],
                    timeout=60)
     assert out.returncode == 0, f"iperf3 failed: {out.stdout[-2000:]} {out.stderr}"
@@ -320,7 +195,8 @@ def test_iperf3_cross_node_is_fully_accounted_by_the_tunnels(lab: Lab) -> None:
     for node, direction in (("node1", "outbound"), ("node2", "inbound")):
 
         def both(n: str = node, d: str = direction) -> list[dict[str, Any]] | None:
-            rs = [r for r in new_records(lab, since, n) if r["dst"] == dst and r["direction"] == d]
+            rs = [r for r in closed_records(lab, n, since)
+                  if r["dst"] == dst and r["direction"] == d]
             return rs if len(rs) >= 2 else None
 
         conns[node] = wait_until(f"{node}'s two records to {dst}", both, timeout=10)
@@ -384,10 +260,10 @@ def test_icmp_and_udp_from_an_enrolled_pod_are_not_captured(lab: Lab) -> None:
     since = mark(lab)
 
     for target in targets:
-        ping = in_netns(lab.ns("n1-a"), ["ping", "-c", "2", "-W", "2", target], timeout=20)
+        ping = run_in(lab.ns("n1-a"), ["ping", "-c", "2", "-W", "2", target], timeout=20)
         assert ping.returncode == 0, f"ping {target}: {ping.stdout} {ping.stderr}"
     for target in targets:
-        r = python_in(lab.ns("n1-a"), UDP_CLIENT, target, str(UDP_PORT), timeout=30)
+        r = run_program(lab.ns("n1-a"), "udp_client", target, str(UDP_PORT), timeout=30)
         assert r["reply"] is not None, f"no UDP echo from {target}"
         # the echo server saw the pod's own socket
         assert r["reply"].startswith(f"{r['local_ip']} {r['local_port']} hello-"), r
@@ -529,7 +405,6 @@ def test_fail_closed_without_the_tunnel_then_recovers(lab: Lab) -> None:
     a2 = lab.plan.pod("n2-a")
     pid = int((Path(lab.plan.node_run_dir("node1")) / "tunnel.pid").read_text())
     drops_before = lab.pod_counters("node1", "n1-a").get("drops", {}).get("no_listener", 0)
-    env = mesh.node_env(lab.plan, lab.plan.node("node1"), "plain")
     os.kill(pid, signal.SIGTERM)
     wait_until("node1's tunnel to stop listening", lambda: not _tunnel_listening(lab, "node1"))
 
@@ -538,14 +413,13 @@ def test_fail_closed_without_the_tunnel_then_recovers(lab: Lab) -> None:
     drops = lab.pod_counters("node1", "n1-a")["drops"]
     assert drops.get("no_listener", 0) > drops_before, drops
 
-    netlab.start_node_process(lab.plan, "node1", "tunnel",
-                              [sys.executable, "-m", "agent", "tunnel"], env)
+    lab.start_daemon("node1", "tunnel")
     wait_until("node1's tunnel to listen on 15001",
-               lambda: _tunnel_listening(lab, "node1"), attempts=200, interval=0.1,
+               lambda: _tunnel_listening(lab, "node1"), interval=0.1,
                timeout=30)
     since = mark(lab)
     res = curl(lab.ns("n1-a"), str(a2.ipv4), HTTP_PORT)
-    assert (res.rc, res.status) == (0, 200), f"{res}\n{log_tails(lab)}"
+    assert (res.rc, res.status) == (0, 200), f"{res}\n{diagnose(lab)}"
     wait_record(lab, "node1", since,
                 lambda r: r["src"] == addr(str(lab.plan.pod("n1-a").ipv4), res.local_port),
                 "the outbound record after the restart")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import select
 import shutil
 import subprocess
 import sys
@@ -21,65 +19,18 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from labkit import LabSpec, leftovers, program, read_line, running, spawned
 from pyroute2 import netns
 
 from agent.lab import netlab
 from agent.lab.commands import build_lab_group, lab
-from agent.lab.topology import LabPlan, build_plan, netns_path, run_dir
+from agent.lab.topology import LabPlan, build_plan, netns_path
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
+LAB = LabSpec(letter="t", mode=None)
 REPO = Path(__file__).resolve().parents[2]
-PORT = 18080
-
-# Echo server for both families: prints "ready", then answers each connection
-# with "<name>:<peer ip>:<data>" until it has served ``count`` or 30 s passed.
-SERVER = r"""
-import select, socket, sys, time
-name, count = sys.argv[1], int(sys.argv[2])
-socks = []
-for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, PORT)); s.listen(16); socks.append(s)
-print("ready", flush=True)
-deadline = time.monotonic() + 30
-served = 0
-while served < count and time.monotonic() < deadline:
-    readable, _, _ = select.select(socks, [], [], 0.5)
-    for s in readable:
-        c, peer = s.accept()
-        c.settimeout(5)
-        data = c.recv(1024).decode()
-        c.sendall(f"{name}:{peer[0]}:{data}".encode())
-        c.close()
-        served += 1
-""".replace("PORT", str(PORT))
-
-CLIENT = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-with socket.create_connection((host, port), timeout=5) as c:
-    c.sendall(b"ping")
-    print(c.recv(1024).decode())
-"""
-
-
-def _prefix() -> str:
-    return "t" + secrets.token_hex(2)
-
-
-def _leftovers(prefix: str) -> list[str]:
-    left = (
-        [n for n in os.listdir("/run/netns") if n.startswith(f"{prefix}-")]
-        if os.path.isdir("/run/netns")
-        else []
-    )
-    if os.path.exists(run_dir(prefix)):
-        left.append(run_dir(prefix))
-    return left
+PORT = 18080  # programs/lab_echo_server.py
 
 
 def _ip_netns_list() -> str:
@@ -89,26 +40,15 @@ def _ip_netns_list() -> str:
 
 
 def _assert_gone(prefix: str) -> None:
-    assert _leftovers(prefix) == []
+    assert leftovers(prefix) == []
     listed = [line.split()[0] for line in _ip_netns_list().splitlines() if line.strip()]
     assert not [n for n in listed if n.startswith(f"{prefix}-")]
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    """A fresh prefix; whatever exists under it is removed afterwards."""
-    p = _prefix()
-    try:
-        yield p
-    finally:
-        with contextlib.suppress(Exception):
-            netlab.down(p)
-        if _leftovers(p):  # last resort, should never be needed
-            for ns in netlab.existing_netns(p):
-                with contextlib.suppress(OSError):
-                    netns.remove(ns)
-            shutil.rmtree(run_dir(p), ignore_errors=True)
-        assert _leftovers(p) == []
+def prefix(lab_prefix: str) -> str:
+    """A fresh prefix; whatever exists under it is removed afterwards (conftest)."""
+    return lab_prefix
 
 
 @pytest.fixture
@@ -119,30 +59,20 @@ def plan(prefix: str) -> LabPlan:
 
 @contextlib.contextmanager
 def _server(plan: LabPlan, pod: str, count: int) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        netlab.nsenter_argv(plan.pod(pod).netns, [sys.executable, "-c", SERVER, pod, str(count)]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10)
-        assert ready, "echo server did not start within 10 s"
-        line = proc.stdout.readline().strip()
+    argv = [*program("lab_echo_server"), pod, str(PORT), str(count)]
+    with spawned(plan.pod(pod).netns, argv) as proc:
+        line = read_line(proc, 10)
+        assert line, "echo server did not start within 10 s"
         assert line == "ready", (
             f"server said {line!r}; stderr: {proc.stderr.read() if proc.stderr else ''}"
         )
         yield proc
-    finally:
-        proc.kill()
-        proc.communicate(timeout=10)  # reaps it and closes the pipes
 
 
 def _tcp(plan: LabPlan, client: str, host: str) -> str:
     out = subprocess.run(
         netlab.nsenter_argv(
-            plan.pod(client).netns, [sys.executable, "-c", CLIENT, host, str(PORT)]
+            plan.pod(client).netns, [*program("send_recv_client"), host, str(PORT), "ping", "5"]
         ),
         capture_output=True,
         text=True,
@@ -360,7 +290,7 @@ def test_failing_hook_stops_its_processes_and_removes_everything(prefix: str) ->
 
     with pytest.raises(netlab.LabError, match=r"after_topology.*did not become ready"):
         netlab.up(build_plan(prefix), after_topology=hook)
-    assert started and not _running(started[0])
+    assert started and not running(started[0])
     _assert_gone(prefix)
 
 
@@ -408,14 +338,6 @@ def test_list_without_lab_says_what_to_do(prefix: str) -> None:
 # -- processes --------------------------------------------------------------------
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def test_start_and_stop_node_process(plan: LabPlan) -> None:
     pid = netlab.start_node_process(
         plan, "node2", "sleeper", ["sh", "-c", 'echo "FOO=$FOO"; exec sleep 60'], {"FOO": "bar"}
@@ -439,7 +361,7 @@ def test_start_and_stop_node_process(plan: LabPlan) -> None:
 
     stopped = netlab.stop_node_processes(plan.prefix)
     assert pid in stopped
-    assert not _running(pid)
+    assert not running(pid)
     assert not (ndir / "sleeper.pid").exists()
 
 
@@ -458,7 +380,7 @@ def test_stop_escalates_to_sigkill(plan: LabPlan) -> None:
     t0 = time.monotonic()
     assert pid in netlab.stop_node_processes(plan.prefix, timeout=0.5)
     assert time.monotonic() - t0 < 5
-    assert not _running(pid)
+    assert not running(pid)
 
 
 def test_start_node_process_errors(plan: LabPlan) -> None:

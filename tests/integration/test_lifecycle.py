@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import json
 import os
 import re
@@ -36,90 +35,50 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import labkit
 import pytest
+from labkit import (
+    AGENT_ARGV,
+    Capture,
+    LabFactory,
+    LabSpec,
+    closed_records,
+    links,
+    our_filters,
+    qdiscs,
+    run_in,
+    running,
+    spawned,
+    sysctl,
+    tc_filters,
+    wait_until,
+)
 from pyroute2 import netns as pyroute2_netns
 
 from agent.api import client
 from agent.datapath.maps import addr_key
 from agent.datapath.programs import pin_path
 from agent.lab import mesh, netlab
-from agent.lab.topology import LabPlan, PodPlan, build_plan, netns_path, run_dir
+from agent.lab.topology import LabPlan, PodPlan, netns_path
 from agent.netns import enter
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 
-T = TypeVar("T")
-AGENT_ARGV = [sys.executable, "-m", "agent"]
+LAB = LabSpec(letter="l", mode="hbone")  # each test builds its own (lab_factory)
 HTTP_PORT = 8080
 ECHO_PORT = 9000
 IPERF_PORT = 5201
 OUTBOUND_PORT = 15001  # tunnel.outbound_port default
 ROUTE_TABLE = 15000  # datapath.route_table default
-OUR_PREF = "pref 58 "  # agent.tc_priority 0x3a
-OUR_HANDLE = "handle 0xa11 "  # agent.tc_handle
 READY_TIMEOUT_S = 90.0  # agent start compiles the BPF programs; CI machines are slow
-
-
-# -- generic helpers ------------------------------------------------------------------
-
-
-def wait_until(what: str, check: Callable[[], T | None], timeout: float = 10.0,
-               interval: float = 0.05) -> T:
-    """Poll ``check`` until it returns something truthy, at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} "
-                                 f"(last value: {last!r})")
-        time.sleep(interval)
-
-
-def run_in(ns: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(netlab.nsenter_argv(ns, argv), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def leftovers(prefix: str) -> list[str]:
-    left = list(netlab.existing_netns(prefix))
-    if os.path.lexists(run_dir(prefix)):
-        left.append(run_dir(prefix))
-    left += [str(p) for p in Path("/sys/fs/bpf").glob(f"meshagent-{prefix}-*")]
-    return left
-
-
-@contextlib.contextmanager
-def lab(with_mesh: bool) -> Iterator[LabPlan]:
-    """A two-node lab; with ``with_mesh`` agents + tunnels (HBONE) run and the
-    pods are enrolled, else only the topology exists. Always torn down."""
-    prefix = "l" + secrets.token_hex(2)
-    plan = build_plan(prefix)
-    try:
-        if with_mesh:
-            netlab.up(plan, after_topology=functools.partial(mesh.start_mesh, mode="hbone"))
-        else:
-            netlab.up(plan)
-        yield plan
-    finally:
-        problem = ""
-        try:
-            netlab.down(prefix)
-        except netlab.LabError as exc:
-            problem = str(exc)
-        left = leftovers(prefix)
-        assert not left and not problem, f"lab {prefix} left {left} behind ({problem})"
 
 
 # -- processes and the agent API -------------------------------------------------------
@@ -129,22 +88,12 @@ def pid_of(plan: LabPlan, node: str, name: str) -> int:
     return int(Path(plan.node_run_dir(node), f"{name}.pid").read_text().strip())
 
 
-def alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child (the lab's hook started it)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] not in "ZX"
-
-
 def stop_process(plan: LabPlan, node: str, name: str, sig: int = signal.SIGTERM) -> None:
     """Signal ``name`` on ``node`` and wait (bounded) until it has exited."""
     pid = pid_of(plan, node, name)
     os.kill(pid, sig)
     wait_until(f"{name} on {node} (pid {pid}) to exit after signal {sig}",
-               lambda: not alive(pid), timeout=20)
+               lambda: not running(pid), timeout=20)
 
 
 def start_process(plan: LabPlan, node: str, name: str, mode: str = "hbone") -> None:
@@ -229,25 +178,13 @@ def ifindex_key(ifindex: int) -> bytes:
 
 def records(plan: LabPlan, node: str) -> list[dict[str, Any]]:
     """Every ``connection closed`` line of ``node``'s tunnel log."""
-    out = []
-    with contextlib.suppress(FileNotFoundError):
-        for line in Path(plan.node_run_dir(node), "tunnel.log").read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and entry.get("event") == "connection closed":
-                    out.append(entry)
-    return out
+    return closed_records(plan, node)
 
 
 def wait_record(plan: LabPlan, node: str, what: str,
                 pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        return next((r for r in records(plan, node) if pred(r)), None)
-
-    try:
-        return wait_until(f"{what} in {node}'s tunnel log", find, timeout=15)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; last records: {records(plan, node)[-5:]}") from None
+    """The first record of ``node``'s whole tunnel log matching ``pred`` (polls, bounded)."""
+    return labkit.wait_record(plan, node, 0, pred, what)
 
 
 def from_addr(ip: str, port: int) -> Callable[[dict[str, Any]], bool]:
@@ -391,98 +328,6 @@ def exchange(sock: socket.socket, message: bytes) -> None:
     assert got == message, f"echo mismatch: sent {message!r}, got {got!r}"
 
 
-@contextlib.contextmanager
-def background(argv_ns: str, argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(netlab.nsenter_argv(argv_ns, argv), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=10)
-
-
-class Capture:
-    """``tcpdump -i ul0`` in a node netns; lines are collected as they are printed."""
-
-    def __init__(self, ns: str, bpf_filter: str) -> None:
-        self.lines: list[str] = []
-        self.errors: list[str] = []
-        self.proc = subprocess.Popen(
-            netlab.nsenter_argv(ns, ["tcpdump", "-i", "ul0", "-n", "-l", "-U", bpf_filter]),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self._readers = [threading.Thread(target=self._read, args=(stream, sink), daemon=True)
-                         for stream, sink in ((self.proc.stdout, self.lines),
-                                              (self.proc.stderr, self.errors))]
-        for reader in self._readers:
-            reader.start()
-        try:
-            wait_until("tcpdump to start capturing",
-                       lambda: any("listening on" in ln for ln in self.errors)
-                       or self.proc.poll() is not None, timeout=15)
-            assert self.proc.poll() is None, f"tcpdump exited: {self.errors}"
-        except BaseException:
-            self.stop()
-            raise
-
-    @staticmethod
-    def _read(stream: Any, sink: list[str]) -> None:
-        for line in stream:
-            sink.append(line.rstrip("\n"))
-
-    def wait_line(self, what: str, pattern: str) -> str:
-        regex = re.compile(pattern)
-        return wait_until(f"tcpdump to show {what}",
-                          lambda: next((ln for ln in self.lines if regex.search(ln)), None),
-                          timeout=10)
-
-    def stop(self) -> list[str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return self.lines
-
-
-# -- tc --------------------------------------------------------------------------------
-
-
-def tc_filters(ns: str, dev: str, direction: str) -> list[str]:
-    out = subprocess.run(["tc", "-n", ns, "filter", "show", "dev", dev, direction],
-                         capture_output=True, text=True, timeout=10, check=False)
-    return out.stdout.splitlines()
-
-
-def our_filters(ns: str, dev: str, direction: str) -> list[str]:
-    """Our filters (pref 58 + handle 0xa11, or named meshagent-*) on one direction."""
-    return [ln for ln in tc_filters(ns, dev, direction)
-            if (OUR_PREF in ln and OUR_HANDLE in ln) or "meshagent" in ln]
-
-
-def qdiscs(ns: str, dev: str) -> str:
-    return subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", dev], capture_output=True,
-                          text=True, timeout=10, check=True).stdout
-
-
-def links(ns: str) -> list[str]:
-    out = subprocess.run(["ip", "-n", ns, "-o", "link", "show"], capture_output=True,
-                         text=True, timeout=10, check=True).stdout
-    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
-
-
-def sysctl(ns: str, path: str) -> str:
-    out = run_in(ns, ["cat", f"/proc/sys/{path}"])
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
 def make_pod(plan: LabPlan, name: str, letter: str, host: int) -> PodPlan:
     """A new pod on node1 wired exactly like the lab wires its pods (netns
     ``<prefix>-<name>``, so ``lab down`` removes it)."""
@@ -500,8 +345,10 @@ def make_pod(plan: LabPlan, name: str, letter: str, host: int) -> PodPlan:
 # -- 1. kill -9 of the agent -------------------------------------------------------------
 
 
-def test_agent_kill9_under_load_then_restart_restores_and_enrolls(servers: Servers) -> None:
-    with lab(with_mesh=True) as plan:
+def test_agent_kill9_under_load_then_restart_restores_and_enrolls(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
         a, b = plan.pod("n1-a"), plan.pod("n2-a")
         servers.http(b)
         http_get(a, b.ipv4)  # the path works before anything happens
@@ -520,13 +367,13 @@ def test_agent_kill9_under_load_then_restart_restores_and_enrolls(servers: Serve
                     results.append(f"{type(exc).__name__}: {exc}")
                 time.sleep(0.03)
 
-        with background(b.netns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]):
+        with spawned(b.netns, ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)]):
             wait_until("iperf3 server to listen", lambda: f":{IPERF_PORT} " in run_in(
                 b.netns, ["ss", "-ltn"]).stdout)
             loop = threading.Thread(target=request_loop, daemon=True)
             loop.start()
             try:
-                with background(a.netns, ["iperf3", "-c", b.ipv4, "-p", str(IPERF_PORT),
+                with spawned(a.netns, ["iperf3", "-c", b.ipv4, "-p", str(IPERF_PORT),
                                           "-t", "6", "-J"]) as iperf:
                     wait_until("iperf3 control and data connections", lambda: run_in(
                         a.netns, ["ss", "-Htn", "state", "established",
@@ -570,8 +417,10 @@ def test_agent_kill9_under_load_then_restart_restores_and_enrolls(servers: Serve
 # -- 2. reconcile ------------------------------------------------------------------------
 
 
-def test_pod_deleted_while_agent_down_is_forgotten(servers: Servers) -> None:
-    with lab(with_mesh=True) as plan:
+def test_pod_deleted_while_agent_down_is_forgotten(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
         a, gone, peer = plan.pod("n1-a"), plan.pod("n1-b"), plan.pod("n2-a")
         servers.http(peer)
         pods = enrolled(plan, "node1")
@@ -601,8 +450,9 @@ def test_pod_deleted_while_agent_down_is_forgotten(servers: Servers) -> None:
 
 
 def test_connection_older_than_enrollment_survives_and_new_ones_are_captured(
-        servers: Servers) -> None:
-    with lab(with_mesh=True) as plan:
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         echo = servers.echo(plain)
         pod_del(plan, a)
@@ -651,12 +501,14 @@ def test_connection_older_than_enrollment_survives_and_new_ones_are_captured(
         assert (a.ipv4, old_port) in echo.peers  # it talked to the server directly
 
 
-def test_unenrollment_resets_connections_made_through_the_tunnel(servers: Servers) -> None:
+def test_unenrollment_resets_connections_made_through_the_tunnel(
+        servers: Servers, lab_factory: LabFactory) -> None:
     """Documented behaviour: after ``pod del`` the pod's segments of a tunneled
     connection bypass the tunnel and reach the peer pod directly; the peer only
     knows the tunnel's leg (another source port), so it answers with a RST and
     the application sees ECONNRESET (not a hang)."""
-    with lab(with_mesh=True) as plan:
+    with lab_factory() as lab:
+        plan = lab.plan
         a, b = plan.pod("n1-a"), plan.pod("n2-a")
         echo = servers.echo(b)
         # The tunnel dials the peer from the client's IP with an ephemeral port;
@@ -702,8 +554,10 @@ def curl(pod: PodPlan, ip: str, timeout: float) -> subprocess.CompletedProcess[s
                   timeout=timeout + 10)
 
 
-def test_tunnel_down_fails_closed_and_recovers(servers: Servers) -> None:
-    with lab(with_mesh=True) as plan:
+def test_tunnel_down_fails_closed_and_recovers(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
         a, plain, b = plan.pod("n1-a"), plan.pod("n1-plain"), plan.pod("n2-a")
         servers.http(b)
         assert curl(a, b.ipv4, 5).stdout == "200"
@@ -816,8 +670,10 @@ def assert_nothing_of_ours(plan: LabPlan) -> None:
     assert not state_file(plan, "node1").exists()
 
 
-def test_uninstall_removes_ours_and_keeps_a_foreign_filter(servers: Servers) -> None:
-    with lab(with_mesh=False) as plan:
+def test_uninstall_removes_ours_and_keeps_a_foreign_filter(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory(mode=None) as lab:
+        plan = lab.plan
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         ns = plan.node("node1").netns
         servers.http(plain)
@@ -867,8 +723,10 @@ def test_uninstall_removes_ours_and_keeps_a_foreign_filter(servers: Servers) -> 
 # -- 6. round trips ----------------------------------------------------------------------
 
 
-def test_enroll_unenroll_round_trips_and_node_reinstall(servers: Servers) -> None:
-    with lab(with_mesh=False) as plan:
+def test_enroll_unenroll_round_trips_and_node_reinstall(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory(mode=None) as lab:
+        plan = lab.plan
         a, plain = plan.pod("n1-a"), plan.pod("n2-plain")
         ns = plan.node("node1").netns
         servers.http(plain)
@@ -938,10 +796,12 @@ def test_enroll_unenroll_round_trips_and_node_reinstall(servers: Servers) -> Non
 # -- 7. the agent under `ip netns exec` ------------------------------------------------
 
 
-def test_agent_under_ip_netns_exec_explains_the_missing_bpffs_and_changes_nothing() -> None:
+def test_agent_under_ip_netns_exec_explains_the_missing_bpffs_and_changes_nothing(
+        lab_factory: LabFactory) -> None:
     """`ip netns exec` remounts /sys for the netns, which hides /sys/fs/bpf: the
     agent must say so and what to do, before it changes anything on the node."""
-    with lab(with_mesh=False) as plan:
+    with lab_factory(mode=None) as lab:
+        plan = lab.plan
         node = plan.node("node1")
         Path(plan.run_dir, "config.toml").write_text("# ip netns exec test\n")
         env = {**os.environ, **mesh.node_env(plan, node, "plain")}

@@ -25,46 +25,41 @@ happened. The tests check behaviour only, never timings:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
-import secrets
-import select
-import shutil
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lab_procs import leftovers as _leftovers
-from lab_procs import listening as _listening
-from lab_procs import run_in as _run_in
-from lab_procs import running as _running
-from lab_procs import stop as _stop
-from lab_procs import until as _until
+from labkit import (
+    Lab,
+    LabSpec,
+    closed_records,
+    listening,
+    log_events,
+    log_mark,
+    meshagent_cli,
+    program,
+    read_line,
+    run_in,
+    running,
+    spawned,
+    until,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from pyroute2 import netns
-
-from agent.api import client
-from agent.lab import mesh, netlab
-from agent.lab.topology import LabPlan, build_plan, run_dir
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 
-REPO = Path(__file__).resolve().parents[2]
+LAB = LabSpec(letter="p", mode="hbone")
 N1A, N1B, N2A = "10.244.1.10", "10.244.1.11", "10.244.2.10"
 SA_A = "spiffe://cluster.local/ns/default/sa/sa-a"
-HTTP_PORTS = (80, 8080)
+HTTP_PORTS = (80, 8080)  # programs/policy_server.py in n2-a
 ECHO_PORT = 9090
 IPERF_PORT = 5201
 METRICS_PORT = 15020
-WAIT_S = 15.0  # upper bound of every "until" loop
 POLICY_WAIT_S = 5.0  # a policy write must be in force within this
-POLL_S = 0.1
 
 # The fixed response of the HTTP servers: its exact size is what the tunnels
 # must count as sent (server -> client) bytes.
@@ -77,178 +72,13 @@ RESPONSE = (
 # The fixed request of the raw clients: exactly what must be counted as received.
 REQUEST = b"GET /fixed HTTP/1.1\r\nHost: n2-a\r\nX-Pad: " + b"p" * 200 + b"\r\n\r\n"
 
-# Runs in n2-a: HTTP (fixed RESPONSE, whatever the request) on each port of
-# argv[2] (comma separated), echo on argv[3]. Reads the request up to its blank
-# line, answers, half-closes, drains until the client's FIN (so nothing unread
-# turns the close into a reset). Prints "ready"; exits by itself after 10
-# minutes (orphan guard).
-SERVER = r"""
-import select, socket, sys, threading, time
-response = bytes.fromhex(sys.argv[1])
-http_ports = [int(p) for p in sys.argv[2].split(",")]
-echo_port = int(sys.argv[3])
-
-def listen(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(64)
-    return s
-
-def http(c):
-    try:
-        c.settimeout(20)
-        buf = b""
-        while b"\r\n\r\n" not in buf and len(buf) < 65536:
-            data = c.recv(65536)
-            if not data:
-                break
-            buf += data
-        c.sendall(response)
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
-    except OSError:
-        pass
-    finally:
-        c.close()
-
-def echo(c):
-    try:
-        c.settimeout(120)
-        while True:
-            data = c.recv(65536)
-            if not data:
-                break
-            c.sendall(data)
-    except OSError:
-        pass
-    finally:
-        c.close()
-
-handlers = {listen(p): http for p in http_ports}
-handlers[listen(echo_port)] = echo
-print("ready", flush=True)
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    for s in select.select(list(handlers), [], [], 0.5)[0]:
-        c, _ = s.accept()
-        threading.Thread(target=handlers[s], args=(c,), daemon=True).start()
-"""
-
-# Runs in a client pod: ``count`` connections one after the other, each sends
-# the request, half-closes and reads to EOF. Prints one JSON list of
-# {"port": local port, "received": bytes, "error": str|None}.
-RAW_CLIENT = r"""
-import json, socket, sys
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-request = bytes.fromhex(sys.argv[4])
-out = []
-for _ in range(count):
-    item = {"port": None, "received": 0, "error": None}
-    try:
-        with socket.create_connection((host, port), timeout=10) as c:
-            item["port"] = c.getsockname()[1]
-            c.sendall(request)
-            c.shutdown(socket.SHUT_WR)
-            while True:
-                data = c.recv(65536)
-                if not data:
-                    break
-                item["received"] += len(data)
-    except OSError as exc:
-        item["error"] = f"{type(exc).__name__}: {exc}"
-    out.append(item)
-print(json.dumps(out))
-"""
-
-# Runs in a client pod: one long-lived echo exchange. Prints "connected" after
-# the first round trip, then keeps exchanging until the connection ends and
-# prints how: "closed" (EOF), "reset: ..." (error) or "timeout" (still alive
-# after argv[3] seconds).
-LONG_CLIENT = r"""
-import socket, sys, time
-host, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-c = socket.create_connection((host, port), timeout=5)
-c.sendall(b"ping\n")
-if c.recv(64) != b"ping\n":
-    print("bad echo", flush=True); sys.exit(1)
-print("connected", flush=True)
-deadline = time.monotonic() + limit
-try:
-    while time.monotonic() < deadline:
-        c.sendall(b"ping\n")
-        if not c.recv(64):
-            print("closed", flush=True); sys.exit(0)
-        time.sleep(0.1)
-except OSError as exc:
-    print(f"reset: {type(exc).__name__}: {exc}", flush=True); sys.exit(0)
-print("timeout", flush=True)
-"""
-
-
-@dataclass(frozen=True)
-class Lab:
-    plan: LabPlan
-
-    @property
-    def prefix(self) -> str:
-        return self.plan.prefix
-
-    def node_dir(self, node: str) -> Path:
-        return Path(self.plan.node_run_dir(node))
-
-    @property
-    def policy_dir(self) -> Path:
-        return self.node_dir("node2") / "policies"
-
-    def log_path(self, node: str) -> Path:
-        return Path(netlab.process_log_path(self.plan, node, "tunnel"))
-
-    def netns(self, pod_or_node: str) -> str:
-        if pod_or_node.startswith("node"):
-            return self.plan.node(pod_or_node).netns
-        return self.plan.pod(pod_or_node).netns
-
-    def cli_env(self, node: str) -> dict[str, str]:
-        """What ``meshagent`` needs to talk to ``node``'s agent (as in the brief)."""
-        return {
-            "MESHAGENT_AGENT_SOCKET": mesh.agent_socket(self.plan, node),
-            "MESHAGENT_CONFIG": str(Path(self.plan.run_dir) / "config.toml"),
-            "MESHAGENT_TUNNEL_POLICY_DIR": str(self.node_dir(node) / "policies"),
-        }
-
-    def tunnel_pid(self, node: str) -> int:
-        return int((self.node_dir(node) / "tunnel.pid").read_text().strip())
-
-
-# -- processes ------------------------------------------------------------------------
-
-
-
-
-
-
-
-def _meshagent(args: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, **env},
-        check=False,
-    )
-
-
-
 # -- traffic --------------------------------------------------------------------------
 
 
 def _curl(lab: Lab, pod: str, port: int, host: str = N2A) -> subprocess.CompletedProcess[str]:
     """curl from ``pod``; returncode 0 and stdout "200" when it worked."""
-    return _run_in(
-        lab.netns(pod),
+    return run_in(
+        lab.ns(pod),
         [
             "curl",
             "-s",
@@ -280,9 +110,9 @@ def _assert_fails(lab: Lab, pod: str, port: int) -> None:
 
 
 def _raw_requests(lab: Lab, pod: str, port: int, count: int) -> list[dict[str, Any]]:
-    res = _run_in(
-        lab.netns(pod),
-        [sys.executable, "-c", RAW_CLIENT, N2A, str(port), str(count), REQUEST.hex()],
+    res = run_in(
+        lab.ns(pod),
+        [*program("raw_client"), N2A, str(port), str(count), REQUEST.hex()],
         timeout=60,
     )
     assert res.returncode == 0, res.stderr
@@ -292,31 +122,6 @@ def _raw_requests(lab: Lab, pod: str, port: int, count: int) -> list[dict[str, A
 
 # -- access log -----------------------------------------------------------------------
 
-
-def _log_mark(lab: Lab, node: str) -> int:
-    return lab.log_path(node).stat().st_size
-
-
-def _events(lab: Lab, node: str, since: int = 0) -> list[dict[str, Any]]:
-    with open(lab.log_path(node), "rb") as handle:
-        handle.seek(since)
-        text = handle.read().decode(errors="replace")
-    out: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict):
-                out.append(event)
-    return out
-
-
-def _closed(lab: Lab, node: str, since: int, **match: str) -> list[dict[str, Any]]:
-    """``connection closed`` lines after ``since`` whose fields equal ``match``."""
-    return [
-        e
-        for e in _events(lab, node, since)
-        if e.get("event") == "connection closed" and all(e.get(k) == v for k, v in match.items())
-    ]
 
 
 # -- policies -------------------------------------------------------------------------
@@ -344,13 +149,6 @@ def _policy(
 DENY_TEAM_B = _policy("deny-team-b", "DENY", [{"from": [{"source": {"namespaces": ["team-b"]}}]}])
 
 
-def _tunnel_status(lab: Lab, node: str = "node2") -> dict[str, Any]:
-    """What ``meshagent status --json`` shows under ``tunnel`` (same API call)."""
-    status = client.call(mesh.agent_socket(lab.plan, node), {"op": "status"}, timeout=5)
-    tunnel: dict[str, Any] = status.get("tunnel") or {}
-    return tunnel
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")  # not *.yaml: the tunnel ignores it
     tmp.write_text(text)
@@ -358,17 +156,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _loads(lab: Lab, since: int) -> list[dict[str, Any]]:
-    return [e for e in _events(lab, "node2", since) if e.get("event") == "policies loaded"]
+    return [e for e in log_events(lab, "node2", since) if e.get("event") == "policies loaded"]
 
 
 def _apply(lab: Lab, files: Mapping[str, str | None], expect: int) -> list[dict[str, Any]]:
     """Write (text) or remove (None) policy files in node2's directory atomically,
     then wait until the tunnel has loaded a set of ``expect`` policies. Returns the
     ``policies loaded`` log lines this change produced."""
-    mark = _log_mark(lab, "node2")
-    lab.policy_dir.mkdir(parents=True, exist_ok=True)
+    mark = log_mark(lab, "node2")
+    lab.policy_dir("node2").mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
-        path = lab.policy_dir / name
+        path = lab.policy_dir("node2") / name
         if text is None:
             path.unlink(missing_ok=True)
         else:
@@ -376,7 +174,7 @@ def _apply(lab: Lab, files: Mapping[str, str | None], expect: int) -> list[dict[
 
     def loaded() -> list[dict[str, Any]] | None:
         lines = _loads(lab, mark)
-        status = _tunnel_status(lab)
+        status = lab.tunnel_status("node2")
         if (
             lines
             and lines[-1].get("count") == expect
@@ -386,25 +184,26 @@ def _apply(lab: Lab, files: Mapping[str, str | None], expect: int) -> list[dict[
             return lines
         return None
 
-    result: list[dict[str, Any]] = _until(
+    result: list[dict[str, Any]] = until(
         f"node2 tunnel loads {expect} policies", loaded, timeout=POLICY_WAIT_S
     )
     return result
 
 
 def _clear_policies(lab: Lab) -> None:
-    files = {p.name: None for p in lab.policy_dir.glob("*")} if lab.policy_dir.is_dir() else {}
-    status = _tunnel_status(lab)
+    pdir = lab.policy_dir("node2")
+    files = {p.name: None for p in pdir.glob("*")} if pdir.is_dir() else {}
+    status = lab.tunnel_status("node2")
     if not files and status.get("policies") == 0 and status.get("policy_error") is None:
         return
     for name in files:
-        (lab.policy_dir / name).unlink(missing_ok=True)
+        (lab.policy_dir("node2") / name).unlink(missing_ok=True)
 
     def cleared() -> bool:
-        status = _tunnel_status(lab)
+        status = lab.tunnel_status("node2")
         return status.get("policies") == 0 and status.get("policy_error") is None
 
-    _until("node2 tunnel drops every policy", cleared, timeout=POLICY_WAIT_S)
+    until("node2 tunnel drops every policy", cleared, timeout=POLICY_WAIT_S)
 
 
 # -- metrics --------------------------------------------------------------------------
@@ -413,8 +212,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _scrape(lab: Lab, node: str) -> Samples:
-    res = _run_in(
-        lab.netns(node), ["curl", "-s", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]
+    res = run_in(
+        lab.ns(node), ["curl", "-s", "-m", "5", f"http://127.0.0.1:{METRICS_PORT}/metrics"]
     )
     assert res.returncode == 0, f"metrics of {node}: curl exit {res.returncode} {res.stderr}"
     out: Samples = {}
@@ -438,76 +237,32 @@ def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    """A two-node HBONE lab with HTTP (80, 8080), echo (9090) and iperf3 in n2-a."""
-    prefix = "p" + secrets.token_hex(2)
-    servers: list[subprocess.Popen[Any]] = []
-    try:
-        plan = netlab.up(build_plan(prefix),
-                         after_topology=functools.partial(mesh.start_mesh, mode="hbone"))
-        the_lab = Lab(plan)
-        ns = the_lab.netns("n2-a")
-        server = subprocess.Popen(
-            [
-                "nsenter",
-                f"--net=/run/netns/{ns}",
-                "--",
-                sys.executable,
-                "-c",
-                SERVER,
-                RESPONSE.hex(),
-                ",".join(map(str, HTTP_PORTS)),
-                str(ECHO_PORT),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        servers.append(server)
-        assert server.stdout is not None
-        ready, _, _ = select.select([server.stdout], [], [], 10)
-        line = server.stdout.readline().strip() if ready else ""
-        assert line == "ready", f"server in n2-a did not start: {line!r}"
-        servers.append(
-            subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{ns}", "--", "iperf3", "-s", "-p", str(IPERF_PORT)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
-        _until(
-            "servers listen in n2-a", lambda: _listening(ns, [*HTTP_PORTS, ECHO_PORT, IPERF_PORT])
-        )
-        _until(
-            "node2 tunnel knows its pods and node1's",
-            lambda: (
-                (s := _tunnel_status(the_lab)).get("workloads") == 2
-                and s.get("peer_workloads") == 2
-            ),
-        )
-        _until(
-            "node1 tunnel knows its pods and node2's",
-            lambda: (
-                (s := _tunnel_status(the_lab, "node1")).get("workloads") == 2
-                and s.get("peer_workloads") == 2
-            ),
-        )
-        yield the_lab
-    finally:
-        for proc in servers:
-            _stop(proc)
-        with contextlib.suppress(Exception):
-            netlab.down(prefix)
-        if _leftovers(prefix):  # last resort, should never be needed
-            for name in netlab.existing_netns(prefix):
-                with contextlib.suppress(OSError):
-                    netns.remove(name)
-            shutil.rmtree(run_dir(prefix), ignore_errors=True)
-        assert _leftovers(prefix) == []
+def lab(mesh_lab: Lab) -> Lab:
+    """The HBONE lab with HTTP (80, 8080), echo (9090) and iperf3 in n2-a."""
+    lab = mesh_lab
+    ns = lab.ns("n2-a")
+    lab.background.start(
+        ns, "server-n2-a",
+        [*program("policy_server"), RESPONSE.hex(), ",".join(map(str, HTTP_PORTS)),
+         str(ECHO_PORT)],
+        ready_line="ready")
+    lab.background.start(ns, "iperf3-n2-a", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+    until("servers listen in n2-a", lambda: listening(ns, [*HTTP_PORTS, ECHO_PORT, IPERF_PORT]))
+    until(
+        "node2 tunnel knows its pods and node1's",
+        lambda: (
+            (s := lab.tunnel_status("node2")).get("workloads") == 2
+            and s.get("peer_workloads") == 2
+        ),
+    )
+    until(
+        "node1 tunnel knows its pods and node2's",
+        lambda: (
+            (s := lab.tunnel_status("node1")).get("workloads") == 2
+            and s.get("peer_workloads") == 2
+        ),
+    )
+    return lab
 
 
 @pytest.fixture
@@ -527,12 +282,12 @@ def test_deny_source_namespace(clean: Lab) -> None:
     lab = clean
     _assert_ok(lab, "n1-b", 80)  # allowed before the policy
     _apply(lab, {"deny-team-b.yaml": DENY_TEAM_B}, expect=1)
-    mark = _log_mark(lab, "node2")
+    mark = log_mark(lab, "node2")
     _assert_fails(lab, "n1-b", 80)
     _assert_ok(lab, "n1-a", 80)
-    denied = _until(
+    denied = until(
         "node2 logs the denied attempt",
-        lambda: _closed(lab, "node2", mark, src=N1B, dst=f"{N2A}:80"),
+        lambda: closed_records(lab, "node2", mark, src=N1B, dst=f"{N2A}:80"),
     )
     assert len(denied) == 1, denied
     entry = denied[0]
@@ -540,9 +295,9 @@ def test_deny_source_namespace(clean: Lab) -> None:
     assert entry["policy"] == "default/deny-team-b", entry
     assert "deny-team-b" in entry["reason"], entry
     assert entry["src_identity"] == "spiffe://cluster.local/ns/team-b/sa/sa-b"
-    allowed = _until(
+    allowed = until(
         "node2 logs the allowed connection",
-        lambda: _closed(lab, "node2", mark, src=N1A, dst=f"{N2A}:80"),
+        lambda: closed_records(lab, "node2", mark, src=N1A, dst=f"{N2A}:80"),
     )
     assert [e["result"] for e in allowed] == ["ok"], allowed
 
@@ -554,13 +309,13 @@ def test_allow_port_80_only(clean: Lab) -> None:
     lab = clean
     allow = _policy("allow-80", "ALLOW", [{"to": [{"operation": {"ports": ["80"]}}]}])
     _apply(lab, {"allow-80.yaml": allow}, expect=1)
-    mark = _log_mark(lab, "node2")
+    mark = log_mark(lab, "node2")
     _assert_ok(lab, "n1-a", 80)
     _assert_fails(lab, "n1-a", 8080)
     _assert_ok(lab, "n1-b", 80)  # the ALLOW names no source: any source on port 80
-    denied = _until(
+    denied = until(
         "node2 logs the denied 8080 attempt",
-        lambda: _closed(lab, "node2", mark, src=N1A, dst=f"{N2A}:8080"),
+        lambda: closed_records(lab, "node2", mark, src=N1A, dst=f"{N2A}:8080"),
     )
     assert [e["result"] for e in denied] == ["denied"], denied
     # with no ALLOW matching, the reason is the allow-list, not a named DENY
@@ -573,69 +328,28 @@ def test_allow_port_80_only(clean: Lab) -> None:
 def test_policy_edit_applies_live(clean: Lab) -> None:
     lab = clean
     pid = lab.tunnel_pid("node2")
-    iperf = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net=/run/netns/{lab.netns('n1-a')}",
-            "--",
-            "iperf3",
-            "-c",
-            N2A,
-            "-p",
-            str(IPERF_PORT),
-            "-t",
-            "6",
-            "-J",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    iperf_argv = ["iperf3", "-c", N2A, "-p", str(IPERF_PORT), "-t", "6", "-J"]
+    with spawned(lab.ns("n1-a"), iperf_argv) as iperf:
         # control + data connection are both up and authorized on node2
-        _until(
+        until(
             "iperf3 connections are active on node2",
-            lambda: _tunnel_status(lab).get("active_inbound", 0) >= 2,
+            lambda: lab.tunnel_status("node2").get("active_inbound", 0) >= 2,
         )
         _apply(lab, {"deny-team-b.yaml": DENY_TEAM_B}, expect=1)
         assert iperf.poll() is None, "iperf3 ended before the policy was in force"
         _assert_fails(lab, "n1-b", IPERF_PORT)
         _assert_fails(lab, "n1-b", 80)
         out, err = iperf.communicate(timeout=30)
-    finally:
-        _stop(iperf)
     assert iperf.returncode == 0, f"iperf3 failed: {err}\n{out[-2000:]}"
     report = json.loads(out)
     assert "error" not in report, report.get("error")
     assert report["end"]["sum_received"]["bytes"] > 0
-    assert lab.tunnel_pid("node2") == pid and _running(pid), "the tunnel was restarted"
+    assert lab.tunnel_pid("node2") == pid and running(pid), "the tunnel was restarted"
 
     # A DENY that matches a running connection closes it.
-    mark = _log_mark(lab, "node2")
-    longc = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net=/run/netns/{lab.netns('n1-a')}",
-            "--",
-            sys.executable,
-            "-c",
-            LONG_CLIENT,
-            N2A,
-            str(ECHO_PORT),
-            "60",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert longc.stdout is not None
-        ready, _, _ = select.select([longc.stdout], [], [], 10)
-        line = longc.stdout.readline().strip() if ready else ""
+    mark = log_mark(lab, "node2")
+    with spawned(lab.ns("n1-a"), [*program("long_client"), N2A, str(ECHO_PORT), "60"]) as longc:
+        line = read_line(longc, 10)
         assert line == "connected", f"long client: {line!r}"
         deny_a = _policy(
             "deny-a-echo",
@@ -649,23 +363,20 @@ def test_policy_edit_applies_live(clean: Lab) -> None:
         )
         loads = _apply(lab, {"deny-a-echo.yaml": deny_a}, expect=2)
         assert loads[-1].get("connections_closed") == 1, loads
-        ready, _, _ = select.select([longc.stdout], [], [], 10)
-        assert ready, "the denied connection is still open 10 s after the policy change"
-        ended = longc.stdout.readline().strip()
+        ended = read_line(longc, 10)
+        assert ended, "the denied connection is still open 10 s after the policy change"
         assert ended == "closed" or ended.startswith("reset"), ended
         longc.wait(timeout=10)
-    finally:
-        _stop(longc)
-    closed = _until(
+    closed = until(
         "node2 logs the closed echo connection",
-        lambda: _closed(lab, "node2", mark, src=N1A, dst=f"{N2A}:{ECHO_PORT}"),
+        lambda: closed_records(lab, "node2", mark, src=N1A, dst=f"{N2A}:{ECHO_PORT}"),
     )
     assert len(closed) == 1, closed
     assert closed[0]["result"] == "denied", closed[0]
     assert closed[0]["policy"] == "default/deny-a-echo", closed[0]
     # what it carried before it was closed is still accounted for (>= 2 pings each way)
     assert closed[0]["bytes_sent"] >= 10 and closed[0]["bytes_received"] >= 10, closed[0]
-    assert lab.tunnel_pid("node2") == pid and _running(pid)
+    assert lab.tunnel_pid("node2") == pid and running(pid)
 
 
 # -- 4: an invalid file is rejected as a whole --------------------------------------------
@@ -679,15 +390,15 @@ def test_invalid_policy_file_keeps_last_good_set(clean: Lab) -> None:
         "DENY",
         [{"from": [{"source": {"ipBlocks": ["10.244.1.0/24", "10.0.0.300/8"]}}]}],
     )
-    mark = _log_mark(lab, "node2")
-    _write_atomic(lab.policy_dir / "bad-cidr.yaml", bad)
-    status = _until(
+    mark = log_mark(lab, "node2")
+    _write_atomic(lab.policy_dir("node2") / "bad-cidr.yaml", bad)
+    status = until(
         "node2 tunnel reports the rejected file",
-        lambda: (s := _tunnel_status(lab)).get("policy_error") and s,
+        lambda: (s := lab.tunnel_status("node2")).get("policy_error") and s,
         timeout=POLICY_WAIT_S,
     )
     assert status["policies"] == 1, status
-    cli = _meshagent(["status", "--json"], lab.cli_env("node2"))
+    cli = meshagent_cli(["status", "--json"], lab.cli_env("node2"))
     assert cli.returncode == 0, cli.stderr
     tunnel = json.loads(cli.stdout)["tunnel"]
     assert tunnel["policies"] == 1, tunnel
@@ -695,7 +406,7 @@ def test_invalid_policy_file_keeps_last_good_set(clean: Lab) -> None:
     assert "bad-cidr.yaml" in error and "ipBlocks[1]" in error and "10.0.0.300/8" in error, error
     rejected = [
         e
-        for e in _events(lab, "node2", mark)
+        for e in log_events(lab, "node2", mark)
         if e.get("event", "").startswith("policy files rejected")
     ]
     assert len(rejected) == 1 and "bad-cidr.yaml" in rejected[0]["error"], rejected
@@ -735,7 +446,7 @@ def test_metrics_count_connections_and_bytes_exactly(clean: Lab) -> None:
         return after if done >= K else None
 
     for node, reporter in reporters.items():
-        after = _until(f"{node} counts {K} closed connections", lambda n=node: closed_counted(n))
+        after = until(f"{node} counts {K} closed connections", lambda n=node: closed_counted(n))
         labels = {"reporter": reporter, **METRIC_LABELS}
         for name in ("istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total"):
             assert _delta(before[node], after, name, **labels) == K, (node, name)
@@ -769,7 +480,7 @@ def test_metrics_count_connections_and_bytes_exactly(clean: Lab) -> None:
             failed = _delta(before[node], after, "istio_tcp_connections_failed_total", **labels)
             return after if failed >= 1 else None
 
-        after = _until(f"{node} counts the denied attempt", failed_counted)
+        after = until(f"{node} counts the denied attempt", failed_counted)
         assert (
             _delta(
                 before[node],
@@ -786,16 +497,16 @@ def test_metrics_count_connections_and_bytes_exactly(clean: Lab) -> None:
 
 def test_access_log_one_line_per_connection(clean: Lab) -> None:
     lab = clean
-    marks = {node: _log_mark(lab, node) for node in ("node1", "node2")}
+    marks = {node: log_mark(lab, node) for node in ("node1", "node2")}
     results = _raw_requests(lab, "n1-a", 80, K)
     assert [r["error"] for r in results] == [None] * K, results
     ports = [r["port"] for r in results]
     assert len(set(ports)) == K, ports
     # node1 (client side) logs the client's port: exactly one line per connection
     for port in ports:
-        lines = _until(
+        lines = until(
             f"node1 logs the connection from port {port}",
-            lambda p=port: _closed(lab, "node1", marks["node1"], src=f"{N1A}:{p}"),
+            lambda p=port: closed_records(lab, "node1", marks["node1"], src=f"{N1A}:{p}"),
         )
         assert len(lines) == 1, lines
         entry = lines[0]
@@ -809,10 +520,10 @@ def test_access_log_one_line_per_connection(clean: Lab) -> None:
     # node2 (server side) logs the client's address without a port: K lines in all
 
     def all_logged() -> list[dict[str, Any]] | None:
-        lines = _closed(lab, "node2", marks["node2"], src=N1A)
+        lines = closed_records(lab, "node2", marks["node2"], src=N1A)
         return lines if len(lines) >= K else None
 
-    inbound = _until(f"node2 logs {K} connections", all_logged)
+    inbound = until(f"node2 logs {K} connections", all_logged)
     assert len(inbound) == K, inbound
     for entry in inbound:
         assert (entry["direction"], entry["path"], entry["dst"], entry["result"]) == (
@@ -824,8 +535,8 @@ def test_access_log_one_line_per_connection(clean: Lab) -> None:
         assert (entry["bytes_sent"], entry["bytes_received"]) == (len(REQUEST), len(RESPONSE))
         assert entry["src_identity"] == SA_A, entry
     # and no other connection was logged meanwhile
-    assert len(_closed(lab, "node1", marks["node1"])) == K
-    assert len(_closed(lab, "node2", marks["node2"])) == K
+    assert len(closed_records(lab, "node1", marks["node1"])) == K
+    assert len(closed_records(lab, "node2", marks["node2"])) == K
 
 
 # -- 7: policy check -------------------------------------------------------------------
@@ -835,14 +546,14 @@ def test_policy_check_explains(clean: Lab) -> None:
     lab = clean
     _apply(lab, {"deny-team-b.yaml": DENY_TEAM_B}, expect=1)
     env = lab.cli_env("node2")
-    denied = _meshagent(["policy", "check", "--from", "n2-b", "--to", "n2-a:80"], env)
+    denied = meshagent_cli(["policy", "check", "--from", "n2-b", "--to", "n2-a:80"], env)
     assert denied.returncode == 1, denied.stdout + denied.stderr
     assert "default/deny-team-b" in denied.stdout, denied.stdout
     assert "DENY" in denied.stdout, denied.stdout
-    allowed = _meshagent(["policy", "check", "--from", "n2-a", "--to", "n2-a:80"], env)
+    allowed = meshagent_cli(["policy", "check", "--from", "n2-a", "--to", "n2-a:80"], env)
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert "ALLOW" in allowed.stdout, allowed.stdout
-    by_id = _meshagent(
+    by_id = meshagent_cli(
         [
             "policy",
             "check",
@@ -868,29 +579,30 @@ def test_dry_run_deny_is_reported_not_enforced(clean: Lab) -> None:
         annotations={"istio.io/dry-run": "true"},
     )
     _apply(lab, {"audit-a.yaml": dry}, expect=1)
-    mark = _log_mark(lab, "node2")
+    mark = log_mark(lab, "node2")
     _assert_ok(lab, "n1-a", 80)
-    matched = _until(
+    matched = until(
         "node2 logs the dry-run match",
         lambda: [
-            e for e in _events(lab, "node2", mark) if e.get("event") == "dry-run policy matched"
+            e for e in log_events(lab, "node2", mark) if e.get("event") == "dry-run policy matched"
         ],
     )
     assert len(matched) == 1, matched
     assert matched[0]["src"] == N1A and matched[0]["dst"] == f"{N2A}:80", matched[0]
     assert "default/audit-a DENY" in matched[0]["matches"], matched[0]
     assert matched[0]["would_allow"] is False, matched[0]
-    entry = _until(
-        "node2 logs the connection", lambda: _closed(lab, "node2", mark, src=N1A, dst=f"{N2A}:80")
+    entry = until(
+        "node2 logs the connection",
+        lambda: closed_records(lab, "node2", mark, src=N1A, dst=f"{N2A}:80"),
     )
     assert [e["result"] for e in entry] == ["ok"], entry
     # n1-b is not matched by it: no dry-run line for its connection
-    mark = _log_mark(lab, "node2")
+    mark = log_mark(lab, "node2")
     _assert_ok(lab, "n1-b", 80)
-    _until(
+    until(
         "node2 logs n1-b's connection",
-        lambda: _closed(lab, "node2", mark, src=N1B, dst=f"{N2A}:80"),
+        lambda: closed_records(lab, "node2", mark, src=N1B, dst=f"{N2A}:80"),
     )
     assert not [
-        e for e in _events(lab, "node2", mark) if e.get("event") == "dry-run policy matched"
+        e for e in log_events(lab, "node2", mark) if e.get("event") == "dry-run policy matched"
     ]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -30,10 +29,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from labkit import REPO, program, read_line, run_in, spawned, unique_prefix, wait_until
 
 from agent.api import client
 
-REPO = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = REPO / "vagrant"
 VENV = Path(sys.executable).parent.parent  # the venv running the tests (not resolved)
 SHELL_SCRIPTS = sorted([*VAGRANT_DIR.glob("*.sh"), *(REPO / "scripts").glob("*.sh")])
@@ -187,9 +186,7 @@ def _ip(*args: str) -> subprocess.CompletedProcess[str]:
 def _in_node(node_ns: str, argv: list[str], env: Mapping[str, str],
              timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     # nsenter --net only: `ip netns exec` would remount /sys and hide bpffs.
-    return subprocess.run(["nsenter", f"--net=/run/netns/{node_ns}", "--", *argv],
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          env=dict(env), cwd="/")
+    return run_in(node_ns, argv, timeout=timeout, env=env, cwd="/")
 
 
 def _is_meshagent(pid: int) -> bool:
@@ -235,7 +232,7 @@ def _netns_node(prefix: str) -> Iterator[str]:
 @pytest.mark.privileged
 @pytest.mark.timeout(PROVISION_TIMEOUT_S + 120)
 def test_provision_script_in_netns_node() -> None:
-    prefix = "v" + secrets.token_hex(2)
+    prefix = unique_prefix("v")
     pods = [f"{prefix}-a", f"{prefix}-b"]
     pin_dir = Path(f"/sys/fs/bpf/meshagent-{prefix}")
     tmp = Path(tempfile.mkdtemp(prefix=f"meshagent-{prefix}-"))
@@ -301,41 +298,24 @@ def _check_provisioned(tmp: Path, pods: list[str], env: Mapping[str, str]) -> No
     assert 15001 in status["listeners"]
 
 
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 18070)); s.listen(1); s.settimeout(20)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(10); c.sendall(b"pong:" + c.recv(64)); c.close()
-"""
-
-
 def _check_meshed(node: str, pods: list[str], run_dir: Path) -> None:
     """A connection from pod a to pod b (same node) goes through the tunnel."""
-    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{pods[1]}", "--", sys.executable,
-                               "-c", SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+    with spawned(pods[1], [*program("oneshot_server"), "18070", "pong:", "20"]) as server:
+        assert read_line(server, 20) == "ready"
         addr = _ip("-n", pods[1], "-4", "-o", "addr", "show", "eth0").stdout.split()[3]
-        client_code = (f"import socket; c = socket.create_connection(('{addr.split('/')[0]}', "
-                       "18070), timeout=10); c.sendall(b'ping'); print(c.recv(64).decode())")
-        reply = subprocess.run(["nsenter", f"--net=/run/netns/{pods[0]}", "--", sys.executable,
-                                "-c", client_code], capture_output=True, text=True,
-                               timeout=STEP_TIMEOUT_S, check=False)
+        reply = run_in(pods[0], [*program("send_recv_client"), addr.split("/")[0], "18070",
+                                 "ping"], timeout=STEP_TIMEOUT_S)
         assert reply.stdout.strip() == "pong:ping", reply.stderr
-    finally:
-        server.kill()
-        server.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        events = [json.loads(line) for line in (run_dir / "tunnel.log").read_text().splitlines()
+
+    def hbone_local() -> bool:
+        events = [json.loads(line)
+                  for line in (run_dir / "tunnel.log").read_text().splitlines()
                   if line.startswith("{")]
-        if any(e.get("event") == "connection closed" and e.get("path") == "hbone-local"
-               for e in events):
-            return
-        time.sleep(0.2)
-    pytest.fail("the tunnel logged no hbone-local connection between the two pods")
+        return any(e.get("event") == "connection closed" and e.get("path") == "hbone-local"
+                   for e in events)
+
+    wait_until("the tunnel to log an hbone-local connection between the two pods",
+               hbone_local, timeout=10, interval=0.2)
 
 
 def _teardown(node: str, pods: list[str], env: Mapping[str, str], run_dir: Path) -> None:
