@@ -69,7 +69,7 @@ async fn run(cfg: Config, workers: usize, watch_stdin: bool) {
         let sc = tls::server_config(identity, roots.clone(), &cfg.trust_domain).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
         let listener = TcpListener::bind(l.listen).await.unwrap_or_else(|e| fail(format!("inbound {}: bind {}: {e}", l.name, l.listen)));
         bound.insert(l.name.clone(), listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-        let inbound = Arc::new(server::Inbound { cfg: l.clone(), acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)) });
+        let inbound = Arc::new(server::Inbound { cfg: Arc::new(l.clone()), acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(sc)) });
         tokio::spawn(server::serve(listener, inbound));
     }
     for l in &cfg.outbound {

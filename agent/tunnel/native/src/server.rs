@@ -29,7 +29,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Inbound {
-    pub cfg: InboundListener,
+    pub cfg: Arc<InboundListener>,
     pub acceptor: TlsAcceptor,
 }
 
@@ -82,27 +82,32 @@ pub async fn serve_connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inb
     if !inbound.cfg.allowed_peers.is_empty() && !inbound.cfg.allowed_peers.contains(&peer_id.to_string()) {
         return Err(format!("peer {peer_id} is not allowed on this listener"));
     }
+    let cfg = inbound.cfg.clone();
+    serve_h2(tls, peer, local, peer_id, cfg).await
+}
+
+/// HTTP/2 over an established (TLS) transport: the part the fuzz test drives directly.
+pub async fn serve_h2<T>(io: T, peer: SocketAddr, local: SocketAddr, peer_id: SpiffeId, cfg: Arc<InboundListener>) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let wire = Tripwire::default();
-    let io = GuardedIo::new(tls, wire.clone());
+    let io = GuardedIo::new(io, wire.clone());
     let mut conn = h2_server_builder().handshake::<_, Bytes>(io).await.map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     let peer_id = Arc::new(peer_id);
     let mut calmed = false;
     loop {
         let next = std::future::poll_fn(|cx| {
-            if !calmed {
-                if let Some(_reason) = wire.tripped() {
-                    conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                    calmed = true;
-                }
+            if !calmed && wire.tripped().is_some() {
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+                calmed = true;
             }
             conn.poll_accept(cx)
         })
         .await;
         match next {
             Some(Ok((req, respond))) => {
-                let inbound = inbound.clone();
-                let peer_id = peer_id.clone();
-                tokio::spawn(handle_stream(req, respond, peer, local, peer_id, inbound));
+                tokio::spawn(handle_stream(req, respond, peer, local, peer_id.clone(), cfg.clone()));
             }
             Some(Err(e)) => {
                 return match wire.tripped() {
@@ -142,13 +147,13 @@ pub fn check_request(method: &Method, authority: Option<&str>, has_protocol: boo
     Ok(target)
 }
 
-async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer: SocketAddr, local: SocketAddr, peer_id: Arc<SpiffeId>, inbound: Arc<Inbound>) {
+async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer: SocketAddr, local: SocketAddr, peer_id: Arc<SpiffeId>, cfg: Arc<InboundListener>) {
     let started = Instant::now();
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let has_protocol = req.extensions().get::<h2::ext::Protocol>().is_some();
     let mut event = ConnectionEvent {
         direction: Direction::Inbound,
-        listener: inbound.cfg.name.clone(),
+        listener: cfg.name.clone(),
         src: peer.to_string(),
         dst: authority.clone().unwrap_or_default(),
         peer_identity: Some(peer_id.to_string()),
@@ -166,7 +171,7 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
         event.duration_us = started.elapsed().as_micros() as u64;
         emit(Event::Connection(event));
     };
-    let target = match check_request(req.method(), authority.as_deref(), has_protocol, local, &inbound.cfg.destinations) {
+    let target = match check_request(req.method(), authority.as_deref(), has_protocol, local, &cfg.destinations) {
         Ok(t) => t,
         Err((status, reason)) => {
             event.status = status.as_u16();
@@ -222,11 +227,11 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
     finish(event)
 }
 
-/// An error status with END_STREAM; the client's upload, if any, stops with
-/// RST_STREAM NO_ERROR (RFC 9113 8.1), as the Python server does.
+/// An error status with END_STREAM. If the client is still sending, h2 follows it with
+/// RST_STREAM NO_ERROR once the response is out (RFC 9113 8.1: `maybe_cancel` when the
+/// request body is dropped), as the Python server does. An explicit reset here would
+/// discard the queued response.
 fn answer_error(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let response = Response::builder().status(status).body(()).expect("static response");
-    if respond.send_response(response, true).is_ok() {
-        respond.send_reset(Reason::NO_ERROR);
-    }
+    let _ = respond.send_response(response, true);
 }
