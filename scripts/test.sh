@@ -8,5 +8,7 @@ bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 echo "[test] ruff check"
 .venv/bin/ruff check .
+echo "[test] cargo test (native datapath: unit tests and the bounded fuzz targets)"
+(cd agent/tunnel/native && CARGO_TARGET_DIR="$PWD/target" "${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}" test --release --locked -q)
 echo "[test] pytest"
 exec .venv/bin/pytest "$@"
