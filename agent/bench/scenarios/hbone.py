@@ -74,19 +74,19 @@ def start_relays(bench: BenchLab, ctx: Context) -> Target:
     dst = bench.pod("n2-a").ipv4
     node2 = bench._plan().node("node2").underlay_ipv4
     b_routes, a_routes = [], []
-    for port in (IPERF_PORT, RR_PORT):
+    for port in (IPERF_PORT, RR_PORT, SOCKPERF_PORT):
         b_routes += ["--route", f"{port + RELAY_B_OFFSET}={dst}:{port}"]
         a_routes += ["--route", f"{port + RELAY_A_OFFSET}={node2}:{port + RELAY_B_OFFSET}"]
     bench.spawn(bench.node_ns("node2"), [PY, "-m", "agent.bench.tlsrelay", "server",
                                          "--certs", str(certs), *b_routes], "tlsrelay-b")
     bench.spawn(bench.node_ns("node1"), [PY, "-m", "agent.bench.tlsrelay", "client",
                                          "--certs", str(certs), *a_routes], "tlsrelay-a")
-    for port in (IPERF_PORT, RR_PORT):
+    for port in (IPERF_PORT, RR_PORT, SOCKPERF_PORT):
         bench.wait_listening(bench.node_ns("node2"), port + RELAY_B_OFFSET)
         bench.wait_listening(bench.node_ns("node1"), port + RELAY_A_OFFSET)
     return Target(bench.pod("n1-a").netns, bench.pod("n1-a").gateway_ipv4,
                   bench.pod("n2-a").netns, IPERF_PORT + RELAY_A_OFFSET,
-                  RR_PORT + RELAY_A_OFFSET)
+                  RR_PORT + RELAY_A_OFFSET, SOCKPERF_PORT + RELAY_A_OFFSET)
 
 
 def _pair_target(bench: BenchLab, offset: int) -> Target:
