@@ -781,3 +781,46 @@ def test_streams_over_the_limit_refused(store: IdentityStore, tmp_path: Path) ->
         assert refused == [201]
 
     run(main())
+
+
+def test_continuation_flood_goaway(store: IdentityStore, tmp_path: Path) -> None:
+    """A header block that never ends (HEADERS then endless CONTINUATION) is cut off with
+    GOAWAY ENHANCE_YOUR_CALM long before it could grow large (issue 11 #6); the native
+    process stays small and a new client is served."""
+
+    async def main() -> None:
+        async with target() as dest, native_server(store, tmp_path, dest) as dp:
+            raw = await RawClient.connect(dp.address("hbone"), store.client_context(CLIENT))
+            try:
+                # Settle the handshake first: nothing of ours may come between the
+                # HEADERS and its CONTINUATIONs (that alone is a PROTOCOL_ERROR).
+                await raw.read_until(lambda ev: any(
+                    isinstance(e, h2.events.RemoteSettingsChanged) for e in ev))
+                block = raw.encoder.encode([(":method", "CONNECT"),
+                                            (":authority", dest.address)])
+                flood = raw.raw_frame(0x1, 0, 1, block)  # no END_HEADERS
+                for _ in range(2000):  # valid HPACK, one small header per frame
+                    flood += raw.raw_frame(0x9, 0, 1, raw.encoder.encode([("x-pad", "a" * 64)]))
+                with contextlib.suppress(ConnectionError):
+                    await raw.send_raw(flood)
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                    await raw.read_until(lambda ev: goaway(ev) is not None, timeout=5)
+            finally:
+                raw.close()
+            terminated = goaway(raw.events)
+            assert terminated is not None
+            assert terminated.error_code == ENHANCE_YOUR_CALM
+            status = Path(f"/proc/{dp.pid}/status").read_text()
+            rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            assert rss_kb < 64 * 1024
+            assert dest.accepted == 0
+            client = await HboneClient.connect(dp.address("hbone"),
+                                               store.client_context(CLIENT))
+            try:
+                stream = await client.open_stream(dest.address, timeout=5)
+                await stream.close_write()
+                assert await read_all(stream) == b""
+            finally:
+                await client.close()
+
+    run(main())
