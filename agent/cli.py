@@ -169,8 +169,12 @@ def ca() -> None:
 @click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
 @click.pass_context
 def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) -> None:
-    """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent."""
-    from agent.tunnel.identity import IdentityError, init_ca
+    """Create the mesh CA (ECDSA P-256) in a root-only directory; idempotent.
+
+    A directory that already holds a CA (this one or imported Istio material) is
+    loaded and checked against the trust domain instead.
+    """
+    from agent.identity.ca import IdentityError, init_ca
 
     cfg: config_mod.Config = ctx.obj["config"]
     directory = ca_dir or cfg.tunnel.ca_dir
@@ -182,19 +186,42 @@ def ca_init(ctx: click.Context, ca_dir: str | None, trust_domain: str | None) ->
     click.echo(f"mesh CA for trust domain {domain!r} ready in {directory}")
 
 
+@ca.command("import")
+@click.option("--from", "source", required=True,
+              type=click.Path(file_okay=False, exists=True),
+              help="Directory with Istio's cacerts files: ca-cert.pem, ca-key.pem, "
+                   "cert-chain.pem, root-cert.pem.")
+@click.option("--dir", "ca_dir", default=None, help="CA directory (default: tunnel.ca_dir).")
+@click.option("--trust-domain", default=None, help="Default: tunnel.trust_domain.")
+@click.pass_context
+def ca_import(ctx: click.Context, source: str, ca_dir: str | None,
+              trust_domain: str | None) -> None:
+    """Use Istio plug-in CA material (RSA or EC, with intermediates) as the mesh CA.
+
+    Checks the files as istiod does (the signing CA chains to a root, the key matches)
+    and copies them into the CA directory; nothing is written if a check fails.
+    The tunnel then signs with ca-cert.pem, sends leaf + chain, trusts root-cert.pem.
+    """
+    from agent.identity.ca import IdentityError, import_istio_ca
+
+    cfg: config_mod.Config = ctx.obj["config"]
+    directory = ca_dir or cfg.tunnel.ca_dir
+    domain = trust_domain or cfg.tunnel.trust_domain
+    if domain != cfg.tunnel.trust_domain:
+        click.echo(f"note: tunnel.trust_domain is {cfg.tunnel.trust_domain!r}; the tunnel "
+                   f"loads this CA only with trust_domain = {domain!r}", err=True)
+    try:
+        ca = import_istio_ca(source, directory, trust_domain=domain)
+    except (IdentityError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Istio CA {ca.cert.subject.rfc4514_string()} for trust domain {domain!r} "
+               f"({len(ca.chain)} intermediate(s) above it, {len(ca.roots)} root(s)) "
+               f"installed in {directory}")
+
+
 @main.group()
 def policy() -> None:
     """L4 authorization policies (Istio AuthorizationPolicy, as ztunnel enforces them)."""
-
-
-def _is_ip(value: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _find_pod(pods: list[dict[str, Any]], ref: str) -> dict[str, Any] | None:
@@ -216,6 +243,8 @@ def _find_pod(pods: list[dict[str, Any]], ref: str) -> dict[str, Any] | None:
 def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: str | None,
                  as_json: bool) -> None:
     """Explain whether a connection would be allowed, and which policy decides."""
+    from agent.addr import is_ip
+    from agent.identity.spiffe import SCHEME, SpiffeId
     from agent.policy import ConnectionRequest, WorkloadRef
     from agent.policy.commands import EXIT_ALLOWED, EXIT_DENIED, _load, parse_source
     from agent.policy.explain import render
@@ -229,15 +258,15 @@ def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: 
     if dst is None:
         raise click.BadParameter(f"no enrolled pod {target!r} on this node "
                                  "('meshagent pod list' shows them)", param_hint="--to")
-    if source.startswith("spiffe://") or _is_ip(source):
+    if source.startswith(SCHEME) or is_ip(source):
         src_ip, identity = parse_source((source,))
     else:
         src = _find_pod(pods, source)
         if src is None:
             raise click.BadParameter(f"no enrolled pod {source!r} on this node; give a "
                                      "SPIFFE ID or an IP instead", param_hint="--from")
-        identity = (f"spiffe://{cfg.tunnel.trust_domain}/ns/{src['namespace']}"
-                    f"/sa/{src['service_account']}")
+        identity = SpiffeId(cfg.tunnel.trust_domain, src["namespace"],
+                            src["service_account"]).uri
         src_ip, _ = parse_source((src["addresses"][0],))
     request = ConnectionRequest(
         src_ip=src_ip, src_identity=identity, dst_ip=dst["addresses"][0], dst_port=int(port_text),

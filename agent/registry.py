@@ -7,10 +7,12 @@ compared with the kernel by the reconciler.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.addr import normalize_ip
+from agent.identity.spiffe import SpiffeId
 
 
 class RegistryError(ValueError):
@@ -59,7 +61,7 @@ class Pod:
             "service_account": self.service_account,
             "addresses": list(self.addresses),
             "labels": dict(self.labels),
-            "identity": f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}",
+            "identity": SpiffeId(trust_domain, self.namespace, self.service_account).uri,
         }
 
 
@@ -109,7 +111,7 @@ class Registry:
             raise RegistryError(
                 f"veth {pod.host_ifname} (ifindex {pod.host_ifindex}) already belongs to "
                 f"enrolled pod {other.key}")
-        for address in map(_norm, pod.addresses):
+        for address in map(normalize_ip, pod.addresses):
             other = self._by_address.get(address)
             if other is not None:
                 raise RegistryError(
@@ -123,7 +125,7 @@ class Registry:
         self._by_netns[pod.netns] = pod
         self._by_ifindex[pod.host_ifindex] = pod
         for address in pod.addresses:
-            self._by_address[_norm(address)] = pod
+            self._by_address[normalize_ip(address)] = pod
 
     def remove(self, key: str) -> Pod | None:
         pod = self._pods.pop(key, None)
@@ -133,7 +135,7 @@ class Registry:
             self._by_netns.pop(pod.netns, None)
             self._by_ifindex.pop(pod.host_ifindex, None)
             for address in pod.addresses:
-                self._by_address.pop(_norm(address), None)
+                self._by_address.pop(normalize_ip(address), None)
         return pod
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -153,7 +155,3 @@ class Registry:
     @classmethod
     def from_json(cls, data: list[Mapping[str, Any]]) -> Registry:
         return cls([Pod.from_json(d) for d in data])
-
-
-def _norm(address: str) -> str:
-    return str(ipaddress.ip_address(address))

@@ -21,6 +21,8 @@ APT_PACKAGES=(
   nodejs shellcheck ca-certificates procps psmisc kmod systemd
   # Native anchors for the HBONE benchmark (issue 14): a C TLS relay and a latency tool.
   stunnel4 sockperf
+  # nghttpx: an independent HTTP/2 CONNECT proxy, the remote peer in tests/interop.
+  nghttp2-proxy
   # The Vagrant lab's Vagrantfile is validated in the test suite (no VM boots).
   vagrant vagrant-libvirt
 )
@@ -136,3 +138,25 @@ ln -sfn "$BCC_SRC" "$LINKDIR/bcc"
 echo "$LINKDIR" > "$SITE/meshagent-debian-bcc.pth"
 "$VENV/bin/python" -c 'import bcc' || die "bcc is not importable from $VENV"
 log "ready: $VENV (bcc from $BCC_SRC)"
+
+# --- h2spec (HTTP/2 conformance suite for tests/interop/test_h2spec.py) ------
+# A Go module, built from the Go module proxy into a project-local bin. The module
+# proxy serves no h2spec tag newer than this one (later tags lack a go.mod).
+H2SPEC_VERSION="v2.2.1+incompatible"
+TOOLS="$ROOT/.tools"
+if [ "$(cat "$TOOLS/bin/h2spec.version" 2>/dev/null)" = "$H2SPEC_VERSION" ] && [ -x "$TOOLS/bin/h2spec" ]; then
+  log "h2spec $H2SPEC_VERSION present"
+else
+  GO="$(command -v go || true)"
+  [ -n "$GO" ] || [ ! -x /usr/local/go/bin/go ] || GO=/usr/local/go/bin/go
+  if [ -z "$GO" ]; then
+    log "installing golang-go (to build h2spec)"
+    apt-get install -y -q --no-install-recommends golang-go
+    GO="$(command -v go)"
+  fi
+  log "building h2spec $H2SPEC_VERSION into $TOOLS/bin"
+  mkdir -p "$TOOLS/bin" "$TOOLS/go"
+  GOPATH="$TOOLS/go" GOBIN="$TOOLS/bin" GOFLAGS=-modcacherw \
+    "$GO" install "github.com/summerwind/h2spec/cmd/h2spec@$H2SPEC_VERSION"
+  echo "$H2SPEC_VERSION" > "$TOOLS/bin/h2spec.version"
+fi

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.tunnel.identity import IdentityStore, SpiffeId, init_ca
+from agent.identity.ca import init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 from agent.tunnel.native.protocol import (
     DatapathConfig,
     InboundListener,
@@ -77,10 +79,10 @@ def write_spiffe_certs(out: Path) -> dict[str, dict[str, str]]:
         cert = store.get(spiffe_id)
         d = out / role
         d.mkdir(parents=True, exist_ok=True)
-        (d / "cert.pem").write_bytes(cert.cert_pem)
+        (d / "cert.pem").write_bytes(cert.full_chain_pem)
         (d / "key.pem").touch(mode=0o600)
         (d / "key.pem").write_bytes(cert.key_pem)
-        (d / "ca.pem").write_bytes(cert.ca_cert_pem)
+        (d / "ca.pem").write_bytes(cert.trust_anchors_pem)
         files[role] = {k: str(d / f"{k}.pem") for k in ("cert", "key", "ca")}
     return files
 

@@ -24,10 +24,10 @@ from agent.hbone.session import (
     HboneSession,
     check_alpn,
     peer_identity_of,
-    verify_peer_identity,
 )
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import SpiffeId
+from agent.identity.spiffe import SpiffeId
+from agent.identity.verify import PeerRole
 
 SocketFactory = Callable[[int], socket.socket]
 """Makes the (unconnected) TCP socket for an outbound connection, given the address
@@ -94,10 +94,8 @@ class HboneClient(HboneSession):
             raise
         try:
             check_alpn(writer)
-            identity = peer_identity_of(writer)
-            if trust_domain is not None or expected_peer is not None:
-                verify_peer_identity(identity, trust_domain=trust_domain,
-                                     expected=expected_peer)
+            identity = peer_identity_of(writer, PeerRole.SERVER, trust_domain=trust_domain,
+                                        expected=expected_peer)
         except BaseException:
             writer.close()
             raise

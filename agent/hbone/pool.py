@@ -23,7 +23,7 @@ from agent.hbone.config import HboneSettings
 from agent.hbone.errors import REFUSED_STREAM
 from agent.hbone.exceptions import HboneConnectionLost, HboneStreamReset
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import SpiffeId
+from agent.identity.spiffe import SpiffeId
 
 log = structlog.get_logger(__name__)
 

@@ -29,7 +29,8 @@ from agent.hbone.headers import (
 )
 from agent.hbone.session import HboneSession, check_alpn, peer_identity_of
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import SpiffeId
+from agent.identity.spiffe import SpiffeId
+from agent.identity.verify import PeerRole
 
 log = structlog.get_logger(__name__)
 
@@ -198,6 +199,7 @@ class HboneServerSession(HboneSession):
 
 async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                       on_stream: StreamHandler,
+                      trust_domain: str | None = None,
                       settings: HboneSettings | None = None,
                       keepalive_interval: float | None = None,
                       keepalive_timeout: float = 10.0,
@@ -205,14 +207,16 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     """Serve one accepted HBONE connection until it closes.
 
     Use as (part of) an ``asyncio.start_server`` callback on a TLS listener whose context
-    requires client certificates (:meth:`IdentityStore.server_context`). Each valid
-    CONNECT runs ``on_stream(request)`` in its own task. When the connection ends,
+    requires client certificates (:meth:`IdentityStore.server_context`); the client's
+    certificate must be a mesh identity in ``trust_domain`` (None: any, tests only), or
+    the connection is closed before HTTP/2 starts. Each valid CONNECT runs
+    ``on_stream(request)`` in its own task. When the connection ends,
     handlers get ``handler_grace`` seconds to finish, then are cancelled.
     Side effects: reads/writes ``writer``'s transport and closes it at the end.
     """
     try:
         check_alpn(writer)
-        identity = peer_identity_of(writer)
+        identity = peer_identity_of(writer, PeerRole.CLIENT, trust_domain=trust_domain)
     except HboneStreamError as exc:
         log.warning("hbone connection refused", error=str(exc))
         writer.close()

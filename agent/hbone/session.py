@@ -34,37 +34,40 @@ from agent.hbone.exceptions import (
     HboneStreamReset,
 )
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import IdentityError, SpiffeId, peer_spiffe_id
+from agent.identity.spiffe import SpiffeId
+from agent.identity.verify import PeerRole, PeerVerificationError, verify_tls_peer
 
 log = structlog.get_logger(__name__)
 
 READ_CHUNK = 256 * 1024
 # How long close() waits for TLS close_notify to go out before giving up on the peer.
 CLOSE_TIMEOUT = 1.0
+# After we end a connection with an error GOAWAY, keep reading (and discarding) for up
+# to this long / this much before closing: closing a socket with unread input sends a
+# TCP RST, and the peer's kernel then drops our GOAWAY unread. Go's x/net/http2 server
+# likewise waits goAwayTimeout = 1s after its GOAWAY (server.go).
+GOAWAY_LINGER_SECONDS = 1.0
+GOAWAY_LINGER_BYTES = 4 * 1024 * 1024
+# Our output counts as drained (the peer is reading) while the transport buffers less
+# than asyncio's default high-water mark; a peer that stops reading keeps it above.
+OUTPUT_DRAINED_BELOW = 64 * 1024
 
 
-def verify_peer_identity(peer: SpiffeId | None, *, trust_domain: str | None = None,
-                         expected: SpiffeId | None = None) -> SpiffeId:
-    """Check the peer's SPIFFE ID against the trust domain and an expected identity. Pure."""
-    if peer is None:
-        raise HbonePeerIdentityError("peer presented no SPIFFE identity")
-    if trust_domain is not None and peer.trust_domain != trust_domain:
-        raise HbonePeerIdentityError(
-            f"peer {peer} is outside trust domain {trust_domain!r}")
-    if expected is not None and peer != expected:
-        raise HbonePeerIdentityError(f"peer is {peer}, expected {expected}")
-    return peer
+def peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
+                     trust_domain: str | None,
+                     expected: SpiffeId | None = None) -> SpiffeId | None:
+    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only).
 
-
-def peer_identity_of(writer: asyncio.StreamWriter) -> SpiffeId | None:
-    """The verified peer SPIFFE ID of a TLS connection; None for plaintext (tests only)."""
+    Checks in :func:`agent.identity.verify.verify_tls_peer` (leaf profile, one SPIFFE
+    URI SAN, trust domain, expected identity); raises HbonePeerIdentityError.
+    """
     ssl_object = writer.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
     try:
-        return peer_spiffe_id(der)
-    except IdentityError as exc:
+        return verify_tls_peer(ssl_object, role=role, trust_domain=trust_domain,
+                               expected=expected)
+    except PeerVerificationError as exc:
         raise HbonePeerIdentityError(str(exc)) from exc
 
 
@@ -167,8 +170,9 @@ class HboneSession:
         self._streams.pop(stream_id, None)
         if not self._streams:
             self.idle_since = self._loop.time()
-            if not self.core.is_usable and not self.is_closed:
+            if not self.core.is_usable and not self.is_closed and self.core.terminated is None:
                 # Peer is going away (or we are draining) and the last stream is done.
+                # (A terminated core is closed by the read loop, after its linger.)
                 self._closing_task = asyncio.ensure_future(self.close())
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -199,8 +203,12 @@ class HboneSession:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.wait_for(self._writer.wait_closed(), CLOSE_TIMEOUT)
+        except Exception:
+            # A peer that does not read keeps our output (and the socket) forever:
+            # after CLOSE_TIMEOUT, drop both.
+            self._writer.transport.abort()
 
     def _connection_lost(self, reason: str) -> None:
         if self.is_closed:
@@ -230,11 +238,13 @@ class HboneSession:
                     break
                 self._dispatch_all(self.core.receive_data(data))
                 self.flush()
-                if self._writer.transport.get_write_buffer_size() == 0:
-                    # The peer reads what we send: the ACKs owed so far have left.
+                if self._writer.transport.get_write_buffer_size() < OUTPUT_DRAINED_BELOW:
+                    # The peer reads what we send: the replies owed so far have left.
                     self.core.output_drained()
                 if self.core.terminated is not None:
                     reason = self.core.terminated.reason
+                    if self.core.terminated.local:
+                        await self._linger()
                     break
                 if not self.core.is_usable and not self._streams:
                     reason = "peer sent GOAWAY and all streams finished"
@@ -246,6 +256,21 @@ class HboneSession:
             raise
         finally:
             self._connection_lost(reason)
+
+    async def _linger(self) -> None:
+        """Discard input for a bounded time/amount so our GOAWAY reaches the peer."""
+        deadline = self._loop.time() + GOAWAY_LINGER_SECONDS
+        discarded = 0
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError,
+                                 ssl.SSLError):
+            while discarded < GOAWAY_LINGER_BYTES:
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    return
+                data = await asyncio.wait_for(self._reader.read(READ_CHUNK), remaining)
+                if not data:
+                    return
+                discarded += len(data)
 
     # ---- events -------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from agent.hbone.errors import CANCEL
 from agent.hbone.exceptions import HboneStreamError, HboneStreamReset
-from agent.tunnel.identity import SpiffeId
+from agent.identity.spiffe import SpiffeId
 
 READ_CHUNK = 256 * 1024
 

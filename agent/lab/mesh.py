@@ -92,7 +92,7 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
     if mode == "hbone":
-        from agent.tunnel.identity import init_ca
+        from agent.identity.ca import init_ca
 
         init_ca(str(Path(plan.run_dir) / "ca"))
     exe = [sys.executable, "-m", "agent"]

@@ -13,18 +13,18 @@ group with ``main.add_command(policy)``; pod-name resolution is layered on top.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sys
 
 import click
 
+from agent.addr import parse_ip
+from agent.identity.spiffe import SCHEME
 from agent.policy.engine import PolicySet
 from agent.policy.explain import render
 from agent.policy.loader import PolicyLoadError, load_policy_dir
 from agent.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
-    SPIFFE_SCHEME,
     ConnectionRequest,
     IPAddress,
     SourceIdentity,
@@ -41,7 +41,7 @@ def parse_source(values: tuple[str, ...]) -> tuple[IPAddress | None, str | None]
     address: IPAddress | None = None
     identity: str | None = None
     for value in values:
-        if value.startswith(SPIFFE_SCHEME):
+        if value.startswith(SCHEME):
             if identity is not None:
                 raise click.BadParameter("give at most one SPIFFE ID", param_hint="--from")
             try:
@@ -53,7 +53,7 @@ def parse_source(values: tuple[str, ...]) -> tuple[IPAddress | None, str | None]
             if address is not None:
                 raise click.BadParameter("give at most one IP", param_hint="--from")
             try:
-                address = ipaddress.ip_address(value)
+                address = parse_ip(value)
             except ValueError:
                 raise click.BadParameter(f"{value!r} is neither a SPIFFE ID nor an IP",
                                          param_hint="--from") from None
@@ -70,7 +70,7 @@ def parse_destination(value: str) -> tuple[IPAddress, int]:
     if not 0 < port <= 65535:
         raise click.BadParameter(f"port {port} out of range", param_hint="--to")
     try:
-        return ipaddress.ip_address(host), port
+        return parse_ip(host), port
     except ValueError:
         raise click.BadParameter(f"{host!r} is not an IP", param_hint="--to") from None
 

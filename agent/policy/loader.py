@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 
+from agent.identity.spiffe import SCHEME
 from agent.policy.engine import PolicySet
 from agent.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     DRY_RUN_ANNOTATION,
     L4_CONDITION_KEYS,
-    SPIFFE_SCHEME,
     AuthorizationPolicy,
     Condition,
     IPNetwork,
@@ -139,7 +139,7 @@ def _string_match(value: Any, path: str, field: str) -> StringMatch:
         raise _Invalid(path, "must not be empty")
     if pattern != "*" and ("*" in pattern[1:-1] or pattern.count("*") > 1):
         raise _Invalid(path, f"{pattern!r}: '*' is only allowed once, at the start or the end")
-    if field in ("principals", "source.principal") and pattern.startswith(SPIFFE_SCHEME):
+    if field in ("principals", "source.principal") and pattern.startswith(SCHEME):
         raise _Invalid(path, f"{pattern!r}: write principals without 'spiffe://' "
                              "(e.g. cluster.local/ns/default/sa/sleep)")
     return StringMatch.parse(pattern)

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Union
 
+from agent.addr import parse_ip
+from agent.identity.spiffe import parse_spiffe_uri
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]  # noqa: UP007 (py3.10 alias)
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]  # noqa: UP007
 
-SPIFFE_SCHEME = "spiffe://"
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
 
@@ -215,15 +217,6 @@ class WorkloadRef:
         return hash((self.name, self.namespace, tuple(sorted(self.labels.items()))))
 
 
-def normalize_ip(value: str | IPAddress) -> IPAddress:
-    """Parse an address; IPv4-mapped IPv6 (``::ffff:10.0.0.1``) becomes plain IPv4,
-    so dual-stack sockets compare equal to IPv4 ``ipBlocks``."""
-    address = ipaddress.ip_address(value) if isinstance(value, str) else value
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 @dataclass(frozen=True)
 class SourceIdentity:
     """Parts of a SPIFFE ID the rules compare against.
@@ -240,13 +233,15 @@ class SourceIdentity:
 
     @classmethod
     def parse(cls, uri: str) -> SourceIdentity:
-        if not uri.startswith(SPIFFE_SCHEME) or len(uri) == len(SPIFFE_SCHEME):
-            raise ValueError(f"source identity must be a SPIFFE ID (spiffe://...), got {uri!r}")
-        principal = uri[len(SPIFFE_SCHEME):]
-        parts = principal.split("/")
-        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa" and parts[2] and parts[4]:
-            return cls(uri, principal, parts[2], parts[4])
-        return cls(uri, principal, "", "")
+        try:
+            parsed = parse_spiffe_uri(uri)
+        except ValueError as exc:
+            raise ValueError(f"source identity must be a SPIFFE ID (spiffe://...): {exc}") \
+                from None
+        workload = parsed.workload()
+        if workload is not None:
+            return cls(uri, parsed.principal, workload.namespace, workload.service_account)
+        return cls(uri, parsed.principal, "", "")
 
 
 @dataclass(frozen=True)
@@ -267,8 +262,8 @@ class ConnectionRequest:
 
     def __post_init__(self) -> None:
         if self.src_ip is not None:
-            object.__setattr__(self, "src_ip", normalize_ip(self.src_ip))
-        object.__setattr__(self, "dst_ip", normalize_ip(self.dst_ip))
+            object.__setattr__(self, "src_ip", parse_ip(self.src_ip))
+        object.__setattr__(self, "dst_ip", parse_ip(self.dst_ip))
         if not isinstance(self.dst_port, int) or not 0 <= self.dst_port <= 65535:
             raise ValueError(f"dst_port must be an int in 0..65535, got {self.dst_port!r}")
         if self.src_identity is not None:

@@ -24,7 +24,6 @@ a callable at scrape time (``meshagent_datapath_*``).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,6 +34,9 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_se
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from agent.addr import is_ip
+from agent.identity.spiffe import SCHEME
 
 UNKNOWN = "unknown"
 REPORTER_SOURCE = "source"
@@ -116,18 +118,15 @@ def bounded_label_value(value: str | None) -> str:
     if not value or len(value) > _MAX_LABEL_LENGTH:
         return UNKNOWN
     candidate = value.strip("[]")
-    try:
-        ipaddress.ip_address(candidate)
+    if is_ip(candidate):
         return UNKNOWN
-    except ValueError:
-        pass
     if _HOST_PORT.match(value):
         return UNKNOWN
     return value
 
 
 def _principal_value(principal: str | None) -> str:
-    if not principal or not principal.startswith("spiffe://"):
+    if not principal or not principal.startswith(SCHEME):
         return UNKNOWN
     return bounded_label_value(principal)
 

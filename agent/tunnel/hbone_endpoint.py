@@ -26,13 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.addr import normalize_ip
 from agent.hbone import headers as hbone
 from agent.hbone.exceptions import HboneRejected, HboneStreamError
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
+from agent.identity.ca import load_ca
+from agent.identity.spiffe import parse_spiffe_id
+from agent.identity.store import IdentityStore
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
-from agent.tunnel.identity import IdentityStore, load_ca, parse_spiffe_id
 from agent.tunnel.outbound import dial
 from agent.tunnel.relay import RelayResult, pipe_stream_and_socket, relay
 from agent.tunnel.workloads import Workload
@@ -67,7 +70,8 @@ class HboneEndpoint:
         t = tunnel.cfg.tunnel
         self.tunnel = tunnel
         self.trust_domain = t.trust_domain
-        self.store = IdentityStore(load_ca(t.ca_dir), ttl_seconds=t.cert_ttl_seconds)
+        self.store = IdentityStore(load_ca(t.ca_dir, t.trust_domain),
+                                   ttl_seconds=t.cert_ttl_seconds)
         mark = t.socket_mark
         self.pool = HbonePool(self.store.client_context, trust_domain=t.trust_domain,
                               connect_timeout=t.connect_timeout_seconds,
@@ -188,7 +192,7 @@ class HboneEndpoint:
         async def on_stream(request: HboneServerRequest) -> None:
             await self._serve_stream(request, dst, dst_ip, peer)
 
-        await serve_hbone(reader, writer, on_stream=on_stream)
+        await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=self.trust_domain)
 
     async def _serve_stream(self, request: HboneServerRequest, dst: Workload, dst_ip: str,
                             peer: tuple[str, int]) -> None:
@@ -203,14 +207,14 @@ class HboneEndpoint:
                                if request.peer_identity else None,
                                dst_identity=dst.identity)
         try:
-            if sockets.normalize_ip(target_ip) != sockets.normalize_ip(dst_ip):
+            if normalize_ip(target_ip) != normalize_ip(dst_ip):
                 rec.result = "refused"
                 rec.reason = f":authority {request.authority} is not this connection's " \
                              f"destination {dst_ip}"
                 request.reject(400)
                 return
             try:
-                sockets.normalize_ip(client_ip)
+                normalize_ip(client_ip)
             except ValueError:
                 client_ip = peer[0]
             rec.src_ip = client_ip

@@ -12,6 +12,7 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING
 
+from agent.addr import family_of
 from agent.tunnel import sockets
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.relay import relay
@@ -24,7 +25,7 @@ async def dial(tunnel: Tunnel, dst_ip: str, dst_port: int,
                source_ip: str | None) -> socket.socket:
     """Connect to dst with the tunnel's mark, from ``source_ip`` if given."""
     loop = asyncio.get_running_loop()
-    up = sockets.upstream(sockets.family_of(dst_ip), mark=tunnel.cfg.tunnel.socket_mark,
+    up = sockets.upstream(family_of(dst_ip), mark=tunnel.cfg.tunnel.socket_mark,
                           source_ip=source_ip)
     try:
         await asyncio.wait_for(loop.sock_connect(up, (dst_ip, dst_port)),

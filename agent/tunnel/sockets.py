@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
 
 IP_TRANSPARENT = 19
@@ -68,17 +67,8 @@ def upstream(family: int, *, mark: int, source_ip: str | None = None) -> socket.
         raise
 
 
-def family_of(ip: str) -> int:
-    return socket.AF_INET6 if ":" in ip else socket.AF_INET
-
-
 def abort(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0), to propagate a reset."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
-
-
-def normalize_ip(ip: str) -> str:
-    """Canonical text form of an IP; raises ValueError for anything else."""
-    return str(ipaddress.ip_address(ip))

@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.addr import normalize_ip, parse_ip
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -26,11 +28,11 @@ class WorkloadIndex:
         self.workloads = list(workloads)
         for w in self.workloads:
             for a in w.addresses:
-                self._by_addr[str(ipaddress.ip_address(a))] = w
+                self._by_addr[normalize_ip(a)] = w
 
     def by_address(self, address: str) -> Workload | None:
         try:
-            return self._by_addr.get(str(ipaddress.ip_address(address)))
+            return self._by_addr.get(normalize_ip(address))
         except ValueError:
             return None
 
@@ -47,5 +49,5 @@ class WorkloadIndex:
 
 
 def in_cidrs(address: str, cidrs: Iterable[str]) -> bool:
-    ip = ipaddress.ip_address(address)
+    ip = parse_ip(address)
     return any(ip in ipaddress.ip_network(c, strict=False) for c in cidrs)

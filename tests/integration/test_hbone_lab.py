@@ -46,9 +46,10 @@ from lab_procs import until as _until
 from pyroute2 import netns
 
 from agent.api import client
+from agent.identity.ca import WorkloadCert, init_ca, load_ca
+from agent.identity.spiffe import SpiffeId
 from agent.lab import mesh, netlab
 from agent.lab.topology import LabPlan, build_plan, run_dir
-from agent.tunnel.identity import SpiffeId, WorkloadCert, init_ca, load_ca
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 

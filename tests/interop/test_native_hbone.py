@@ -31,7 +31,9 @@ import pytest
 from agent.hbone.client import HboneClient
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import IdentityStore, SpiffeId, WorkloadCert, init_ca
+from agent.identity.ca import WorkloadCert, init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 from agent.tunnel.native.driver import NativeDatapath
 from agent.tunnel.native.protocol import (
     DatapathConfig,
@@ -60,10 +62,10 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"cert": directory / "cert.pem", "key": directory / "key.pem",
              "ca": directory / "ca.pem"}
-    paths["cert"].write_bytes(cert.cert_pem)
+    paths["cert"].write_bytes(cert.full_chain_pem)
     paths["key"].touch(mode=0o600)
     paths["key"].write_bytes(cert.key_pem)
-    paths["ca"].write_bytes(cert.ca_cert_pem)
+    paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
 
 

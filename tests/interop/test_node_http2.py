@@ -27,7 +27,9 @@ from agent.hbone.exceptions import HboneRejected, HboneStreamError
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
-from agent.tunnel.identity import IdentityStore, SpiffeId, WorkloadCert, init_ca
+from agent.identity.ca import WorkloadCert, init_ca
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import IdentityStore
 
 NODE_DIR = Path(__file__).parent / "node"
 TRUST_DOMAIN = "cluster.local"
@@ -61,7 +63,7 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     paths["cert"].write_bytes(cert.cert_pem)
     paths["key"].touch(mode=0o600)
     paths["key"].write_bytes(cert.key_pem)
-    paths["ca"].write_bytes(cert.ca_cert_pem)
+    paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
 
 

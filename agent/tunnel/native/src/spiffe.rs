@@ -1,5 +1,5 @@
 //! SPIFFE IDs in Istio's form, read from a certificate's URI SAN (the same rules as
-//! `agent/tunnel/identity.py` `parse_spiffe_id` / `peer_spiffe_id`: exactly one
+//! `agent/identity/spiffe.py`: exactly one
 //! `spiffe://` URI SAN, `spiffe://<td>/ns/<ns>/sa/<sa>`).
 
 use std::fmt;
