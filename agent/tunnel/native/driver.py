@@ -87,6 +87,11 @@ class NativeDatapath:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def alive(self) -> bool:
+        """The process is running (it exits when its stdin closes or it fails)."""
+        return self._proc is not None and self._proc.returncode is None
+
     def address(self, listener: str) -> tuple[str, int]:
         """(host, port) a listener is bound to (after start)."""
         if self.ready is None:

@@ -33,6 +33,18 @@ const ACK: u8 = 0x1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation(pub String);
 
+/// GOAWAY code for a violation: FRAME_SIZE_ERROR for an oversized frame (RFC 9113
+/// 4.2), ENHANCE_YOUR_CALM for a flood.
+pub fn violation_code(v: &str) -> h2::Reason {
+    if v.starts_with(OVERSIZED) {
+        h2::Reason::FRAME_SIZE_ERROR
+    } else {
+        h2::Reason::ENHANCE_YOUR_CALM
+    }
+}
+
+const OVERSIZED: &str = "frame of";
+
 /// Tracks frame boundaries in the received byte stream.
 pub struct FrameGuard {
     preface_left: usize,
@@ -72,6 +84,12 @@ impl FrameGuard {
                 let length = u64::from(h[0]) << 16 | u64::from(h[1]) << 8 | u64::from(h[2]);
                 self.body_left = length;
                 self.frames_seen += 1;
+                // RFC 9113 4.2: a frame over the MAX_FRAME_SIZE we advertise is a
+                // connection error, told before its body is buffered (h2 applies our
+                // SETTINGS only once the peer ACKs them, and checks length after).
+                if length > u64::from(crate::settings::MAX_FRAME_SIZE) {
+                    return Some(Violation(format!("{OVERSIZED} {length} bytes exceeds our MAX_FRAME_SIZE {}", crate::settings::MAX_FRAME_SIZE)));
+                }
                 if let Some(v) = self.frame(h[3], h[4], now) {
                     return Some(v);
                 }
@@ -219,5 +237,20 @@ mod tests {
         }
         assert_eq!(whole.frames_seen, 50);
         assert_eq!(bytes.frames_seen, 50);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn oversized_frame_is_a_frame_size_error() {
+        let len = crate::settings::MAX_FRAME_SIZE as usize + 1;
+        let header = [(len >> 16) as u8, (len >> 8) as u8, len as u8, 0x1, 0x4, 0, 0, 0, 1];
+        let v = FrameGuard::new(0).feed(&header, Instant::now()).expect("violation");
+        assert_eq!(violation_code(&v.0), h2::Reason::FRAME_SIZE_ERROR);
+        let ok = [0x10, 0x00, 0x00, 0x0, 0x0, 0, 0, 0, 1]; // exactly 1 MiB
+        assert!(FrameGuard::new(0).feed(&ok, Instant::now()).is_none());
     }
 }

@@ -98,9 +98,11 @@ where
     let mut calmed = false;
     loop {
         let next = std::future::poll_fn(|cx| {
-            if !calmed && wire.tripped().is_some() {
-                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
-                calmed = true;
+            if !calmed {
+                if let Some(reason) = wire.tripped() {
+                    conn.abrupt_shutdown(crate::guard::violation_code(&reason));
+                    calmed = true;
+                }
             }
             conn.poll_accept(cx)
         })
@@ -111,14 +113,14 @@ where
             }
             Some(Err(e)) => {
                 return match wire.tripped() {
-                    Some(reason) => Err(format!("GOAWAY ENHANCE_YOUR_CALM: {reason}")),
+                    Some(reason) => Err(format!("GOAWAY {:?}: {reason}", crate::guard::violation_code(&reason))),
                     None if e.is_go_away() || e.is_io() => Err(format!("HTTP/2 connection ended: {e}")),
                     None => Err(format!("HTTP/2 error: {e}")),
                 };
             }
             None => {
                 return match wire.tripped() {
-                    Some(reason) => Err(format!("GOAWAY ENHANCE_YOUR_CALM: {reason}")),
+                    Some(reason) => Err(format!("GOAWAY {:?}: {reason}", crate::guard::violation_code(&reason))),
                     None => Ok(()),
                 };
             }
