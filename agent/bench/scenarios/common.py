@@ -49,7 +49,7 @@ class Params:
             return cls(quick=True, reps=1, tput_seconds=2, lat_count=1000, lat_max_s=5,
                        conn_count=300, conn_max_s=5, scale_sizes=(10, 1000),
                        scale_tput_seconds=2, enroll_pods=100, restart_reps=1, hey_seconds=3,
-                       hey_connections=(1, 16), hey_rate=1000)
+                       hey_connections=(1, 16), hey_rate=1000, sockperf_seconds=1)
         return cls(quick=False, reps=3, tput_seconds=4, lat_count=2000, lat_max_s=5,
                    conn_count=1000, conn_max_s=5, scale_sizes=(10, 1000, 10000),
                    scale_tput_seconds=2, enroll_pods=1000, restart_reps=1, hey_seconds=5,
