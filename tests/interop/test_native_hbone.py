@@ -313,6 +313,45 @@ def test_native_client_against_python_server(store: IdentityStore, tmp_path: Pat
     run(main())
 
 
+def test_native_pool_closes_idle_connections(store: IdentityStore, tmp_path: Path) -> None:
+    """A pooled connection that carried no stream for the idle timeout is closed; the
+    next connection opens a new one (the Python pool's behaviour)."""
+    client_files = pems(tmp_path, store.get(CLIENT), "client")
+
+    async def main() -> None:
+        opened = 0
+        closed = asyncio.Event()
+
+        async def on_stream(request: HboneServerRequest) -> None:
+            stream = request.accept()
+            while data := await stream.read():
+                await stream.write(data)
+            await stream.close_write()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal opened
+            opened += 1
+            await serve_hbone(reader, writer, on_stream=on_stream, handler_grace=1.0)
+            closed.set()
+
+        server = await asyncio.start_server(handle, LOOPBACK, 0,
+                                            ssl=store.server_context(SERVER))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            listener = dataclasses.replace(
+                outbound(client_files, f"{LOOPBACK}:{port}", "10.3.3.3:9000"),
+                pool_idle_ms=300)
+            async with NativeDatapath(config(client_files, outbound_=(listener,))) as dp:
+                assert await tcp_exchange(*dp.address("out"), b"one") == b"one"
+                await asyncio.wait_for(closed.wait(), 10)  # reaped after ~300 ms idle
+                assert await tcp_exchange(*dp.address("out"), b"two") == b"two"
+        finally:
+            server.close()
+        assert opened == 2
+
+    run(main())
+
+
 # ---- Node client -> native server; native client -> Node server ------------------------
 
 

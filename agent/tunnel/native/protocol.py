@@ -48,6 +48,8 @@ class OutboundListener:
     peer_identities: Sequence[str] = ()
     baggage: str | None = None
     forwarded_for: bool = True
+    pool_idle_ms: int | None = None  # None: 60 s, as the Python pool
+    keepalive_ms: int | None = None  # None: PING every 30 s, answered within 10 s
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class DatapathConfig:
             "outbound": [{"name": o.name, "listen": o.listen, "peer": o.peer,
                           "authority": o.authority, "cert": o.cert, "key": o.key,
                           "peer_identities": list(o.peer_identities),
-                          "baggage": o.baggage, "forwarded_for": o.forwarded_for}
+                          "baggage": o.baggage, "forwarded_for": o.forwarded_for,
+                          "pool_idle_ms": o.pool_idle_ms, "keepalive_ms": o.keepalive_ms}
                          for o in self.outbound],
         }, separators=(",", ":"))
 

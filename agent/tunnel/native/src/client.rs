@@ -49,6 +49,24 @@ struct Pooled {
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// `active` of a connection being closed for idleness: no stream may claim it.
+const CLOSING: usize = usize::MAX / 2;
+
+/// Pool timers, as the Python pool's (`agent/hbone/pool.py`: 60 s idle, PING every
+/// 30 s answered within 10 s).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolTimers {
+    pub idle: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for PoolTimers {
+    fn default() -> Self {
+        PoolTimers { idle: Duration::from_secs(60), keepalive_interval: Duration::from_secs(30), keepalive_timeout: Duration::from_secs(10) }
+    }
+}
+
 /// Streams on one pooled connection are capped at this (the Python pool's limit).
 const MAX_STREAMS_PER_CONNECTION: usize = MAX_CONCURRENT_STREAMS as usize;
 
@@ -56,6 +74,7 @@ pub struct Pool {
     peer: SocketAddr,
     connector: TlsConnector,
     conns: Mutex<Vec<Pooled>>,
+    timers: PoolTimers,
 }
 
 /// A claimed stream slot; gives the slot back when dropped.
@@ -67,8 +86,8 @@ impl Drop for Slot {
 }
 
 impl Pool {
-    pub fn new(peer: SocketAddr, connector: TlsConnector) -> Self {
-        Pool { peer, connector, conns: Mutex::new(Vec::new()) }
+    pub fn new(peer: SocketAddr, connector: TlsConnector, timers: PoolTimers) -> Self {
+        Pool { peer, connector, conns: Mutex::new(Vec::new()), timers }
     }
 
     async fn connect(&self) -> Result<Pooled, String> {
@@ -86,34 +105,75 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(format!("{} did not negotiate ALPN h2", self.peer));
         }
-        let (send, conn) = h2_client_builder().handshake::<_, Bytes>(tls).await.map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.peer))?;
+        let (send, mut conn) = h2_client_builder().handshake::<_, Bytes>(tls).await.map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.peer))?;
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let alive2 = alive.clone();
+        let active = Arc::new(AtomicUsize::new(0));
+        let pings = conn.ping_pong();
+        let timers = self.timers;
+        let (alive2, active2) = (alive.clone(), active.clone());
+        // The connection's driver: runs it until it ends, its keepalive PING goes
+        // unanswered, or it has carried no stream for `idle` (then dropped: closed).
         tokio::spawn(async move {
-            let _ = conn.await;
+            let dead = Arc::new(tokio::sync::Notify::new());
+            if let Some(mut pings) = pings {
+                let dead = dead.clone();
+                let alive = alive2.clone();
+                tokio::spawn(async move {
+                    while alive.load(Ordering::Acquire) {
+                        tokio::time::sleep(timers.keepalive_interval).await;
+                        let pong = tokio::time::timeout(timers.keepalive_timeout, pings.ping(h2::Ping::opaque())).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            dead.notify_one();
+                            return;
+                        }
+                    }
+                });
+            }
+            let mut idle_since = Instant::now();
+            let mut tick = tokio::time::interval((timers.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+            loop {
+                tokio::select! {
+                    _ = &mut conn => break,
+                    _ = dead.notified() => break,
+                    _ = tick.tick() => {
+                        if active2.load(Ordering::Acquire) != 0 {
+                            idle_since = Instant::now();
+                        } else if idle_since.elapsed() >= timers.idle
+                            && active2.compare_exchange(0, CLOSING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                            break;
+                        }
+                    }
+                }
+            }
             alive2.store(false, Ordering::Release);
         });
-        Ok(Pooled { send, active: Arc::new(AtomicUsize::new(0)), alive })
+        Ok(Pooled { send, active, alive })
     }
 
     /// A ready sender and a claimed slot on a pooled (or new) connection.
     pub async fn checkout(&self) -> Result<(SendRequest<Bytes>, Slot), String> {
         let mut conns = self.conns.lock().await;
         conns.retain(|c| c.alive.load(Ordering::Acquire));
-        let best = conns
-            .iter()
-            .filter(|c| c.active.load(Ordering::Acquire) < MAX_STREAMS_PER_CONNECTION && c.send.current_max_send_streams() > c.active.load(Ordering::Acquire))
-            .min_by_key(|c| c.active.load(Ordering::Acquire));
-        let (send, active) = match best {
-            Some(c) => (c.send.clone(), c.active.clone()),
+        let claim = |a: &AtomicUsize| a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)).is_ok();
+        let mut candidates: Vec<&Pooled> = conns.iter().filter(|c| c.send.current_max_send_streams() > c.active.load(Ordering::Acquire)).collect();
+        candidates.sort_by_key(|c| c.active.load(Ordering::Acquire));
+        let mut picked = None;
+        for c in candidates {
+            if claim(&c.active) {
+                picked = Some((c.send.clone(), c.active.clone()));
+                break;
+            }
+        }
+        let (send, active) = match picked {
+            Some(p) => p,
             None => {
                 let c = self.connect().await?;
+                c.active.fetch_add(1, Ordering::AcqRel);
                 let pair = (c.send.clone(), c.active.clone());
                 conns.push(c);
                 pair
             }
         };
-        active.fetch_add(1, Ordering::AcqRel);
         drop(conns);
         let slot = Slot(active);
         let send = send.ready().await.map_err(|e| format!("HBONE connection to {} not usable: {e}", self.peer))?;

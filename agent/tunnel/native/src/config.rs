@@ -63,6 +63,12 @@ pub struct OutboundListener {
     /// Send `Forwarded: for="<client ip>"` (default true, as ztunnel).
     #[serde(default = "yes")]
     pub forwarded_for: bool,
+    /// Close a pooled connection after it carried no stream this long (default 60 s).
+    #[serde(default)]
+    pub pool_idle_ms: Option<u64>,
+    /// Keepalive PING interval on pooled connections (default 30 s; answered in 10 s).
+    #[serde(default)]
+    pub keepalive_ms: Option<u64>,
 }
 
 fn yes() -> bool {

@@ -78,7 +78,14 @@ async fn run(cfg: Config, workers: usize, watch_stdin: bool) {
         let cc = tls::client_config(identity, roots.clone(), &cfg.trust_domain, expected).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let listener = TcpListener::bind(l.listen).await.unwrap_or_else(|e| fail(format!("outbound {}: bind {}: {e}", l.name, l.listen)));
         bound.insert(l.name.clone(), listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-        let pool = client::Pool::new(l.peer, tokio_rustls::TlsConnector::from(Arc::new(cc)));
+        let mut timers = client::PoolTimers::default();
+        if let Some(ms) = l.pool_idle_ms {
+            timers.idle = std::time::Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = l.keepalive_ms {
+            timers.keepalive_interval = std::time::Duration::from_millis(ms.max(1));
+        }
+        let pool = client::Pool::new(l.peer, tokio_rustls::TlsConnector::from(Arc::new(cc)), timers);
         let outbound = Arc::new(client::Outbound { cfg: l.clone(), pool });
         tokio::spawn(client::serve(listener, outbound));
     }
