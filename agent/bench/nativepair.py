@@ -87,21 +87,22 @@ def write_spiffe_certs(out: Path) -> dict[str, dict[str, str]]:
     return files
 
 
-def write_native(plan: PairPlan, out: Path, workers: int = 0) -> tuple[Path, Path]:
+def write_native(plan: PairPlan, out: Path, workers: int = 0,
+                 runtime: str = "per_core") -> tuple[Path, Path]:
     """Control-protocol v1 configs for relay A (outbound listeners) and B (15008-like
     inbound on ``b_host:b_offset``); returns their paths (``--config FILE``)."""
     files = write_spiffe_certs(out / "certs")
     peer = f"{plan.b_host}:{plan.b_offset}"
     a = DatapathConfig(
         trust_domain=TRUST_DOMAIN, roots=files["client"]["ca"], workers=workers,
-        outbound=[OutboundListener(
+        runtime=runtime, outbound=[OutboundListener(
             name=f"p{port}", listen=f"{plan.a_host}:{port + plan.a_offset}", peer=peer,
             authority=f"{plan.dst_host}:{port}", cert=files["client"]["cert"],
             key=files["client"]["key"], peer_identities=(str(SERVER_ID),),
             baggage="k8s.namespace.name=default,k8s.pod.name=n1-a") for port in plan.ports])
     b = DatapathConfig(
         trust_domain=TRUST_DOMAIN, roots=files["server"]["ca"], workers=workers,
-        inbound=[InboundListener(
+        runtime=runtime, inbound=[InboundListener(
             name="hbone", listen=peer, cert=files["server"]["cert"],
             key=files["server"]["key"],
             destinations=tuple(f"{plan.dst_host}:{port}" for port in plan.ports))])

@@ -176,9 +176,10 @@ def outbound(files: dict[str, str], peer: str, authority: str,
 
 
 def config(files: dict[str, str], *, inbound_: tuple[InboundListener, ...] = (),
-           outbound_: tuple[OutboundListener, ...] = ()) -> DatapathConfig:
+           outbound_: tuple[OutboundListener, ...] = (), workers: int = 2,
+           runtime: str = "per_core") -> DatapathConfig:
     return DatapathConfig(trust_domain=TRUST_DOMAIN, roots=files["ca"], inbound=inbound_,
-                          outbound=outbound_, workers=2)
+                          outbound=outbound_, workers=workers, runtime=runtime)
 
 
 async def read_all(stream: HboneStream, limit: int = 64 << 20) -> bytes:
@@ -284,8 +285,9 @@ def test_native_client_against_python_server(store: IdentityStore, tmp_path: Pat
                                             ssl=store.server_context(SERVER))
         port = server.sockets[0].getsockname()[1]
         try:
+            # One worker: its pool is the only pool (each per-core worker has its own).
             cfg = config(client_files, outbound_=(
-                outbound(client_files, f"{LOOPBACK}:{port}", "10.3.3.3:9000"),))
+                outbound(client_files, f"{LOOPBACK}:{port}", "10.3.3.3:9000"),), workers=1)
             async with NativeDatapath(cfg) as dp:
                 host, out_port = dp.address("out")
                 replies = await asyncio.gather(
@@ -447,20 +449,22 @@ def test_native_client_against_node_server(store: IdentityStore, tmp_path: Path)
 
 
 @contextlib.asynccontextmanager
-async def native_pair(store: IdentityStore, tmp: Path, dest: Target
+async def native_pair(store: IdentityStore, tmp: Path, dest: Target, runtime: str = "per_core"
                       ) -> AsyncIterator[tuple[NativeDatapath, NativeDatapath]]:
     """Client-side datapath (outbound listener) -> server-side datapath (15008) -> dest."""
     server_files = pems(tmp, store.get(SERVER), "server")
     client_files = pems(tmp, store.get(CLIENT), "client")
     async with NativeDatapath(config(server_files, inbound_=(
-            inbound(server_files, dest.address),))) as server_dp:
+            inbound(server_files, dest.address),), runtime=runtime)) as server_dp:
         host, port = server_dp.address("hbone")
         async with NativeDatapath(config(client_files, outbound_=(
-                outbound(client_files, f"{host}:{port}", dest.address),))) as client_dp:
+                outbound(client_files, f"{host}:{port}", dest.address),),
+                runtime=runtime)) as client_dp:
             yield client_dp, server_dp
 
 
-def test_half_close_both_ways(store: IdentityStore, tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", ["per_core", "multi_thread"])
+def test_half_close_both_ways(store: IdentityStore, tmp_path: Path, runtime: str) -> None:
     """The client's FIN reaches the destination while the destination keeps sending,
     and the destination's later FIN reaches the client."""
 
@@ -474,7 +478,8 @@ def test_half_close_both_ways(store: IdentityStore, tmp_path: Path) -> None:
     payload = pattern(300_000)
 
     async def main() -> None:
-        async with target(late_reply) as dest, native_pair(store, tmp_path, dest) as (c, s):
+        async with target(late_reply) as dest, \
+                native_pair(store, tmp_path, dest, runtime) as (c, s):
             reply = await tcp_exchange(*c.address("out"), payload)
             [out_record] = await c.connection_records(1)
             [in_record] = await s.connection_records(1)

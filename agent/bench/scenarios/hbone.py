@@ -22,8 +22,12 @@ in place, in the order below, once per repetition (A B C D A B C D ...):
   HBONE pair on the same path: relay A (node1) opens CONNECT streams on a pooled
   mTLS HTTP/2 connection to relay B (node2, port 15108), which dials n2-a. Not yet
   the tunnel's path (integration: docs/native-datapath.md), so no eBPF capture.
-- ``native-hbone-1core`` the same pair with one runtime worker each, both pinned to
-  CPU 0 (taskset): how the native path grows from 1 to 2 cores.
+  Its default runtime: one single-threaded runtime per CPU (2 here), each with its
+  own SO_REUSEPORT listeners and pool.
+- ``native-hbone-mt`` the same pair on one work-stealing multi-thread runtime with 2
+  workers (ztunnel's model).
+- ``native-hbone-1core`` the same pair with one worker each, both pinned to CPU 0
+  (taskset): how the native path grows from 1 to 2 cores.
 
 Every variant gets sockperf ping-pong (1 KiB, one-way p50/p99) besides the
 throughput, RR-latency and connection-rate measurements; the native pair and the
@@ -55,14 +59,16 @@ from agent.bench.scenarios.common import (
 from agent.tunnel.native.driver import binary_path
 
 NAME = "hbone"
-VARIANTS = ("direct", "stunnel", "native-hbone", "native-hbone-1core", "tlsrelay",
-            "ebpf+plain", "hbone")
+VARIANTS = ("direct", "stunnel", "native-hbone", "native-hbone-mt", "native-hbone-1core",
+            "tlsrelay", "ebpf+plain", "hbone")
+NATIVE_VARIANTS = ("native-hbone", "native-hbone-mt", "native-hbone-1core")
 METRICS = ("tput_gbps", "tput8_gbps", "lat_p50_us", "lat_p99_us", "sp_p50_us", "sp_p99_us",
            "conn_per_s")
 PAIR_PORTS = (IPERF_PORT, RR_PORT, HTTP_PORT, SOCKPERF_PORT)
 STUNNEL_A, STUNNEL_B = 12000, 13000  # port offsets in node1 / node2
 NATIVE_A, NATIVE_B = 14000, 15108  # native B: one HBONE listener on node2:15108
 NATIVE1_A, NATIVE1_B = 15000, 15109
+NATIVEMT_A, NATIVEMT_B = 16000, 15110
 RELAY_A_OFFSET = 10000  # relay A listens on port + 10000 in node1
 RELAY_B_OFFSET = 11000  # relay B listens on port + 11000 in node2
 
@@ -118,11 +124,11 @@ def start_stunnel(bench: BenchLab, ctx: Context) -> tuple[Target, Pair]:
 
 
 def start_native(bench: BenchLab, ctx: Context, a_offset: int, b_port: int, one_core: bool,
-                 name: str) -> tuple[Target, Pair]:
+                 name: str, runtime: str = "per_core") -> tuple[Target, Pair]:
     """The native HBONE pair; ``one_core``: one worker each, both pinned to CPU 0."""
     exe = str(binary_path())  # a missing or stale build stops the bench here
     conf_a, conf_b = write_native(_plan(bench, a_offset, b_port), Path(ctx.out / name),
-                                  workers=1 if one_core else 0)
+                                  workers=1 if one_core else 0, runtime=runtime)
     pin = ["taskset", "-c", "0"] if one_core else []
     b = bench.spawn(bench.node_ns("node2"), [*pin, exe, "--config", str(conf_b)], f"{name}-b")
     a = bench.spawn(bench.node_ns("node1"), [*pin, exe, "--config", str(conf_a)], f"{name}-a")
@@ -162,7 +168,7 @@ def measure_resources(ctx: Context, bench: BenchLab, variant: str, rep: int, t: 
 
 def configure(bench: BenchLab, variant: str) -> None:
     pods = ("n1-a", "n2-a")
-    if variant in ("direct", "tlsrelay", "stunnel", "native-hbone", "native-hbone-1core"):
+    if variant in ("direct", "tlsrelay", "stunnel", *NATIVE_VARIANTS):
         bench.set_enrolled(pods, False)
         return
     bench.set_tunnel_mode("plain" if variant == "ebpf+plain" else "hbone")
@@ -182,15 +188,17 @@ def run(ctx: Context) -> None:
         stunnel, stunnel_pair = start_stunnel(bench, ctx)
         native, native_pair = start_native(bench, ctx, NATIVE_A, NATIVE_B, False, "native")
         native1, _ = start_native(bench, ctx, NATIVE1_A, NATIVE1_B, True, "native1")
+        native_mt, native_mt_pair = start_native(bench, ctx, NATIVEMT_A, NATIVEMT_B, False,
+                                                 "native-mt", runtime="multi_thread")
         targets = {"tlsrelay": relay, "stunnel": stunnel, "native-hbone": native,
-                   "native-hbone-1core": native1}
+                   "native-hbone-mt": native_mt, "native-hbone-1core": native1}
         for rep in range(p.reps):
             for variant in VARIANTS:
                 ctx.progress(NAME, f"rep {rep + 1}/{p.reps} {variant}")
                 configure(bench, variant)
                 target = targets.get(variant, direct)
                 metrics: tuple[str, ...] = ("tput_gbps", "lat", "sockperf", "conn_per_s")
-                if variant in ("direct", "stunnel", "native-hbone", "hbone"):
+                if variant in ("direct", "stunnel", "native-hbone", "native-hbone-mt", "hbone"):
                     metrics += ("tput8_gbps",)
                 if variant == "native-hbone-1core":
                     metrics = ("tput_gbps", "tput8_gbps", "sockperf")
@@ -200,3 +208,5 @@ def run(ctx: Context) -> None:
                     measure_resources(ctx, bench, variant, rep, target, stunnel_pair)
                 elif variant == "native-hbone":
                     measure_resources(ctx, bench, variant, rep, target, native_pair)
+                elif variant == "native-hbone-mt":
+                    measure_resources(ctx, bench, variant, rep, target, native_mt_pair)

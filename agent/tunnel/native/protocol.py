@@ -59,6 +59,9 @@ class DatapathConfig:
     inbound: Sequence[InboundListener] = ()
     outbound: Sequence[OutboundListener] = ()
     workers: int = 0  # 0: one runtime worker per CPU
+    # "per_core": a single-threaded runtime per worker, SO_REUSEPORT listeners and a pool
+    # each (a connection stays on one thread); "multi_thread": one work-stealing runtime.
+    runtime: str = "per_core"
 
     def to_json(self) -> str:
         """The configuration message: one line, no newline inside."""
@@ -67,6 +70,7 @@ class DatapathConfig:
             "trust_domain": self.trust_domain,
             "roots": self.roots,
             "workers": self.workers,
+            "runtime": self.runtime,
             "inbound": [{"name": i.name, "listen": i.listen, "cert": i.cert, "key": i.key,
                          "destinations": list(i.destinations),
                          "allowed_peers": list(i.allowed_peers)} for i in self.inbound],

@@ -18,10 +18,25 @@ pub struct Config {
     /// Runtime worker threads; 0 = one per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// How the workers share the work (default: per_core).
+    #[serde(default)]
+    pub runtime: RuntimeKind,
     #[serde(default)]
     pub inbound: Vec<InboundListener>,
     #[serde(default)]
     pub outbound: Vec<OutboundListener>,
+}
+
+/// `per_core`: one single-threaded runtime per worker, each with its own SO_REUSEPORT
+/// listeners and its own connection pool, so a connection, its stream and its pooled
+/// HBONE connection stay on one thread (no cross-thread wakeups; Envoy's worker model).
+/// `multi_thread`: one work-stealing runtime over all workers (ztunnel's model).
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    #[default]
+    PerCore,
+    MultiThread,
 }
 
 /// An HBONE server (15008): mTLS, client certificate required, CONNECT only.

@@ -78,11 +78,11 @@ struct Envelope<'a> {
 
 static SINK: OnceLock<mpsc::UnboundedSender<Event>> = OnceLock::new();
 
-/// Start the writer task (stdout, one line per event). Call once inside the runtime.
-pub fn start() -> tokio::task::JoinHandle<()> {
+/// Start the writer thread (stdout, one line per event). Call once.
+pub fn start() -> std::thread::JoinHandle<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let _ = SINK.set(tx);
-    tokio::task::spawn_blocking(move || {
+    std::thread::spawn(move || {
         let stdout = std::io::stdout();
         while let Some(event) = rx.blocking_recv() {
             let mut out = stdout.lock();
