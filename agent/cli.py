@@ -217,7 +217,7 @@ def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: 
                  as_json: bool) -> None:
     """Explain whether a connection would be allowed, and which policy decides."""
     from agent.policy import ConnectionRequest, WorkloadRef
-    from agent.policy.commands import EXIT_ALLOWED, EXIT_DENIED, _load, parse_source
+    from agent.policy.commands import EXIT_ALLOWED, EXIT_DENIED, load_report, parse_source
     from agent.policy.explain import render
 
     cfg: config_mod.Config = ctx.obj["config"]
@@ -242,8 +242,8 @@ def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: 
     request = ConnectionRequest(
         src_ip=src_ip, src_identity=identity, dst_ip=dst["addresses"][0], dst_port=int(port_text),
         dst_workload=WorkloadRef(dst["name"], dst["namespace"], dst.get("labels", {})))
-    evaluation = _load(policy_dir or cfg.tunnel.policy_dir,
-                       cfg.tunnel.root_namespace).explain(request)
+    evaluation = load_report(policy_dir or cfg.tunnel.policy_dir,
+                             cfg.tunnel.root_namespace).policies.explain(request)
     if as_json:
         click.echo(json.dumps(evaluation.decision.to_dict(), indent=2))
     else:
@@ -255,12 +255,13 @@ def policy_check(ctx: click.Context, source: str, destination: str, policy_dir: 
 @click.option("--policy-dir", default=None, help="Default: tunnel.policy_dir.")
 @click.pass_context
 def policy_validate(ctx: click.Context, policy_dir: str | None) -> None:
-    """Validate the policy files; name every problem (exit 2) if any."""
-    from agent.policy.commands import _load
+    """Judge every policy document as the tunnel does; exit 2 if any fails closed."""
+    from agent.policy.commands import emit_validation
+    from agent.policy.loader import load_policy_report
 
     cfg: config_mod.Config = ctx.obj["config"]
-    policies = _load(policy_dir or cfg.tunnel.policy_dir, cfg.tunnel.root_namespace)
-    click.echo(f"{len(policies.policies)} policies valid")
+    sys.exit(emit_validation(load_policy_report(policy_dir or cfg.tunnel.policy_dir,
+                                                cfg.tunnel.root_namespace)))
 
 
 def _add_model() -> None:

@@ -7,8 +7,12 @@ Standalone (works on a directory of YAML files, no agent needed)::
         --to 10.0.1.7:8080 --to-workload foo/httpbin --label app=httpbin
 
 ``--from`` takes a SPIFFE ID, an IP, or both (given twice). Exit status of
-``check``: 0 allowed, 1 denied, 2 invalid input or policies. ``meshagent`` adds this
-group with ``main.add_command(policy)``; pod-name resolution is layered on top.
+``check``: 0 allowed, 1 denied (by exactly the set the tunnel would enforce: documents
+that fail closed are in it as their stand-ins, and are listed on stderr), 2 invalid
+input. ``validate`` lists every document's outcome; exit 0 when every document is
+enforced as written, with warnings, or ignored as istiod ignores it, 2 when any fails
+closed. ``meshagent`` adds its own ``policy`` group with pod-name resolution on top
+and the same helpers (:func:`load_report`, :func:`emit_validation`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import sys
 
 import click
 
-from agent.policy.engine import PolicySet
-from agent.policy.explain import render
-from agent.policy.loader import PolicyLoadError, load_policy_dir
+from agent.policy.explain import render, render_report
+from agent.policy.loader import load_policy_report
 from agent.policy.model import (
     DEFAULT_ROOT_NAMESPACE,
     SPIFFE_SCHEME,
@@ -30,6 +33,7 @@ from agent.policy.model import (
     SourceIdentity,
     WorkloadRef,
 )
+from agent.policy.outcomes import LoadReport
 
 EXIT_ALLOWED = 0
 EXIT_DENIED = 1
@@ -88,12 +92,20 @@ def parse_workload(value: str, labels: tuple[str, ...]) -> WorkloadRef:
     return WorkloadRef(name=name, namespace=namespace, labels=parsed)
 
 
-def _load(policy_dir: str, root_namespace: str) -> PolicySet:
-    try:
-        return load_policy_dir(policy_dir, root_namespace)
-    except PolicyLoadError as error:
-        click.echo(f"invalid policies (nothing loaded):\n{error}", err=True)
-        sys.exit(EXIT_INVALID)
+def load_report(policy_dir: str, root_namespace: str) -> LoadReport:
+    """Load ``policy_dir`` as the tunnel would; print documents that are not enforced as
+    written to stderr (side effect)."""
+    report = load_policy_report(policy_dir, root_namespace)
+    if report.problems:
+        click.echo("policy documents not enforced exactly as written:\n"
+                   + "\n".join(str(r) for r in report.problems), err=True)
+    return report
+
+
+def emit_validation(report: LoadReport) -> int:
+    """Print every document's outcome (stdout); the exit status for ``validate``."""
+    click.echo(render_report(report))
+    return EXIT_INVALID if report.failed_closed else EXIT_ALLOWED
 
 
 @click.group("policy")
@@ -127,7 +139,7 @@ def check(policy_dir: str, root_namespace: str, sources: tuple[str, ...], destin
     request = ConnectionRequest(src_ip=src_ip, src_identity=identity, dst_ip=dst_ip,
                                 dst_port=dst_port,
                                 dst_workload=parse_workload(workload, labels))
-    evaluation = _load(policy_dir, root_namespace).explain(request)
+    evaluation = load_report(policy_dir, root_namespace).policies.explain(request)
     if as_json:
         click.echo(json.dumps(evaluation.decision.to_dict(), indent=2))
     else:
@@ -139,12 +151,8 @@ def check(policy_dir: str, root_namespace: str, sources: tuple[str, ...], destin
 @_policy_dir
 @_root_namespace
 def validate(policy_dir: str, root_namespace: str) -> None:
-    """Validate the policy files (exit 2 and name every problem if invalid)."""
-    policies = _load(policy_dir, root_namespace)
-    click.echo(f"{len(policies)} policies valid")
-    for item in policies.policies:
-        flags = " (dry-run)" if item.dry_run else ""
-        click.echo(f"  {item.action.value:<5} {item.key}{flags}  [{item.origin}]")
+    """Judge every document as the tunnel does; exit 2 if any fails closed."""
+    sys.exit(emit_validation(load_policy_report(policy_dir, root_namespace)))
 
 
 if __name__ == "__main__":  # pragma: no cover

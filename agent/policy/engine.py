@@ -18,13 +18,23 @@ Semantics (Istio AuthorizationPolicy as ztunnel enforces it at L4):
   ``principals``/``serviceAccounts``, so it always satisfies ``notPrincipals``; its
   namespace is the empty string, so it never matches ``namespaces`` and satisfies
   ``notNamespaces`` (exactly as ztunnel).
-* HTTP-only attributes (methods, paths, hosts, requestPrincipals, remoteIpBlocks,
-  non-L4 ``when`` keys...) cannot be seen at L4. As istiod does for ztunnel: in an
-  ALLOW policy a rule using any of them never matches (more restrictive); in a DENY
-  policy they are dropped and the L4 rest of the rule is enforced (more restrictive:
-  denies a superset). An entry left with no L4 field then matches everything.
-* Dry-run (``istio.io/dry-run: "true"``): evaluated and reported on the decision, never
-  enforced.
+* Attributes ztunnel cannot see (methods, paths, hosts, requestPrincipals,
+  remoteIpBlocks, ``when`` keys other than source.ip/namespace/principal and
+  destination.ip/port; also ``trustDomains``), as istiod converts them for ztunnel
+  (``handleRule`` in istio pilot/pkg/serviceregistry/ambient/authorization.go) and
+  ztunnel evaluates the result (``Authorization::matches`` in ztunnel src/rbac.rs):
+  in an ALLOW policy a rule using any of them never matches (more restrictive). In a
+  DENY policy they are dropped; a ``from``/``to`` entry left with no L4 field is an
+  empty match, which ztunnel *skips* (it matches nothing), and a non-L4 ``when`` makes
+  the whole rule unmatchable. So ``DENY to: [{operation: {methods: [GET]}}]`` has no
+  effect at L4, while ``{methods: [GET], ports: ["80"]}`` denies all of port 80.
+* Principals are compared with the peer's SPIFFE ID without ``spiffe://``
+  (``StringMatch::matches_principal``): a principal written with ``spiffe://`` never
+  matches (and a ``notPrincipals`` one excludes nobody), exactly as in ztunnel.
+* Dry-run (``istio.io/dry-run``, Go ``strconv.ParseBool`` true): evaluated and
+  reported on the decision, never enforced (ztunnel ``assert_rbac``).
+* Fail-closed stand-ins (``stands_in_for`` set) are ordinary DENY-all or
+  allow-nothing policies; the loader puts them where a document could not be used.
 
 Nothing here does I/O; :class:`PolicySet` is immutable and safe to share across threads.
 """
@@ -174,15 +184,34 @@ def condition_mismatch(condition: Condition, request: ConnectionRequest,
 
 def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
                   identity: SourceIdentity | None, verbose: bool = False) -> Mismatch:
-    """Why ``rule`` does not match at L4 (see module docstring for L7 fields), or None."""
-    if action is PolicyAction.ALLOW:
-        l7_fields = rule.l7_fields
-        if l7_fields:
-            return (f"uses HTTP attributes {_values(l7_fields)}: never matches at L4 in an "
-                    "ALLOW policy" if verbose else _TERSE)
+    """Why ``rule`` does not match at L4, or None.
+
+    Follows the form istiod converts a rule into for ztunnel
+    (``handleRule`` in istio pilot/pkg/serviceregistry/ambient/authorization.go) and
+    how ztunnel evaluates it (``Authorization::matches`` in ztunnel src/rbac.rs):
+
+    * ALLOW: a rule using any attribute ztunnel cannot see is dropped (never matches).
+    * DENY: those attributes are removed. A ``from``/``to`` entry left with no L4
+      field becomes an empty ``Match``, which ztunnel *skips* (it matches nothing, it
+      does not match everything); a non-L4 ``when`` becomes a clause holding only an
+      empty ``Match``, so the whole rule can never match.
+    """
+    unsupported = rule.unsupported_fields
+    if action is PolicyAction.ALLOW and unsupported:
+        return (f"uses attributes ztunnel cannot enforce {_values(unsupported)}: an ALLOW "
+                "rule using them never matches at L4" if verbose else _TERSE)
+    for condition in rule.conditions:
+        if not condition.is_l4:
+            return (f"when[{condition.key}] cannot be evaluated at L4: istiod sends an "
+                    "empty match for it, which ztunnel skips, so this DENY rule never "
+                    "matches" if verbose else _TERSE)
     if rule.operations is not None:
         reasons = []
         for index, operation in enumerate(rule.operations):
+            if not operation.has_l4:
+                reasons.append(f"to[{index}]: only HTTP attributes "
+                               f"{_values(operation.unsupported_fields)}: skipped at L4")
+                continue
             mismatch = operation_mismatch(operation, request, verbose)
             if mismatch is None:
                 break
@@ -192,6 +221,10 @@ def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
     if rule.sources is not None:
         reasons = []
         for index, source in enumerate(rule.sources):
+            if not source.has_l4:
+                reasons.append(f"from[{index}]: only attributes ztunnel cannot enforce "
+                               f"{_values(source.unsupported_fields)}: skipped at L4")
+                continue
             mismatch = source_mismatch(source, request, identity, verbose)
             if mismatch is None:
                 break
@@ -199,8 +232,6 @@ def rule_mismatch(rule: Rule, action: PolicyAction, request: ConnectionRequest,
         else:
             return "; ".join(reasons) if verbose else _TERSE
     for condition in rule.conditions:
-        if not condition.is_l4:
-            continue  # DENY: HTTP-only conditions are dropped (ALLOW returned above)
         mismatch = condition_mismatch(condition, request, identity, verbose)
         if mismatch is not None:
             return mismatch
@@ -246,6 +277,19 @@ class Evaluation:
     decision: Decision
 
 
+FAIL_CLOSED_NAME = "meshagent-fail-closed"
+
+
+def deny_all_stand_in(reason: str, namespace: str, name: str = FAIL_CLOSED_NAME,
+                      selector: Mapping[str, str] | None = None,
+                      origin: str = "") -> AuthorizationPolicy:
+    """A DENY policy with one empty rule (deny-all) standing in for something that
+    could not be read; scoped to ``namespace`` (+ ``selector``)."""
+    return AuthorizationPolicy(name=name, namespace=namespace, action=PolicyAction.DENY,
+                               selector=selector, rules=(Rule(),), origin=origin,
+                               stands_in_for=reason)
+
+
 def policy_applies(policy: AuthorizationPolicy, workload: WorkloadRef,
                    root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> bool:
     """Whether ``policy``'s scope (namespace + selector) covers ``workload``."""
@@ -279,6 +323,9 @@ def _verdict(policies: Sequence[AuthorizationPolicy],
     for policy in policies:
         if policy.action is PolicyAction.DENY and matched[policy.key] is not None:
             rule = matched[policy.key]
+            if policy.stands_in_for:
+                return Decision(False, policy.key, PolicyAction.DENY,
+                                f"denied: fail closed ({policy.stands_in_for})", rule)
             return Decision(False, policy.key, PolicyAction.DENY,
                             f"denied by DENY policy {policy.key} rule {rule}", rule)
     allows = [p for p in policies if p.action is PolicyAction.ALLOW]
@@ -317,6 +364,13 @@ class PolicySet:
     @classmethod
     def empty(cls, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
         return cls((), root_namespace)
+
+    @classmethod
+    def fail_closed(cls, reason: str,
+                    root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+        """A set that denies every connection (one mesh-wide DENY-all stand-in):
+        what is in force while the policy files have not been read successfully."""
+        return cls((deny_all_stand_in(reason, root_namespace),), root_namespace)
 
     @property
     def policies(self) -> tuple[AuthorizationPolicy, ...]:

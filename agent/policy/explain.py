@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from agent.policy.engine import Evaluation, PolicyResult, PolicySet
 from agent.policy.model import ConnectionRequest, Decision
+from agent.policy.outcomes import DocumentOutcome, LoadReport
 
 
 def _describe_request(request: ConnectionRequest) -> str:
@@ -27,6 +28,8 @@ def _describe_policy(result: PolicyResult) -> list[str]:
                else "did not match")
     lines = [f"  {policy.action.value:<5} {policy.key}: {verdict}{flags}",
              f"        scope: {result.scope}{origin}"]
+    if policy.stands_in_for:
+        lines.append(f"        fail-closed stand-in for: {policy.stands_in_for}")
     if not policy.rules:
         lines.append("        no rules: matches nothing"
                      + (" (allow-nothing)" if policy.action.value == "ALLOW" else ""))
@@ -70,3 +73,22 @@ def render(evaluation: Evaluation) -> str:
 def explain(policy_set: PolicySet, request: ConnectionRequest) -> str:
     """Multi-line explanation of how ``policy_set`` decides ``request``."""
     return render(policy_set.explain(request))
+
+
+def render_report(report: LoadReport) -> str:
+    """Every document's outcome, then the counts (``meshagent policy validate``)."""
+    if report.directory_missing:
+        return "policy directory missing: no policies (every connection allowed)"
+    lines = []
+    for result in report.documents:
+        if result.outcome is DocumentOutcome.ACCEPTED and result.policy is not None:
+            flags = " (dry-run)" if result.policy.dry_run else ""
+            lines.append(f"{result.where}: accepted: {result.policy.action.value} "
+                         f"{result.policy.key}{flags}")
+        else:
+            lines.append(str(result))
+    counts = report.counts()
+    lines.append(f"{len(report.documents)} documents: "
+                 + ", ".join(f"{counts[o]} {o.value}" for o in DocumentOutcome)
+                 + f"; {len(report.policies)} policies in force")
+    return "\n".join(lines)

@@ -98,7 +98,12 @@ class ServiceAccountMatch:
 
 @dataclass(frozen=True)
 class SourceMatch:
-    """One ``rules[].from[].source`` entry (its L4 fields; L7 ones listed by name)."""
+    """One ``rules[].from[].source`` entry.
+
+    The L4 fields are kept; ``unsupported_fields`` names the fields ztunnel cannot
+    enforce (HTTP-only ones, and ``trustDomains``/``notTrustDomains``, which istiod
+    does not convert for ztunnel).
+    """
 
     principals: tuple[StringMatch, ...] = ()
     not_principals: tuple[StringMatch, ...] = ()
@@ -108,16 +113,29 @@ class SourceMatch:
     not_ip_blocks: tuple[IPNetwork, ...] = ()
     service_accounts: tuple[ServiceAccountMatch, ...] = ()
     not_service_accounts: tuple[ServiceAccountMatch, ...] = ()
-    l7_fields: tuple[str, ...] = ()
+    unsupported_fields: tuple[str, ...] = ()
+
+    @property
+    def has_l4(self) -> bool:
+        """Whether any field ztunnel evaluates is set. An entry without one is the
+        empty ``Match`` istiod sends, which ztunnel skips (it matches nothing)."""
+        return bool(self.principals or self.not_principals or self.namespaces
+                    or self.not_namespaces or self.ip_blocks or self.not_ip_blocks
+                    or self.service_accounts or self.not_service_accounts)
 
 
 @dataclass(frozen=True)
 class OperationMatch:
-    """One ``rules[].to[].operation`` entry (its L4 fields; L7 ones listed by name)."""
+    """One ``rules[].to[].operation`` entry (ports; HTTP-only fields listed by name)."""
 
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
-    l7_fields: tuple[str, ...] = ()
+    unsupported_fields: tuple[str, ...] = ()
+
+    @property
+    def has_l4(self) -> bool:
+        """Whether ports/notPorts are set (else ztunnel skips the emptied match)."""
+        return bool(self.ports or self.not_ports)
 
 
 # ``when`` keys ztunnel can evaluate at L4, and what each compares against.
@@ -151,13 +169,14 @@ class Rule:
     conditions: tuple[Condition, ...] = ()
 
     @property
-    def l7_fields(self) -> tuple[str, ...]:
-        """Names of the HTTP-only attributes this rule uses (L4 cannot see them)."""
+    def unsupported_fields(self) -> tuple[str, ...]:
+        """Names of the attributes this rule uses that ztunnel cannot evaluate at L4
+        (HTTP-only ones, ``trustDomains``, non-L4 ``when`` keys)."""
         found: list[str] = []
         for source in self.sources or ():
-            found.extend(f"from.source.{name}" for name in source.l7_fields)
+            found.extend(f"from.source.{name}" for name in source.unsupported_fields)
         for operation in self.operations or ():
-            found.extend(f"to.operation.{name}" for name in operation.l7_fields)
+            found.extend(f"to.operation.{name}" for name in operation.unsupported_fields)
         found.extend(f"when[{c.key}]" for c in self.conditions if not c.is_l4)
         return tuple(dict.fromkeys(found))
 
@@ -172,6 +191,8 @@ class AuthorizationPolicy:
 
     ``selector`` None means no ``spec.selector`` (namespace- or mesh-wide);
     ``origin`` says where it was loaded from (``file.yaml document 2``) for explanations.
+    ``stands_in_for`` is set on the fail-closed stand-ins the loader puts in place of a
+    document it could not read or validate: why, so decisions and explanations say so.
     """
 
     name: str
@@ -181,6 +202,7 @@ class AuthorizationPolicy:
     rules: tuple[Rule, ...] = ()
     dry_run: bool = False
     origin: str = ""
+    stands_in_for: str = ""
 
     def __post_init__(self) -> None:
         if self.selector is not None and not isinstance(self.selector, MappingProxyType):

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import Config
 from agent.policy import ConnectionRequest, PolicySet, PolicyWatcher, WorkloadRef
+from agent.policy.metrics import PolicyDocumentsCollector
 from agent.state import WORKLOADS_FILE, write_json_atomic
 from agent.telemetry.metrics import (
     REPORTER_DESTINATION,
@@ -84,9 +85,9 @@ class Tunnel:
         self._active: dict[asyncio.Task[Any], tuple[ConnectionRequest, ConnectionRecord]] = {}
         self.registry = CollectorRegistry()
         self.metrics = TunnelMetrics(self.registry)
+        self.registry.register(PolicyDocumentsCollector(self.policy_watcher))
         self.metrics_server: MetricsServer | None = None
         self._last_status: dict[str, Any] | None = None
-        self._logged_policy_error: Exception | None = None
 
     # --- decisions -----------------------------------------------------------
 
@@ -145,19 +146,20 @@ class Tunnel:
         log.info("policies loaded", count=len(new.policies), connections_closed=closed)
 
     def reload_policies(self) -> None:
-        if not Path(self.cfg.tunnel.policy_dir).is_dir():
-            # No policy directory means no policies (allow all), not an error.
-            if self.policies.policies:
-                self._apply_policy_change(PolicySet.empty(self.cfg.tunnel.root_namespace))
-            return
+        # The watcher judges each document on its own (a bad one fails closed for its
+        # scope); a missing directory means no policies. Until the first read the set
+        # in force denies everything.
         new = self.policy_watcher.poll()
-        if new is not None:
-            self._apply_policy_change(new)
-        elif (self.policy_watcher.last_error
-              and self.policy_watcher.last_error is not self._logged_policy_error):
-            self._logged_policy_error = self.policy_watcher.last_error
-            log.error("policy files rejected; the last good policy set stays in force",
-                      error=str(self.policy_watcher.last_error))
+        if new is None:
+            return
+        report = self.policy_watcher.report
+        for result in report.problems if report is not None else ():
+            for issue in result.issues:
+                log.warning("policy document not enforced as written", file=result.file,
+                            document=result.document, policy=result.key,
+                            outcome=result.outcome.value, field=issue.path,
+                            problem=issue.problem, effect=result.effect)
+        self._apply_policy_change(new)
 
     def _metric_labels(self, rec: ConnectionRecord, reporter: str) -> dict[str, str]:
         src = self.workloads.by_address(rec.src_ip) or self.peers.by_address(rec.src_ip)

@@ -15,7 +15,8 @@ happened. The tests check behaviour only, never timings:
 3. a policy edit applies without restarting the tunnel: a running allowed
    iperf3 stream survives a DENY for another source, a DENY matching a running
    connection closes it;
-4. an invalid policy file is rejected as a whole, the last good set stays;
+4. an invalid policy document fails closed for its own scope only (a DENY-all
+   stand-in); the other documents of its file stay in force;
 5. Istio TCP metrics count exactly the connections and bytes sent, and a
    denied attempt as failed with ``response_flags="DENY"``;
 6. the access log has exactly one line per connection;
@@ -668,41 +669,67 @@ def test_policy_edit_applies_live(clean: Lab) -> None:
     assert lab.tunnel_pid("node2") == pid and _running(pid)
 
 
-# -- 4: an invalid file is rejected as a whole --------------------------------------------
+# -- 4: an invalid document fails closed for its scope, the others stay -------------------
 
 
-def test_invalid_policy_file_keeps_last_good_set(clean: Lab) -> None:
-    lab = clean
-    _apply(lab, {"deny-team-b.yaml": DENY_TEAM_B}, expect=1)
-    bad = _policy(
+def _bad_cidr(namespace: str) -> str:
+    return _policy(
         "bad-cidr",
         "DENY",
         [{"from": [{"source": {"ipBlocks": ["10.244.1.0/24", "10.0.0.300/8"]}}]}],
+        namespace=namespace,
     )
+
+
+def _wait_fail_closed(lab: Lab, since: int, namespace: str) -> dict[str, Any]:
+    """Wait until node2's tunnel runs the set with mixed.yaml's document 2 failed closed
+    (a stand-in for ``namespace``) next to DENY_TEAM_B; returns the tunnel status."""
+    stand_in = f"{namespace}/meshagent-fail-closed[mixed.yaml#2]"
+
+    def ready() -> dict[str, Any] | None:
+        loads = _loads(lab, since)
+        status = _tunnel_status(lab)
+        error = status.get("policy_error") or ""
+        if loads and loads[-1].get("count") == 2 and status.get("policies") == 2 and (
+                "mixed.yaml: document 2" in error):
+            return status
+        return None
+
+    status: dict[str, Any] = _until(f"node2 tunnel fails closed for {stand_in}", ready,
+                                    timeout=POLICY_WAIT_S)
+    return status
+
+
+def test_invalid_policy_document_fails_closed_for_its_scope(clean: Lab) -> None:
+    lab = clean
     mark = _log_mark(lab, "node2")
-    _write_atomic(lab.policy_dir / "bad-cidr.yaml", bad)
-    status = _until(
-        "node2 tunnel reports the rejected file",
-        lambda: (s := _tunnel_status(lab)).get("policy_error") and s,
-        timeout=POLICY_WAIT_S,
-    )
-    assert status["policies"] == 1, status
+    lab.policy_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(lab.policy_dir / "mixed.yaml", DENY_TEAM_B + "\n---\n" + _bad_cidr("default"))
+    _wait_fail_closed(lab, mark, "default")
     cli = _meshagent(["status", "--json"], lab.cli_env("node2"))
     assert cli.returncode == 0, cli.stderr
     tunnel = json.loads(cli.stdout)["tunnel"]
-    assert tunnel["policies"] == 1, tunnel
+    assert tunnel["policies"] == 2, tunnel
     error = tunnel["policy_error"]
-    assert "bad-cidr.yaml" in error and "ipBlocks[1]" in error and "10.0.0.300/8" in error, error
-    rejected = [
-        e
-        for e in _events(lab, "node2", mark)
-        if e.get("event", "").startswith("policy files rejected")
-    ]
-    assert len(rejected) == 1 and "bad-cidr.yaml" in rejected[0]["error"], rejected
-    assert not _loads(lab, mark), "an invalid directory must not load anything"
-    # the last good set is still in force; the valid part of the bad file is not
+    assert "mixed.yaml: document 2" in error and "ipBlocks[1]" in error, error
+    assert "10.0.0.300/8" in error, error
+    logged = [e for e in _events(lab, "node2", mark)
+              if e.get("event") == "policy document not enforced as written"]
+    assert len(logged) == 1, logged
+    assert (logged[0]["file"], logged[0]["document"], logged[0]["outcome"]) == (
+        "mixed.yaml", 2, "fail_closed"), logged
+    # The bad DENY was for namespace default: everything to n2-a is denied now.
+    _assert_fails(lab, "n1-a", 80)
     _assert_fails(lab, "n1-b", 80)
+
+    # Moved to a namespace with no pods: only that scope fails closed, and document 1
+    # of the same file (deny team-b) is enforced as written.
+    mark = _log_mark(lab, "node2")
+    _write_atomic(lab.policy_dir / "mixed.yaml",
+                  DENY_TEAM_B + "\n---\n" + _bad_cidr("elsewhere"))
+    _wait_fail_closed(lab, mark, "elsewhere")
     _assert_ok(lab, "n1-a", 80)
+    _assert_fails(lab, "n1-b", 80)
 
 
 # -- 5 and 6: exact metrics and one access-log line per connection -----------------------
