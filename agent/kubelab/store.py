@@ -91,6 +91,18 @@ class Store:
             raise expired(rv, self.floor)
         return [e for e in self.history if e.rv > rv]
 
+    def inject_unvalidated(self, resource: Resource, obj: dict[str, Any]) -> None:
+        """Fault injection for tests: store and announce ``obj`` as MODIFIED (or ADDED)
+        without validation, as a buggy or newer API server might send it."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", "") if resource.namespaced else "", meta.get("name", ""))
+        old = self.objects.get(resource, {}).get(key)
+        self.rv += 1
+        if isinstance(meta, dict):
+            meta["resourceVersion"] = str(self.rv)
+        self.objects.setdefault(resource, {})[key] = obj
+        self._emit(resource, "MODIFIED" if old else "ADDED", obj, old)
+
     def compact(self) -> None:
         """Forget the history (as etcd compaction): older watches get 410 Expired."""
         self.history.clear()
