@@ -28,7 +28,7 @@ from kubernetes import client
 from agent.k8s.cache import ClusterCache, Delta
 from agent.k8s.convert import Converted, convert, convert_policies
 from agent.k8s.objects import Pod
-from agent.k8s.reconcile import Annotate, Enrolled, Plan, annotations, plan
+from agent.k8s.reconcile import Annotate, Enrolled, Plan, annotation_patches, plan
 from agent.k8s.rules import redirection_patch
 from agent.k8s.watch import ClusterWatch, Kind, WatchEvent
 from agent.policy.engine import PolicySet
@@ -124,17 +124,17 @@ class NodeController:
                          action.verdict.value if action.verdict else action.reason.value)
             except Exception as e:
                 failures.append(f"unenroll {action.key}: {e}")
-        for action in p.enroll:
+        for wanted in p.enroll:
             try:
-                await self.backend.enroll(action.pod)
-                log.info("enrolled %s", action.pod.key)
+                await self.backend.enroll(wanted.pod)
+                log.info("enrolled %s", wanted.pod.key)
             except Exception as e:
-                failures.append(f"enroll {action.pod.key}: {e}")
+                failures.append(f"enroll {wanted.pod.key}: {e}")
         for key, why in p.skipped:
             log.debug("left %s alone: %s", key, why.value)
         if self.annotator is not None and synced:
             now = await self.backend.enrolled()
-            for a in annotations(self.cache.node_pods, set(now), self.node):
+            for a in annotation_patches(self.cache.node_pods, set(now), self.node):
                 try:
                     await self.annotator.annotate(a)
                 except Exception as e:

@@ -166,7 +166,8 @@ def convert(pods: Iterable[Any], services: Iterable[Any], slices: Iterable[Any],
         try:
             return Converted(Model.build(workloads, model_services), tuple(problems))
         except ModelInvalid as invalid:
-            drop_w, drop_s = set(), set()
+            drop_w: set[int] = set()
+            drop_s: set[int] = set()
             for issue in invalid.issues:
                 problems.append(f"cluster model: {issue}; the entry is left out until the "
                                 "conflict is fixed in the cluster")

@@ -151,7 +151,7 @@ def plan(pods: Mapping[str, Pod], namespaces: Mapping[str, Namespace],
     return Plan(tuple(unenroll), tuple(enroll), tuple(skipped), verdicts)
 
 
-def annotations(pods: Mapping[str, Pod], enrolled: Collection[str], node: str
+def annotation_patches(pods: Mapping[str, Pod], enrolled: Collection[str], node: str
                 ) -> list[Annotate]:
     """The status-annotation patches that make the API agree with ``enrolled``."""
     out = []

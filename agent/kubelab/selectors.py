@@ -37,31 +37,43 @@ _EQ = re.compile(r"^([A-Za-z0-9_./-]+)\s*(==|=|!=)\s*([A-Za-z0-9_.-]*)$")
 _KEY = re.compile(r"^(!?)([A-Za-z0-9_./-]+)$")
 
 
-def label_selector(text: str | None) -> Callable[[Mapping[str, str]], bool]:
+LabelTest = Callable[[Mapping[str, str]], bool]
+
+
+def _term(term: str) -> LabelTest:
+    if m := _SET.match(term):
+        key, op = m.group(1), m.group(2)
+        values = {v.strip() for v in m.group(3).split(",")}
+        if op == "in":
+            def in_set(labels: Mapping[str, str]) -> bool:
+                return key in labels and labels[key] in values
+            return in_set
+
+        def not_in_set(labels: Mapping[str, str]) -> bool:
+            return key not in labels or labels[key] not in values
+        return not_in_set
+    if m := _EQ.match(term):
+        key, op, value = m.groups()
+        if op == "!=":
+            def not_equal(labels: Mapping[str, str]) -> bool:
+                return labels.get(key) != value
+            return not_equal
+
+        def equal(labels: Mapping[str, str]) -> bool:
+            return key in labels and labels[key] == value
+        return equal
+    if m := _KEY.match(term):
+        neg, key = m.groups()
+
+        def exists(labels: Mapping[str, str]) -> bool:
+            return (key in labels) != bool(neg)
+        return exists
+    raise SelectorError(f"unable to parse requirement: {term!r}")
+
+
+def label_selector(text: str | None) -> LabelTest:
     """Compile a label selector; :class:`SelectorError` on a bad one."""
-    tests: list[Callable[[Mapping[str, str]], bool]] = []
-    for term in _split_top(text or ""):
-        if m := _SET.match(term):
-            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
-            if op == "in":
-                tests.append(lambda labels, k=key, vs=values: k in labels and labels[k] in vs)
-            else:
-                tests.append(lambda labels, k=key, vs=values: labels.get(k) not in vs
-                             if k in labels else True)
-        elif m := _EQ.match(term):
-            key, op, value = m.groups()
-            if op == "!=":
-                tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
-            else:
-                tests.append(lambda labels, k=key, v=value: k in labels and labels[k] == v)
-        elif m := _KEY.match(term):
-            neg, key = m.groups()
-            if neg:
-                tests.append(lambda labels, k=key: k not in labels)
-            else:
-                tests.append(lambda labels, k=key: k in labels)
-        else:
-            raise SelectorError(f"unable to parse requirement: {term!r}")
+    tests = [_term(t) for t in _split_top(text or "")]
     return lambda labels: all(t(labels) for t in tests)
 
 
@@ -85,8 +97,9 @@ def field_selector(text: str | None) -> Predicate:
         if not m:
             raise SelectorError(f"invalid field selector: {term!r}")
         path, op, value = m.groups()
-        if op == "!=":
-            tests.append(lambda o, p=path, v=value: _field_value(o, p) != v)
-        else:
-            tests.append(lambda o, p=path, v=value: _field_value(o, p) == v)
+
+        def test(obj: Mapping[str, Any], path: str = path, value: str = value,
+                 negate: bool = op == "!=") -> bool:
+            return (_field_value(obj, path) == value) != negate
+        tests.append(test)
     return lambda obj: all(t(obj) for t in tests)

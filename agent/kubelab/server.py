@@ -164,7 +164,7 @@ class Api:
         if request.method == "GET" and name is None:
             if q.get("watch") in ("true", "1"):
                 return await self.watch(request, resource, namespace)
-            return self.list(request, resource, namespace)
+            return self.list_objects(request, resource, namespace)
         if name is None:
             if request.method == "POST":
                 body = await self._body(request)
@@ -196,7 +196,7 @@ class Api:
                     and labels(meta.get("labels") or {}) and fields(obj))
         return matches
 
-    def list(self, request: web.Request, resource: Resource,
+    def list_objects(self, request: web.Request, resource: Resource,
              namespace: str | None) -> web.Response:
         self.faults.lists += 1
         matches = self._matcher(request, namespace)

@@ -7,7 +7,7 @@ from agent.k8s.reconcile import (
     Enrolled,
     Skip,
     UnenrollReason,
-    annotations,
+    annotation_patches,
     plan,
 )
 from agent.k8s.rules import RedirectionStatus, Verdict
@@ -91,5 +91,5 @@ def test_annotations_follow_the_enrolled_set():
               mkpod("c", annotations={"ambient.istio.io/redirection": "enabled"}),
               mkpod("d", annotations={"ambient.istio.io/redirection": "weird"}),
               mkpod("far", node="n2", annotations={"ambient.istio.io/redirection": "enabled"}))
-    got = {(a.name, a.status) for a in annotations(ps, {"apps/a", "apps/c"}, "n1")}
+    got = {(a.name, a.status) for a in annotation_patches(ps, {"apps/a", "apps/c"}, "n1")}
     assert got == {("a", RedirectionStatus.ENABLED), ("b", None), ("d", None)}
