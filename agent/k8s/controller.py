@@ -18,6 +18,7 @@ cache and the backend's enrolled set, so nothing is half-applied or forgotten).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -174,19 +175,29 @@ class NodeController:
         next_full = loop.time() + full_every
         next_model = loop.time()
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            wait = max(0.0, min(next_full, next_model) - loop.time())
-            try:
-                event = await asyncio.wait_for(watch.queue.get(), timeout=wait)
-                await self.handle(event)
-            except TimeoutError:
-                pass
-            if loop.time() >= next_full:
-                await self.reconcile()
-                next_full = loop.time() + full_every
-            if loop.time() >= next_model:
-                await self._publish_model()
-                next_model = loop.time() + model_every
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                wait = max(0.0, min(next_full, next_model) - loop.time())
+                getter = asyncio.ensure_future(watch.queue.get())
+                done, _ = await asyncio.wait({getter, stopped}, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+                if not getter.cancelled():  # never drop an event taken off the queue
+                    await self.handle(getter.result())
+                if stop.is_set():
+                    break
+                if loop.time() >= next_full:
+                    await self.reconcile()
+                    next_full = loop.time() + full_every
+                if loop.time() >= next_model:
+                    await self._publish_model()
+                    next_model = loop.time() + model_every
+        finally:
+            stopped.cancel()
 
 
 def node_facts(cache: ClusterCache) -> dict[str, Any]:
