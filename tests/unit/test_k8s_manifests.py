@@ -119,3 +119,17 @@ def test_the_installed_plugin_runs_with_the_standard_library_only(tmp_path):
                             cwd=tmp_path, timeout=30, input="{}")
     assert result.returncode == 0, result.stderr
     assert "1.0.0" in json.loads(result.stdout)["supportedVersions"]
+
+
+def test_the_lab_api_server_is_never_imported_by_the_agent():
+    """agent/kubelab is for the lab and tests only (its docstring and README say so)."""
+    root = MANIFESTS.parents[1]
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("kubelab/", "bench/")):
+            continue
+        text = path.read_text()
+        if "agent.kubelab" in text or "from agent import kubelab" in text:
+            offenders.append(rel)
+    assert offenders == []
