@@ -30,6 +30,8 @@ class Delta:
     # namespaces whose labels changed (their pods are re-judged)
     namespaces: set[str] = field(default_factory=set)
     relisted: bool = False
+    # objects that could not be read (their last good version was kept)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -82,6 +84,7 @@ class ClusterCache:
         key = object_key(obj)
         if isinstance(parsed, ObjectProblem):
             self.problems.append(str(parsed))
+            delta.problems.append(str(parsed))
             return key or None
         before = self._labels(kind, key)
         self._store(kind, key, obj, parsed)

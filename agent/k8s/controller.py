@@ -92,6 +92,8 @@ class NodeController:
 
     async def handle(self, event: WatchEvent) -> PassResult | None:
         delta = self.cache.apply(event)
+        for problem in delta.problems:
+            log.warning("%s", problem)
         if delta.kind in MODEL_KINDS and not delta.empty:
             self.model_dirty = True
         if delta.kind not in (Kind.NODE_PODS, Kind.NAMESPACES) or delta.empty:
