@@ -153,14 +153,10 @@ async def _measure(url: str, reps: int, node_pods: int = PODS // NODES) -> dict[
         for _ in range(reps):
             for value, want in (("ambient", node_pods), (None, 0)):
                 t = time.monotonic()
-                # kubectl label sends a merge patch; the client drops a None value,
-                # so the unlabel goes as a JSON patch "remove".
-                if value:
-                    body: Any = {"metadata": {"labels": {"istio.io/dataplane-mode": value}}}
-                    ctype = "application/merge-patch+json"
-                else:
-                    body = [{"op": "remove", "path": "/metadata/labels/istio.io~1dataplane-mode"}]
-                    ctype = "application/json-patch+json"
+                # what `kubectl label namespace bench istio.io/dataplane-mode=ambient`
+                # (and `istio.io/dataplane-mode-`) sends: a JSON merge patch
+                body = {"metadata": {"labels": {"istio.io/dataplane-mode": value}}}
+                ctype = "application/merge-patch+json"
                 await asyncio.to_thread(core.patch_namespace, "bench", body, _content_type=ctype)
                 while len(backend.pods) != want:
                     await asyncio.sleep(0.001)
