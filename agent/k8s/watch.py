@@ -209,6 +209,7 @@ class Watcher:
         self.connect_timeout, self.read_slack = connect_timeout, read_slack
         self.backoff = backoff or Backoff()
         self.resource_version: str | None = None
+        self._listed_rv: str | None = None
         self.relists = 0
         self._response: Any = None
         self._lock = threading.Lock()
@@ -289,6 +290,14 @@ class Watcher:
         self.emit(WatchFailed(self.target.kind, code, message, delay))
         self.stop_event.wait(delay)
 
+    def _expired(self, why: str) -> None:
+        """410: relist at once; a 410 again right after a relist backs off first (a
+        server that expires every watch must not be hammered with lists)."""
+        log.info("%s: %s; relisting", self.target.plural, why)
+        if self.resource_version is not None and self.resource_version == self._listed_rv:
+            self.stop_event.wait(self.backoff.next())
+        self.resource_version = None
+
     def run(self) -> None:
         """The loop (see the module docstring); returns when ``stop`` is set."""
         last_list = 0.0
@@ -297,17 +306,17 @@ class Watcher:
                 now = time.monotonic()
                 if self.resource_version is None or now - last_list >= self.resync_period:
                     self.resource_version = self.list()
+                    self._listed_rv = self.resource_version
                     last_list = time.monotonic()
-                    self.backoff.reset()
                 budget = self.resync_period - (time.monotonic() - last_list)
                 self.watch(self.resource_version, budget)
-                self.backoff.reset()
+                if self.resource_version != self._listed_rv:
+                    self.backoff.reset()
             except Expired as e:
-                log.info("%s: %s; relisting", self.target.plural, e)
-                self.resource_version = None
+                self._expired(str(e))
             except ApiException as e:
                 if e.status == 410:
-                    self.resource_version = None
+                    self._expired(str(e.reason))
                     continue
                 self._failed(e.status, str(e.reason))
             except Exception as e:  # network errors, broken streams, bad JSON

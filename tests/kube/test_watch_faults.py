@@ -203,3 +203,15 @@ def test_backoff_is_bounded_and_jittered():
     assert len(set(delays)) == len(delays)
     b.reset()
     assert b.next() <= 0.2
+
+
+def test_a_server_expiring_every_watch_is_relisted_with_backoff_and_converges(kubelab,
+                                                                             run_watcher):
+    kubelab.apply(pod("a"))
+    kubelab.faults.expire_watches = 4
+    running = run_watcher()
+    running.until(lambda: kubelab.faults.expire_watches == 0 and running.watcher.relists == 5,
+                  "four 410s, five lists")
+    assert running.watcher.backoff.attempt >= 3  # backed off between the relists
+    kubelab.apply(pod("b"))
+    running.until(lambda: cache_pods(running) == server_pods(kubelab), "the watch after them")
