@@ -28,7 +28,6 @@ whole model.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from agent.k8s.objects import (
     EndpointSlice,
     ObjectProblem,
     Pod,
+    parse_ip,
     read_endpoint_slice,
     read_pod,
     read_service,
@@ -89,7 +89,7 @@ def _workload(pod: Pod, cluster_id: str, network: str,
     return Workload(
         uid=workload_uid(cluster_id, pod.meta.namespace, pod.meta.name),
         name=pod.meta.name, namespace=pod.meta.namespace,
-        workload_ips=tuple(ipaddress.ip_address(ip) for ip in pod.ips),
+        workload_ips=tuple(parse_ip(ip) for ip in pod.ips),
         service_account=pod.service_account, network=network,
         protocol=InboundProtocol.HBONE if hbone else InboundProtocol.TCP,
         network_mode=NetworkMode.HOST_NETWORK if pod.host_network else NetworkMode.STANDARD,
@@ -112,7 +112,7 @@ def _service(svc: KService, domain: str, network: str) -> Service:
     return Service(
         name=svc.meta.name, namespace=svc.meta.namespace,
         hostname=f"{svc.meta.name}.{svc.meta.namespace}.svc.{domain}",
-        vips=tuple(NetworkAddress(network, ipaddress.ip_address(ip)) for ip in svc.cluster_ips),
+        vips=tuple(NetworkAddress(network, parse_ip(ip)) for ip in svc.cluster_ips),
         ports=port_map((p.port, p.target_port) for p in svc.ports if p.protocol == "TCP"),
         load_balancer=load_balancer_for(distribution) if distribution else None)
 
