@@ -49,6 +49,15 @@ else
   log "apt packages present"
 fi
 
+# kubectl for the Kubernetes tests (the lab API server is held to it). The image
+# ships a recent one; elsewhere Debian's kubernetes-client (older: kubectl apply
+# there validates against OpenAPI v2, which the lab server does not serve).
+if ! command -v kubectl >/dev/null; then
+  log "installing kubectl (Debian kubernetes-client)"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends kubernetes-client
+fi
+
 # --- kernel headers for bcc ------------------------------------------------
 KREL="$(uname -r)"
 MODDIR="/lib/modules/$KREL"
