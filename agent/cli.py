@@ -40,7 +40,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     logs.configure(log_level, json=json_logs)
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
-    if ctx.invoked_subcommand not in ("lab",):
+    if ctx.invoked_subcommand not in ("lab", "model"):
         ctx.obj["config"] = _load_config(config_path)
 
 
@@ -290,6 +290,15 @@ def policy_validate(ctx: click.Context, policy_dir: str | None) -> None:
     cfg: config_mod.Config = ctx.obj["config"]
     policies = _load(policy_dir or cfg.tunnel.policy_dir, cfg.tunnel.root_namespace)
     click.echo(f"{len(policies.policies)} policies valid")
+
+
+def _add_model() -> None:
+    from agent.model.commands import model_group
+
+    main.add_command(model_group)
+
+
+_add_model()
 
 
 def _add_lab() -> None:

@@ -23,6 +23,9 @@ APT_PACKAGES=(
   nghttp2-proxy
   # The Vagrant lab's Vagrantfile is validated in the test suite (no VM boots).
   vagrant vagrant-libvirt
+  # The DNS proxy's interop tests: dnsmasq as the upstream resolver, dig as a client.
+  dnsmasq-base
+  bind9-dnsutils
 )
 
 missing=()

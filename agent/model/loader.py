@@ -1,0 +1,614 @@
+"""Read and write the cluster model in ztunnel's local-config YAML (pure, plus file I/O).
+
+The format is what ztunnel reads from ``LOCAL_XDS_PATH``: istio/ztunnel src/xds.rs ::
+``LocalConfig`` (``workloads``, ``policies``, ``services``), whose workloads are
+``LocalWorkload`` (a flattened src/state/workload.rs :: ``Workload`` plus a
+``services`` map ``"namespace/hostname" -> {servicePort: targetPort}``) and whose
+services are src/state/service.rs :: ``Service``. Field names are serde's camelCase of
+those structs, enum values their variant names, and fields ztunnel requires (no
+``#[serde(default)]``) are required here too, so a file this module accepts or writes
+is one ztunnel accepts (see examples/localhost.yaml, copied in tests/unit/data/).
+
+Stricter than ztunnel, on purpose (never half-understood, never widened):
+
+- unknown fields are refused everywhere (ztunnel's ``LocalWorkload`` flattens
+  ``Workload`` with ``#[serde(flatten)]``, and serde documents
+  ``deny_unknown_fields`` as unsupported together with flatten, so ztunnel may let
+  unknown workload fields through);
+- fields we cannot honour are refused when set: waypoints, network gateways,
+  ``cidrVips``, application tunnels, native tunnels, hostname-only workloads, and
+  ztunnel-format ``policies`` (enforcing none of them would open access: write
+  AuthorizationPolicy YAML under ``tunnel.policy_dir`` instead);
+- a uid is required and unique, VIPs are unique across services and never a workload
+  address, ports are 1..65535 (a service's target port may be 0: "per endpoint", how
+  Istio sends a named targetPort), duplicate YAML keys are refused.
+
+Every problem is reported with file, field path and entry, e.g.::
+
+    model.yaml: services[1].ports.80 (service default/web.default.svc.cluster.local):
+    target port 70000 is not in 0..65535
+
+:class:`ModelWatcher` re-reads the file when it changes and keeps the last good model
+in force when the new one is bad or the file is gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from agent.model.types import (
+    Endpoint,
+    HealthPolicy,
+    HealthStatus,
+    InboundProtocol,
+    IpFamily,
+    LoadBalancer,
+    LoadBalancerMode,
+    LoadBalancerScope,
+    Locality,
+    Model,
+    ModelInvalid,
+    ModelIssue,
+    NamespacedHostname,
+    NetworkAddress,
+    NetworkMode,
+    PortMap,
+    Service,
+    ServiceBinding,
+    Visibility,
+    Workload,
+)
+
+# Field names as ztunnel's serde derives them (camelCase of the Rust field names).
+TOP_FIELDS = ("workloads", "policies", "services")
+WORKLOAD_FIELDS = (
+    "uid", "name", "namespace", "serviceAccount", "trustDomain", "workloadIps", "protocol",
+    "networkMode", "network", "node", "hostname", "canonicalName", "canonicalRevision",
+    "workloadName", "workloadType", "clusterId", "locality", "status", "capacity",
+    "authorizationPolicies", "services", "waypoint", "networkGateway", "nativeTunnel",
+    "applicationTunnel",
+)
+WORKLOAD_REQUIRED = ("namespace", "workloadIps", "services")
+SERVICE_FIELDS = (
+    "name", "namespace", "hostname", "vips", "ports", "endpoints", "subjectAltNames",
+    "loadBalancer", "ipFamilies", "canonical", "visibility", "cidrVips", "waypoint",
+    "weightedWaypoints",
+)
+SERVICE_REQUIRED = ("name", "namespace", "hostname", "vips", "ports")
+ENDPOINT_FIELDS = ("workloadUid", "port", "status")
+LOAD_BALANCER_FIELDS = ("routingPreferences", "mode", "healthPolicy")
+LOCALITY_FIELDS = ("region", "zone", "subzone")
+# Known to ztunnel, not supported here: refused unless absent/empty/false.
+UNSUPPORTED_WORKLOAD_FIELDS = {
+    "waypoint": "waypoints are not supported",
+    "networkGateway": "network gateways (multi-network) are not supported",
+    "nativeTunnel": "native tunnel workloads are not supported",
+    "applicationTunnel": "application tunnels (PROXY protocol) are not supported",
+}
+UNSUPPORTED_SERVICE_FIELDS = {
+    "cidrVips": "CIDR VIPs are not supported; list each VIP in vips",
+    "waypoint": "waypoints are not supported",
+    "weightedWaypoints": "waypoints are not supported",
+}
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_HOST_LABEL = re.compile(r"^([a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?|\*)$", re.IGNORECASE)
+
+E = TypeVar("E", bound=Enum)
+
+
+class ModelLoadError(Exception):
+    """A model file is bad; ``issues`` lists every problem found."""
+
+    def __init__(self, file: str, issues: Iterable[ModelIssue]) -> None:
+        self.file = file
+        self.issues = tuple(issues)
+        super().__init__("\n".join(f"{file}: {i}" for i in self.issues))
+
+
+class _Invalid(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently;
+    serde_yaml refuses them)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                       deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in result
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable mapping key {key!r}", key_node.start_mark) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=deep)
+    return result
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_mapping)
+
+
+# -- field helpers ------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _mapping(value: Any, path: str, allowed: Iterable[str],
+             required: Iterable[str] = ()) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping, not {_type_name(value)}")
+    allowed = tuple(allowed)
+    for key in value:
+        if key not in allowed:
+            raise _Invalid(f"{path}.{key}" if path else str(key),
+                           f"unknown field (known: {', '.join(allowed)})")
+    for key in required:
+        if key not in value:
+            raise _Invalid(f"{path}.{key}" if path else key, "required field is missing")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Invalid(path, f"must be a list, not {_type_name(value)}")
+    return value
+
+
+def _string(value: Any, path: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(path, f"must be a string, not {_type_name(value)}")
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _Invalid(path, f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _int(value: Any, path: str, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"{what} must be an integer, not {_type_name(value)} {value!r}")
+    if not low <= value <= high:
+        raise _Invalid(path, f"{what} {value} is not in {low}..{high}")
+    return value
+
+
+def _enum(cls: type[E], value: Any, path: str) -> E:
+    names = ", ".join(str(m.value) for m in cls)
+    if not isinstance(value, str):
+        raise _Invalid(path, f"must be one of {names}, not {_type_name(value)}")
+    for member in cls:
+        if member.value == value:
+            return member
+    raise _Invalid(path, f"{value!r} is not one of {names}")
+
+
+def _ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if not isinstance(value, str):
+        raise _Invalid(path, f"must be an IP address string, not {_type_name(value)}")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise _Invalid(path, f"{value!r} is not an IP address") from None
+
+
+def _namespace(value: Any, path: str) -> str:
+    text = _string(value, path)
+    if not _DNS_LABEL.match(text):
+        raise _Invalid(path, f"{text!r} is not a namespace (a DNS label: lower-case "
+                             "letters, digits and '-', at most 63)")
+    return text
+
+
+def _hostname(value: Any, path: str) -> str:
+    text = _string(value, path)
+    labels = text.split(".")
+    if (not text or len(text) > 253 or not all(_HOST_LABEL.match(label) for label in labels)
+            or "*" in labels[1:]):
+        raise _Invalid(path, f"{text!r} is not a hostname (DNS labels separated by '.', "
+                             "'*' only as the first label)")
+    return text
+
+
+def _port_map(value: Any, path: str, target_low: int) -> PortMap:
+    """``{servicePort: targetPort}`` with integer keys, as serde's ``HashMap<u16, u16>``."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping of service port to target port, not "
+                             f"{_type_name(value)}")
+    pairs = []
+    for key, target in value.items():
+        service_port = _int(key, f"{path}.{key}", 1, 65535, "service port")
+        pairs.append((service_port, _int(target, f"{path}.{key}", target_low, 65535,
+                                         "target port")))
+    return tuple(sorted(pairs))
+
+
+def _unsupported(data: Mapping[str, Any], path: str, table: Mapping[str, str]) -> None:
+    for key, why in table.items():
+        if data.get(key) not in (None, False, [], {}):
+            raise _Invalid(f"{path}.{key}", f"{why} by meshagent; remove the field")
+
+
+# -- parsing ------------------------------------------------------------------
+
+def _parse_locality(value: Any, path: str) -> Locality:
+    if value is None:
+        return Locality()
+    # ztunnel's Locality has no serde defaults: all three are required.
+    data = _mapping(value, path, LOCALITY_FIELDS, LOCALITY_FIELDS)
+    return Locality(*(_string(data[k], f"{path}.{k}") for k in LOCALITY_FIELDS))
+
+
+def parse_workload(value: Any, path: str) -> Workload:
+    """One ``workloads[]`` entry -> Workload; raises _Invalid."""
+    data = _mapping(value, path, WORKLOAD_FIELDS)
+    uid = _string(data.get("uid"), f"{path}.uid")
+    if not uid:
+        raise _Invalid(f"{path}.uid", "required: a unique id such as "
+                                      "cluster1//v1/Pod/<namespace>/<name>")
+    for key in WORKLOAD_REQUIRED:
+        if key not in data:
+            raise _Invalid(f"{path}.{key}", "required field is missing (ztunnel requires it)")
+    _unsupported(data, path, UNSUPPORTED_WORKLOAD_FIELDS)
+    ips = tuple(_ip(v, f"{path}.workloadIps[{i}]")
+                for i, v in enumerate(_list(data["workloadIps"], f"{path}.workloadIps")))
+    if len(set(ips)) != len(ips):
+        raise _Invalid(f"{path}.workloadIps", "lists an address twice")
+    hostname = _string(data.get("hostname"), f"{path}.hostname")
+    if not ips:
+        raise _Invalid(f"{path}.workloadIps",
+                       "a workload needs at least one address (workloads reached by "
+                       "hostname alone are not supported)")
+    services_value = data["services"]
+    if services_value is not None and not isinstance(services_value, dict):
+        raise _Invalid(f"{path}.services", "must be a mapping of \"namespace/hostname\" to "
+                                           f"ports, not {_type_name(services_value)}")
+    bindings = []
+    for key, ports in (services_value or {}).items():
+        key_path = f"{path}.services.{key}"
+        if not isinstance(key, str):
+            raise _Invalid(key_path, "the key must be \"namespace/hostname\"")
+        try:
+            service = NamespacedHostname.parse(key)
+        except ValueError as error:
+            raise _Invalid(key_path, str(error)) from None
+        _namespace(service.namespace, key_path)
+        _hostname(service.hostname, key_path)
+        bindings.append(ServiceBinding(service, _port_map(ports, key_path, 1)))
+    authz = tuple(_string(v, f"{path}.authorizationPolicies[{i}]") for i, v in
+                  enumerate(_list(data.get("authorizationPolicies"),
+                                  f"{path}.authorizationPolicies")))
+    capacity = data.get("capacity", 1)
+    return Workload(
+        uid=uid,
+        name=_string(data.get("name"), f"{path}.name"),
+        namespace=_namespace(data["namespace"], f"{path}.namespace"),
+        workload_ips=ips,
+        service_account=_string(data.get("serviceAccount"), f"{path}.serviceAccount"),
+        trust_domain=_string(data.get("trustDomain"), f"{path}.trustDomain"),
+        network=_string(data.get("network"), f"{path}.network"),
+        protocol=_enum(InboundProtocol, data.get("protocol", "TCP"), f"{path}.protocol"),
+        network_mode=_enum(NetworkMode, data.get("networkMode", "Standard"),
+                           f"{path}.networkMode"),
+        node=_string(data.get("node"), f"{path}.node"),
+        hostname=hostname,
+        canonical_name=_string(data.get("canonicalName"), f"{path}.canonicalName"),
+        canonical_revision=_string(data.get("canonicalRevision"), f"{path}.canonicalRevision"),
+        workload_name=_string(data.get("workloadName"), f"{path}.workloadName"),
+        workload_type=_string(data.get("workloadType"), f"{path}.workloadType"),
+        cluster_id=_string(data.get("clusterId"), f"{path}.clusterId"),
+        locality=_parse_locality(data.get("locality"), f"{path}.locality"),
+        status=_enum(HealthStatus, data.get("status", "Healthy"), f"{path}.status"),
+        capacity=_int(capacity, f"{path}.capacity", 0, 2**32 - 1, "capacity"),
+        authorization_policies=authz,
+        services=tuple(sorted(bindings, key=lambda b: b.service)),
+    )
+
+
+def _parse_load_balancer(value: Any, path: str) -> LoadBalancer | None:
+    if value is None:
+        return None
+    data = _mapping(value, path, LOAD_BALANCER_FIELDS, LOAD_BALANCER_FIELDS)
+    scopes = tuple(_enum(LoadBalancerScope, v, f"{path}.routingPreferences[{i}]")
+                   for i, v in enumerate(_list(data["routingPreferences"],
+                                               f"{path}.routingPreferences")))
+    return LoadBalancer(scopes, _enum(LoadBalancerMode, data["mode"], f"{path}.mode"),
+                        _enum(HealthPolicy, data["healthPolicy"], f"{path}.healthPolicy"))
+
+
+def _parse_endpoints(value: Any, path: str) -> tuple[Endpoint, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _Invalid(path, f"must be a mapping of workload uid to endpoint, not "
+                             f"{_type_name(value)}")
+    out = []
+    for uid, entry in value.items():
+        entry_path = f"{path}.{uid}"
+        data = _mapping(entry, entry_path, ENDPOINT_FIELDS, ENDPOINT_FIELDS)
+        workload_uid = _string(data["workloadUid"], f"{entry_path}.workloadUid")
+        if workload_uid != uid:
+            raise _Invalid(f"{entry_path}.workloadUid",
+                           f"{workload_uid!r} differs from the key {uid!r}")
+        out.append(Endpoint(workload_uid, _port_map(data["port"], f"{entry_path}.port", 1),
+                            _enum(HealthStatus, data["status"], f"{entry_path}.status")))
+    return tuple(sorted(out, key=lambda e: e.workload_uid))
+
+
+def parse_service(value: Any, path: str) -> Service:
+    """One ``services[]`` entry -> Service; raises _Invalid."""
+    data = _mapping(value, path, SERVICE_FIELDS, SERVICE_REQUIRED)
+    _unsupported(data, path, UNSUPPORTED_SERVICE_FIELDS)
+    vips = []
+    for i, item in enumerate(_list(data["vips"], f"{path}.vips")):
+        vip_path = f"{path}.vips[{i}]"
+        if not isinstance(item, str):
+            raise _Invalid(vip_path, f"must be a \"network/IP\" string, not {_type_name(item)}")
+        try:
+            vips.append(NetworkAddress.parse(item))
+        except ValueError as error:
+            raise _Invalid(vip_path, str(error)) from None
+    if len(set(vips)) != len(vips):
+        raise _Invalid(f"{path}.vips", "lists a VIP twice")
+    ports = _port_map(data["ports"], f"{path}.ports", 0)
+    if not ports:
+        raise _Invalid(f"{path}.ports", "a service needs at least one port")
+    families = data.get("ipFamilies")
+    return Service(
+        name=_string(data["name"], f"{path}.name") or _raise(f"{path}.name", "must not be empty"),
+        namespace=_namespace(data["namespace"], f"{path}.namespace"),
+        hostname=_hostname(data["hostname"], f"{path}.hostname"),
+        vips=tuple(vips),
+        ports=ports,
+        endpoints=_parse_endpoints(data.get("endpoints"), f"{path}.endpoints"),
+        subject_alt_names=tuple(_string(v, f"{path}.subjectAltNames[{i}]") for i, v in
+                                enumerate(_list(data.get("subjectAltNames"),
+                                                f"{path}.subjectAltNames"))),
+        load_balancer=_parse_load_balancer(data.get("loadBalancer"), f"{path}.loadBalancer"),
+        ip_families=None if families is None else _enum(IpFamily, families,
+                                                        f"{path}.ipFamilies"),
+        canonical=_bool(data.get("canonical"), f"{path}.canonical"),
+        visibility=_enum(Visibility, data.get("visibility", "Public"), f"{path}.visibility"),
+    )
+
+
+def _raise(path: str, problem: str) -> str:
+    raise _Invalid(path, problem)
+
+
+def _entry_name(kind: str, value: Any) -> str:
+    if isinstance(value, dict):
+        if kind == "workload" and isinstance(value.get("uid"), str):
+            return f"workload {value['uid']}"
+        if kind == "service" and isinstance(value.get("hostname"), str):
+            return f"service {value.get('namespace')}/{value['hostname']}"
+    return ""
+
+
+def parse_model(data: Any, file_label: str, *, allow_foreign_policies: bool = False) -> Model:
+    """A parsed YAML document -> Model; raise :class:`ModelLoadError` with every problem."""
+    issues: list[ModelIssue] = []
+    if data is None:
+        data = {}
+    try:
+        top = _mapping(data, "", TOP_FIELDS)
+    except _Invalid as bad:
+        raise ModelLoadError(file_label, [ModelIssue(bad.path, bad.problem)]) from None
+    workloads: list[Workload] = []
+    services: list[Service] = []
+    sections: list[tuple[str, str, Callable[[Any, str], Any], list[Any]]] = [
+        ("workloads", "workload", parse_workload, workloads),
+        ("services", "service", parse_service, services)]
+    for key, kind, parse, out in sections:
+        try:
+            entries = _list(top.get(key), key)
+        except _Invalid as bad:
+            issues.append(ModelIssue(bad.path, bad.problem))
+            continue
+        for i, entry in enumerate(entries):
+            try:
+                out.append(parse(entry, f"{key}[{i}]"))
+            except _Invalid as bad:
+                issues.append(ModelIssue(bad.path, bad.problem, _entry_name(kind, entry)))
+    policies: list[Any] = []
+    try:
+        policies = _list(top.get("policies"), "policies")
+    except _Invalid as bad:
+        issues.append(ModelIssue(bad.path, bad.problem))
+    if policies and not allow_foreign_policies:
+        issues.append(ModelIssue(
+            "policies", f"{len(policies)} ztunnel-format authorization policies: meshagent "
+            "does not enforce these, and ignoring them would allow what they deny; remove "
+            "them and write AuthorizationPolicy YAML under tunnel.policy_dir"))
+    if issues:
+        raise ModelLoadError(file_label, issues)
+    try:
+        return Model.build(workloads, services, policies)
+    except ModelInvalid as invalid:
+        raise ModelLoadError(file_label, invalid.issues) from None
+
+
+def load_model_text(text: str, file_label: str = "<model>", *,
+                    allow_foreign_policies: bool = False) -> Model:
+    """YAML text -> Model; raise :class:`ModelLoadError`."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ModelLoadError(file_label, [ModelIssue(where, f"not valid YAML: {problem}")]) \
+            from None
+    return parse_model(data, file_label, allow_foreign_policies=allow_foreign_policies)
+
+
+def load_model_file(path: str | os.PathLike[str], *,
+                    allow_foreign_policies: bool = False) -> Model:
+    """Read and parse a model file; raise :class:`ModelLoadError` (I/O errors included)."""
+    label = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(label, [ModelIssue("", f"cannot read the file: {error}")]) \
+            from None
+    return load_model_text(text, label, allow_foreign_policies=allow_foreign_policies)
+
+
+# -- writing ------------------------------------------------------------------
+
+def _ports_out(ports: PortMap) -> dict[int, int]:
+    return dict(ports)
+
+
+def workload_to_yaml(w: Workload) -> dict[str, Any]:
+    """ztunnel's LocalWorkload fields; defaults are left out where ztunnel has a default."""
+    out: dict[str, Any] = {"uid": w.uid, "name": w.name, "namespace": w.namespace}
+    optional = (("serviceAccount", w.service_account), ("trustDomain", w.trust_domain))
+    out.update({k: v for k, v in optional if v})
+    out["workloadIps"] = [str(ip) for ip in w.workload_ips]
+    out["protocol"] = w.protocol.value
+    if w.network_mode is not NetworkMode.STANDARD:
+        out["networkMode"] = w.network_mode.value
+    for key, value in (("network", w.network), ("node", w.node), ("hostname", w.hostname),
+                       ("canonicalName", w.canonical_name),
+                       ("canonicalRevision", w.canonical_revision),
+                       ("workloadName", w.workload_name), ("workloadType", w.workload_type),
+                       ("clusterId", w.cluster_id)):
+        if value:
+            out[key] = value
+    if w.locality != Locality():
+        out["locality"] = {"region": w.locality.region, "zone": w.locality.zone,
+                           "subzone": w.locality.subzone}
+    if w.status is not HealthStatus.HEALTHY:
+        out["status"] = w.status.value
+    if w.capacity != 1:
+        out["capacity"] = w.capacity
+    if w.authorization_policies:
+        out["authorizationPolicies"] = list(w.authorization_policies)
+    out["services"] = {str(b.service): _ports_out(b.ports) for b in w.services}
+    return out
+
+
+def service_to_yaml(s: Service) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": s.name, "namespace": s.namespace, "hostname": s.hostname,
+                           "vips": [str(v) for v in s.vips], "ports": _ports_out(s.ports)}
+    if s.endpoints:
+        out["endpoints"] = {ep.workload_uid: {"workloadUid": ep.workload_uid,
+                                              "port": _ports_out(ep.ports),
+                                              "status": ep.status.value}
+                            for ep in s.endpoints}
+    if s.subject_alt_names:
+        out["subjectAltNames"] = list(s.subject_alt_names)
+    if s.load_balancer is not None:
+        lb = s.load_balancer
+        out["loadBalancer"] = {"routingPreferences": [p.value for p in lb.routing_preferences],
+                               "mode": lb.mode.value, "healthPolicy": lb.health_policy.value}
+    if s.ip_families is not None:
+        out["ipFamilies"] = s.ip_families.value
+    if s.canonical:
+        out["canonical"] = True
+    if s.visibility is not Visibility.PUBLIC:
+        out["visibility"] = s.visibility.value
+    return out
+
+
+def model_to_yaml(model: Model) -> str:
+    """The model as ztunnel local-config YAML (LOCAL_XDS_PATH)."""
+    doc: dict[str, Any] = {"workloads": [workload_to_yaml(w) for w in model.workloads]}
+    if model.foreign_policies:
+        doc["policies"] = list(model.foreign_policies)
+    doc["services"] = [service_to_yaml(s) for s in model.services]
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+# -- watching -------------------------------------------------------------------
+
+class ReloadOutcome(Enum):
+    LOADED = "loaded"            # a new model is in force
+    UNCHANGED = "unchanged"      # the file did not change
+    REJECTED = "rejected"        # the file is bad; the last good model stays
+    MISSING = "missing"          # the file is gone; the last good model stays
+
+
+Fingerprint = tuple[int, int, int, int]
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> Fingerprint | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class ModelWatcher:
+    """Holds the model in force and reloads it from ``path`` when the file changes.
+
+    No thread or loop of its own: call :meth:`poll` periodically. Until a first good
+    load, ``model`` is the empty model. ``generation`` counts accepted models.
+    Side effects: reads the file (stat on every poll, a full read when it changed).
+    """
+
+    path: str
+    allow_foreign_policies: bool = False
+
+    def __post_init__(self) -> None:
+        self.model: Model = Model.build((), ())
+        self.generation = 0
+        self.error: ModelLoadError | None = None
+        self._fingerprint: Fingerprint | None = None
+        self._seen_missing = False
+
+    def poll(self) -> ReloadOutcome:
+        fingerprint = file_fingerprint(self.path)
+        if fingerprint is None:
+            self._fingerprint = None
+            self._seen_missing = True
+            return ReloadOutcome.MISSING
+        if fingerprint == self._fingerprint:
+            return ReloadOutcome.UNCHANGED
+        self._fingerprint = fingerprint
+        try:
+            model = load_model_file(self.path,
+                                    allow_foreign_policies=self.allow_foreign_policies)
+        except ModelLoadError as error:
+            self.error = error
+            return ReloadOutcome.REJECTED
+        self.model = model
+        self.error = None
+        self.generation += 1
+        return ReloadOutcome.LOADED
