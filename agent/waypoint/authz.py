@@ -288,7 +288,7 @@ def _strings(value: Any, where: str) -> list[str]:
     if not value:
         raise PolicyInvalid(f"{where}: must not be empty")
     for v in value:
-        if "*" in v.strip("*") or v.count("*") > 1 and v != "*":
+        if "*" in v.strip("*") or (v.count("*") > 1 and v != "*"):
             raise PolicyInvalid(f"{where}: {v!r}: '*' only at the start or the end")
     return value
 

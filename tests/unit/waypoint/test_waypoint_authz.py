@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (a table: one case per line reads best)
 """L7 authorization as a table, from Istio's documented semantics (AuthorizationPolicy
 reference, "Authorization Policy" concept page) and the builder code cited in
 agent/waypoint/authz.py."""
