@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+HTTP_KINDS = frozenset({"host", "method", "path", "header"})
 
 DENIED_STATUS = 403
 DENIED_BODY = b"RBAC: access denied"
@@ -123,6 +124,9 @@ class Request:
     remote_ip: str | None = None
     destination_ip: str | None = None
     headers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # False for TCP passthrough: HTTP attributes cannot be seen (Istio's TCP filter
+    # chain: an ALLOW rule using them never matches, a DENY rule drops them).
+    http: bool = True
 
     @property
     def path_only(self) -> str:
@@ -179,7 +183,9 @@ class Predicate:
             return bool(value.matches(request.header(self.arg)))
         raise AssertionError(f"unknown predicate {k}")
 
-    def matches(self, request: Request) -> bool:
+    def matches(self, request: Request, deny: bool = False) -> bool:
+        if not request.http and self.kind in HTTP_KINDS:
+            return deny
         if self.values and not any(self._one(request, v) for v in self.values):
             return False
         return not any(self._one(request, v) for v in self.not_values)
@@ -193,8 +199,8 @@ class Clause:
     predicates: tuple[Predicate, ...] = ()
     never: bool = False
 
-    def matches(self, request: Request) -> bool:
-        return not self.never and all(p.matches(request) for p in self.predicates)
+    def matches(self, request: Request, deny: bool = False) -> bool:
+        return not self.never and all(p.matches(request, deny) for p in self.predicates)
 
 
 @dataclass(frozen=True)
@@ -204,14 +210,14 @@ class Rule:
     conditions: tuple[Clause, ...] = ()  # AND
     never: bool = False
 
-    def matches(self, request: Request) -> bool:
+    def matches(self, request: Request, deny: bool = False) -> bool:
         if self.never:
             return False
-        if self.sources and not any(c.matches(request) for c in self.sources):
+        if self.sources and not any(c.matches(request, deny) for c in self.sources):
             return False
-        if self.operations and not any(c.matches(request) for c in self.operations):
+        if self.operations and not any(c.matches(request, deny) for c in self.operations):
             return False
-        return all(c.matches(request) for c in self.conditions)
+        return all(c.matches(request, deny) for c in self.conditions)
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,8 @@ class Policy:
         return f"{self.namespace}/{self.name}"
 
     def matches(self, request: Request) -> bool:
-        return any(r.matches(request) for r in self.rules)
+        deny = self.action is Action.DENY
+        return any(r.matches(request, deny) for r in self.rules)
 
 
 @dataclass(frozen=True)

@@ -259,3 +259,15 @@ def test_garbage_documents_never_widen() -> None:
                                                           name="g2")):
         policies, _ = compile_documents([allow_get, garbage])
         assert evaluate(policies, SCOPE, req("POST")).verdict is D
+
+
+def test_tcp_passthrough_sees_only_l4_attributes() -> None:
+    tcp = Request("", "", "", 5432, ALICE, "10.0.0.5", "10.0.0.5", "10.96.0.10", http=False)
+    allow_get = doc({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})
+    assert verdict([allow_get], tcp) is D  # an HTTP-only ALLOW never matches TCP
+    deny_get_from_front = doc({"action": "DENY", "rules": [{
+        "from": [{"source": {"namespaces": ["front"]}}],
+        "to": [{"operation": {"methods": ["GET"]}}]}]})
+    assert verdict([deny_get_from_front], tcp) is D  # the method is dropped: denies more
+    allow_ns = doc({"rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]})
+    assert verdict([allow_ns], tcp) is A
