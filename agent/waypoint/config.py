@@ -212,9 +212,9 @@ def build_state(model: Model, docs: Iterable[dict[str, Any]], me: tuple[str, str
         for ip in wl.workload_ips:
             for port in ports:
                 target = next((t for s in wl.services for p, t in s.ports if p == port), port)
-                svc = model.service(next(s.service for s in wl.services
-                                         if any(p == port for p, _ in s.ports)))
-                doc = svc_docs.get((svc.namespace, svc.name), {}) if svc else {}
+                backing = model.service(next(s.service for s in wl.services
+                                             if any(p == port for p, _ in s.ports)))
+                doc = svc_docs.get((backing.namespace, backing.name), {}) if backing else {}
                 p = next((x for x in ((doc.get("spec") or {}).get("ports") or [])
                           if isinstance(x, dict) and x.get("port") == port), {})
                 destinations[(str(ip), target)] = Destination(

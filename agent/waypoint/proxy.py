@@ -41,7 +41,7 @@ import h11
 import structlog
 
 from agent.hbone.exceptions import HboneError, HboneRejected, HboneStreamError
-from agent.hbone.headers import TRACEPARENT_HEADER, format_forwarded_for
+from agent.hbone.headers import TRACEPARENT_HEADER
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
@@ -301,10 +301,9 @@ async def open_upstream(inputs: WaypointInputs, address: str, port: int,
             else (address, inputs.hbone_port))
     authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     extra = [(TRACEPARENT_HEADER, traceparent)] if traceparent else []
-    forwarded = format_forwarded_for(info.source_ip) if info.source_ip else None
     return await asyncio.wait_for(
         inputs.pool.open_stream(source=inputs.identity, peer=peer, authority=authority,
-                                forwarded_for=forwarded, baggage=info.baggage,
+                                forwarded_for=info.source_ip, baggage=info.baggage,
                                 extra_headers=extra),
         inputs.settings.connect_timeout)
 
@@ -586,7 +585,28 @@ async def _send_raw(stream: HboneStream, status: int, body: bytes) -> None:
         await stream.write(f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\n"
                            f"content-type: text/plain\r\nconnection: close\r\n\r\n"
                            .encode() + body)
+    await linger_close(stream)
+
+
+async def linger_close(stream: HboneStream, timeout: float = 2.0,
+                       max_bytes: int = 1024 * 1024) -> None:
+    """Half-close, then read (and drop) what the client still sends until it closes too,
+    at most ``timeout`` seconds / ``max_bytes``: returning earlier would reset the stream
+    (the HBONE server aborts a stream its handler left open) and the client could lose
+    our answer. Never raises."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    seen = 0
+    with contextlib.suppress(HboneStreamError, asyncio.TimeoutError):
         await stream.close_write()
+        while seen <= max_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            data = await asyncio.wait_for(stream.read(READ_SIZE), remaining)
+            if not data:
+                return
+            seen += len(data)
 
 
 class _TooBig(Exception):
@@ -615,8 +635,7 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
         except HboneStreamError:
             return
         if isinstance(event, h11.ConnectionClosed) or event is None:
-            with contextlib.suppress(HboneStreamError):
-                await stream.close_write()
+            await linger_close(stream)
             return
         if not isinstance(event, h11.Request):
             await _send_raw(stream, 400, b"bad request")
@@ -669,8 +688,7 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
         if not keep:
             return
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-            with contextlib.suppress(HboneStreamError):
-                await stream.close_write()
+            await linger_close(stream)
             return
         try:
             conn.start_next_cycle()
@@ -686,7 +704,7 @@ async def _next_event(conn: h11.Connection, stream: HboneStream, settings: Waypo
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
-            return event  # type: ignore[no-any-return]
+            return event  # type: ignore[return-value]
         if deadline is None:
             idle = head and conn.their_state is h11.IDLE and not conn.trailing_data[0]
             deadline = loop.time() + (settings.idle_timeout if idle
@@ -701,7 +719,7 @@ async def _next_event(conn: h11.Connection, stream: HboneStream, settings: Waypo
         data = await asyncio.wait_for(stream.read(READ_SIZE), remaining)
         conn.receive_data(data)
         if not data:
-            return conn.next_event()  # type: ignore[no-any-return]
+            return conn.next_event()  # type: ignore[return-value]
 
 
 async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: DownstreamInfo,
@@ -802,8 +820,7 @@ class H2Downstream:
                 await asyncio.wait(set(self.tasks), timeout=5)
             for task in self.tasks:
                 task.cancel()
-            with contextlib.suppress(HboneStreamError):
-                await self.stream.close_write()
+            await linger_close(self.stream)
 
     async def _feed(self, data: bytes) -> None:
         events = self.conn.receive_data(data)
@@ -851,8 +868,9 @@ class H2Downstream:
     async def _handle(self, stream_id: int) -> None:
         headers, body, trailers = self.requests.pop(stream_id)
         pseudo = {k: v for k, v in headers if k.startswith(":")}
+        # HTTP/2 allows ``te: trailers`` (gRPC requires it); other hop-by-hop go.
         regular = [(k, v) for k, v in headers if not k.startswith(":")
-                   and k not in HOP_BY_HOP]
+                   and (k not in HOP_BY_HOP or (k == "te" and v.strip() == "trailers"))]
         req = HttpRequest(pseudo.get(":method", "GET"), pseudo.get(":path", "/"), regular,
                           bytes(body), True, trailers=trailers,
                           authority=pseudo.get(":authority", ""))
@@ -871,9 +889,21 @@ class H2Downstream:
                 return
             record.status = response.status
             out = [(":status", str(response.status)), *response_headers(response)]
+            # Peek: a response that ends with its headers (gRPC "trailers-only") must
+            # go as one HEADERS with END_STREAM, or the client reads no status.
+            body_iter = response.body.__aiter__()
+            first = await anext(body_iter, None)
+            if first is None and not response.trailers:
+                record.grpc_status = dict(response.headers).get("grpc-status", "")
+                self.conn.send_headers(stream_id, out, end_stream=True)
+                await self.flush()
+                return
             self.conn.send_headers(stream_id, out)
             await self.flush()
-            async for chunk in response.body:
+            if first is not None:
+                record.response_bytes += len(first)
+                await self._send_data(stream_id, first)
+            async for chunk in body_iter:
                 record.response_bytes += len(chunk)
                 await self._send_data(stream_id, chunk)
             if response.trailers:

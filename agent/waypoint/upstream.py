@@ -71,7 +71,7 @@ class Http1Upstream:
                 except h11.RemoteProtocolError as exc:
                     raise UpstreamProtocolError(str(exc)) from exc
                 continue
-            return event  # type: ignore[no-any-return]
+            return event  # type: ignore[return-value]
 
     async def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
                       body: bytes, upgrade: bool) -> UpstreamResponse:
