@@ -23,6 +23,7 @@ from waypoint_lab import (
     OTHER_ID,
     TD,
     WEB_PODS,
+    WAYPOINT_ID,
     WEB_VIP,
     Lab,
     body_of,
@@ -51,18 +52,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> IdentityStore:
 
 
 def run_lab(store: IdentityStore, body: Callable[[Lab], Awaitable[Any]],
-            timeout: float = 60.0, **kwargs: Any) -> Any:
+            timeout: float = 60.0, loop: str = "asyncio", **kwargs: Any) -> Any:
     async def main() -> Any:
         lab = await start_lab(store, **kwargs)
         try:
             return await asyncio.wait_for(body(lab), timeout)
         finally:
             await lab.close()
-    return _run(main())
+    return _run(main(), loop)
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    with asyncio.Runner() as runner:
+def _run(coro: Coroutine[Any, Any, Any], loop: str) -> Any:
+    """``loop``: "asyncio" or "uvloop" (the waypoint process runs on uvloop)."""
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
 
 
@@ -125,7 +131,8 @@ def test_http1_with_curl_keepalive_chunked_and_upstream_hbone(store: IdentitySto
     run_lab(store, body)
 
 
-def test_upstream_identity_is_the_waypoints(store: IdentityStore) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_upstream_identity_is_the_waypoints(store: IdentityStore, loop: str) -> None:
     async def body(lab: Lab) -> None:
         stream = await lab.open(WEB)
         assert status_of(await http1(stream, GET)) == 200
@@ -134,7 +141,8 @@ def test_upstream_identity_is_the_waypoints(store: IdentityStore) -> None:
         assert conn.peer_identity is not None
         assert lab.connects[0].headers.get("forwarded") == 'for="10.20.0.5"'
         assert lab.connects[0].headers.get("baggage") == "k8s.namespace.name=front"
-    run_lab(store, body)
+        assert lab.connects[0].peer == WAYPOINT_ID
+    run_lab(store, body, loop=loop)
 
 
 def test_only_bound_destinations_are_accepted(store: IdentityStore) -> None:
@@ -418,3 +426,48 @@ def test_h2load_h2c_through_the_waypoint(store: IdentityStore, tmp_path: Path) -
         assert "status codes: 200 2xx" in out, out
         assert sum(v for _, v in samples(lab, "istio_requests_total")) == 200
     run_lab(store, body, timeout=120)
+
+
+def test_workload_addressed_traffic_needs_a_workload_waypoint(store: IdentityStore) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "web-1", "namespace": "apps", "labels": {"istio.io/use-waypoint": "waypoint"}}}
+    docs = with_docs(pod)
+    # waypoint-for defaults to service: a pod asking for it directly is refused.
+    assert (WEB_PODS[0], 8080) not in build_state(lab_model(), docs,
+                                                  ("apps", "waypoint")).destinations
+    docs[1] = {**docs[1], "metadata": {"name": "waypoint", "namespace": "apps",
+                                       "labels": {"istio.io/waypoint-for": "all"}}}
+
+    async def body(lab: Lab) -> None:
+        out = await http1(await lab.open(f"{WEB_PODS[0]}:8080"), GET)
+        assert status_of(out) == 200
+        assert lab.connects[-1].authority == f"{WEB_PODS[0]}:8080"
+        # web-2 has no label of its own: it inherits the namespace's, and an "all"
+        # waypoint takes workload traffic too.
+        assert status_of(await http1(await lab.open(f"{WEB_PODS[1]}:8080"), GET)) == 200
+        # opt-1's service opted out, but the pod inherits the namespace binding.
+        assert status_of(await http1(await lab.open("10.10.4.1:8080"), GET)) == 200
+    run_lab(store, body, docs=docs)
+
+
+def test_fault_abort_and_route_timeout(store: IdentityStore) -> None:
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "web", "namespace": "apps"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                      "rules": [
+                          {"matches": [{"path": {"type": "Exact", "value": "/teapot"}}],
+                           "fault": {"abort": {"percentage": {"value": 100},
+                                               "httpStatus": 418}}},
+                          {"matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+                           "timeouts": {"request": "300ms"}},
+                          {"backendRefs": [{"name": "web", "port": 80}]}]}}
+
+    async def body(lab: Lab) -> None:
+        teapot = await http1(await lab.open(WEB), b"GET /teapot HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert status_of(teapot) == 418
+        slow = await http1(await lab.open(WEB), b"GET /slow HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert status_of(slow) == 504
+        assert status_of(await http1(await lab.open(WEB), GET)) == 200
+        flags = sorted(s[0]["response_flags"] for s in samples(lab, "istio_requests_total"))
+        assert flags == ["-", "FI", "UT"]
+    run_lab(store, body, docs=with_docs(route))
