@@ -577,6 +577,34 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
         await serve_http1(inputs, stream, info, first)
 
 
+def normalize_path(target: str) -> str | None:
+    """Envoy ``normalize_path`` (Istio's default ``BASE`` path normalization): RFC 3986
+    section 5.2.4 dot-segment removal on the path (the query kept as is), so a policy on
+    ``/admin`` sees ``/x/../admin`` as ``/admin``; escaped slashes are left unchanged
+    (Envoy's default). None for a target that is not an origin-form path (``*`` is
+    kept for OPTIONS)."""
+    if target == "*":
+        return target
+    if not target.startswith("/"):
+        return None
+    path, sep, query = target.partition("?")
+    segments: list[str] = []
+    parts = path.split("/")
+    for i, seg in enumerate(parts[1:], 1):
+        last = i == len(parts) - 1
+        if seg == "..":
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+        elif seg == ".":
+            if last:
+                segments.append("")
+        else:
+            segments.append(seg)
+    return "/" + "/".join(segments) + (sep + query if sep else "")
+
+
 async def _send_raw(stream: HboneStream, status: int, body: bytes) -> None:
     # Before (or instead of) a parsed request h11 cannot answer: write the bytes.
     reason = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
@@ -655,7 +683,18 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
                              for t in v.split(",")}
         if "upgrade" in connection_tokens:
             upgrade = next((v for k, v in raw_headers if k == "upgrade"), None)
+        if names.count("host") > 1:
+            await _send_raw(stream, 400, b"more than one Host header")
+            return
+        target = normalize_path(event.target.decode("latin-1"))
+        if target is None:
+            await _send_raw(stream, 400, b"request target must be an origin-form path")
+            return
         # --- the body (buffered, bounded)
+        if conn.they_are_waiting_for_100_continue:
+            with contextlib.suppress(HboneStreamError):
+                await stream.write(conn.send(h11.InformationalResponse(status_code=100,
+                                                                       headers=[])))
         body = bytearray()
         try:
             while True:
@@ -680,9 +719,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
         except HboneStreamError:
             return
         authority = next((v for k, v in raw_headers if k == "host"), "")
-        req = HttpRequest(event.method.decode("latin-1"), event.target.decode("latin-1"),
+        req = HttpRequest(event.method.decode("latin-1"), target,
                           [(k, v) for k, v in raw_headers
-                           if k not in HOP_BY_HOP and k not in ("host", "content-length")],
+                           if k not in HOP_BY_HOP and k not in ("host", "content-length",
+                                                                 "expect")],
                           bytes(body), False, upgrade, authority=authority)
         keep = await _respond_http1(inputs, stream, info, conn, req)
         if not keep:
@@ -871,7 +911,12 @@ class H2Downstream:
         # HTTP/2 allows ``te: trailers`` (gRPC requires it); other hop-by-hop go.
         regular = [(k, v) for k, v in headers if not k.startswith(":")
                    and (k not in HOP_BY_HOP or (k == "te" and v.strip() == "trailers"))]
-        req = HttpRequest(pseudo.get(":method", "GET"), pseudo.get(":path", "/"), regular,
+        path = normalize_path(pseudo.get(":path", "/"))
+        if path is None:
+            self._local(stream_id, 400, b"bad :path")
+            await self.flush()
+            return
+        req = HttpRequest(pseudo.get(":method", "GET"), path, regular,
                           bytes(body), True, trailers=trailers,
                           authority=pseudo.get(":authority", ""))
         record = RequestRecord()

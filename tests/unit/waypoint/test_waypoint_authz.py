@@ -271,3 +271,13 @@ def test_tcp_passthrough_sees_only_l4_attributes() -> None:
     assert verdict([deny_get_from_front], tcp) is D  # the method is dropped: denies more
     allow_ns = doc({"rules": [{"from": [{"source": {"namespaces": ["front"]}}]}]})
     assert verdict([allow_ns], tcp) is A
+
+
+@pytest.mark.parametrize(("target", "normalized"), [
+    ("/a/b", "/a/b"), ("/x/../admin", "/admin"), ("/./admin", "/admin"),
+    ("/a/b/..", "/a/"), ("/../../etc", "/etc"), ("/a/./b/?q=/../x", "/a/b/?q=/../x"),
+    ("/a%2F..%2Fadmin", "/a%2F..%2Fadmin"), ("*", "*"), ("http://h/x", None), ("x", None),
+])
+def test_paths_are_normalized_before_policy(target: str, normalized: str | None) -> None:
+    from agent.waypoint.proxy import normalize_path
+    assert normalize_path(target) == normalized

@@ -471,3 +471,20 @@ def test_fault_abort_and_route_timeout(store: IdentityStore) -> None:
         flags = sorted(s[0]["response_flags"] for s in samples(lab, "istio_requests_total"))
         assert flags == ["-", "FI", "UT"]
     run_lab(store, body, docs=with_docs(route))
+
+
+def test_dot_segments_do_not_bypass_a_path_policy(store: IdentityStore) -> None:
+    docs = with_docs(policy({"action": "DENY", "rules": [{"to": [{"operation": {
+        "paths": ["/admin", "/admin/*"]}}]}]}))
+
+    async def body(lab: Lab) -> None:
+        for target in (b"/admin", b"/x/../admin", b"/./admin/", b"/a/b/../../admin/x"):
+            out = await http1(await lab.open(WEB), b"GET " + target + b" HTTP/1.1\r\n"
+                              b"Host: w\r\n\r\n")
+            assert status_of(out) == 403, target
+        out = await http1(await lab.open(WEB), b"GET /x/../ok HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert json.loads(body_of(out))["path"] == "/ok"  # forwarded normalized
+        dup = await http1(await lab.open(WEB), b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                          expect_close=True)
+        assert status_of(dup) == 400
+    run_lab(store, body, docs=docs)
