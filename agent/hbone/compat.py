@@ -16,6 +16,7 @@ import h2
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.stream
 import hpack
 import hyperframe
@@ -92,6 +93,8 @@ _require(h2.connection.H2Connection, "_receive_goaway_frame")
 _require(h2.connection.H2Connection, "_receive_headers_frame")
 _require(h2.connection, "_decode_headers")
 _require(h2.stream.StreamClosedBy, "SEND_RST_STREAM")
+_require(h2.stream, "StreamState")
+_REMOTE_MAY_SEND = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
 
 
 class StreamRefused(h2.events.Event):
@@ -101,15 +104,53 @@ class StreamRefused(h2.events.Event):
         self.stream_id = stream_id
 
 
+class StreamMalformed(h2.events.Event):
+    """A new request's header block was malformed; the stream was reset PROTOCOL_ERROR."""
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        self.stream_id = stream_id
+        self.reason = reason
+
+
+# ---- patch 5: a malformed request is a stream error ------------------------------------
+# h2 validates a request's headers (pseudo-headers, connection-specific fields, case...)
+# inside H2Stream.receive_headers and raises ProtocolError, which it treats as a
+# connection error: one malformed request ends every stream on the connection. RFC 9113
+# section 8.1.1 makes it a stream error of type PROTOCOL_ERROR. When the error comes
+# from validating a *new* inbound stream's headers (the block was decoded, so HPACK is
+# in sync, and the stream was created), we reset just that stream; likewise for
+# trailers without END_STREAM on a stream the client may still send on.
+
+
+# ---- patch 6: count the control frames we queue ---------------------------------------
+# A peer can make us queue a reply per frame it sends: PING and SETTINGS ACKs, and a
+# RST_STREAM for every frame on a stream we reset. If it does not read, they pile up in
+# our output buffer. Go's server bounds such queued control frames
+# (maxQueuedControlFrames, server.go); to do the same we count them where h2 queues
+# every outgoing frame (_prepare_for_sending). The core resets the count whenever the
+# shell reports its output drained.
+_require(h2.connection.H2Connection, "_prepare_for_sending")
+_CONTROL_REPLIES = (hyperframe.frame.PingFrame, hyperframe.frame.SettingsFrame,
+                    hyperframe.frame.RstStreamFrame)
+
+
 class H2Connection(h2.connection.H2Connection):
-    """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running and
-    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS."""
+    """h2's connection with a graceful (NO_ERROR) GOAWAY that keeps streams running,
+    REFUSED_STREAM (not GOAWAY) for a stream over MAX_CONCURRENT_STREAMS, a stream
+    error (not GOAWAY) for a malformed request, and a count of queued control frames."""
+
+    control_frames_queued = 0
+
+    def _prepare_for_sending(self, frames: list[hyperframe.frame.Frame]) -> None:
+        self.control_frames_queued += sum(1 for f in frames if isinstance(f, _CONTROL_REPLIES))
+        super()._prepare_for_sending(frames)
 
     def _receive_headers_frame(
             self, frame: hyperframe.frame.HeadersFrame,
     ) -> tuple[list[Any], list[h2.events.Event]]:
         stream_id = frame.stream_id
-        if (not self.config.client_side and stream_id not in self.streams
+        is_new = stream_id not in self.streams
+        if (not self.config.client_side and is_new
                 and stream_id % 2 == 1 and stream_id > self.highest_inbound_stream_id
                 and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
             h2.connection._decode_headers(self.decoder, frame.data)
@@ -118,7 +159,24 @@ class H2Connection(h2.connection.H2Connection):
             refusal = hyperframe.frame.RstStreamFrame(stream_id)
             refusal.error_code = int(h2.errors.ErrorCodes.REFUSED_STREAM)
             return [refusal], [StreamRefused(stream_id)]
-        return super()._receive_headers_frame(frame)
+        if not self.config.client_side and not is_new and "END_STREAM" not in frame.flags:
+            stream = self.streams[stream_id]
+            if stream.state_machine.state in _REMOTE_MAY_SEND:
+                # A second HEADERS from a client is trailers, which must end the stream
+                # (RFC 9113 8.1): malformed, a stream error. h2 makes it a connection
+                # error. Decode it first: HPACK state is connection-wide.
+                h2.connection._decode_headers(self.decoder, frame.data)
+                frames = stream.reset_stream(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))
+                return frames, [StreamMalformed(stream_id, "trailers without END_STREAM")]
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as exc:
+            created = self.streams.get(stream_id)
+            if (self.config.client_side or not is_new or created is None
+                    or isinstance(exc, h2.exceptions.DenialOfServiceError)):
+                raise
+            frames = created.reset_stream(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))
+            return frames, [StreamMalformed(stream_id, str(exc))]
 
     def _receive_goaway_frame(
             self, frame: hyperframe.frame.GoAwayFrame,

@@ -30,7 +30,8 @@ class HboneSettings:
     # max_local_error_reset_streams, DEFAULT_LOCAL_RESET_COUNT_MAX = 1024
     # ("too_many_internal_resets", src/proto/streams/streams.rs).
     max_local_error_resets: int = 1024
-    # PING and SETTINGS frames whose ACK we queued while the peer was not reading what
-    # we send (our output never drained in between). Go's x/net/http2 server:
-    # maxQueuedControlFrames = 10000 (server.go, "too many queued control frames").
+    # Control frames (PING/SETTINGS ACKs, RST_STREAMs) we queued while the peer was not
+    # reading what we send (our output never drained in between). Go's x/net/http2
+    # server: maxQueuedControlFrames = 10000 (server.go, "too many queued control
+    # frames").
     max_queued_control_replies: int = 10_000

@@ -35,6 +35,7 @@ from agent.hbone.errors import (
     FRAME_SIZE_ERROR,
     INTERNAL_ERROR,
     NO_ERROR,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
 )
 from agent.hbone.events import (
@@ -80,7 +81,7 @@ class _Stream:
 
 @dataclass
 class _PingState:
-    counter: itertools.count = field(default_factory=lambda: itertools.count(1))
+    counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     outstanding: set[bytes] = field(default_factory=set)
 
 
@@ -229,7 +230,6 @@ class HboneConnection:
         # Requests the peer reset before we answered, until the application releases them.
         self._cancelled_requests: set[int] = set()
         self._local_error_resets = 0
-        self._control_replies_queued = 0
 
     # ---- connection state -------------------------------------------------------
 
@@ -418,7 +418,7 @@ class HboneConnection:
         """Send a keepalive PING; returns its 8-byte payload (matched by PingAcked)."""
         if self._terminated is not None:
             raise ConnectionClosedError("connection is terminated")
-        payload = next(self._pings.counter).to_bytes(8, "big")
+        payload: bytes = int(next(self._pings.counter)).to_bytes(8, "big")
         self._h2.ping(payload)
         self._pings.outstanding.add(payload)
         return payload
@@ -455,7 +455,10 @@ class HboneConnection:
             with contextlib.suppress(Exception):
                 self._h2.close_connection(error_code=INTERNAL_ERROR)
             return [self._terminate_locally(INTERNAL_ERROR, f"internal error: {exc!r}")]
+        self._check_control_backlog()
         events: list[HboneEvent] = []
+        if self._terminated is not None:
+            return [self._terminated]
         for event in h2_events:
             try:
                 events.extend(self._translate(event))
@@ -471,7 +474,7 @@ class HboneConnection:
     def output_drained(self) -> None:
         """The shell wrote everything we queued to the network (transport buffer empty):
         control-frame replies owed so far have left; restart the flood count."""
-        self._control_replies_queued = 0
+        self._h2.control_frames_queued = 0
 
     def _fail_connection(self, error_code: int, reason: str) -> ConnectionTerminated:
         """Send GOAWAY ``error_code`` and end the connection; returns the event."""
@@ -500,7 +503,6 @@ class HboneConnection:
         if isinstance(event, h2.events.WindowUpdated):
             return [WindowOpened(event.stream_id or None)]
         if isinstance(event, h2.events.RemoteSettingsChanged):
-            self._count_control_reply()
             changed = event.changed_settings
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed or \
                     h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS in changed:
@@ -509,10 +511,15 @@ class HboneConnection:
         if isinstance(event, compat.StreamRefused):
             self._count_local_error_reset()
             return [RequestRefused(event.stream_id, 503,
-                                   "over our MAX_CONCURRENT_STREAMS: REFUSED_STREAM")]
-        if isinstance(event, h2.events.PingReceived):
-            self._count_control_reply()
-            return []
+                                   "over our MAX_CONCURRENT_STREAMS: REFUSED_STREAM",
+                                   REFUSED_STREAM)]
+        if isinstance(event, compat.StreamMalformed):
+            self._count_local_error_reset()
+            if self._streams.pop(event.stream_id, None) is not None:
+                # A stream we already knew (trailers): it is reset, tell the application.
+                return [StreamReset(event.stream_id, PROTOCOL_ERROR, remote=False)]
+            return [RequestRefused(event.stream_id, 400,
+                                   f"malformed request: {event.reason}", PROTOCOL_ERROR)]
         if isinstance(event, h2.events.PingAckReceived):
             payload = bytes(event.ping_data or b"")
             if payload in self._pings.outstanding:
@@ -548,7 +555,7 @@ class HboneConnection:
         if self._draining or self._terminated is not None:
             self._streams.pop(stream_id, None)
             self._h2.reset_stream(stream_id, REFUSED_STREAM)
-            return [RequestRefused(stream_id, 503, "draining")]
+            return [RequestRefused(stream_id, 503, "draining", REFUSED_STREAM)]
         if method != "CONNECT":
             return self._refuse_request(stream_id, 400, f"method {method!r} is not CONNECT")
         if ":protocol" in pseudo:
@@ -587,12 +594,12 @@ class HboneConnection:
             self._fail_connection(ENHANCE_YOUR_CALM, "too_many_internal_resets: over "
                                   f"{limit} streams refused for bad input")
 
-    def _count_control_reply(self) -> None:
-        self._control_replies_queued += 1
+    def _check_control_backlog(self) -> None:
         limit = self.settings.max_queued_control_replies
-        if self._control_replies_queued > limit and self._terminated is None:
+        if self._h2.control_frames_queued > limit and self._terminated is None:
             self._fail_connection(ENHANCE_YOUR_CALM, "too many queued control frames: "
-                                  f"over {limit} PING/SETTINGS ACKs the peer is not reading")
+                                  f"over {limit} PING/SETTINGS ACKs and RST_STREAMs the "
+                                  "peer is not reading")
 
     def _on_response(self, event: h2.events.ResponseReceived) -> list[HboneEvent]:
         stream_id = event.stream_id

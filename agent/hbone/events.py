@@ -42,12 +42,15 @@ class StreamRejected:
 
 @dataclass(frozen=True)
 class RequestRefused:
-    """Server side, informational: we answered a bad request ourselves (400; 503 when
-    refused with REFUSED_STREAM)."""
+    """Server side, informational: we answered a bad request ourselves, on its stream
+    alone: with an HTTP ``status`` (400), or with RST_STREAM ``error_code`` (REFUSED_STREAM
+    over the stream limit or while draining, status 503; PROTOCOL_ERROR for a malformed
+    request, status 400)."""
 
     stream_id: int
     status: int
     reason: str
+    error_code: int | None = None
 
 
 @dataclass(frozen=True)

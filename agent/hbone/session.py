@@ -48,6 +48,9 @@ CLOSE_TIMEOUT = 1.0
 # likewise waits goAwayTimeout = 1s after its GOAWAY (server.go).
 GOAWAY_LINGER_SECONDS = 1.0
 GOAWAY_LINGER_BYTES = 4 * 1024 * 1024
+# Our output counts as drained (the peer is reading) while the transport buffers less
+# than asyncio's default high-water mark; a peer that stops reading keeps it above.
+OUTPUT_DRAINED_BELOW = 64 * 1024
 
 
 def peer_identity_of(writer: asyncio.StreamWriter, role: PeerRole, *,
@@ -235,8 +238,8 @@ class HboneSession:
                     break
                 self._dispatch_all(self.core.receive_data(data))
                 self.flush()
-                if self._writer.transport.get_write_buffer_size() == 0:
-                    # The peer reads what we send: the ACKs owed so far have left.
+                if self._writer.transport.get_write_buffer_size() < OUTPUT_DRAINED_BELOW:
+                    # The peer reads what we send: the replies owed so far have left.
                     self.core.output_drained()
                 if self.core.terminated is not None:
                     reason = self.core.terminated.reason

@@ -107,32 +107,49 @@ def parse_report(path: Path) -> dict[tuple[str, str], str]:
     return outcomes
 
 
+async def run_h2spec(binary: str, port: int, report: Path, sections: list[str],
+                     timeout: int) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        binary, *sections, "--strict", "-h", "127.0.0.1", "-p", str(port),
+        "-o", str(timeout), "-j", str(report), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    return output.decode(errors="replace")
+
+
+def unexpected_results(outcomes: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
+    return {key: result for key, result in outcomes.items()
+            if result != "passed" and key not in EXCLUDED
+            and not (result == "skipped" and key in SKIPPED_BY_H2SPEC)}
+
+
 def test_h2spec_all_cases_pass_except_those_listed(tmp_path: Path) -> None:
     binary = h2spec_binary()
     store = IdentityStore(init_ca(tmp_path / "ca", TRUST_DOMAIN))
-    report = tmp_path / "h2spec.xml"
 
-    async def main() -> str:
+    async def main() -> tuple[dict[tuple[str, str], str], str]:
         async with hbone_server(tmp_path / "ca", SERVER) as server, \
                 mtls_bridge(server.port, store.client_context(CLIENT)) as port:
-            proc = await asyncio.create_subprocess_exec(
-                binary, "--strict", "-h", "127.0.0.1", "-p", str(port), "-o", "5",
-                "-j", str(report), stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT)
-            output, _ = await proc.communicate()
+            output = await run_h2spec(binary, port, tmp_path / "all.xml", [], 5)
+            outcomes = parse_report(tmp_path / "all.xml")
+            # On a loaded machine a case can time out waiting for a frame. Run the
+            # sections of unexpected results once more, with a longer timeout; a real
+            # non-conformance fails both times.
+            retry = sorted({package for package, _ in unexpected_results(outcomes)})
+            if retry:
+                output += await run_h2spec(binary, port, tmp_path / "retry.xml", retry, 15)
+                again = parse_report(tmp_path / "retry.xml")
+                outcomes.update({key: again[key] for key in unexpected_results(outcomes)
+                                 if key in again})
             stats = await server.stats()
             # The server survived every case and kept serving new connections.
             assert server.proc.returncode is None
             assert stats["connections"] >= 140, stats
             assert stats["dials"] == 0  # h2spec never sent a CONNECT we would dial
-            return output.decode(errors="replace")
+            return outcomes, output
 
-    output = run(main())
-    outcomes = parse_report(report)
+    outcomes, output = run(main())
     assert len(outcomes) >= 140, output[-2000:]
     for key in EXCLUDED:
         assert key in outcomes, f"excluded case {key} no longer exists in h2spec"
-    unexpected = {key: result for key, result in outcomes.items()
-                  if result != "passed" and key not in EXCLUDED
-                  and not (result == "skipped" and key in SKIPPED_BY_H2SPEC)}
-    assert not unexpected, unexpected
+    assert not unexpected_results(outcomes), unexpected_results(outcomes)

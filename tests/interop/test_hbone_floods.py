@@ -195,6 +195,32 @@ async def rapid_reset(store: IdentityStore, port: int, backend: int) -> int | No
         await close_quietly(writer)
 
 
+async def bad_request_flood(store: IdentityStore, port: int, backend: int) -> int | None:
+    """GETs with END_STREAM, each answered 400 on its stream: 3000 per connection."""
+    reader, writer = await attacker_connection(store, port)
+    answer = asyncio.ensure_future(goaway_code(reader))
+    encoder = hpack.Encoder()
+    get = [(":method", "GET"), (":scheme", "https"), (":path", "/"),
+           (":authority", f"127.0.0.1:{backend}")]
+    try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for burst in range(6):
+                if answer.done():
+                    break
+                data = bytearray()
+                for i in range(500):
+                    frame = HeadersFrame(2 * (burst * 500 + i) + 1)
+                    frame.data = encoder.encode(get)
+                    frame.flags.add("END_HEADERS")
+                    frame.flags.add("END_STREAM")
+                    data += frame.serialize()
+                writer.write(bytes(data))
+                await asyncio.wait_for(writer.drain(), 30)
+        return await answer
+    finally:
+        await close_quietly(writer)
+
+
 async def continuation_flood(store: IdentityStore, port: int, backend: int) -> int | None:
     """One header block that never ends: 16 KiB CONTINUATIONs, 32 MiB at most."""
     reader, writer = await attacker_connection(store, port)
@@ -251,6 +277,12 @@ def test_rapid_reset_flood(ca_dir: Path) -> None:
     assert result["stats"]["dials"] - honest_dials <= ROUNDS, result
 
 
+def test_bad_request_flood(ca_dir: Path) -> None:
+    result = check_flood(ca_dir, bad_request_flood)
+    assert result["codes"] == [errors.ENHANCE_YOUR_CALM] * ROUNDS, result
+    assert result["stats"]["dials"] == ROUNDS + 2, result  # the honest ones
+
+
 def test_continuation_flood(ca_dir: Path) -> None:
     result = check_flood(ca_dir, continuation_flood)
     assert result["codes"] == [errors.ENHANCE_YOUR_CALM] * ROUNDS, result
@@ -264,3 +296,59 @@ def test_ping_flood(ca_dir: Path) -> None:
 def test_settings_flood(ca_dir: Path) -> None:
     result = check_flood(ca_dir, settings_flood)
     assert result["codes"] == [errors.ENHANCE_YOUR_CALM] * ROUNDS, result
+
+
+def test_streams_over_the_limit_are_refused_not_the_connection(ca_dir: Path) -> None:
+    """Issue 11 item 9: 150 CONNECTs held open on one connection: the 50 over
+    MAX_CONCURRENT_STREAMS (100) get RST_STREAM REFUSED_STREAM, no GOAWAY, and the 100
+    admitted ones are dialed and answered 200."""
+    store = IdentityStore(load_ca(ca_dir))
+
+    async def main() -> tuple[dict[int, int], set[int], bool, int]:
+        async with echo_backend() as backend, hbone_server(ca_dir, str(SERVER)) as server:
+            reader, writer = await attacker_connection(store, server.port)
+            encoder = hpack.Encoder()
+            data = bytearray()
+            for n in range(150):
+                frame = HeadersFrame(2 * n + 1)
+                frame.data = encoder.encode([(":method", "CONNECT"),
+                                             (":authority", f"127.0.0.1:{backend}")])
+                frame.flags.add("END_HEADERS")
+                data += frame.serialize()
+            writer.write(bytes(data))
+            await writer.drain()
+            resets: dict[int, int] = {}
+            responses: set[int] = set()
+            goaway = False
+            buffer = bytearray()
+            try:
+                while len(responses) + len(resets) < 150 and not goaway:
+                    chunk = await asyncio.wait_for(reader.read(65536), 30)
+                    if not chunk:
+                        break
+                    buffer += chunk
+                    offset = 0
+                    while len(buffer) - offset >= 9:
+                        frame, length = Frame.parse_frame_header(
+                            memoryview(buffer)[offset:offset + 9])
+                        if len(buffer) - offset < 9 + length:
+                            break
+                        frame.parse_body(memoryview(buffer)[offset + 9:offset + 9 + length])
+                        offset += 9 + length
+                        if isinstance(frame, RstStreamFrame):
+                            resets[frame.stream_id] = int(frame.error_code)
+                        elif isinstance(frame, HeadersFrame):
+                            responses.add(frame.stream_id)
+                        elif isinstance(frame, GoAwayFrame):
+                            goaway = True
+                    del buffer[:offset]
+                stats = await server.stats()
+            finally:
+                await close_quietly(writer)
+            return resets, responses, goaway, stats["dials"]
+
+    resets, responses, goaway, dials = run(main())
+    assert not goaway
+    assert len(responses) == 100 and not responses & set(resets)
+    assert sorted(resets.values()) == [errors.REFUSED_STREAM] * 50, resets
+    assert dials == 100

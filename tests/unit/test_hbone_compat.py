@@ -136,3 +136,99 @@ def _frames(data: bytes) -> list[hyperframe.frame.Frame]:
         out.append(frame)
         view = view[9 + length:]
     return out
+
+
+def _raw_server(max_streams: int | None = None) -> compat.H2Connection:
+    config = h2.config.H2Configuration(client_side=False)
+    server = compat.H2Connection(config=config)
+    if max_streams is not None:
+        server.local_settings = h2.settings.Settings(
+            client=False, initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+    server.initiate_connection()
+    server.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                        + hyperframe.frame.SettingsFrame(0).serialize())
+    server.data_to_send()
+    return server
+
+
+def _headers(encoder: hpack.Encoder, stream_id: int, headers: list[tuple[str, str]]) -> bytes:
+    frame = hyperframe.frame.HeadersFrame(stream_id)
+    frame.data = encoder.encode(headers)
+    frame.flags.add("END_HEADERS")
+    return frame.serialize()
+
+
+CONNECT = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]
+
+
+def test_patch_refused_stream_over_the_limit_keeps_the_connection() -> None:
+    """Patch 3: the stream one over MAX_CONCURRENT_STREAMS gets RST_STREAM
+    REFUSED_STREAM, its header block is still decoded, and later frames on it are
+    ignored (h2 alone raises TooManyStreamsError: a connection error)."""
+    server, encoder = _raw_server(max_streams=1), hpack.Encoder()
+    events = server.receive_data(
+        _headers(encoder, 1, CONNECT)
+        + _headers(encoder, 3, [*CONNECT, ("x-indexed", "kept in the dynamic table")]))
+    assert [type(e) for e in events] == [h2.events.RequestReceived, compat.StreamRefused]
+    resets = [f for f in _frames(server.data_to_send())
+              if isinstance(f, hyperframe.frame.RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(3, 7)]
+    late = hyperframe.frame.DataFrame(3, data=b"late")  # sent before it saw the reset
+    assert not [e for e in server.receive_data(late.serialize())
+                if isinstance(e, h2.events.ConnectionTerminated)]
+    server.reset_stream(1)
+    events = server.receive_data(
+        _headers(encoder, 5, [*CONNECT, ("x-indexed", "kept in the dynamic table")]))
+    request = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    assert (b"x-indexed", b"kept in the dynamic table") in request.headers
+
+
+def test_patch_malformed_request_is_a_stream_error() -> None:
+    """Patch 5: a malformed request resets its stream PROTOCOL_ERROR; h2 alone sends
+    GOAWAY."""
+    server, encoder = _raw_server(), hpack.Encoder()
+    events = server.receive_data(_headers(encoder, 1, [*CONNECT, ("connection", "close")]))
+    assert [type(e) for e in events] == [compat.StreamMalformed]
+    frames = _frames(server.data_to_send())
+    assert not [f for f in frames if isinstance(f, hyperframe.frame.GoAwayFrame)]
+    assert [(f.stream_id, f.error_code) for f in frames
+            if isinstance(f, hyperframe.frame.RstStreamFrame)] == [(1, 1)]
+    assert [type(e) for e in server.receive_data(_headers(encoder, 3, CONNECT))] == [
+        h2.events.RequestReceived]
+
+
+def test_patch_queued_control_frames_are_counted() -> None:
+    """Patch 6: every PING/SETTINGS ACK and RST_STREAM h2 queues is counted; DATA,
+    HEADERS and WINDOW_UPDATE are not."""
+    server, encoder = _raw_server(), hpack.Encoder()
+    before = server.control_frames_queued
+    ping = hyperframe.frame.PingFrame(0, opaque_data=b"12345678").serialize()
+    settings = hyperframe.frame.SettingsFrame(0).serialize()
+    server.receive_data(ping * 3 + settings * 2)
+    assert server.control_frames_queued - before == 5
+    server.receive_data(_headers(encoder, 1, CONNECT))
+    server.send_headers(1, [(":status", "200")])
+    server.send_data(1, b"payload")
+    server.increment_flow_control_window(1000)
+    assert server.control_frames_queued - before == 5
+    server.reset_stream(1)
+    server.receive_data(hyperframe.frame.DataFrame(1, data=b"late").serialize() * 4)
+    assert server.control_frames_queued - before == 5 + 1 + 4
+
+
+def test_patch_trailers_without_end_stream_are_a_stream_error() -> None:
+    """Patch 5, second half: a client's second HEADERS without END_STREAM resets that
+    stream PROTOCOL_ERROR (h2 alone: GOAWAY); HPACK stays in sync."""
+    server, encoder = _raw_server(), hpack.Encoder()
+    server.receive_data(_headers(encoder, 1, CONNECT))
+    server.send_headers(1, [(":status", "200")])
+    server.data_to_send()
+    events = server.receive_data(_headers(encoder, 1, [("x-trailer", "indexed")]))
+    assert [type(e) for e in events] == [compat.StreamMalformed]
+    frames = _frames(server.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in frames
+            if isinstance(f, hyperframe.frame.RstStreamFrame)] == [(1, 1)]
+    events = server.receive_data(_headers(encoder, 3, [*CONNECT, ("x-trailer", "indexed")]))
+    request = next(e for e in events if isinstance(e, h2.events.RequestReceived))
+    assert (b"x-trailer", b"indexed") in request.headers

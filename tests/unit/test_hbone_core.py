@@ -210,18 +210,23 @@ def test_server_answers_malformed_authority_with_400(authority: str) -> None:
     assert dict(response.headers)[":status"] == "400"
 
 
-def test_server_missing_authority_is_a_protocol_error_not_an_exception() -> None:
+def test_server_missing_authority_is_a_stream_error_not_an_exception() -> None:
     core = HboneServerConnection()
     client = raw_peer(client_side=True, validate=False)
     to_core(client, core)
     to_peer(core, client)
     client.send_headers(1, [(":method", "CONNECT")])
     events = to_core(client, core)
-    # h2 treats a request without :authority as malformed (connection error).
-    assert [type(e) for e in events] == [ConnectionTerminated]
-    assert events[0].error_code == errors.PROTOCOL_ERROR and events[0].local
-    assert any(isinstance(f, GoAwayFrame) for f in parse_frames(core.data_to_send()))
-    assert core.receive_data(b"anything") == []  # dead connections ignore input
+    # A malformed request is a stream error (RFC 9113 8.1.1): RST_STREAM PROTOCOL_ERROR
+    # on that stream, and the connection goes on.
+    assert [type(e) for e in events] == [RequestRefused]
+    assert events[0].error_code == errors.PROTOCOL_ERROR
+    frames = parse_frames(core.data_to_send())
+    assert not any(isinstance(f, GoAwayFrame) for f in frames)
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] \
+        == [(1, errors.PROTOCOL_ERROR)]
+    client.send_headers(3, connect_headers())
+    assert to_core(client, core) == [StreamRequest(3, "10.0.0.7:8080", ())]
 
 
 def test_reject_stream_status_reaches_our_client() -> None:
@@ -249,7 +254,7 @@ def test_draining_server_refuses_new_streams() -> None:
     core, client = handshake_server()
     core.start_draining()
     client.send_headers(1, connect_headers())
-    assert to_core(client, core) == [RequestRefused(1, 503, "draining")]
+    assert to_core(client, core) == [RequestRefused(1, 503, "draining", errors.REFUSED_STREAM)]
     reset = of_type(to_peer(core, client), h2.events.StreamReset)[0]
     assert reset.error_code == errors.REFUSED_STREAM
 

@@ -120,6 +120,25 @@ def test_valid_connect_with_end_stream_is_a_request_and_a_half_close() -> None:
     assert not goaways(core)
 
 
+def test_malformed_request_is_reset_on_its_stream_alone() -> None:
+    """RFC 9113 8.1.1: a malformed request (here an upper-case header name, a
+    connection-specific header, a :path on CONNECT) is a stream error PROTOCOL_ERROR."""
+    core, encoder = server(), hpack.Encoder()
+    malformed = [[*connect(), ("X-Upper", "1")], [*connect(), ("connection", "close")],
+                 [*connect(), (":path", "/")]]
+    for n, headers in enumerate(malformed):
+        stream_id = 2 * n + 1
+        events = core.receive_data(headers_frame(encoder, stream_id, headers))
+        assert [(type(e), e.error_code) for e in events] == [
+            (RequestRefused, errors.PROTOCOL_ERROR)], events
+    out = frames_of(core.data_to_send())
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in out if isinstance(f, RstStreamFrame)] == [
+        errors.PROTOCOL_ERROR] * 3
+    assert core.receive_data(headers_frame(encoder, 7, connect())) == [
+        StreamRequest(7, "10.0.0.7:8080", ())]
+
+
 # ---- item 9: REFUSED_STREAM beyond the limit, not GOAWAY --------------------------------
 
 
@@ -130,7 +149,7 @@ def test_stream_over_the_limit_is_refused_and_hpack_stays_in_sync() -> None:
         events = core.receive_data(headers_frame(
             encoder, stream_id, [*connect(), (f"x-n{stream_id}", "v" * 40)]))
     assert events == [RequestRefused(5, 503, "over our MAX_CONCURRENT_STREAMS: "
-                                             "REFUSED_STREAM")]
+                                             "REFUSED_STREAM", errors.REFUSED_STREAM)]
     out = frames_of(core.data_to_send())
     assert not [f for f in out if isinstance(f, GoAwayFrame)]
     refusal = [f for f in out if isinstance(f, RstStreamFrame)]
@@ -229,6 +248,21 @@ def test_ping_flood_while_not_reading_gets_goaway_enhance_your_calm() -> None:
     assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
 
 
+def test_frames_on_a_reset_stream_from_a_peer_not_reading_are_bounded() -> None:
+    """h2 answers every DATA frame on a stream we reset with a RST_STREAM: a peer that
+    does not read could make us queue one per 9 bytes it sends. Counted with the
+    PING/SETTINGS ACKs (Go counts every queued control frame)."""
+    core, encoder = server(), hpack.Encoder()
+    core.receive_data(headers_frame(encoder, 1, connect()))
+    core.reject_stream(1, 503)  # 503 + RST_STREAM NO_ERROR: the client had not ended it
+    core.output_drained()
+    limit = HboneSettings().max_queued_control_replies
+    data = DataFrame(1, data=b"x").serialize()
+    events = core.receive_data(data * (limit + 1))
+    assert isinstance(events[-1], ConnectionTerminated)
+    assert events[-1].error_code == errors.ENHANCE_YOUR_CALM
+
+
 def test_pings_of_a_peer_that_reads_are_answered() -> None:
     core = server()
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
@@ -307,5 +341,27 @@ def test_second_headers_without_end_stream_on_connect_stream_is_rejected() -> No
     core.accept_stream(1)
     core.data_to_send()
     events = core.receive_data(headers_frame(encoder, 1, [("x-trailer", "1")]))
-    assert any(isinstance(e, (ConnectionTerminated, StreamReset)) and
-               e.error_code == errors.PROTOCOL_ERROR for e in events)
+    # A stream error (RFC 9113 8.1: trailers must end the stream), not the connection.
+    assert events == [StreamReset(1, errors.PROTOCOL_ERROR, remote=False)]
+    out = frames_of(core.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in out if isinstance(f, RstStreamFrame)] == [
+        (1, errors.PROTOCOL_ERROR)]
+    assert not [f for f in out if isinstance(f, GoAwayFrame)]
+    assert core.receive_data(headers_frame(encoder, 3, connect())) == [
+        StreamRequest(3, "10.0.0.7:8080", ())]
+
+
+def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None:
+    """A block small enough for the frame guard but decoding past
+    MAX_HEADER_LIST_SIZE is refused by the HPACK limit: GOAWAY ENHANCE_YOUR_CALM."""
+    core, encoder = server(), hpack.Encoder()
+    # One literal then 600 indexed references to it: a short block, a long list.
+    names = [(":method", "CONNECT"), (":authority", "10.0.0.7:8080")]
+    block = encoder.encode(names + [("x-a", "v" * 27)] * 600)
+    assert len(block) < 16 * 1024
+    frame = HeadersFrame(1)
+    frame.data = block
+    frame.flags.add("END_HEADERS")
+    events = core.receive_data(frame.serialize())
+    assert [type(e) for e in events] == [ConnectionTerminated]
+    assert events[0].error_code == errors.ENHANCE_YOUR_CALM

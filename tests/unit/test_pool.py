@@ -333,6 +333,35 @@ def test_rejected_connect(store: IdentityStore) -> None:
     run(main())
 
 
+def test_server_handler_learns_of_a_cancel_before_it_answers(store: IdentityStore) -> None:
+    """A client that gives up before the 200 resets the stream; the handler, busy (say,
+    dialing), sees ``wait_cancelled`` return and ``cancelled`` true, and accept()
+    raises: nothing is connected for a request nobody wants any more."""
+    outcomes: list[str] = []
+
+    async def slow_dial(request: HboneServerRequest) -> None:
+        dial = asyncio.ensure_future(asyncio.sleep(30))  # a dial that takes long
+        cancelled = asyncio.ensure_future(request.wait_cancelled())
+        done, _ = await asyncio.wait({dial, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        dial.cancel()
+        cancelled.cancel()
+        outcomes.append("cancelled" if cancelled in done and request.cancelled else "dialed")
+        with pytest.raises(HboneStreamReset):
+            request.accept()
+
+    async def main() -> None:
+        async with HboneTestServer(store.server_context(SERVER), slow_dial) as server, \
+                pool_for(store, response_timeout=0.5) as pool:
+            with pytest.raises(asyncio.TimeoutError):
+                await open_on(pool, server)
+            await wait_until(lambda: bool(outcomes))
+            assert outcomes == ["cancelled"]
+            # The connection carries on.
+            assert pool.connection_count() == 1
+
+    run(main())
+
+
 def test_connect_timeout() -> None:
     async def main() -> None:
         # A listener that never completes TLS: the handshake must time out.
