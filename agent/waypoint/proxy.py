@@ -831,6 +831,9 @@ class H2Downstream:
         self.tasks: set[asyncio.Task[None]] = set()
         self.window = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self._preface_left = len(H2_PREFACE)
+        self._header = b""
+        self._payload_left = 0
 
     async def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -852,8 +855,9 @@ class H2Downstream:
             pass
         except h2.exceptions.ProtocolError as exc:
             log.info("waypoint h2 protocol error", error=str(exc))
+            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
             with contextlib.suppress(Exception):
-                self.conn.close_connection(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                self.conn.close_connection(code)
                 await self.flush()
         finally:
             if self.tasks:
@@ -862,7 +866,36 @@ class H2Downstream:
                 task.cancel()
             await linger_close(self.stream)
 
+    def _check_frame_sizes(self, data: bytes) -> None:
+        """Raise FrameTooLargeError as soon as a frame header announces more than our
+        SETTINGS_MAX_FRAME_SIZE (h2 itself waits for the whole frame first, so a peer
+        could make us buffer 16 MiB before the error)."""
+        limit = self.conn.local_settings.max_frame_size
+        view = memoryview(data)
+        if self._preface_left:
+            skip = min(self._preface_left, len(view))
+            self._preface_left -= skip
+            view = view[skip:]
+        while view:
+            if self._payload_left:
+                skip = min(self._payload_left, len(view))
+                self._payload_left -= skip
+                view = view[skip:]
+                continue
+            need = 9 - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) < 9:
+                return
+            length = int.from_bytes(self._header[:3], "big")
+            self._header = b""
+            if length > limit:
+                raise h2.exceptions.FrameTooLargeError(
+                    f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {limit}")
+            self._payload_left = length
+
     async def _feed(self, data: bytes) -> None:
+        self._check_frame_sizes(data)
         events = self.conn.receive_data(data)
         for event in events:
             if isinstance(event, h2.events.RequestReceived):

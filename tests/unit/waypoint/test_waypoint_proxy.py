@@ -4,6 +4,7 @@ real servers (stdlib HTTP/1.1, grpcio), HBONE on both sides under a test CA."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import struct
@@ -488,3 +489,35 @@ def test_dot_segments_do_not_bypass_a_path_policy(store: IdentityStore) -> None:
                           expect_close=True)
         assert status_of(dup) == 400
     run_lab(store, body, docs=docs)
+
+
+def test_broken_h2_gets_goaway_and_others_are_served(store: IdentityStore) -> None:
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    async def body(lab: Lab) -> None:
+        stream = await lab.open(f"{GRPC_VIP}:50051")
+        # The preface, then a frame of an unknown length that is far too big.
+        await stream.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+                           + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS
+                           + b"\xff\xff\xff\x01\x00\x00\x00\x01" + b"x" * 64)
+        received = b""
+        with contextlib.suppress(Exception):
+            while chunk := await asyncio.wait_for(stream.read(), 10):
+                received += chunk
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        events = conn.receive_data(received)
+        goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR, events
+        # A well-behaved gRPC client on another connection is served.
+        port = await lab.shim(f"{GRPC_VIP}:50051")
+
+        def call() -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return bytes(channel.unary_unary("/echo.Echo/Say")(b"ok", timeout=10))
+
+        assert await asyncio.to_thread(call) == b"echo:ok"
+    run_lab(store, body)
