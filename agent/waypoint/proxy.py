@@ -332,6 +332,7 @@ async def process(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest
         req.method, path, req.authority, dest.port, info.principal, info.source_ip,
         _remote_ip(req, info), info.dest_ip, req.header_map()))
     record.rbac = decision.policy or decision.reason
+    record.audited = ",".join(decision.audited) or "-"
     if not decision.allowed:
         raise Answer(authz.DENIED_STATUS, authz.DENIED_BODY, ResponseFlag.RBAC_DENIED,
                      decision.reason)
@@ -435,6 +436,7 @@ async def _with_retries(inputs: WaypointInputs, info: DownstreamInfo, req: HttpR
         return last_response
     assert last is not None
     if record.retries:
+        record.add_flag(ResponseFlag.UPSTREAM_RETRY_LIMIT_EXCEEDED.value)
         raise Answer(last.status, last.body, last.flag, f"{last} after {record.retries} "
                      "retries (URX)") from None
     raise last

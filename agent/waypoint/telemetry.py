@@ -56,6 +56,7 @@ class RequestRecord:
     destination_workload_namespace: str = "unknown"
     destination_principal: str = "unknown"
     rbac: str = "-"
+    audited: str = "-"              # AUDIT policies that matched (Envoy's access_log_hint)
     retries: int = 0
     started: float = 0.0
     traceparent: str = "-"
@@ -123,5 +124,6 @@ class WaypointMetrics:
             bytes_sent=r.response_bytes, duration_ms=round(elapsed_ms, 3),
             upstream_host=r.upstream, authority=r.authority, route_name=r.route,
             source_principal=labels["source_principal"], downstream_remote_address=r.source_ip,
-            destination_service=r.destination_service, rbac=r.rbac, retries=r.retries,
+            destination_service=r.destination_service, rbac=r.rbac, audited=r.audited,
+            retries=r.retries,
             traceparent=r.traceparent, grpc_status=r.grpc_status or "-")

@@ -249,6 +249,13 @@ def test_default_retries_then_urx(store: IdentityStore) -> None:
         lab.inputs.idle.close()
         for _ in range(4):
             assert status_of(await http1(await lab.open(WEB), GET)) == 200
+        # Every endpoint refusing: 503 once the retries are spent, flagged UF and URX.
+        lab.down_pods.add(WEB_PODS[1])
+        lab.inputs.idle.close()
+        out = await http1(await lab.open(WEB), GET)
+        assert status_of(out) == 503 and b"connection failure" in body_of(out)
+        flags = [s[0]["response_flags"] for s in samples(lab, "istio_requests_total")]
+        assert "URX,UF" in flags
     run_lab(store, body)
 
 
@@ -334,6 +341,9 @@ def test_tcp_port_passes_through_with_l4_policy(store: IdentityStore) -> None:
 
 
 def test_metrics_and_one_access_log_line_per_request(store: IdentityStore) -> None:
+    audit = policy({"action": "AUDIT", "rules": [{"to": [{"operation": {"paths": ["/m2"]}}]}]},
+                   name="audit-m2")
+
     async def body(lab: Lab) -> None:
         with capture_logs() as logs:
             for path in (b"/m1", b"/m2"):
@@ -344,6 +354,7 @@ def test_metrics_and_one_access_log_line_per_request(store: IdentityStore) -> No
         assert [e["path"] for e in lines] == ["/m1", "/m2"]
         assert lines[0]["response_code"] == 200 and lines[0]["upstream_host"].endswith(":8080")
         assert lines[0]["source_principal"] == f"spiffe://{FRONT_ID.principal}"
+        assert [e["audited"] for e in lines] == ["-", "apps/audit-m2"]
         totals = samples(lab, "istio_requests_total")
         assert sum(v for _, v in totals) == 2
         labels = totals[0][0]
@@ -357,7 +368,7 @@ def test_metrics_and_one_access_log_line_per_request(store: IdentityStore) -> No
                      "istio_response_bytes_count"):
             assert sum(v for _, v in samples(lab, name)) == 2, name
     structlog.reset_defaults()
-    run_lab(store, body)
+    run_lab(store, body, docs=with_docs(audit))
 
 
 # ---- h2c and gRPC ---------------------------------------------------------------------------
