@@ -281,3 +281,14 @@ def test_tcp_passthrough_sees_only_l4_attributes() -> None:
 def test_paths_are_normalized_before_policy(target: str, normalized: str | None) -> None:
     from agent.waypoint.proxy import normalize_path
     assert normalize_path(target) == normalized
+
+
+def test_gateway_class_policy_in_the_root_namespace_applies_to_every_waypoint() -> None:
+    mesh_wide = doc({"action": "DENY", "rules": [{"to": [{"operation": {"methods": ["DELETE"]}}]}]},
+                    namespace="istio-system")
+    mesh_wide["spec"]["targetRefs"] = [{"kind": "GatewayClass", "group": "gateway.networking.k8s.io",
+                                        "name": "istio-waypoint"}]
+    assert verdict([mesh_wide], req("DELETE")) is D
+    assert verdict([mesh_wide], req("GET")) is A
+    elsewhere = {**mesh_wide, "metadata": {"name": "p", "namespace": "apps"}}
+    assert verdict([elsewhere], req("DELETE")) is A  # only from the root namespace
