@@ -404,7 +404,7 @@ async def _with_retries(inputs: WaypointInputs, info: DownstreamInfo, req: HttpR
             finally:
                 budget.end_retry()
         if last_response is not None:
-            last_response.release(False)
+            last_response.discard()
             last_response = None
         address, port, workload = choose_endpoint(inputs, info.destination,
                                                   info.destination.port, tried, backend)
@@ -497,10 +497,17 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                         async for chunk in inner:
                             yield chunk
                     finally:
+                        response.finished = True
                         h2up.close()
                         release(False)
 
                 response.body = body_then_close()
+
+                def drop_h2() -> None:
+                    h2up.close()
+                    release(False)
+
+                response.discard_hook = drop_h2
             else:
                 h1 = conn or Http1Upstream(stream, key)
                 out_headers = [("host", authority), *[(k, v) for k, v in headers if k != "host"]]
@@ -519,11 +526,19 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                             yield chunk
                         done = True
                     finally:
+                        response.finished = True
                         if response.upgraded is None and not (done and inputs.idle.give(h1)):
                             h1.stream.abort()
                         release(done)
 
                 response.body = body_then_pool()
+
+                def drop_h1() -> None:
+                    h1.stream.abort()
+                    release(False)
+
+                if response.upgraded is None:
+                    response.discard_hook = drop_h1
         except (UpstreamProtocolError, HboneStreamError) as exc:
             stream.abort()
             raise Answer(503, b"upstream connect error or disconnect/reset before headers. "
@@ -769,6 +784,7 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
     """Answer one request; True to keep the connection for another."""
     record = RequestRecord()
     record.request_bytes = len(req.body)
+    response: UpstreamResponse | None = None
     try:
         try:
             response = await process(inputs, info, req, record)
@@ -812,6 +828,8 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
         stream.abort()
         return False
     finally:
+        if response is not None and response.upgraded is None:
+            await response.close_body()
         if record is not None:
             inputs.metrics.record(record)
 
@@ -956,6 +974,7 @@ class H2Downstream:
                           authority=pseudo.get(":authority", ""))
         record = RequestRecord()
         record.request_bytes = len(body)
+        response: UpstreamResponse | None = None
         try:
             try:
                 response = await process(self.inputs, self.info, req, record)
@@ -997,6 +1016,8 @@ class H2Downstream:
             record.add_flag(ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION.value)
             log.debug("waypoint h2 stream ended", error=str(exc))
         finally:
+            if response is not None:
+                await response.close_body()
             self.inputs.metrics.record(record)
 
     async def _send_data(self, stream_id: int, data: bytes) -> None:

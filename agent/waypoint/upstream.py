@@ -43,6 +43,23 @@ class UpstreamResponse:
     upgraded: HboneStream | None = None
     leftover: bytes = b""
     release: Callable[[bool], None] = lambda reuse: None
+    # Set once the body iterator has dealt with its stream (pooled or closed it).
+    finished: bool = False
+    # For a response whose body is never read (a retried 503, a client gone): closes
+    # the upstream stream and returns the request budget. No-op once ``finished``.
+    discard_hook: Callable[[], None] = lambda: None
+
+    def discard(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.discard_hook()
+
+    async def close_body(self) -> None:
+        """Finish with the body however far it was read (idempotent)."""
+        aclose = getattr(self.body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        self.discard()
 
 
 class Http1Upstream:

@@ -244,6 +244,13 @@ def test_default_retries_then_urx(store: IdentityStore) -> None:
         assert len(set(hosts)) == 2
         flags = [s[0]["response_flags"] for s in samples(lab, "istio_requests_total")]
         assert flags == ["URX"]
+        # The retried 503s' upstream streams were closed, budgets returned: only the
+        # pooled idle connection is still open.
+        await asyncio.sleep(0.2)
+        open_streams = sum(c.active_streams for c in lab.inputs.pool.connections())
+        assert open_streams == lab.inputs.idle.count() <= 1
+        assert all(b.requests == 0 and b.pending == 0 and b.retries == 0
+                   for _, b in lab.inputs.budgets)
         # Connect failures are retried on another endpoint too.
         lab.down_pods.add(WEB_PODS[0])
         lab.inputs.idle.close()
