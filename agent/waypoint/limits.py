@@ -41,6 +41,7 @@ class ResponseFlag(enum.Enum):
     UPSTREAM_REMOTE_RESET = "UR"
     DOWNSTREAM_CONNECTION_TERMINATION = "DC"
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"
+    OVERLOAD_MANAGER = "OM"
     RBAC_DENIED = "RBAC"  # Envoy logs "RBAC" with response code details rbac_access_denied
 
 
@@ -119,3 +120,27 @@ class Budgets:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._clusters.items())
+
+
+DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
+
+
+class BodyBudget:
+    """Request bytes buffered across the whole process (bodies are buffered for
+    retries): a request that would go over ``limit`` is answered 503 (OM) instead,
+    so memory stays bounded however many requests arrive at once."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_BUFFERED_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            self.refused += 1
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used = max(0, self.used - size)

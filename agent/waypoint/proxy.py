@@ -50,7 +50,7 @@ from agent.model.select import candidates, pick_address, pick_endpoint
 from agent.model.types import Service, Workload, lookup_port
 from agent.waypoint import authz, routing
 from agent.waypoint.config import AppProtocol, Destination, WaypointState, waypoint_workload
-from agent.waypoint.limits import Budgets, ClusterBudget, ResponseFlag, Thresholds
+from agent.waypoint.limits import BodyBudget, Budgets, ClusterBudget, ResponseFlag, Thresholds
 from agent.waypoint.telemetry import RequestRecord, WaypointMetrics
 from agent.waypoint.upstream import (
     HOP_BY_HOP,
@@ -92,6 +92,7 @@ class WaypointInputs:
     budgets: Budgets
     rng: random.Random
     idle: IdleConnections = field(default_factory=IdleConnections)
+    bodies: BodyBudget = field(default_factory=BodyBudget)
     hbone_port: int = 15008
     active_streams: int = 0
     # Where each endpoint's HBONE listener is (tests: several on loopback); default
@@ -714,34 +715,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
                                                                        headers=[])))
         body = bytearray()
         try:
-            while True:
-                ev = await _next_event(conn, stream, settings, head=False)
-                if isinstance(ev, h11.Data):
-                    body += ev.data
-                    if len(body) > settings.max_body_bytes:
-                        raise _TooBig
-                elif isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
-                    break
-                elif isinstance(ev, h11.ConnectionClosed) or ev is None:
-                    return
-        except _TooBig:
-            await _send_raw(stream, 413, b"request body too large")
-            return
-        except asyncio.TimeoutError:
-            await _send_raw(stream, 408, b"request timeout")
-            return
-        except h11.RemoteProtocolError as exc:
-            await _send_raw(stream, exc.error_status_hint or 400, str(exc).encode())
-            return
-        except HboneStreamError:
-            return
-        authority = next((v for k, v in raw_headers if k == "host"), "")
-        req = HttpRequest(event.method.decode("latin-1"), target,
-                          [(k, v) for k, v in raw_headers
-                           if k not in HOP_BY_HOP and k not in ("host", "content-length",
-                                                                 "expect")],
-                          bytes(body), False, upgrade, authority=authority)
-        keep = await _respond_http1(inputs, stream, info, conn, req)
+            keep = await _body_and_respond(inputs, stream, info, conn, event, raw_headers,
+                                           target, upgrade, body)
+        finally:
+            inputs.bodies.give(len(body))
         if not keep:
             return
         if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -751,6 +728,49 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
             conn.start_next_cycle()
         except h11.LocalProtocolError:
             return
+
+
+async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
+                            info: DownstreamInfo, conn: h11.Connection, event: h11.Request,
+                            raw_headers: list[tuple[str, str]], target: str,
+                            upgrade: str | None, body: bytearray) -> bool:
+    """Read the body into ``body`` (bounded per request and by the process-wide
+    :class:`BodyBudget`; the caller gives back ``len(body)``), then answer. True to
+    keep the connection."""
+    settings = inputs.settings
+    try:
+        while True:
+            ev = await _next_event(conn, stream, settings, head=False)
+            if isinstance(ev, h11.Data):
+                if len(body) + len(ev.data) > settings.max_body_bytes:
+                    raise _TooBig
+                if not inputs.bodies.take(len(ev.data)):
+                    await _send_raw(stream, 503, b"overloaded: too many buffered request "
+                                    b"bodies, retry later")
+                    return False
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
+                break
+            elif isinstance(ev, h11.ConnectionClosed) or ev is None:
+                return False
+    except _TooBig:
+        await _send_raw(stream, 413, b"request body too large")
+        return False
+    except asyncio.TimeoutError:
+        await _send_raw(stream, 408, b"request timeout")
+        return False
+    except h11.RemoteProtocolError as exc:
+        await _send_raw(stream, exc.error_status_hint or 400, str(exc).encode())
+        return False
+    except HboneStreamError:
+        return False
+    authority = next((v for k, v in raw_headers if k == "host"), "")
+    req = HttpRequest(event.method.decode("latin-1"), target,
+                      [(k, v) for k, v in raw_headers
+                       if k not in HOP_BY_HOP and k not in ("host", "content-length",
+                                                             "expect")],
+                      bytes(body), False, upgrade, authority=authority)
+    return await _respond_http1(inputs, stream, info, conn, req)
 
 
 async def _next_event(conn: h11.Connection, stream: HboneStream, settings: WaypointSettings,
@@ -884,6 +904,8 @@ class H2Downstream:
                 await asyncio.wait(set(self.tasks), timeout=5)
             for task in self.tasks:
                 task.cancel()
+            for stream_id in list(self.requests):
+                self._drop(stream_id)
             await linger_close(self.stream)
 
     def _check_frame_sizes(self, data: bytes) -> None:
@@ -928,10 +950,14 @@ class H2Downstream:
                 self.conn.acknowledge_received_data(event.flow_controlled_length,
                                                     event.stream_id)
                 if entry is not None:
-                    entry[1].extend(event.data)
-                    if len(entry[1]) > self.inputs.settings.max_body_bytes:
-                        self.requests.pop(event.stream_id, None)
+                    if len(entry[1]) + len(event.data) > self.inputs.settings.max_body_bytes:
+                        self._drop(event.stream_id)
                         self._local(event.stream_id, 413, b"request body too large")
+                    elif not self.inputs.bodies.take(len(event.data)):
+                        self._drop(event.stream_id)
+                        self._local(event.stream_id, 503, b"overloaded")
+                    else:
+                        entry[1].extend(event.data)
             elif isinstance(event, h2.events.TrailersReceived):
                 entry = self.requests.get(event.stream_id)
                 if entry is not None:
@@ -940,10 +966,16 @@ class H2Downstream:
                 if event.stream_id in self.requests:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
-                self.requests.pop(event.stream_id, None)
+                self._drop(event.stream_id)
             elif isinstance(event, h2.events.WindowUpdated):
                 self.window.set()
         await self.flush()
+
+    def _drop(self, stream_id: int) -> None:
+        """Forget a request not yet started, giving back its buffered bytes."""
+        entry = self.requests.pop(stream_id, None)
+        if entry is not None:
+            self.inputs.bodies.give(len(entry[1]))
 
     def _local(self, stream_id: int, status: int, body: bytes) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -960,6 +992,13 @@ class H2Downstream:
 
     async def _handle(self, stream_id: int) -> None:
         headers, body, trailers = self.requests.pop(stream_id)
+        try:
+            await self._serve(stream_id, headers, body, trailers)
+        finally:
+            self.inputs.bodies.give(len(body))
+
+    async def _serve(self, stream_id: int, headers: list[tuple[str, str]], body: bytearray,
+                     trailers: list[tuple[str, str]]) -> None:
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         # HTTP/2 allows ``te: trailers`` (gRPC requires it); other hop-by-hop go.
         regular = [(k, v) for k, v in headers if not k.startswith(":")

@@ -539,3 +539,26 @@ def test_broken_h2_gets_goaway_and_others_are_served(store: IdentityStore) -> No
 
         assert await asyncio.to_thread(call) == b"echo:ok"
     run_lab(store, body)
+
+
+def test_buffered_bodies_are_bounded_process_wide(store: IdentityStore) -> None:
+    from agent.waypoint.limits import BodyBudget
+
+    async def body(lab: Lab) -> None:
+        lab.inputs.bodies = BodyBudget(limit=1000)
+        big = await http1(await lab.open(WEB), b"POST / HTTP/1.1\r\nHost: w\r\n"
+                          b"Content-Length: 2000\r\n\r\n" + b"x" * 2000, expect_close=True)
+        assert status_of(big) == 503 and b"overloaded" in body_of(big)
+        small = await http1(await lab.open(WEB), b"POST / HTTP/1.1\r\nHost: w\r\n"
+                            b"Content-Length: 500\r\n\r\n" + b"y" * 500)
+        assert status_of(small) == 200
+        assert lab.inputs.bodies.used == 0 and lab.inputs.bodies.refused == 1
+        port = await lab.shim(f"{GRPC_VIP}:50051")
+
+        def call() -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return bytes(channel.unary_unary("/echo.Echo/Say")(b"z" * 100, timeout=10))
+
+        assert await asyncio.to_thread(call) == b"echo:" + b"z" * 100
+        assert lab.inputs.bodies.used == 0
+    run_lab(store, body)
