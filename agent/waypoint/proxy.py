@@ -586,7 +586,7 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
             first += chunk
     except asyncio.TimeoutError:
         if first:
-            await _send_raw(stream, 408, b"request timeout")
+            await _send_raw(inputs, info, stream, 408, b"request timeout")
         stream.abort()
         return
     if first.startswith(H2_PREFACE):
@@ -623,7 +623,29 @@ def normalize_path(target: str) -> str | None:
     return "/" + "/".join(segments) + (sep + query if sep else "")
 
 
-async def _send_raw(stream: HboneStream, status: int, body: bytes) -> None:
+async def _send_raw(inputs: WaypointInputs, info: DownstreamInfo, stream: HboneStream,
+                    status: int, body: bytes) -> None:
+    """Answer a request we could not (or would not) parse, close, and count it: one
+    access-log line and the metrics, flagged DPE (downstream protocol error) or OM
+    (overload). Side effects: writes and half-closes ``stream``."""
+    record = RequestRecord()
+    record.status = status
+    record.response_bytes = len(body)
+    record.source_principal = info.principal or "unknown"
+    record.source_ip = info.source_ip or "-"
+    record.authority = info.authority
+    dest = info.destination
+    if dest.service is not None:
+        record.destination_service = dest.service.hostname
+        record.destination_service_name = dest.service.name
+        record.destination_service_namespace = dest.service.namespace
+    record.add_flag(ResponseFlag.OVERLOAD_MANAGER.value if status == 503
+                    else ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR.value)
+    inputs.metrics.record(record)
+    await _write_raw(stream, status, body)
+
+
+async def _write_raw(stream: HboneStream, status: int, body: bytes) -> None:
     # Before (or instead of) a parsed request h11 cannot answer: write the bytes.
     reason = {400: "Bad Request", 408: "Request Timeout", 413: "Payload Too Large",
               431: "Request Header Fields Too Large", 501: "Not Implemented"}.get(status, "")
@@ -673,10 +695,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
             if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
                 stream.abort()  # idle keep-alive: close quietly
             else:
-                await _send_raw(stream, 408, b"request timeout")
+                await _send_raw(inputs, info, stream, 408, b"request timeout")
             return
         except h11.RemoteProtocolError as exc:
-            await _send_raw(stream, exc.error_status_hint or 400, str(exc).encode())
+            await _send_raw(inputs, info, stream, exc.error_status_hint or 400, str(exc).encode())
             return
         except HboneStreamError:
             return
@@ -684,17 +706,18 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
             await linger_close(stream)
             return
         if not isinstance(event, h11.Request):
-            await _send_raw(stream, 400, b"bad request")
+            await _send_raw(inputs, info, stream, 400, b"bad request")
             return
         raw_headers = [(k.decode("latin-1").lower(), v.decode("latin-1"))
                        for k, v in event.headers]
         names = [k for k, _ in raw_headers]
         if "transfer-encoding" in names and "content-length" in names:
-            await _send_raw(stream, 400, b"both Content-Length and Transfer-Encoding: "
+            await _send_raw(inputs, info, stream, 400,
+                            b"both Content-Length and Transfer-Encoding: "
                             b"refused (request smuggling)")
             return
         if sum(len(k) + len(v) + 4 for k, v in raw_headers) > settings.max_header_bytes:
-            await _send_raw(stream, 431, b"request headers too large")
+            await _send_raw(inputs, info, stream, 431, b"request headers too large")
             return
         upgrade = None
         connection_tokens = {t.strip().lower() for k, v in raw_headers if k == "connection"
@@ -702,11 +725,12 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
         if "upgrade" in connection_tokens:
             upgrade = next((v for k, v in raw_headers if k == "upgrade"), None)
         if names.count("host") > 1:
-            await _send_raw(stream, 400, b"more than one Host header")
+            await _send_raw(inputs, info, stream, 400, b"more than one Host header")
             return
         target = normalize_path(event.target.decode("latin-1"))
         if target is None:
-            await _send_raw(stream, 400, b"request target must be an origin-form path")
+            await _send_raw(inputs, info, stream, 400,
+                            b"request target must be an origin-form path")
             return
         # --- the body (buffered, bounded)
         if conn.they_are_waiting_for_100_continue:
@@ -745,8 +769,9 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
                 if len(body) + len(ev.data) > settings.max_body_bytes:
                     raise _TooBig
                 if not inputs.bodies.take(len(ev.data)):
-                    await _send_raw(stream, 503, b"overloaded: too many buffered request "
-                                    b"bodies, retry later")
+                    await _send_raw(inputs, info, stream, 503,
+                                    b"overloaded: too many buffered request bodies, "
+                                    b"retry later")
                     return False
                 body += ev.data
             elif isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
@@ -754,13 +779,13 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
             elif isinstance(ev, h11.ConnectionClosed) or ev is None:
                 return False
     except _TooBig:
-        await _send_raw(stream, 413, b"request body too large")
+        await _send_raw(inputs, info, stream, 413, b"request body too large")
         return False
     except asyncio.TimeoutError:
-        await _send_raw(stream, 408, b"request timeout")
+        await _send_raw(inputs, info, stream, 408, b"request timeout")
         return False
     except h11.RemoteProtocolError as exc:
-        await _send_raw(stream, exc.error_status_hint or 400, str(exc).encode())
+        await _send_raw(inputs, info, stream, exc.error_status_hint or 400, str(exc).encode())
         return False
     except HboneStreamError:
         return False

@@ -306,6 +306,11 @@ def test_bad_input_gets_a_clear_answer_and_others_are_served(store: IdentityStor
         # Everyone else is still served; the app never saw any of the bad requests.
         assert status_of(await http1(await lab.open(WEB), GET)) == 200
         assert len(lab.http_apps["web"].seen) == 1
+        # Each bad request is counted (and logged) with its answer, flagged DPE.
+        counted = sorted((s[0]["response_code"], s[0]["response_flags"])
+                         for s in samples(lab, "istio_requests_total") for _ in range(int(s[1])))
+        assert counted == sorted([(str(c), "DPE") for _, c in cases]
+                                 + [("408", "DPE"), ("200", "-")])
     run_lab(store, body, settings=settings)
 
 
