@@ -881,6 +881,13 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
 
 # ---- HTTP/2 downstream ------------------------------------------------------------------
 
+MAX_CLIENT_RESETS = 1000
+
+
+class _Flood(Exception):
+    pass
+
+
 class H2Downstream:
     """h2c (prior knowledge) on one CONNECT stream: a task per request."""
 
@@ -896,6 +903,8 @@ class H2Downstream:
         self.tasks: set[asyncio.Task[None]] = set()
         self.window = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self.resets = 0
+        self.reset_ids: set[int] = set()
         self._preface_left = len(H2_PREFACE)
         self._header = b""
         self._payload_left = 0
@@ -918,6 +927,11 @@ class H2Downstream:
                 await self._feed(data)
         except (asyncio.TimeoutError, HboneStreamError):
             pass
+        except _Flood as exc:
+            log.warning("waypoint h2 flood", error=str(exc))
+            with contextlib.suppress(Exception):
+                self.conn.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                await self.flush()
         except h2.exceptions.ProtocolError as exc:
             log.info("waypoint h2 protocol error", error=str(exc))
             code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
@@ -992,6 +1006,11 @@ class H2Downstream:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 self._drop(event.stream_id)
+                self.reset_ids.add(event.stream_id)
+                self.resets += 1
+                if self.resets > MAX_CLIENT_RESETS:
+                    # Rapid reset (CVE-2023-44487): Envoy and Go close such a connection.
+                    raise _Flood("too many streams reset by the client")
             elif isinstance(event, h2.events.WindowUpdated):
                 self.window.set()
         await self.flush()
@@ -1016,7 +1035,13 @@ class H2Downstream:
         task.add_done_callback(self.tasks.discard)
 
     async def _handle(self, stream_id: int) -> None:
-        headers, body, trailers = self.requests.pop(stream_id)
+        entry = self.requests.pop(stream_id, None)
+        if entry is None:  # reset (and dropped) before we started: dial nothing
+            return
+        headers, body, trailers = entry
+        if stream_id in self.reset_ids:
+            self.inputs.bodies.give(len(body))
+            return
         try:
             await self._serve(stream_id, headers, body, trailers)
         finally:

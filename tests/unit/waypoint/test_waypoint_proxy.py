@@ -567,3 +567,32 @@ def test_buffered_bodies_are_bounded_process_wide(store: IdentityStore) -> None:
         assert await asyncio.to_thread(call) == b"echo:" + b"z" * 100
         assert lab.inputs.bodies.used == 0
     run_lab(store, body)
+
+
+def test_h2c_rapid_reset_dials_nothing_and_ends_in_enhance_your_calm(store: IdentityStore) -> None:
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    async def body(lab: Lab) -> None:
+        stream = await lab.open(f"{GRPC_VIP}:50051")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for i in range(1100):
+            sid = 1 + 2 * i
+            conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                    (":authority", "grpc"), (":path", "/echo.Echo/Say"),
+                                    ("content-type", "application/grpc")], end_stream=True)
+            conn.reset_stream(sid)
+            if i % 50 == 49:
+                await stream.write(conn.data_to_send())
+        await stream.write(conn.data_to_send())
+        events: list[Any] = []
+        with contextlib.suppress(Exception):
+            while chunk := await asyncio.wait_for(stream.read(), 10):
+                events += conn.receive_data(chunk)
+        goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert len(lab.connects) == 0  # no request was sent upstream
+    run_lab(store, body)
