@@ -842,10 +842,11 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
             headers = [("content-length", str(len(body))), ("content-type", "text/plain")]
             if answer.status == 403 and answer.flag is ResponseFlag.RBAC_DENIED:
                 record.rbac = f"denied: {answer}"
-            await stream.write(conn.send(h11.Response(status_code=answer.status,
-                                                      headers=headers)))
-            await stream.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            record.response_bytes = len(body)
+            out = conn.send(h11.Response(status_code=answer.status, headers=headers))
+            if req.method != "HEAD":  # a HEAD answer carries the length, not the body
+                out += conn.send(h11.Data(data=body))
+                record.response_bytes = len(body)
+            await stream.write(out + conn.send(h11.EndOfMessage()))
             return True
         record.status = response.status
         if response.upgraded is not None:

@@ -190,6 +190,10 @@ def test_policy_get_only_from_one_namespace(store: IdentityStore) -> None:
         assert status_of(post) == 403 and body_of(post) == b"RBAC: access denied"
         other = await http1(await lab.open(WEB, OTHER_ID), GET)
         assert status_of(other) == 403
+        head = await lab.open(WEB, FRONT_ID)
+        await head.write(b"HEAD / HTTP/1.1\r\nHost: web\r\n\r\n")
+        answer = await asyncio.wait_for(head.read(), 10)
+        assert status_of(answer) == 403 and answer.endswith(b"\r\n\r\n")
         # Denied requests never reached the app.
         assert [s[0] for s in lab.http_apps["web"].seen] == ["GET"]
     run_lab(store, body, docs=docs)
