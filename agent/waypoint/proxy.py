@@ -54,6 +54,7 @@ from agent.waypoint.limits import BodyBudget, Budgets, ClusterBudget, ResponseFl
 from agent.waypoint.telemetry import RequestRecord, WaypointMetrics
 from agent.waypoint.upstream import (
     HOP_BY_HOP,
+    H2Connections,
     H2Upstream,
     Http1Upstream,
     IdleConnections,
@@ -92,6 +93,7 @@ class WaypointInputs:
     budgets: Budgets
     rng: random.Random
     idle: IdleConnections = field(default_factory=IdleConnections)
+    h2: H2Connections = field(default_factory=H2Connections)
     bodies: BodyBudget = field(default_factory=BodyBudget)
     hbone_port: int = 15008
     active_streams: int = 0
@@ -176,6 +178,7 @@ class WaypointServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
         self.inputs.idle.close()
+        self.inputs.h2.close()
         await self.inputs.pool.close()
 
 
@@ -458,11 +461,35 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
             released = True
             budget.end_request()
 
+    key = (address, port)
+    connecting: asyncio.Future[None] | None = None
     try:
-        key = (address, port)
         traceparent = req.header(TRACEPARENT_HEADER)
-        conn = None if req.http2 or req.upgrade else inputs.idle.take(key)
-        if conn is None:
+        conn: Http1Upstream | None = None
+        h2conn: H2Upstream | None = None
+        if req.http2:
+            h2conn = inputs.h2.take(key)
+            waiting = inputs.h2.connecting.get(key)
+            if h2conn is None and waiting is not None:
+                # One connection is being opened: share it rather than open one each
+                # (a waiter is a pending request: bounded by the pending budget).
+                if not budget.try_pending():
+                    raise Answer(503, b"upstream connect error or disconnect/reset before "
+                                 b"headers. reset reason: overflow",
+                                 ResponseFlag.UPSTREAM_OVERFLOW)
+                try:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(asyncio.shield(waiting),
+                                               inputs.settings.connect_timeout)
+                finally:
+                    budget.end_pending()
+                h2conn = inputs.h2.take(key)
+        elif not req.upgrade:
+            conn = inputs.idle.take(key)
+        if req.http2 and h2conn is None and key not in inputs.h2.connecting:
+            connecting = asyncio.get_running_loop().create_future()
+            inputs.h2.connecting[key] = connecting
+        if conn is None and h2conn is None:
             if not budget.try_pending():
                 raise Answer(503, b"upstream connect error or disconnect/reset before "
                              b"headers. reset reason: overflow",
@@ -483,29 +510,35 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                 budget.end_pending()
             _watch_connection(stream, budget)
         else:
-            stream = conn.stream
+            stream = conn.stream if conn is not None else h2conn.stream  # type: ignore[union-attr]
         authority = req.authority or f"{address}:{port}"
         try:
             if req.http2:
-                h2up = H2Upstream(stream)
+                if h2conn is None:
+                    h2conn = H2Upstream(stream, key)
+                    try:
+                        await h2conn.start()
+                        inputs.h2.add(h2conn)
+                    finally:
+                        _done_connecting(inputs, key, connecting)
                 pseudo = [(":method", req.method), (":scheme", "http"),
                           (":authority", authority), (":path", req.target)]
-                response = await h2up.request(pseudo + headers, req.body, req.trailers)
+                response = await h2conn.request(pseudo + headers, req.body, req.trailers)
                 inner = response.body
 
-                async def body_then_close() -> AsyncIterator[bytes]:
+                async def body_then_release() -> AsyncIterator[bytes]:
                     try:
                         async for chunk in inner:
                             yield chunk
                     finally:
                         response.finished = True
-                        h2up.close()
                         release(False)
 
-                response.body = body_then_close()
+                response.body = body_then_release()
+                abandon = response.discard_hook
 
                 def drop_h2() -> None:
-                    h2up.close()
+                    abandon()  # resets this request's stream only
                     release(False)
 
                 response.discard_hook = drop_h2
@@ -541,15 +574,26 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                 if response.upgraded is None:
                     response.discard_hook = drop_h1
         except (UpstreamProtocolError, HboneStreamError) as exc:
-            stream.abort()
+            if not req.http2:  # a shared h2 connection stays for its other requests
+                stream.abort()
             raise Answer(503, b"upstream connect error or disconnect/reset before headers. "
                          b"reset reason: remote reset", ResponseFlag.UPSTREAM_REMOTE_RESET,
                          str(exc)) from None
         response.release = release
         return response
     except BaseException:
+        _done_connecting(inputs, key, connecting)
         release(False)
         raise
+
+
+def _done_connecting(inputs: WaypointInputs, key: tuple[str, int],
+                     connecting: asyncio.Future[None] | None) -> None:
+    """Wake the requests waiting for the h2 connection this request opened."""
+    if connecting is not None and inputs.h2.connecting.get(key) is connecting:
+        del inputs.h2.connecting[key]
+    if connecting is not None and not connecting.done():
+        connecting.set_result(None)
 
 
 def _watch_connection(stream: HboneStream, budget: ClusterBudget) -> None:
