@@ -768,6 +768,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
                              for t in v.split(",")}
         if "upgrade" in connection_tokens:
             upgrade = next((v for k, v in raw_headers if k == "upgrade"), None)
+            if upgrade is not None and upgrade.strip().lower() == "h2c":
+                # HTTP/1.1 -> h2c upgrade (curl --http2 on http://): not offered, as
+                # Envoy; the request is served as plain HTTP/1.1.
+                upgrade = None
         if names.count("host") > 1:
             await _send_raw(inputs, info, stream, 400, b"more than one Host header")
             return

@@ -119,6 +119,16 @@ def test_http1_with_curl_keepalive_chunked_and_upstream_hbone(store: IdentitySto
         rc, out = await sh("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
                            "-X", "DELETE", f"{base}/d")
         assert out == "200"
+        h1_connects = len(lab.connects)
+        # curl --http2 on http:// asks to upgrade to h2c: served as HTTP/1.1.
+        rc, out = await sh("curl", "-sS", "--http2", "-w", " %{http_version}", f"{base}/u")
+        assert rc == 0 and out.endswith(" 1.1") and json.loads(out[:-4])["path"] == "/u"
+        # With prior knowledge it is h2c; the app speaks HTTP/1.1 only and the waypoint
+        # keeps the client's protocol upstream (Envoy's USE_DOWNSTREAM_PROTOCOL): a clean
+        # 503 after the retries.
+        rc, out = await sh("curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
+                           "-w", "%{http_code} %{http_version}", f"{base}/p")
+        assert out == "503 2", out
         # Upstream: HBONE under the waypoint's identity, :authority podIP:targetPort,
         # the request's traceparent and the tunnel's baggage carried on the CONNECT.
         assert lab.connects, "no upstream CONNECT"
@@ -127,8 +137,8 @@ def test_http1_with_curl_keepalive_chunked_and_upstream_hbone(store: IdentitySto
         traced = [s for s in lab.connects if "traceparent" in s.headers]
         assert traced and traced[0].headers["traceparent"].startswith("00-0af7651916cd43dd")
         # The app saw requests, and the pooled upstream connection was reused.
-        assert len(lab.http_apps["web"].seen) == 4
-        assert len(lab.connects) < 4
+        assert len(lab.http_apps["web"].seen) == 5
+        assert h1_connects < 4
     run_lab(store, body)
 
 
