@@ -160,13 +160,89 @@ def _gateway(doc: Mapping[str, Any], class_labels: Mapping[str, str]) -> binding
                             allowed, selector)
 
 
-def build_state(model: Model, docs: Iterable[dict[str, Any]], me: tuple[str, str],
+_BINDING_KINDS = ("Namespace", "Service", "Pod", "Gateway", "GatewayClass")
+_KNOWN_KINDS = (*_BINDING_KINDS, "HTTPRoute", "AuthorizationPolicy")
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items())
+
+
+def binding_doc_problem(doc: dict[str, Any]) -> str | None:
+    """Why a Namespace/Service/Pod/Gateway/GatewayClass document cannot be read (the
+    fields binding uses), or None."""
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
+            or not meta["name"]:
+        return "metadata.name: required"
+    if doc["kind"] not in ("Namespace", "GatewayClass") and (
+            not isinstance(meta.get("namespace"), str) or not meta["namespace"]):
+        return "metadata.namespace: required"
+    if "labels" in meta and not _str_map(meta["labels"]):
+        return "metadata.labels: must map strings to strings"
+    spec = doc.get("spec", {})
+    if not isinstance(spec, dict):
+        return "spec: must be a mapping"
+    if doc["kind"] == "Service":
+        ports = spec.get("ports", [])
+        if not isinstance(ports, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("port"), int)
+                and isinstance(p.get("name", ""), str)
+                and isinstance(p.get("appProtocol", ""), str) for p in ports):
+            return "spec.ports: each needs an integer port (name, appProtocol: strings)"
+    if doc["kind"] == "Gateway":
+        listeners = spec.get("listeners", [])
+        if not isinstance(listeners, list) or not all(isinstance(x, dict) for x in listeners):
+            return "spec.listeners: must be a list of mappings"
+        for i, x in enumerate(listeners):
+            routes = x.get("allowedRoutes", {})
+            ns = routes.get("namespaces", {}) if isinstance(routes, dict) else None
+            if not isinstance(ns, dict):
+                return f"spec.listeners[{i}].allowedRoutes.namespaces: must be a mapping"
+            sel = ns.get("selector", {})
+            if not isinstance(sel, dict) or not _str_map(sel.get("matchLabels", {})) or \
+                    not isinstance(sel.get("matchExpressions", []), list) or not all(
+                        isinstance(e, dict) and isinstance(e.get("key"), str)
+                        and e.get("operator") in ("In", "NotIn", "Exists", "DoesNotExist")
+                        and isinstance(e.get("values", []), list)
+                        for e in sel.get("matchExpressions", [])):
+                return f"spec.listeners[{i}].allowedRoutes.namespaces.selector: invalid"
+        if not isinstance(spec.get("gatewayClassName", ""), str):
+            return "spec.gatewayClassName: must be a string"
+    return None
+
+
+def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
                 problems: Iterable[str] = ()) -> WaypointState:
-    """Bind the model's services and workloads; compile routes and policies."""
+    """Bind the model's services and workloads; compile routes and policies. Never
+    raises for bad documents: each is reported in ``problems`` and binds nothing (a
+    broken Service or Pod is not bound, a broken Namespace binds none of its objects,
+    a broken Gateway is no waypoint)."""
     issues = list(problems)
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    for doc in docs:
-        by_kind.setdefault(str(doc.get("kind")), []).append(doc)
+    broken_ns: set[str] = set()
+    broken: set[tuple[str, str, str]] = set()
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            issues.append(f"document {i}: not a mapping (ignored)")
+            continue
+        kind = str(doc.get("kind"))
+        if kind not in _KNOWN_KINDS:
+            issues.append(f"document {i}: kind {kind!r} is not used by the waypoint (ignored)")
+            continue
+        if kind in _BINDING_KINDS:
+            problem = binding_doc_problem(doc)
+            if problem is not None:
+                meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+                name, ns = str(meta.get("name", "?")), str(meta.get("namespace", "?"))
+                issues.append(f"{kind} {ns}/{name}: {problem}: binds nothing")
+                if kind == "Namespace":
+                    broken_ns.add(name)
+                else:
+                    broken.add((kind, ns, name))
+                continue
+        by_kind.setdefault(kind, []).append(doc)
     classes = {(_meta(d)[1]): _meta(d)[2] for d in by_kind.get("GatewayClass", [])}
     waypoints = []
     for d in by_kind.get("Gateway", []):
@@ -185,6 +261,8 @@ def build_state(model: Model, docs: Iterable[dict[str, Any]], me: tuple[str, str
     destinations: dict[tuple[str, int], Destination] = {}
     refused: dict[str, binding.Binding] = {}
     for svc in model.services:
+        if svc.namespace in broken_ns or ("Service", svc.namespace, svc.name) in broken:
+            continue
         doc = svc_docs.get((svc.namespace, svc.name), {})
         labels = _meta(doc)[2] if doc else {}
         b = bindings.for_service(binding.Object(svc.namespace, svc.name, labels))
@@ -201,6 +279,8 @@ def build_state(model: Model, docs: Iterable[dict[str, Any]], me: tuple[str, str
             for vip in svc.vips:
                 destinations[(str(vip.address), port)] = Destination(proto, port, service=svc)
     for wl in model.workloads:
+        if wl.namespace in broken_ns or ("Pod", wl.namespace, wl.name) in broken:
+            continue
         doc = pod_docs.get((wl.namespace, wl.name), {})
         labels = _meta(doc)[2] if doc else {}
         b = bindings.for_workload(binding.Object(wl.namespace, wl.name, labels))

@@ -96,6 +96,8 @@ async def serve(opts: WaypointOptions, stop: asyncio.Event | None = None) -> Non
                 except ModelLoadError as exc:
                     log.error("waypoint reload failed; keeping the previous state",
                               error=str(exc))
+                except Exception:  # a bug must not take the serving state down
+                    log.exception("waypoint reload failed; keeping the previous state")
     finally:
         await server.close()
 
