@@ -234,7 +234,8 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
         if kind in _BINDING_KINDS:
             problem = binding_doc_problem(doc)
             if problem is not None:
-                meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+                raw_meta = doc.get("metadata")
+                meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
                 name, ns = str(meta.get("name", "?")), str(meta.get("namespace", "?"))
                 issues.append(f"{kind} {ns}/{name}: {problem}: binds nothing")
                 if kind == "Namespace":
