@@ -491,11 +491,15 @@ def compile_document(doc: Any) -> DocumentResult:
         meta = doc.get("metadata") or {}
         if isinstance(meta, dict):
             name = f"{meta.get('namespace', '?')}/{meta.get('name', '?')}"
-            namespace = meta.get("namespace") or ""
-        if doc.get("apiVersion") not in API_VERSIONS or doc.get("kind") != "AuthorizationPolicy":
+            raw_ns = meta.get("namespace")
+            namespace = raw_ns if isinstance(raw_ns, str) else ""
+        api = doc.get("apiVersion")
+        if not isinstance(api, str) or api not in API_VERSIONS \
+                or doc.get("kind") != "AuthorizationPolicy":
             raise PolicyInvalid("apiVersion/kind: expected security.istio.io/v1 "
                                 "AuthorizationPolicy")
-        if not isinstance(meta, dict) or not meta.get("name") or not namespace:
+        if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
+                or not meta["name"] or not namespace:
             raise PolicyInvalid("metadata: name and namespace are required")
         spec = doc.get("spec") or {}
         if not isinstance(spec, dict):
@@ -532,7 +536,8 @@ def compile_document(doc: Any) -> DocumentResult:
         outcome = (DocumentOutcome.ACCEPTED_WITH_WARNINGS if problems
                    else DocumentOutcome.ACCEPTED)
         return DocumentResult(name, outcome, tuple(problems), policy)
-    except PolicyInvalid as exc:
+    except (PolicyInvalid, TypeError, AttributeError, KeyError) as exc:
+        # TypeError & co: a value of a shape no check above foresaw; judged as invalid.
         stand_in = None
         if namespace:
             if targets is None:

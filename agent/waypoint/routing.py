@@ -357,8 +357,19 @@ def _parse_retry(raw: Any, where: str) -> RetryPolicy:
 
 def parse_http_route(doc: Any) -> HttpRoute:
     """One HTTPRoute document -> :class:`HttpRoute`; :class:`RouteInvalid` names the field."""
-    if not isinstance(doc, dict) or doc.get("apiVersion") not in API_VERSIONS \
-            or doc.get("kind") != "HTTPRoute":
+    try:
+        return _parse_http_route(doc)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        if isinstance(exc, RouteInvalid):
+            raise
+        # A value of a shape no check foresaw (a list where a string belongs...).
+        raise RouteInvalid(f"a field has the wrong type ({type(exc).__name__}: {exc})") \
+            from None
+
+
+def _parse_http_route(doc: Any) -> HttpRoute:
+    if not isinstance(doc, dict) or not isinstance(doc.get("apiVersion"), str) \
+            or doc["apiVersion"] not in API_VERSIONS or doc.get("kind") != "HTTPRoute":
         raise RouteInvalid("apiVersion/kind: expected gateway.networking.k8s.io/v1 HTTPRoute")
     meta = doc.get("metadata") or {}
     name, namespace = meta.get("name"), meta.get("namespace")

@@ -77,3 +77,46 @@ def test_port_protocol_selection() -> None:
     assert port_protocol("web", None) is AppProtocol.TCP
     assert port_protocol("tcp", "kubernetes.io/h2c") is AppProtocol.HTTP
     assert port_protocol("http", "mysql") is AppProtocol.TCP
+
+
+def test_policies_and_routes_with_garbage_in_any_field_never_raise() -> None:
+    from agent.waypoint.authz import compile_document
+    from agent.waypoint.routing import RouteInvalid, parse_http_route
+
+    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "p", "namespace": "apps",
+                           "annotations": {"istio.io/dry-run": "false"}},
+              "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                                       "name": "waypoint"}],
+                       "action": "DENY",
+                       "rules": [{"from": [{"source": {"principals": ["a/*"],
+                                                       "notIpBlocks": ["10.0.0.0/8"]}}],
+                                  "to": [{"operation": {"methods": ["GET"], "paths": ["/x*"]}}],
+                                  "when": [{"key": "request.headers[x]", "values": ["1"]}]}]}}
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "r", "namespace": "apps"},
+             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                      "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/a"},
+                                              "headers": [{"name": "h", "value": "v"}],
+                                              "queryParams": [{"name": "q", "value": "1"}],
+                                              "method": "GET"}],
+                                 "filters": [{"type": "RequestHeaderModifier",
+                                              "requestHeaderModifier": {
+                                                  "set": [{"name": "a", "value": "b"}],
+                                                  "remove": ["c"]}}],
+                                 "backendRefs": [{"name": "web", "port": 80, "weight": 2}],
+                                 "timeouts": {"request": "1s"},
+                                 "retry": {"attempts": 1, "codes": [503], "backoff": "10ms"},
+                                 "fault": {"abort": {"percentage": {"value": 5},
+                                                     "httpStatus": 503},
+                                           "delay": {"percentage": {"value": 5},
+                                                     "fixedDelay": "1ms"}}}]}}
+    for path in paths(policy):
+        for junk in GARBAGE:
+            compile_document(replaced(policy, path, junk))  # a result, never an exception
+    for path in paths(route):
+        for junk in GARBAGE:
+            try:
+                parse_http_route(replaced(route, path, junk))
+            except RouteInvalid:
+                pass
