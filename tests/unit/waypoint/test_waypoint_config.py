@@ -3,6 +3,7 @@ never raises and never binds more than the good documents do."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from typing import Any
@@ -116,7 +117,5 @@ def test_policies_and_routes_with_garbage_in_any_field_never_raise() -> None:
             compile_document(replaced(policy, path, junk))  # a result, never an exception
     for path in paths(route):
         for junk in GARBAGE:
-            try:
+            with contextlib.suppress(RouteInvalid):  # a route or RouteInvalid, nothing else
                 parse_http_route(replaced(route, path, junk))
-            except RouteInvalid:
-                pass
