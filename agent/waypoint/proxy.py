@@ -872,6 +872,19 @@ async def _next_event(conn: h11.Connection, stream: HboneStream, settings: Waypo
             return conn.next_event()  # type: ignore[return-value]
 
 
+async def process_or_answer(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest,
+                            record: RequestRecord) -> UpstreamResponse:
+    """:func:`process`, with a bug turned into a 500 for this request only (logged),
+    never a reset connection for everyone on it."""
+    try:
+        return await process(inputs, info, req, record)
+    except (Answer, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("waypoint request failed", path=req.target)
+        raise Answer(500, b"internal error", ResponseFlag.NONE, str(exc)) from None
+
+
 async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: DownstreamInfo,
                          conn: h11.Connection, req: HttpRequest) -> bool:
     """Answer one request; True to keep the connection for another."""
@@ -880,7 +893,7 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
     response: UpstreamResponse | None = None
     try:
         try:
-            response = await process(inputs, info, req, record)
+            response = await process_or_answer(inputs, info, req, record)
         except Answer as answer:
             record.status = answer.status
             if answer.flag is not ResponseFlag.NONE and answer.flag is not \
@@ -1115,7 +1128,7 @@ class H2Downstream:
         response: UpstreamResponse | None = None
         try:
             try:
-                response = await process(self.inputs, self.info, req, record)
+                response = await process_or_answer(self.inputs, self.info, req, record)
             except Answer as answer:
                 record.status = answer.status
                 if answer.flag not in (ResponseFlag.NONE, ResponseFlag.RBAC_DENIED):

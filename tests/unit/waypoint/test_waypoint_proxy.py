@@ -612,3 +612,24 @@ def test_h2c_rapid_reset_dials_nothing_and_ends_in_enhance_your_calm(store: Iden
         assert goaway and goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
         assert len(lab.connects) == 0  # no request was sent upstream
     run_lab(store, body)
+
+
+def test_a_bug_is_a_500_for_that_request_only(store: IdentityStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.waypoint.proxy as proxy
+    real = proxy.process
+
+    async def buggy(inputs: Any, info: Any, req: Any, record: Any) -> Any:
+        if req.target == "/bug":
+            raise RuntimeError("a bug")
+        return await real(inputs, info, req, record)
+
+    monkeypatch.setattr(proxy, "process", buggy)
+
+    async def body(lab: Lab) -> None:
+        stream = await lab.open(WEB)
+        bug = await http1(stream, b"GET /bug HTTP/1.1\r\nHost: w\r\n\r\n")
+        assert status_of(bug) == 500
+        # The same keep-alive connection still serves the next request.
+        assert status_of(await http1(stream, GET)) == 200
+    run_lab(store, body)
