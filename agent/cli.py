@@ -76,15 +76,23 @@ def tunnel(ctx: click.Context) -> None:
 @click.option("--ca-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--listen", default="0.0.0.0:15008", show_default=True)
 @click.option("--metrics-port", default=15020, show_default=True, type=int)
+@click.option("--check", is_flag=True,
+              help="Print what the files bind and every problem, then exit (2 if any "
+                   "policy fails closed); serve nothing.")
 def waypoint(name: str, namespace: str, service_account: str | None, model_path: str,
-             config_dir: str, ca_dir: str, listen: str, metrics_port: int) -> None:
+             config_dir: str, ca_dir: str, listen: str, metrics_port: int,
+             check: bool) -> None:
     """Run one waypoint (L7 proxy for the destinations bound to it)."""
     from pathlib import Path
 
-    from agent.waypoint.main import WaypointOptions
+    from agent.waypoint.main import WaypointOptions, check_report
     from agent.waypoint.main import run as run_waypoint
 
     host, _, port = listen.rpartition(":")
+    if check:
+        text, code = check_report(namespace, name, Path(model_path), Path(config_dir))
+        click.echo(text)
+        raise SystemExit(code)
     run_waypoint(WaypointOptions(name, namespace, service_account or name, Path(model_path),
                                  Path(config_dir), Path(ca_dir), host.strip("[]") or "0.0.0.0",
                                  int(port), metrics_port))

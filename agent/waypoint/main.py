@@ -58,6 +58,36 @@ def load_state(opts: WaypointOptions) -> WaypointState:
     return state
 
 
+def check_report(namespace: str, name: str, model_path: Path,
+                 config_dir: Path) -> tuple[str, int]:
+    """What ``meshagent waypoint --check`` prints, and its exit code: 0 clean, 1 with
+    problems, 2 when a policy fails closed or the model cannot be read. Pure but for
+    reading the files."""
+    from agent.waypoint.authz import DocumentOutcome
+
+    try:
+        model = load_model_file(model_path)
+    except ModelLoadError as exc:
+        return f"model: {exc}", 2
+    docs, problems = read_documents(config_dir)
+    state = build_state(model, docs, (namespace, name), problems)
+    lines = [f"waypoint {namespace}/{name} ({state.me.traffic.value} traffic, routes from "
+             f"{state.me.allowed_from.value})", "destinations:"]
+    for (ip, port), dest in sorted(state.destinations.items()):
+        what = (f"service {dest.service.namespace}/{dest.service.name}" if dest.service
+                else f"workload {dest.workload.namespace}/{dest.workload.name}"
+                if dest.workload else "?")
+        lines.append(f"  {ip}:{port}  {dest.protocol.value}  {what}")
+    for what, b in sorted(state.refused.items()):
+        lines.append(f"refused: {what}: {b.outcome.value}: {b.reason}")
+    for r in state.policy_results:
+        lines.append(f"policy {r.name}: {r.outcome.value}"
+                     + (f" ({'; '.join(r.problems)})" if r.problems else ""))
+    lines += [f"problem: {p}" for p in state.problems]
+    failed = any(r.outcome is DocumentOutcome.FAIL_CLOSED for r in state.policy_results)
+    return "\n".join(lines), 2 if failed else 1 if state.problems else 0
+
+
 def _stamp(opts: WaypointOptions) -> tuple[float, ...]:
     paths = [opts.model_path, *sorted(opts.config_dir.glob("*.y*ml"))]
     stamps: list[float] = []

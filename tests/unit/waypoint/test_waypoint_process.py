@@ -152,3 +152,30 @@ async def _exercise(store: IdentityStore, port: int, app: EchoServer, config: Pa
     finally:
         await client.close()
         node.close()
+
+
+def test_check_prints_bindings_and_fails_on_a_fail_closed_policy(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    (tmp_path / "model.yaml").write_text(model_to_yaml(model()))
+    config = tmp_path / "config"
+    config.mkdir()
+    docs = [d for d in base_docs() if d["kind"] in ("Namespace", "Gateway")
+            or d["metadata"]["name"] == "web"]
+    (config / "cluster.yaml").write_text(yaml.safe_dump_all(docs))
+    args = ["waypoint", "--check", "--name", "waypoint", "--namespace", "apps", "--model",
+            str(tmp_path / "model.yaml"), "--config-dir", str(config), "--ca-dir",
+            str(tmp_path / "ca")]
+    ok = CliRunner().invoke(main, args)
+    assert ok.exit_code == 0, ok.output
+    assert f"{VIP}:80  http  service apps/web" in ok.output
+    (config / "bad.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "bad", "namespace": "apps"},
+        "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "web"}],
+                 "action": "CUSTOM", "rules": [{}]}}))
+    bad = CliRunner().invoke(main, args)
+    assert bad.exit_code == 2
+    assert "policy apps/bad: fail_closed" in bad.output
