@@ -14,8 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-import structlog
-from structlog.testing import capture_logs
 from waypoint_lab import (
     DB_VIP,
     FRONT_ID,
@@ -366,17 +364,31 @@ def test_tcp_port_passes_through_with_l4_policy(store: IdentityStore) -> None:
     run_lab(store, body, docs=with_docs(deny_other))
 
 
-def test_metrics_and_one_access_log_line_per_request(store: IdentityStore) -> None:
+class AccessLog:
+    """Stands in for the access logger (structlog may be configured, and its loggers
+    cached, by whichever test ran first)."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines.append({"event": event, **fields})
+
+
+def test_metrics_and_one_access_log_line_per_request(store: IdentityStore,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.waypoint.telemetry as telemetry
+    recorder = AccessLog()
+    monkeypatch.setattr(telemetry, "access_log", recorder)
     audit = policy({"action": "AUDIT", "rules": [{"to": [{"operation": {"paths": ["/m2"]}}]}]},
                    name="audit-m2")
 
     async def body(lab: Lab) -> None:
-        with capture_logs() as logs:
-            for path in (b"/m1", b"/m2"):
-                out = await http1(await lab.open(WEB), b"GET " + path + b" HTTP/1.1\r\n"
-                                  b"Host: web\r\n\r\n")
-                assert status_of(out) == 200
-        lines = [e for e in logs if e.get("event") == "request"]
+        for path in (b"/m1", b"/m2"):
+            out = await http1(await lab.open(WEB), b"GET " + path + b" HTTP/1.1\r\n"
+                              b"Host: web\r\n\r\n")
+            assert status_of(out) == 200
+        lines = [e for e in recorder.lines if e.get("event") == "request"]
         assert [e["path"] for e in lines] == ["/m1", "/m2"]
         assert lines[0]["response_code"] == 200 and lines[0]["upstream_host"].endswith(":8080")
         assert lines[0]["source_principal"] == f"spiffe://{FRONT_ID.principal}"
@@ -393,7 +405,6 @@ def test_metrics_and_one_access_log_line_per_request(store: IdentityStore) -> No
         for name in ("istio_request_duration_milliseconds_count", "istio_request_bytes_count",
                      "istio_response_bytes_count"):
             assert sum(v for _, v in samples(lab, name)) == 2, name
-    structlog.reset_defaults()
     run_lab(store, body, docs=with_docs(audit))
 
 
