@@ -644,3 +644,56 @@ def test_a_bug_is_a_500_for_that_request_only(store: IdentityStore,
         # The same keep-alive connection still serves the next request.
         assert status_of(await http1(stream, GET)) == 200
     run_lab(store, body)
+
+
+def test_libcurl_as_the_node_tunnel(store: IdentityStore, tmp_path: Path) -> None:
+    """libcurl (pycurl wheel, HTTP/2 HTTPS proxy with a client certificate) opens the
+    HBONE CONNECT itself and speaks HTTP/1.1 inside: no client code of ours."""
+    import io
+
+    import pycurl
+
+    cert = store.get(FRONT_ID)
+    pems = {"cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem", "ca": tmp_path / "ca.pem"}
+    pems["cert"].write_bytes(cert.cert_pem)
+    pems["key"].touch(mode=0o600)
+    pems["key"].write_bytes(cert.key_pem)
+    pems["ca"].write_bytes(cert.trust_anchors_pem)
+    docs = with_docs(policy({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}))
+
+    def fetch(port: int, url: str, method: str = "GET") -> tuple[int, bytes, str]:
+        body = io.BytesIO()
+        curl = pycurl.Curl()
+        try:
+            curl.setopt(pycurl.URL, url)
+            curl.setopt(pycurl.CUSTOMREQUEST, method)
+            curl.setopt(pycurl.PROXY, f"https://127.0.0.1:{port}")
+            curl.setopt(pycurl.PROXYTYPE, 3)  # CURLPROXY_HTTPS2 (libcurl >= 8.1)
+            curl.setopt(pycurl.HTTPPROXYTUNNEL, 1)
+            curl.setopt(pycurl.NOPROXY, "")
+            curl.setopt(pycurl.PROXY_SSLCERT, str(pems["cert"]))
+            curl.setopt(pycurl.PROXY_SSLKEY, str(pems["key"]))
+            curl.setopt(pycurl.PROXY_CAINFO, str(pems["ca"]))
+            curl.setopt(pycurl.PROXY_SSL_VERIFYHOST, 0)  # SPIFFE URI SAN, no DNS name
+            curl.setopt(pycurl.TIMEOUT, 20)
+            curl.setopt(pycurl.WRITEDATA, body)
+            try:
+                curl.perform()
+            except pycurl.error as exc:
+                return 0, b"", str(exc)
+            return int(curl.getinfo(pycurl.RESPONSE_CODE)), body.getvalue(), ""
+        finally:
+            curl.close()
+
+    async def body(lab: Lab) -> None:
+        port = lab.waypoint_port
+        status, data, err = await asyncio.to_thread(fetch, port, f"http://{WEB_VIP}/via-curl")
+        assert status == 200, err
+        assert json.loads(data)["path"] == "/via-curl"
+        status, data, _ = await asyncio.to_thread(fetch, port, f"http://{WEB_VIP}/x", "POST")
+        assert (status, data) == (403, b"RBAC: access denied")
+        # A destination not bound to this waypoint: the CONNECT itself is refused.
+        status, _, err = await asyncio.to_thread(fetch, port, f"http://{OPT_VIP}/")
+        assert status != 200 and err
+        assert lab.connects[0].peer == WAYPOINT_ID
+    run_lab(store, body, docs=docs)
