@@ -9,5 +9,8 @@ Pure cores (no asyncio, no sockets):
 * :mod:`~agent.waypoint.limits` - Envoy-default circuit breakers (503 UO/URX).
 
 The asyncio shell: :mod:`~agent.waypoint.proxy` (HBONE in, HTTP/1.1 or h2c per
-stream, HBONE out) and :mod:`~agent.waypoint.telemetry`.
+stream, policy, routing, limits, retries), :mod:`~agent.waypoint.upstream` (HTTP/1.1
+and HTTP/2 to the endpoints over HBONE, pooled), :mod:`~agent.waypoint.telemetry`
+(Istio metrics, access log) and :mod:`~agent.waypoint.main` (``meshagent waypoint``).
+Semantics and citations: docs/waypoint.md.
 """
