@@ -246,7 +246,7 @@ def run(ctx: Context) -> None:
         ctx.add(NAME, "rps", "waypoint path, 16 conns", 0, wp["rps"])
         ctx.add(NAME, "p99_ms", "waypoint path, 16 conns", 0, wp["p99_ms"])
         if wp["rps"]:
-            ctx.add(NAME, "vcpu_per_krps", "waypoint process", 0, cpu / (wp["rps"] / 1000),
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "waypoint process", 0, cpu / (wp["rps"] / 1000),
                     istio=ISTIO_VCPU_PER_KRPS)
         cfg = work / "haproxy.cfg"
         cfg.write_text(
