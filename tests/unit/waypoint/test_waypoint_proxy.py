@@ -284,7 +284,10 @@ def test_limits_answer_503_uo(store: IdentityStore) -> None:
     async def body(lab: Lab) -> None:
         slow = asyncio.ensure_future(http1(await lab.open(WEB),
                                            b"GET /slow HTTP/1.1\r\nHost: w\r\n\r\n"))
-        await asyncio.sleep(0.3)
+        for _ in range(200):  # until the app holds the slow request (bounded)
+            if lab.http_apps["web"].seen:
+                break
+            await asyncio.sleep(0.05)
         over = await http1(await lab.open(WEB), GET)
         assert status_of(over) == 503
         assert b"overflow" in body_of(over)
