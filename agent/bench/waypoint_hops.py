@@ -1,10 +1,11 @@
 """The two node-tunnel hops around a waypoint, for the waypoint benchmark (loopback).
 
-``python -m agent.bench.waypoint_hops --ca-dir D --dest IP=APPPORT ... --entry
+``python -m agent.bench.waypoint_hops --ca-dir D --dest IP=APPPORT=NS/SA ... --entry
 LISTENPORT=WAYPOINTPORT=AUTHORITY=NAMESPACE ...``
 
 - destination side: an HBONE server on ``IP:15008`` for every ``--dest`` pod IP
-  (127.x loopback addresses), piping each accepted CONNECT to ``127.0.0.1:APPPORT``;
+  (127.x loopback addresses) presenting the pod's identity ``NS/SA``, piping each
+  accepted CONNECT to ``127.0.0.1:APPPORT``;
 - source side: a plaintext listener on ``127.0.0.1:LISTENPORT`` per ``--entry``; each
   TCP connection becomes one CONNECT to ``AUTHORITY`` at the waypoint on
   ``127.0.0.1:WAYPOINTPORT``, under ``spiffe://<td>/ns/NAMESPACE/sa/client`` (what
@@ -53,7 +54,13 @@ async def _pipe_stream_socket(stream: HboneStream, reader: asyncio.StreamReader,
 async def main(args: argparse.Namespace) -> None:
     store = IdentityStore(load_ca(args.ca_dir))
     td = store.trust_domain
-    apps = dict(item.split("=", 1) for item in args.dest)
+    apps: dict[str, str] = {}
+    identities: dict[str, SpiffeId] = {}
+    for item in args.dest:
+        ip, port, who = item.split("=")
+        ns, sa = who.split("/")
+        apps[ip] = port
+        identities[ip] = SpiffeId(td, ns, sa)
     servers = []
 
     async def on_stream(request: HboneServerRequest) -> None:
@@ -65,7 +72,8 @@ async def main(args: argparse.Namespace) -> None:
         await _pipe_stream_socket(request.accept(), reader, writer)
 
     for ip in apps:
-        ctx = store.server_context(SpiffeId(td, "bench", f"pod-{ip.replace('.', '-')}"))
+        # ztunnel answers with the destination workload's own certificate.
+        ctx = store.server_context(identities[ip])
         servers.append(await asyncio.start_server(
             lambda r, w: serve_hbone(r, w, on_stream=on_stream, trust_domain=td),
             ip, 15008, ssl=ctx, backlog=4096))

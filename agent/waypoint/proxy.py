@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import ipaddress
 import random
 import ssl
@@ -45,7 +46,7 @@ from agent.hbone.headers import TRACEPARENT_HEADER
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
-from agent.identity.spiffe import SpiffeId
+from agent.identity.spiffe import SpiffeId, parse_spiffe_id
 from agent.model.select import candidates, pick_address, pick_endpoint
 from agent.model.types import Service, Workload, lookup_port
 from agent.waypoint import authz, routing
@@ -78,6 +79,8 @@ class WaypointSettings:
     upstream_timeout: float = 15.0        # Envoy's default route timeout
     connect_timeout: float = 5.0
     max_downstream_streams: int = 4096
+    # The endpoint's node must present the destination workload's SPIFFE ID.
+    verify_upstream_identity: bool = True
     thresholds: Thresholds = field(default_factory=Thresholds)
 
 
@@ -230,9 +233,10 @@ async def serve_tcp(inputs: WaypointInputs, stream: HboneStream, info: Downstrea
     except Answer:
         stream.abort()
         return
-    address, target_port, _ = endpoint
+    address, target_port, workload = endpoint
     try:
-        upstream = await open_upstream(inputs, address, target_port, info, None)
+        upstream = await open_upstream(inputs, address, target_port, info, None,
+                                       expected_identity(inputs, workload))
     except (HboneError, OSError, asyncio.TimeoutError):
         stream.abort()
         return
@@ -297,10 +301,23 @@ def choose_endpoint(inputs: WaypointInputs, dest: Destination, port: int,
     return str(address), target, wl
 
 
+def expected_identity(inputs: WaypointInputs, workload: Workload) -> SpiffeId | None:
+    """The SPIFFE ID the endpoint's node must present: the workload's own (ztunnel
+    answers with the destination workload's certificate), unless turned off."""
+    if not inputs.settings.verify_upstream_identity:
+        return None
+    try:
+        return parse_spiffe_id(workload.identity(inputs.pool.trust_domain))
+    except ValueError:
+        return None  # the trust domain check still applies
+
+
 async def open_upstream(inputs: WaypointInputs, address: str, port: int,
-                        info: DownstreamInfo, traceparent: str | None) -> HboneStream:
+                        info: DownstreamInfo, traceparent: str | None,
+                        expected: SpiffeId | None = None) -> HboneStream:
     """HBONE CONNECT to ``address:port`` via the endpoint's node (``address:15008``)
-    under the waypoint's identity. Side effects: may open a pooled TLS connection."""
+    under the waypoint's identity, checking the server is ``expected`` (when given)
+    and in the trust domain. Side effects: may open a pooled TLS connection."""
     peer = (inputs.hbone_peer(address) if inputs.hbone_peer
             else (address, inputs.hbone_port))
     authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -308,7 +325,7 @@ async def open_upstream(inputs: WaypointInputs, address: str, port: int,
     return await asyncio.wait_for(
         inputs.pool.open_stream(source=inputs.identity, peer=peer, authority=authority,
                                 forwarded_for=info.source_ip, baggage=info.baggage,
-                                extra_headers=extra),
+                                expected_peer=expected, extra_headers=extra),
         inputs.settings.connect_timeout)
 
 
@@ -418,7 +435,8 @@ async def _with_retries(inputs: WaypointInputs, info: DownstreamInfo, req: HttpR
         record.destination_workload_namespace = workload.namespace or "unknown"
         record.destination_principal = workload.identity()
         try:
-            response = await _attempt(inputs, info, req, headers, address, port, budget)
+            response = await _attempt(inputs, info, req, headers, address, port, budget,
+                                      expected_identity(inputs, workload))
         except Answer as exc:
             if exc.flag is ResponseFlag.UPSTREAM_OVERFLOW:
                 raise
@@ -448,7 +466,7 @@ async def _with_retries(inputs: WaypointInputs, info: DownstreamInfo, req: HttpR
 
 async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest,
                    headers: list[tuple[str, str]], address: str, port: int,
-                   budget: ClusterBudget) -> UpstreamResponse:
+                   budget: ClusterBudget, expected: SpiffeId | None) -> UpstreamResponse:
     """One upstream try. Raises Answer(503 UO | 503 UF | 503 UR)."""
     if not budget.try_request():
         raise Answer(503, b"upstream connect error or disconnect/reset before headers. "
@@ -500,7 +518,8 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                                  b"headers. reset reason: overflow",
                                  ResponseFlag.UPSTREAM_OVERFLOW)
                 try:
-                    stream = await open_upstream(inputs, address, port, info, traceparent)
+                    stream = await open_upstream(inputs, address, port, info, traceparent,
+                                                 expected)
                 except (HboneRejected, HboneError, OSError, asyncio.TimeoutError) as exc:
                     budget.end_connection()
                     raise Answer(503, b"upstream connect error or disconnect/reset before "
@@ -637,6 +656,14 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
         await H2Downstream(inputs, stream, info).run(first)
     else:
         await serve_http1(inputs, stream, info, first)
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (h11 sends none by default; Envoy sends it)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def normalize_path(target: str) -> str | None:
@@ -903,7 +930,8 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
             headers = [("content-length", str(len(body))), ("content-type", "text/plain")]
             if answer.status == 403 and answer.flag is ResponseFlag.RBAC_DENIED:
                 record.rbac = f"denied: {answer}"
-            out = conn.send(h11.Response(status_code=answer.status, headers=headers))
+            out = conn.send(h11.Response(status_code=answer.status, headers=headers,
+                                         reason=_reason(answer.status)))
             if req.method != "HEAD":  # a HEAD answer carries the length, not the body
                 out += conn.send(h11.Data(data=body))
                 record.response_bytes = len(body)
@@ -921,7 +949,8 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
             return False
         headers = response_headers(response)
         await stream.write(conn.send(h11.Response(status_code=response.status,
-                                                  headers=headers)))
+                                                  headers=headers,
+                                                  reason=_reason(response.status))))
         async for chunk in response.body:
             record.response_bytes += len(chunk)
             await stream.write(conn.send(h11.Data(data=chunk)))

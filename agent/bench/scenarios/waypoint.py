@@ -183,7 +183,7 @@ def run(ctx: Context) -> None:
                                          "-redirect-port", "disabled"])
         hops = [PY, "-m", "agent.bench.waypoint_hops", "--ca-dir", str(work / "ca")]
         for ns in NAMESPACES:
-            hops += ["--dest", f"{POD_IP[ns]}={APP_PORT[ns]}"]
+            hops += ["--dest", f"{POD_IP[ns]}={APP_PORT[ns]}={ns}/echo"]
 
         def waypoints(shared: bool) -> list[subprocess.Popen[bytes]]:
             cfg = work / ("shared" if shared else "dedicated")

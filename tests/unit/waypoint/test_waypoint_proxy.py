@@ -196,6 +196,8 @@ def test_policy_get_only_from_one_namespace(store: IdentityStore) -> None:
         post = await http1(await lab.open(WEB, FRONT_ID),
                            b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 2\r\n\r\nhi")
         assert status_of(post) == 403 and body_of(post) == b"RBAC: access denied"
+        assert post.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 OK\r\n")
         other = await http1(await lab.open(WEB, OTHER_ID), GET)
         assert status_of(other) == 403
         head = await lab.open(WEB, FRONT_ID)
@@ -700,3 +702,13 @@ def test_libcurl_as_the_node_tunnel(store: IdentityStore, tmp_path: Path) -> Non
         assert status != 200 and err
         assert lab.connects[0].peer == WAYPOINT_ID
     run_lab(store, body, docs=docs)
+
+
+def test_the_destination_must_present_the_workloads_identity(store: IdentityStore) -> None:
+    async def body(lab: Lab) -> None:
+        # The lab's destination node presents spiffe://cluster.local/ns/apps/sa/node,
+        # not web-1's or web-2's identity: refused (503 UF after the retries).
+        out = await http1(await lab.open(WEB), GET)
+        assert status_of(out) == 503 and b"connection failure" in body_of(out)
+        assert not lab.http_apps["web"].seen
+    run_lab(store, body, verify_upstream=True)

@@ -287,7 +287,12 @@ def base_docs() -> list[dict[str, Any]]:
 
 async def start_lab(store: IdentityStore, docs: list[dict[str, Any]] | None = None,
                     settings: WaypointSettings | None = None,
-                    budgets: Budgets | None = None) -> Lab:
+                    budgets: Budgets | None = None, verify_upstream: bool = False) -> Lab:
+    """``verify_upstream``: the waypoint checks the destination node presents the
+    workload's identity; off by default here, where one loopback listener (identity
+    ``apps/node``) stands in for every pod's node."""
+    settings = settings or WaypointSettings()
+    settings.verify_upstream_identity = verify_upstream
     http_apps = {"web": EchoServer("web"), "canary": EchoServer("canary")}
     grpc_srv, grpc_port = grpc_server()
     upgrade_srv, upgrade_port = await raw_upgrade_server()
@@ -340,7 +345,7 @@ async def start_lab(store: IdentityStore, docs: list[dict[str, Any]] | None = No
                         ("apps", "waypoint"))
     inputs = WaypointInputs(WAYPOINT_ID, state,
                             HbonePool(store.client_context, trust_domain=TD),
-                            WaypointMetrics(), settings or WaypointSettings(),
+                            WaypointMetrics(), settings,
                             budgets or Budgets(), random.Random(5),
                             hbone_peer=lambda _ip: (LOOPBACK, dest_port))
     server = WaypointServer(inputs, store.server_context(WAYPOINT_ID), TD)
