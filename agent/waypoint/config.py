@@ -80,9 +80,16 @@ class WaypointState:
     tables: dict[tuple[str, str, int], routing.RouteTable]
     problems: list[str] = field(default_factory=list)
     refused: dict[str, binding.Binding] = field(default_factory=dict)
+    # Workloads bound to this waypoint by address: any port of theirs is ours (a port
+    # no Service declares is TCP).
+    bound_workloads: dict[str, Workload] = field(default_factory=dict)
 
     def destination(self, ip: str, port: int) -> Destination | None:
-        return self.destinations.get((str(ipaddress.ip_address(ip)), port))
+        key = (str(ipaddress.ip_address(ip)), port)
+        found = self.destinations.get(key)
+        if found is None and key[0] in self.bound_workloads:
+            return Destination(AppProtocol.TCP, port, workload=self.bound_workloads[key[0]])
+        return found
 
     def table(self, ref: routing.ServiceRef) -> routing.RouteTable:
         key = (ref.namespace, ref.name, ref.port or 0)
@@ -260,6 +267,7 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
     svc_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Service", [])}
     pod_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Pod", [])}
     destinations: dict[tuple[str, int], Destination] = {}
+    bound_workloads: dict[str, Workload] = {}
     refused: dict[str, binding.Binding] = {}
     for svc in model.services:
         if svc.namespace in broken_ns or ("Service", svc.namespace, svc.name) in broken:
@@ -291,6 +299,7 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
             continue
         ports = {port for svc_b in wl.services for port, _ in svc_b.ports}
         for ip in wl.workload_ips:
+            bound_workloads[str(ip)] = wl
             for port in ports:
                 target = next((t for s in wl.services for p, t in s.ports if p == port), port)
                 backing = model.service(next(s.service for s in wl.services
@@ -310,7 +319,7 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
     routes, route_problems = routing.load_routes(by_kind.get("HTTPRoute", []))
     issues += route_problems
     return WaypointState(mine, model, destinations, policies, results, routes, {}, issues,
-                         refused)
+                         refused, bound_workloads)
 
 
 def _policy_doc(doc: dict[str, Any]) -> Any:

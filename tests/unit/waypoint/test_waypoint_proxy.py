@@ -503,6 +503,9 @@ def test_workload_addressed_traffic_needs_a_workload_waypoint(store: IdentitySto
         assert status_of(await http1(await lab.open(f"{WEB_PODS[1]}:8080"), GET)) == 200
         # opt-1's service opted out, but the pod inherits the namespace binding.
         assert status_of(await http1(await lab.open("10.10.4.1:8080"), GET)) == 200
+        # A port of a bound workload that no Service declares is ours too, as TCP.
+        assert lab.inputs.state.destination("10.10.2.1", 9999) is not None
+        assert lab.inputs.state.destination("10.10.2.1", 9999).protocol.value == "tcp"
     run_lab(store, body, docs=docs)
 
 
