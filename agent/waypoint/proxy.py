@@ -1151,7 +1151,9 @@ class H2Downstream:
             return
         req = HttpRequest(pseudo.get(":method", "GET"), path, regular,
                           bytes(body), True, trailers=trailers,
-                          authority=pseudo.get(":authority", ""))
+                          # RFC 9113 8.3.1: :authority, else a Host header.
+                          authority=pseudo.get(":authority")
+                          or next((v for k, v in regular if k == "host"), ""))
         record = RequestRecord()
         record.request_bytes = len(body)
         response: UpstreamResponse | None = None
