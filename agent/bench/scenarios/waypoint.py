@@ -279,7 +279,7 @@ def _plot(ctx: Context, results: dict[str, dict[str, dict[str, float]]]) -> None
         ctx.note(NAME, "matplotlib missing: no plot")
         return
     metrics = ("avg_ms", "p50_ms", "p90_ms", "p99_ms")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, (model_name, per_ns) in zip(axes, results.items(), strict=False):
         for i, ns in enumerate(NAMESPACES):
             ax.bar([j + i * 0.4 for j in range(len(metrics))],
