@@ -40,7 +40,7 @@ def main(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     logs.configure(log_level, json=json_logs)
     ctx.ensure_object(dict)
     ctx.obj["config_path"] = config_path
-    if ctx.invoked_subcommand not in ("lab", "model"):
+    if ctx.invoked_subcommand not in ("lab", "model", "waypoint"):
         ctx.obj["config"] = _load_config(config_path)
 
 
@@ -67,6 +67,39 @@ def tunnel(ctx: click.Context) -> None:
         run_tunnel(ctx.obj["config"])
     except TunnelStartError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--name", required=True, help="The waypoint's Gateway name.")
+@click.option("--namespace", required=True, help="The waypoint's Gateway namespace.")
+@click.option("--service-account", default=None, help="Default: the Gateway name.")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="Cluster model file (ztunnel local-config YAML).")
+@click.option("--config-dir", required=True, type=click.Path(file_okay=False),
+              help="Namespace/Service/Pod/Gateway/HTTPRoute/AuthorizationPolicy YAML.")
+@click.option("--ca-dir", required=True, type=click.Path(file_okay=False))
+@click.option("--listen", default="0.0.0.0:15008", show_default=True)
+@click.option("--metrics-port", default=15020, show_default=True, type=int)
+@click.option("--check", is_flag=True,
+              help="Print what the files bind and every problem, then exit (2 if any "
+                   "policy fails closed); serve nothing.")
+def waypoint(name: str, namespace: str, service_account: str | None, model_path: str,
+             config_dir: str, ca_dir: str, listen: str, metrics_port: int,
+             check: bool) -> None:
+    """Run one waypoint (L7 proxy for the destinations bound to it)."""
+    from pathlib import Path
+
+    from agent.waypoint.main import WaypointOptions, check_report
+    from agent.waypoint.main import run as run_waypoint
+
+    host, _, port = listen.rpartition(":")
+    if check:
+        text, code = check_report(namespace, name, Path(model_path), Path(config_dir))
+        click.echo(text)
+        raise SystemExit(code)
+    run_waypoint(WaypointOptions(name, namespace, service_account or name, Path(model_path),
+                                 Path(config_dir), Path(ca_dir), host.strip("[]") or "0.0.0.0",
+                                 int(port), metrics_port))
 
 
 @main.group()

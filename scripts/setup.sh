@@ -30,6 +30,8 @@ APT_PACKAGES=(
   # The DNS proxy's interop tests: dnsmasq as the upstream resolver, dig as a client.
   dnsmasq-base
   bind9-dnsutils
+  # The waypoint benchmark's comparison proxy (agent/bench/scenarios/waypoint.py).
+  haproxy
 )
 
 missing=()
@@ -173,4 +175,26 @@ else
   GOPATH="$TOOLS/go" GOBIN="$TOOLS/bin" GOFLAGS=-modcacherw \
     "$GO" install "github.com/summerwind/h2spec/cmd/h2spec@$H2SPEC_VERSION"
   echo "$H2SPEC_VERSION" > "$TOOLS/bin/h2spec.version"
+fi
+
+# --- Fortio (load generator and echo server for the waypoint benchmark) -------
+# Seed 004's tool; a Go module built from the Go module proxy into .tools/bin.
+# Pinned below v1.69: later versions need grol.io/grol, which the proxy refuses here.
+FORTIO_VERSION="v1.66.5"
+TOOLS="$ROOT/.tools"
+if [ "$(cat "$TOOLS/bin/fortio.version" 2>/dev/null)" = "$FORTIO_VERSION" ] && [ -x "$TOOLS/bin/fortio" ]; then
+  log "fortio $FORTIO_VERSION present"
+else
+  GO="$(command -v go || true)"
+  [ -n "$GO" ] || [ ! -x /usr/local/go/bin/go ] || GO=/usr/local/go/bin/go
+  if [ -z "$GO" ]; then
+    log "installing golang-go (to build fortio)"
+    apt-get install -y -q --no-install-recommends golang-go
+    GO="$(command -v go)"
+  fi
+  log "building fortio $FORTIO_VERSION into $TOOLS/bin"
+  mkdir -p "$TOOLS/bin" "$TOOLS/go"
+  GOPATH="$TOOLS/go" GOBIN="$TOOLS/bin" GOFLAGS=-modcacherw \
+    "$GO" install "fortio.org/fortio@$FORTIO_VERSION"
+  echo "$FORTIO_VERSION" > "$TOOLS/bin/fortio.version"
 fi

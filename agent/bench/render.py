@@ -51,6 +51,10 @@ LAYOUT: dict[str, Layout] = {
                         ("rps", "p99_ms", "vcpu_per_krps_n1", "vcpu_per_krps_n2",
                          "vcpu_per_krps_sum", "rss_mb_n1", "rss_mb_n2"),
                         None, "resources"),
+    # Its own plot (waypoint_models.png) is drawn by the scenario.
+    "waypoint": Layout("Waypoints: deployment models (seed 004, scaled) and HAProxy",
+                       ("rps", "avg_ms", "p50_ms", "p90_ms", "p99_ms", "error_pct",
+                        "waypoint_vcpu_per_krps"), None, "own"),
 }
 
 
@@ -139,6 +143,8 @@ def plot(out: Path, name: str, layout: Layout, summaries: Sequence[Summary],
         return [p for p in (_plot_enroll(plt, out, name, samples),) if p]
     if layout.plot == "resources":
         return [_plot_resources(plt, out, name, mine)]
+    if layout.plot == "own":
+        return [p.name for p in sorted(out.glob(f"{name}_*.png"))]
     return [_plot_bars(plt, out, name, layout, mine)]
 
 

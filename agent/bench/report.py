@@ -75,6 +75,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("pods", "pods", "", True, "{:.0f}"),
     Metric("tunnel_conns", "conns seen by node1 tunnel", "", True, "{:.0f}"),
     Metric("p99_ms", "HTTP p99", "ms", False, "{:.2f}"),
+    Metric("avg_ms", "HTTP average", "ms", False, "{:.2f}"),
+    Metric("p50_ms", "HTTP p50", "ms", False, "{:.2f}"),
+    Metric("p90_ms", "HTTP p90", "ms", False, "{:.2f}"),
+    Metric("error_pct", "errors", "%", False, "{:.2f}"),
+    Metric("waypoint_vcpu_per_krps", "waypoint vCPU per 1k RPS", "vCPU", False, "{:.3f}"),
 )}
 
 

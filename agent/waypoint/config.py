@@ -1,0 +1,340 @@
+"""The waypoint's view of the cluster, from files (pure but for reading them).
+
+Inputs (the lab writes them; a Kubernetes feed would produce the same documents):
+
+- the cluster model (agent/model local-config YAML: workloads and services);
+- one directory of Kubernetes-shaped YAML documents, any number per file:
+  ``Namespace`` and ``Service`` (labels, ``spec.ports[].name/appProtocol``) and ``Pod``
+  (labels; matched to model workloads by namespace/name) for binding and protocols,
+  ``Gateway`` (the waypoints: ``istio.io/waypoint-for``, listeners' ``allowedRoutes``),
+  ``HTTPRoute`` and ``AuthorizationPolicy``.
+
+:func:`build_state` turns them into a :class:`WaypointState`: which ``IP:port``
+destinations are bound to *this* waypoint, with their protocol, routes and policies.
+Anything unreadable is reported (``problems``) and never widens: an unreadable
+``AuthorizationPolicy`` fails closed (agent/waypoint/authz.py); an unreadable route
+serves nothing; an unreadable binding document binds nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.model.types import Model, NetworkAddress, Service, Workload
+from agent.waypoint import authz, binding, routing
+
+HBONE_PORT = 15008
+
+
+class AppProtocol(enum.Enum):
+    HTTP = "http"     # HTTP/1.1 or h2c, sniffed per stream (Envoy codec AUTO)
+    TCP = "tcp"
+
+
+# Istio's protocol selection: appProtocol, else the port name's prefix before '-'
+# (istio pkg/config/protocol/instance.go :: Parse, kube ConvertProtocol).
+_HTTP_NAMES = {"http", "http2", "grpc", "grpc-web", "h2c", "kubernetes.io/h2c",
+               "kubernetes.io/ws", "kubernetes.io/wss"}
+
+
+def port_protocol(name: str | None, app_protocol: str | None) -> AppProtocol:
+    if app_protocol:
+        return AppProtocol.HTTP if app_protocol.lower() in _HTTP_NAMES else AppProtocol.TCP
+    prefix = (name or "").split("-", 1)[0].lower()
+    return AppProtocol.HTTP if prefix in _HTTP_NAMES else AppProtocol.TCP
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One bound ``IP:port``: a service VIP (``service`` set) or a workload address."""
+
+    protocol: AppProtocol
+    port: int
+    service: Service | None = None
+    workload: Workload | None = None
+
+    @property
+    def service_ref(self) -> routing.ServiceRef | None:
+        if self.service is None:
+            return None
+        return routing.ServiceRef(self.service.namespace, self.service.name, self.port)
+
+
+@dataclass
+class WaypointState:
+    """Everything a request needs, rebuilt whole on each reload (never half-applied)."""
+
+    me: binding.Waypoint
+    model: Model
+    destinations: dict[tuple[str, int], Destination]
+    policies: list[authz.Policy]
+    policy_results: list[authz.DocumentResult]
+    routes: list[routing.HttpRoute]
+    tables: dict[tuple[str, str, int], routing.RouteTable]
+    problems: list[str] = field(default_factory=list)
+    refused: dict[str, binding.Binding] = field(default_factory=dict)
+    # Workloads bound to this waypoint by address: any port of theirs is ours (a port
+    # no Service declares is TCP).
+    bound_workloads: dict[str, Workload] = field(default_factory=dict)
+
+    def destination(self, ip: str, port: int) -> Destination | None:
+        key = (str(ipaddress.ip_address(ip)), port)
+        found = self.destinations.get(key)
+        if found is None and key[0] in self.bound_workloads:
+            return Destination(AppProtocol.TCP, port, workload=self.bound_workloads[key[0]])
+        return found
+
+    def table(self, ref: routing.ServiceRef) -> routing.RouteTable:
+        key = (ref.namespace, ref.name, ref.port or 0)
+        table = self.tables.get(key)
+        if table is None:
+            table = routing.RouteTable(self.routes, ref)
+            self.tables[key] = table
+        return table
+
+    def scope(self, dest: Destination) -> authz.Scope:
+        svc = dest.service
+        return authz.Scope(self.me.namespace, self.me.name,
+                           svc.namespace if svc else None, svc.name if svc else None)
+
+    def service(self, namespace: str, name: str) -> Service | None:
+        for s in self.model.services:
+            if s.namespace == namespace and s.name == name:
+                return s
+        return None
+
+
+def read_documents(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every YAML document in ``*.yaml``/``*.yml`` under ``directory`` (sorted)."""
+    docs: list[dict[str, Any]] = []
+    problems: list[str] = []
+    if not directory.is_dir():
+        return docs, [f"{directory}: not a directory"]
+    for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
+        try:
+            for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+                if doc is None:
+                    continue
+                if not isinstance(doc, dict):
+                    problems.append(f"{path}[{i}]: not a mapping")
+                    if "AuthorizationPolicy" in str(doc):
+                        docs.append({"kind": "AuthorizationPolicy", "unreadable": True})
+                    continue
+                docs.append(doc)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            problems.append(f"{path}: {exc}")
+            # We cannot know whether it held a DENY: fail closed for everything.
+            docs.append({"kind": "AuthorizationPolicy", "unreadable": str(path)})
+    return docs, problems
+
+
+def _meta(doc: Mapping[str, Any]) -> tuple[str, str, dict[str, str]]:
+    meta = doc.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        labels = {}
+    return (str(meta.get("namespace") or ""), str(meta.get("name") or ""),
+            {str(k): str(v) for k, v in labels.items()})
+
+
+def _gateway(doc: Mapping[str, Any], class_labels: Mapping[str, str]) -> binding.Waypoint:
+    namespace, name, labels = _meta(doc)
+    spec = doc.get("spec") or {}
+    allowed = binding.FromNamespaces.SAME
+    selector = None
+    listeners = spec.get("listeners") or []
+    hbone = [listener for listener in listeners if isinstance(listener, dict)
+             and listener.get("protocol") == "HBONE" and listener.get("port") == HBONE_PORT]
+    if hbone:
+        ns_sel = ((hbone[0].get("allowedRoutes") or {}).get("namespaces") or {})
+        try:
+            allowed = binding.FromNamespaces(ns_sel.get("from", "Same"))
+        except ValueError:
+            allowed = binding.FromNamespaces.SAME  # unknown: the narrowest
+        raw = ns_sel.get("selector") or {}
+        selector = binding.LabelSelector(
+            tuple(sorted((raw.get("matchLabels") or {}).items())),
+            tuple((e.get("key", ""), e.get("operator", ""), tuple(e.get("values") or ()))
+                  for e in (raw.get("matchExpressions") or [])))
+    return binding.Waypoint(namespace, name, binding.waypoint_traffic(labels, class_labels),
+                            allowed, selector)
+
+
+_BINDING_KINDS = ("Namespace", "Service", "Pod", "Gateway", "GatewayClass")
+_KNOWN_KINDS = (*_BINDING_KINDS, "HTTPRoute", "AuthorizationPolicy")
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items())
+
+
+def binding_doc_problem(doc: dict[str, Any]) -> str | None:
+    """Why a Namespace/Service/Pod/Gateway/GatewayClass document cannot be read (the
+    fields binding uses), or None."""
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
+            or not meta["name"]:
+        return "metadata.name: required"
+    if doc["kind"] not in ("Namespace", "GatewayClass") and (
+            not isinstance(meta.get("namespace"), str) or not meta["namespace"]):
+        return "metadata.namespace: required"
+    if "labels" in meta and not _str_map(meta["labels"]):
+        return "metadata.labels: must map strings to strings"
+    spec = doc.get("spec", {})
+    if not isinstance(spec, dict):
+        return "spec: must be a mapping"
+    if doc["kind"] == "Service":
+        ports = spec.get("ports", [])
+        if not isinstance(ports, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("port"), int)
+                and isinstance(p.get("name", ""), str)
+                and isinstance(p.get("appProtocol", ""), str) for p in ports):
+            return "spec.ports: each needs an integer port (name, appProtocol: strings)"
+    if doc["kind"] == "Gateway":
+        listeners = spec.get("listeners", [])
+        if not isinstance(listeners, list) or not all(isinstance(x, dict) for x in listeners):
+            return "spec.listeners: must be a list of mappings"
+        for i, x in enumerate(listeners):
+            routes = x.get("allowedRoutes", {})
+            ns = routes.get("namespaces", {}) if isinstance(routes, dict) else None
+            if not isinstance(ns, dict):
+                return f"spec.listeners[{i}].allowedRoutes.namespaces: must be a mapping"
+            sel = ns.get("selector", {})
+            if not isinstance(sel, dict) or not _str_map(sel.get("matchLabels", {})) or \
+                    not isinstance(sel.get("matchExpressions", []), list) or not all(
+                        isinstance(e, dict) and isinstance(e.get("key"), str)
+                        and e.get("operator") in ("In", "NotIn", "Exists", "DoesNotExist")
+                        and isinstance(e.get("values", []), list)
+                        for e in sel.get("matchExpressions", [])):
+                return f"spec.listeners[{i}].allowedRoutes.namespaces.selector: invalid"
+        if not isinstance(spec.get("gatewayClassName", ""), str):
+            return "spec.gatewayClassName: must be a string"
+    return None
+
+
+def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
+                problems: Iterable[str] = ()) -> WaypointState:
+    """Bind the model's services and workloads; compile routes and policies. Never
+    raises for bad documents: each is reported in ``problems`` and binds nothing (a
+    broken Service or Pod is not bound, a broken Namespace binds none of its objects,
+    a broken Gateway is no waypoint)."""
+    issues = list(problems)
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    broken_ns: set[str] = set()
+    broken: set[tuple[str, str, str]] = set()
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            issues.append(f"document {i}: not a mapping (ignored)")
+            continue
+        kind = str(doc.get("kind"))
+        if kind not in _KNOWN_KINDS:
+            issues.append(f"document {i}: kind {kind!r} is not used by the waypoint (ignored)")
+            continue
+        if kind in _BINDING_KINDS:
+            problem = binding_doc_problem(doc)
+            if problem is not None:
+                raw_meta = doc.get("metadata")
+                meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+                name, ns = str(meta.get("name", "?")), str(meta.get("namespace", "?"))
+                issues.append(f"{kind} {ns}/{name}: {problem}: binds nothing")
+                if kind == "Namespace":
+                    broken_ns.add(name)
+                else:
+                    broken.add((kind, ns, name))
+                continue
+        by_kind.setdefault(kind, []).append(doc)
+    classes = {(_meta(d)[1]): _meta(d)[2] for d in by_kind.get("GatewayClass", [])}
+    waypoints = []
+    for d in by_kind.get("Gateway", []):
+        class_name = (d.get("spec") or {}).get("gatewayClassName", "istio-waypoint")
+        waypoints.append(_gateway(d, classes.get(class_name, {})))
+    mine = next((w for w in waypoints if (w.namespace, w.name) == me), None)
+    if mine is None:
+        issues.append(f"no Gateway {me[0]}/{me[1]} among the documents: this waypoint "
+                      "binds nothing until one exists")
+        mine = binding.Waypoint(me[0], me[1], binding.TrafficType.NONE)
+    namespaces = [binding.Object(_meta(d)[1], _meta(d)[1], _meta(d)[2])
+                  for d in by_kind.get("Namespace", [])]
+    bindings = binding.Bindings(namespaces, waypoints)
+    svc_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Service", [])}
+    pod_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Pod", [])}
+    destinations: dict[tuple[str, int], Destination] = {}
+    bound_workloads: dict[str, Workload] = {}
+    refused: dict[str, binding.Binding] = {}
+    for svc in model.services:
+        if svc.namespace in broken_ns or ("Service", svc.namespace, svc.name) in broken:
+            continue
+        doc = svc_docs.get((svc.namespace, svc.name), {})
+        labels = _meta(doc)[2] if doc else {}
+        b = bindings.for_service(binding.Object(svc.namespace, svc.name, labels))
+        if b.outcome.fails_closed or b.outcome in (binding.BindingOutcome.ATTACHMENT_DENIED,
+                                                   binding.BindingOutcome.UNSUPPORTED_TRAFFIC):
+            refused[f"service {svc.namespace}/{svc.name}"] = b
+        if not b.bound or b.waypoint is None or b.waypoint.key != mine.key:
+            continue
+        port_docs = {p.get("port"): p for p in ((doc.get("spec") or {}).get("ports") or [])
+                     if isinstance(p, dict)} if doc else {}
+        for port, _target in svc.ports:
+            p = port_docs.get(port, {})
+            proto = port_protocol(p.get("name"), p.get("appProtocol"))
+            for vip in svc.vips:
+                destinations[(str(vip.address), port)] = Destination(proto, port, service=svc)
+    for wl in model.workloads:
+        if wl.namespace in broken_ns or ("Pod", wl.namespace, wl.name) in broken:
+            continue
+        doc = pod_docs.get((wl.namespace, wl.name), {})
+        labels = _meta(doc)[2] if doc else {}
+        b = bindings.for_workload(binding.Object(wl.namespace, wl.name, labels))
+        if b.outcome.fails_closed:
+            refused[f"workload {wl.namespace}/{wl.name}"] = b
+        if not b.bound or b.waypoint is None or b.waypoint.key != mine.key:
+            continue
+        ports = {port for svc_b in wl.services for port, _ in svc_b.ports}
+        for ip in wl.workload_ips:
+            bound_workloads[str(ip)] = wl
+            for port in ports:
+                target = next((t for s in wl.services for p, t in s.ports if p == port), port)
+                backing = model.service(next(s.service for s in wl.services
+                                             if any(p == port for p, _ in s.ports)))
+                doc = svc_docs.get((backing.namespace, backing.name), {}) if backing else {}
+                p = next((x for x in ((doc.get("spec") or {}).get("ports") or [])
+                          if isinstance(x, dict) and x.get("port") == port), {})
+                destinations[(str(ip), target)] = Destination(
+                    port_protocol(p.get("name"), p.get("appProtocol")), target, workload=wl)
+    policies, results = authz.compile_documents(
+        _policy_doc(d) for d in by_kind.get("AuthorizationPolicy", []))
+    for r in results:
+        if r.outcome in (authz.DocumentOutcome.FAIL_CLOSED,
+                         authz.DocumentOutcome.ACCEPTED_WITH_WARNINGS):
+            issues.append(f"AuthorizationPolicy {r.name}: {r.outcome.value}: "
+                          + "; ".join(r.problems))
+    routes, route_problems = routing.load_routes(by_kind.get("HTTPRoute", []))
+    issues += route_problems
+    return WaypointState(mine, model, destinations, policies, results, routes, {}, issues,
+                         refused, bound_workloads)
+
+
+def _policy_doc(doc: dict[str, Any]) -> Any:
+    """An unreadable file stands in as an invalid document with no namespace: the
+    compiler turns it into a DENY-all for everything (fail closed)."""
+    if doc.get("unreadable"):
+        return None
+    return doc
+
+
+def waypoint_workload(model: Model, namespace: str, network: str = "") -> Workload:
+    """The waypoint as a model source workload (for endpoint selection): no locality."""
+    return Workload(uid=f"waypoint/{namespace}", name="waypoint", namespace=namespace,
+                    network=network)
+
+
+def network_address(ip: str, network: str = "") -> NetworkAddress:
+    return NetworkAddress(network, ipaddress.ip_address(ip))
