@@ -80,6 +80,14 @@ class TunnelConfig:
     policy_dir: str = "/etc/meshagent/policies"
     root_namespace: str = "istio-system"
     metrics_host: str = "0.0.0.0"
+    # The cluster model (ztunnel local-config YAML, its LOCAL_XDS_PATH format):
+    # services, VIPs, endpoints, other nodes' workloads; reloaded on change and
+    # merged with this node's workloads.json. Empty: no model (peer_workloads and
+    # mesh_cidrs only).
+    model_file: str = ""
+    # This node's name as the model's workloads give it ("" = the host name).
+    node_name: str = ""
+    cluster_id: str = "Kubernetes"
 
 
 @dataclass(frozen=True)

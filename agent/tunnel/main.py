@@ -91,8 +91,10 @@ class Tunnel:
         self.cfg = cfg
         self.file_workloads: FileWorkloads | None = None
         if workloads is None:
-            self.file_workloads = FileWorkloads(Path(cfg.agent.state_dir) / WORKLOADS_FILE,
-                                                t.peer_workloads, t.mesh_cidrs)
+            self.file_workloads = FileWorkloads(
+                Path(cfg.agent.state_dir) / WORKLOADS_FILE, t.peer_workloads, t.mesh_cidrs,
+                model_file=t.model_file or None, node=t.node_name or socket.gethostname(),
+                trust_domain=t.trust_domain, cluster_id=t.cluster_id)
             workloads = self.file_workloads
         dialer = dialer or TransparentDialer(t.socket_mark, t.connect_timeout_seconds)
         self._listen = listen or transparent_listeners(t.socket_mark)
