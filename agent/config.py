@@ -49,9 +49,16 @@ class DatapathConfig:
     # skb->mark set on captured packets so the fwmark rule delivers them locally.
     capture_mark: int = 0x5A0000
     capture_mask: int = 0xFF0000
+    # skb->mark (under capture_mask) of a bridged pod's captured packet on its
+    # way to the tunnel device, which assigns it there (bpf/lib/common.h).
+    redirect_mark: int = 0x5C0000
     route_table: int = 15000
     rule_priority: int = 15000
     excluded_ports: tuple[int, ...] = ()
+    # UDP ports of this node's tunnels beyond VXLAN 4789/4790/8472 and Geneve 6081
+    # (a custom VXLAN dstport, FOU/GUE): an enrolled pod's UDP to them is dropped,
+    # as the node would decapsulate it around capture (README "Datapath rules").
+    encapsulation_udp_ports: tuple[int, ...] = ()
     excluded_cidrs: tuple[str, ...] = ()
 
 
@@ -109,6 +116,12 @@ class Config:
         for port in d.excluded_ports:
             if not 1 <= port <= 65535:
                 raise ConfigError(f"datapath.excluded_ports: {port} is not a port in 1..65535")
+        for port in d.encapsulation_udp_ports:
+            if not 1 <= port <= 65535:
+                raise ConfigError(
+                    f"datapath.encapsulation_udp_ports: {port} is not a port in 1..65535")
+        if len(d.encapsulation_udp_ports) > 64:
+            raise ConfigError("datapath.encapsulation_udp_ports: at most 64 ports")
         for cidr in (*d.excluded_cidrs, *t.mesh_cidrs):
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -118,6 +131,12 @@ class Config:
             raise ConfigError("datapath.capture_mark has bits outside datapath.capture_mask")
         if t.socket_mark & d.capture_mask == d.capture_mark:
             raise ConfigError("tunnel.socket_mark must not match datapath.capture_mark/mask")
+        if d.redirect_mark & ~d.capture_mask or not d.redirect_mark & d.capture_mask:
+            raise ConfigError("datapath.redirect_mark must be nonzero and inside "
+                              "datapath.capture_mask")
+        if d.redirect_mark in (d.capture_mark, t.socket_mark & d.capture_mask):
+            raise ConfigError("datapath.redirect_mark must differ from datapath.capture_mark "
+                              "and tunnel.socket_mark")
         if t.inbound_mode not in ("permissive", "strict"):
             raise ConfigError(
                 f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")

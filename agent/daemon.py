@@ -1,10 +1,12 @@
 """``meshagent run``: the node agent daemon.
 
 Start-up, in order: load persisted state; set up node plumbing; compile the
-BPF programs once; write the datapath settings, node addresses and
-exclusions into the maps; re-enroll the pods from state whose netns and veth
-still exist (filters are replaced atomically, so traffic never runs without
-one) and forget the rest; then serve the API on a root-only UNIX socket.
+BPF programs once; subscribe to the node's address changes (rtnetlink), then
+write the datapath settings, node addresses and exclusions into the maps;
+re-enroll the pods from state whose netns and veth still exist (filters are
+replaced atomically, so traffic never runs without one) and forget the rest;
+then serve the API on a root-only UNIX socket and keep the node-address map
+in step with the node (:mod:`agent.netns.addrwatch`).
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ from agent.contracts import api as schema
 from agent.contracts.api import ErrorCode, Response
 from agent.contracts.files import TUNNEL_STATUS_FILE, TunnelStatus
 from agent.datapath import attach
-from agent.datapath.maps import DatapathMaps, DatapathSettings
+from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps, DatapathSettings
 from agent.datapath.programs import (
     TUNNEL_DEV_INGRESS,
     Programs,
+    check_bpffs,
     compile_programs,
     remove_stale_pins,
 )
-from agent.enrollment import Enroller, EnrollmentError
+from agent.enrollment import Enroller, EnrollmentError, pod_flags
+from agent.netns.addrwatch import AddressChanges, AddressWatch
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
 from agent.registry import Registry, RegistryError
@@ -47,6 +51,9 @@ from agent.telemetry.metrics import AgentMetrics, MetricsServer, serve_metrics
 
 log = structlog.get_logger("agent.daemon")
 MAX_REQUEST_BYTES = 64 * 1024
+# A removed address is applied by re-reading them all; a burst of removals
+# (pods deleted together) is coalesced into one re-read this long after the first.
+ADDRESS_RESYNC_DELAY_S = 0.1
 
 
 class Agent:
@@ -57,6 +64,8 @@ class Agent:
         self.maps: DatapathMaps | None = None
         self.enroller: Enroller | None = None
         self.tunnel_device: TunnelDevice | None = None
+        self.address_watch: AddressWatch | None = None
+        self._resync_pending = False
         self.started_at = time.time()
         # Every kernel operation runs on this one thread: pyroute2's sync API
         # and bcc tables must not run inside the asyncio loop, and serialising
@@ -79,7 +88,11 @@ class Agent:
 
     def start(self) -> None:
         """Bring the node to the desired state (see the module docstring)."""
+        check_bpffs()  # before any change: under `ip netns exec` there is no bpffs
+        state_dir_existed = Path(self.cfg.agent.state_dir).exists()
         self.state = load_state(self.cfg.agent.state_dir)
+        if not state_dir_existed:
+            self.state.node.created_state_dir = True  # uninstall may remove it
         self.tunnel_device = setup_node(self.cfg, self.state.node)
         self.persist()
         self.programs = compile_programs(pin_dir=self.cfg.agent.bpf_pin_dir)
@@ -89,9 +102,13 @@ class Agent:
             capture_mark=d.capture_mark, capture_mask=d.capture_mask,
             tunnel_mark=t.socket_mark, tunnel_ifindex=self.tunnel_device.ifindex,
             tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
-            inbound_port=t.inbound_port, hbone_port=t.hbone_port))
+            inbound_port=t.inbound_port, hbone_port=t.hbone_port,
+            redirect_mark=d.redirect_mark))
+        # Subscribe before the first read: a change in between is not lost.
+        self.address_watch = AddressWatch()
         self.maps.set_node_addresses(node_addresses())
         self.maps.set_exclusions(d.excluded_ports, d.excluded_cidrs)
+        self.maps.set_encapsulation_ports(d.encapsulation_udp_ports)
         self._attach_tunnel_device()
         saved = list(self.state.registry)
         self.state.registry = Registry()
@@ -136,7 +153,7 @@ class Agent:
                     **pod.to_json(), "host_ifindex": veth.ifindex,
                     "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
                     "created_clsact": pod.created_clsact or created})
-                self.maps.add_pod(pod.host_ifindex, pod.addresses)
+                self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
                 self.enroller.attach_filters(ipr, pod.host_ifindex)
                 self.state.registry.add(pod)
             except (attach.AttachError, RegistryError, OSError) as exc:
@@ -144,6 +161,56 @@ class Agent:
                           error=str(exc))
                 continue
             log.info("pod restored", pod=pod.key, ifindex=pod.host_ifindex)
+
+    # --- node addresses -------------------------------------------------------
+
+    def _on_address_events(self) -> None:
+        """Reader callback (event loop): queue the map update on the kernel thread."""
+        assert self.address_watch is not None
+        try:
+            changes = self.address_watch.read()
+        except OSError as exc:
+            log.error("reading address events failed; re-reading the addresses", error=str(exc))
+            changes = AddressChanges(resync=True)
+        if not changes:
+            return
+        loop = asyncio.get_running_loop()
+        if changes.added:
+            loop.run_in_executor(self.kernel, self._add_node_addresses, sorted(changes.added))
+        if changes.links:
+            loop.run_in_executor(self.kernel, self._follow_masters, dict(changes.links))
+        if changes.resync and not self._resync_pending:
+            self._resync_pending = True
+            loop.call_later(ADDRESS_RESYNC_DELAY_S, lambda: loop.run_in_executor(
+                self.kernel, self._resync_node_addresses))
+
+    def _add_node_addresses(self, addresses: list[str]) -> None:
+        assert self.maps is not None
+        added = self.maps.add_node_addresses(addresses)
+        if added:
+            log.info("node addresses added to the datapath", addresses=added)
+
+    def _follow_masters(self, links: dict[int, int | None]) -> None:
+        """An enrolled pod's host veth joined or left a bridge: re-flag it, so its
+        captured packets take the path that works there (MA_POD_F_BRIDGED)."""
+        assert self.maps is not None
+        for ifindex, master in links.items():
+            flags = self.maps.pod_flags(ifindex)
+            if flags is None:
+                continue
+            wanted = (flags | POD_F_BRIDGED) if master else (flags & ~POD_F_BRIDGED)
+            if wanted != flags and self.maps.set_pod_flags(ifindex, wanted):
+                log.info("pod veth master changed", ifindex=ifindex, master=master,
+                         bridged=bool(master))
+
+    def _resync_node_addresses(self) -> None:
+        """Side effects: one address dump; rewrites the node-address map to match."""
+        assert self.maps is not None
+        self._resync_pending = False
+        try:
+            self.maps.set_node_addresses(node_addresses())
+        except Exception as exc:  # the map keeps its old content; next event retries
+            log.error("re-reading node addresses failed", error=str(exc))
 
     # --- API -----------------------------------------------------------------
 
@@ -183,14 +250,24 @@ class Agent:
             return self._pods_with_counters()
         return self.status()
 
-    def _pods_with_counters(self) -> list[dict[str, Any]]:
-        assert self.maps is not None
+    def _pods_with_counters(self, shadowing: bool = False) -> list[dict[str, Any]]:
+        """The enrolled pods with their counters; with ``shadowing``, also the
+        foreign tc filters that run before ours on each veth (two netlink dumps
+        per pod)."""
+        assert self.maps is not None and self.enroller is not None
         counters = self.maps.counters()
         out = []
+        prio, handle = self.cfg.agent.tc_priority, self.cfg.agent.tc_handle
         for pod in self.state.registry:
             data = pod.to_json()
             c = counters.get(pod.host_ifindex)
             data["counters"] = c.as_dict() if c else None
+            if shadowing:
+                try:
+                    data["shadowed_by"] = attach.shadowing_filters(
+                        self.enroller.rtnl, pod.host_ifindex, prio, handle)
+                except OSError as exc:
+                    data["shadowed_by"] = [{"error": str(exc)}]
             out.append(data)
         return out
 
@@ -198,12 +275,13 @@ class Agent:
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
-            "pods": self._pods_with_counters(),
+            "pods": self._pods_with_counters(shadowing=True),
             "node": verify_node(self.cfg),
             "tunnel_ports": {"outbound": self.cfg.tunnel.outbound_port,
                              "inbound": self.cfg.tunnel.inbound_port,
                              "hbone": self.cfg.tunnel.hbone_port},
             "listeners": _listening_ports(),
+            "tc_priority": self.cfg.agent.tc_priority,
             **_tunnel_status(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE),
         }
 
@@ -258,8 +336,15 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if self.address_watch is not None:
+            loop.add_reader(self.address_watch.fileno(), self._on_address_events)
+            # Whatever changed since start() read the addresses is queued on the socket.
+            self._on_address_events()
         async with server:
             await stop.wait()
+        if self.address_watch is not None:
+            loop.remove_reader(self.address_watch.fileno())
+            self.address_watch.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         if self.metrics_server is not None:

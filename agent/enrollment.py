@@ -18,14 +18,19 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.config import Config
 from agent.contracts.api import PodAdd, PodDel, default_pod_name
 from agent.datapath import attach
-from agent.datapath.maps import DatapathMaps
+from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
 from agent.netns.rtnl import RtnlSocket
-from agent.netns.veth import find_host_veth, link_addresses, resolve_netns
+from agent.netns.veth import HostVeth, find_host_veth, link_addresses, resolve_netns
 from agent.registry import Pod, Registry, RegistryError
 
 log = structlog.get_logger("agent.enrollment")
 
+
+
+def pod_flags(veth: HostVeth) -> int:
+    """struct ma_pod_info flags for a pod on ``veth`` (bpf/lib/common.h)."""
+    return POD_F_BRIDGED if veth.bridged else 0
 
 class EnrollmentError(RuntimeError):
     """Enrollment failed and was rolled back; the message says what to do."""
@@ -106,7 +111,7 @@ class Enroller:
             # veth; traffic from it is the node's own (probes), not a client.
             added = self.maps.add_node_addresses(link_addresses(self.rtnl, pod.host_ifindex))
             undo.append(lambda: self.maps.remove_node_addresses(added))
-            self.maps.add_pod(pod.host_ifindex, pod.addresses)
+            self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
             created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
             if created:
@@ -119,7 +124,8 @@ class Enroller:
             attach.attach(ipr, pod.host_ifindex, egress, prio, handle, self.rtnl)
             undo.append(lambda: self._detach(pod.host_ifindex, attach.EGRESS))
             self.registry.add(pod)
-            undo.append(lambda: self.registry.remove(pod.key))
+            key = pod.key
+            undo.append(lambda: self._forget(key))
             self.on_change()
         except (RegistryError, attach.AttachError, OSError) as exc:
             self._unwind(undo)
@@ -131,6 +137,9 @@ class Enroller:
         log.info("pod enrolled", pod=pod.key, veth=pod.host_ifname, ifindex=pod.host_ifindex,
                  addresses=list(pod.addresses), clsact_created=pod.created_clsact)
         return pod
+
+    def _forget(self, key: Any) -> None:
+        self.registry.remove(key)
 
     def _unwind(self, undo: list[Callable[[], object]]) -> None:
         for step in reversed(undo):

@@ -48,3 +48,17 @@ def status_view(data: dict[str, Any], console: Console | None = None) -> None:
     else:
         console.print("tunnel: no status yet (is 'meshagent tunnel' running?)")
     pods_table(data["pods"], console)
+    for pod in data["pods"]:
+        for f in pod.get("shadowed_by") or []:
+            if "error" in f:
+                console.print(f"[yellow]{pod['host_ifname']}: cannot list its filters: "
+                              f"{f['error']}[/yellow]")
+                continue
+            what = f"{f['kind'] or '?'}" + (f" {f['name']}" if f.get("name") else "")
+            console.print(
+                f"[red]WARNING[/red] {pod['namespace']}/{pod['name']}: a foreign {f['direction']} "
+                f"filter ({what}, prio {f['prio']}) runs before ours (prio "
+                f"{data.get('tc_priority', '?')}): a final verdict there (TC_ACT_OK, "
+                "action ok/drop) skips our program and this pod's traffic is not captured. "
+                "Give it a higher priority number, or have it return TC_ACT_UNSPEC for "
+                "traffic it does not own.")

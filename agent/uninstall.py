@@ -5,7 +5,6 @@ Works from the persisted state, with the agent stopped, in the node's netns.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import structlog
@@ -20,6 +19,8 @@ from agent.netns.node import teardown_node
 from agent.state import STATE_FILE, load_state
 
 log = structlog.get_logger("agent.uninstall")
+# Written by the tunnel into the agent's state dir (agent/tunnel/main.py STATUS_FILE).
+TUNNEL_STATUS_FILE = "tunnel-status.json"
 
 
 def uninstall(cfg: Config) -> list[str]:
@@ -33,7 +34,8 @@ def uninstall(cfg: Config) -> list[str]:
     2. the node plumbing recorded in the state: routes, rules, the tunnel device
        (with its filters), sysctls restored to their prior values;
     3. the pinned maps under ``agent.bpf_pin_dir``;
-    4. the state and workloads files (and the state dir if it is then empty).
+    4. the state, workloads and tunnel status files, and the state dir if the
+       agent created it and it is then empty.
     """
     done: list[str] = []
     state = load_state(cfg.agent.state_dir)
@@ -57,13 +59,14 @@ def uninstall(cfg: Config) -> list[str]:
         remove_all_pins(cfg.agent.bpf_pin_dir)
         done.append(f"removed pinned maps in {cfg.agent.bpf_pin_dir}")
     state_dir = Path(cfg.agent.state_dir)
-    for name in (STATE_FILE, WORKLOADS_FILE):
+    for name in (STATE_FILE, WORKLOADS_FILE, TUNNEL_STATUS_FILE):
         path = state_dir / name
         if path.exists():
             path.unlink()
             done.append(f"removed {path}")
-    if state_dir.is_dir() and not any(state_dir.iterdir()):
-        shutil.rmtree(state_dir)
+    if state.node.created_state_dir and state_dir.is_dir() and not any(state_dir.iterdir()):
+        state_dir.rmdir()
+        done.append(f"removed {state_dir}")
     for line in done:
         log.info("uninstall", action=line)
     return done

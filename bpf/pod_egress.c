@@ -3,13 +3,17 @@
  * listener.
  *
  *   not enrolled ifindex          -> pass (the filter outlived its pod entry)
- *   not TCP                       -> pass (UDP, ICMP, ...)
- *   malformed / fragment          -> drop (fail closed: ports unknown)
+ *   not allowed by the datapath rule (lib/parse.h: tagged, encapsulated,
+ *   unknown ethertype, malformed, TCP fragment) -> drop, counted by reason
+ *   ARP, IP that is not TCP       -> pass (UDP, ICMP, ND, ...)
  *   source not one of pod's addrs -> drop (the tunnel trusts the source)
  *   socket owns the 4-tuple       -> assign (replies to the tunnel, later segments)
  *   not a SYN                     -> pass (a connection older than enrollment)
  *   excluded port or CIDR         -> pass
  *   SYN                           -> assign to the outbound listener, or drop
+ *
+ * A bridged pod (MA_POD_F_BRIDGED) gets the same decisions, but "assign" is
+ * "redirect to the tunnel device", which assigns the same socket there.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -36,10 +40,13 @@ int from_pod(struct __sk_buff *skb)
 	struct ma_packet pkt = {};
 	struct ma_addr_key src = {};
 	const struct ma_config *cfg;
+	struct ma_pod_info *info;
 	struct bpf_sock *sk;
 	__u32 *owner;
+	int verdict;
 
-	if (!ma_pods.lookup(&ifindex))
+	info = ma_pods.lookup(&ifindex);
+	if (!info)
 		return MA_PASS;
 
 	switch (ma_parse(skb, &pkt)) {
@@ -61,6 +68,10 @@ int from_pod(struct __sk_buff *skb)
 		return ma_drop(ifindex, DROP_NO_CONFIG);
 
 	sk = ma_lookup_established(skb, &pkt);
+	if (sk && (info->flags & MA_POD_F_BRIDGED)) {
+		bpf_sk_release(sk);
+		goto redirect;
+	}
 	if (sk) {
 		if (ma_assign_and_mark(skb, sk, cfg))
 			return ma_drop(ifindex, DROP_ASSIGN_FAILED);
@@ -74,8 +85,19 @@ int from_pod(struct __sk_buff *skb)
 	sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);
 	if (!sk)
 		return ma_drop(ifindex, DROP_NO_LISTENER);
+	if (info->flags & MA_POD_F_BRIDGED) {
+		bpf_sk_release(sk);
+		goto redirect;
+	}
 	if (ma_assign_and_mark(skb, sk, cfg))
 		return ma_drop(ifindex, DROP_ASSIGN_FAILED);
 	ma_count_out(ifindex, skb->len);
 	return TC_ACT_OK;
+
+redirect:
+	verdict = ma_redirect_out(skb, cfg);
+	if (verdict < 0)
+		return ma_drop(ifindex, DROP_REDIRECT_FAILED);
+	ma_count_out(ifindex, skb->len);
+	return verdict;
 }

@@ -8,11 +8,15 @@
  * the ingress of one device the agent owns, where tunnel_ingress.c assigns
  * the socket. Only enrolled veths and our own device carry our programs.
  *
- *   not enrolled / not TCP               -> pass
- *   sent by the tunnel (its SO_MARK)     -> pass (the tunnel dialing the pod)
+ *   not enrolled                         -> pass
+ *   sent by the tunnel (its SO_MARK)     -> pass (before any parsing)
+ *   not allowed by the datapath rule (lib/parse.h) -> drop, counted by reason
+ *   ARP, IP that is not TCP              -> pass
  *   not addressed to this pod            -> pass
- *   from the node's own addresses        -> pass (kubelet-style probes)
+ *   SYN from the node's own addresses    -> pass (kubelet-style probes)
  *   SYN, or a segment a tunnel socket owns -> redirect to the tunnel device
+ *     (from a node address too: the reply of a node-local service to a
+ *     connection the pod made through the tunnel)
  *   anything else                        -> pass (connection older than enrollment)
  */
 #include "lib/common.h"
@@ -52,7 +56,7 @@ int to_pod(struct __sk_buff *skb)
 	if (!owner || *owner != ifindex)
 		return MA_PASS;
 	ma_addr_key_src(&pkt, &key);
-	if (ma_node_addrs.lookup(&key))
+	if (ma_is_syn(&pkt) && ma_node_addrs.lookup(&key))
 		return MA_PASS;
 
 	if (!ma_is_syn(&pkt)) {

@@ -1,7 +1,15 @@
 /* Attach point: tc INGRESS of the agent-owned tunnel device. Every packet here
- * was redirected by to_pod (pod_ingress.c) and is addressed to an enrolled pod.
- * Assigns it to the tunnel socket that owns it, or for a SYN to the HBONE
- * listener (port 15008) or the plaintext inbound listener (any other port).
+ * was redirected by one of our programs:
+ *
+ *   by to_pod (pod_ingress.c): addressed to an enrolled pod. Assigned to the
+ *     tunnel socket that owns it, or for a SYN to the HBONE listener (port
+ *     15008) or the plaintext inbound listener (any other port);
+ *   by from_pod for a bridged pod (skb->mark == redirect_mark under the
+ *     capture mask): sent by that pod. Assigned to the tunnel socket that owns
+ *     it, or for a SYN to the outbound listener (15001).
+ *
+ * Anything that finds no socket is dropped: routing it would only send it
+ * back to the pod's veth (inbound) or around capture (outbound).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -18,6 +26,7 @@ int tunnel_dev_ingress(struct __sk_buff *skb)
 	__u32 pod_ifindex = 0;
 	__u32 *owner;
 	__u16 port;
+	int outbound;
 
 	switch (ma_parse(skb, &pkt)) {
 	case MA_PARSE_TCP:
@@ -27,12 +36,15 @@ int tunnel_dev_ingress(struct __sk_buff *skb)
 	default:
 		return MA_PASS;
 	}
-	ma_addr_key_dst(&pkt, &dst);
+	cfg = ma_config();
+	outbound = cfg && ma_is_redirected_out(skb, cfg);
+	if (outbound)
+		ma_addr_key_src(&pkt, &dst);
+	else
+		ma_addr_key_dst(&pkt, &dst);
 	owner = ma_pod_addrs.lookup(&dst);
 	if (owner)
 		pod_ifindex = *owner;
-
-	cfg = ma_config();
 	if (!cfg)
 		return ma_drop(pod_ifindex, DROP_NO_CONFIG);
 
@@ -42,8 +54,11 @@ int tunnel_dev_ingress(struct __sk_buff *skb)
 		 * veth and so to us again. */
 		if (!ma_is_syn(&pkt))
 			return ma_drop(pod_ifindex, DROP_NO_SOCKET);
-		port = bpf_ntohs(pkt.dport) == cfg->hbone_port ? cfg->hbone_port
-								: cfg->inbound_port;
+		if (outbound)
+			port = cfg->outbound_port;
+		else
+			port = bpf_ntohs(pkt.dport) == cfg->hbone_port ? cfg->hbone_port
+									: cfg->inbound_port;
 		sk = ma_lookup_listener(skb, &pkt, port);
 		if (!sk)
 			return ma_drop(pod_ifindex, DROP_NO_LISTENER);

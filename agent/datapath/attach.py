@@ -124,6 +124,29 @@ def foreign_filters(ipr: Any, ifindex: int, prio: int, handle: int) -> list[Any]
     return out
 
 
+def shadowing_filters(rtnl: RtnlSocket, ifindex: int, prio: int,
+                      handle: int) -> list[dict[str, Any]]:
+    """Foreign filters that run BEFORE ours (a lower priority number) on either
+    direction of a device: a final verdict there (e.g. a direct-action program
+    returning TC_ACT_OK, an ``action ok``/``drop``) means ours never sees the
+    packet, so that pod's traffic is not captured. Reads only."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, int, str | None]] = set()
+    for direction in (INGRESS, EGRESS):
+        parent = 0xFFFF0000 | _parent_minor(direction)
+        for f in rtnl.filters(ifindex, parent):
+            if (f.prio, f.handle) == (prio, handle) or f.prio >= prio:
+                continue
+            # One line per priority: u32 lists its hash table besides each filter.
+            if (direction, f.prio, f.kind) in seen:
+                continue
+            seen.add((direction, f.prio, f.kind))
+            out.append({"direction": "ingress" if direction == INGRESS else "egress",
+                        "prio": f.prio, "handle": f.handle, "kind": f.kind, "name": f.name,
+                        "direct_action": f.direct_action})
+    return out
+
+
 def attach(ipr: Any, ifindex: int, spec: FilterSpec, prio: int, handle: int,
            rtnl: RtnlSocket | None = None) -> None:
     """Install or atomically replace our filter on one direction of a device.

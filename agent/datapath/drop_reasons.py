@@ -19,6 +19,9 @@ class DropReason(enum.IntEnum):
     NO_SOCKET = 6
     NO_CONFIG = 7
     REDIRECT_FAILED = 8
+    VLAN_TAGGED = 9
+    UNKNOWN_L3 = 10
+    ENCAPSULATED = 11
 
     @property
     def label(self) -> str:
@@ -26,7 +29,7 @@ class DropReason(enum.IntEnum):
         return self.name.lower()
 
 
-DROP_REASON_MAX = 9
+DROP_REASON_MAX = 12
 DESCRIPTIONS: dict[DropReason, str] = {
     DropReason.SPOOFED_SOURCE: "pod sent TCP from an address that is not its own",
     DropReason.NO_LISTENER: "tunnel listener missing: fail closed",
@@ -37,4 +40,8 @@ DESCRIPTIONS: dict[DropReason, str] = {
     DropReason.NO_SOCKET: "non-SYN reached the tunnel device with no socket",
     DropReason.NO_CONFIG: "datapath config missing: agent not ready",
     DropReason.REDIRECT_FAILED: "could not redirect to the tunnel device",
+    DropReason.VLAN_TAGGED: "802.1Q/802.1ad tag (priority tags too): pods send untagged frames",
+    DropReason.UNKNOWN_L3: "not IPv4, IPv6 or ARP: not on the allow list",
+    DropReason.ENCAPSULATED:
+        "IP-in-IP, GRE, VXLAN, Geneve...: would be decapsulated around capture",
 }

@@ -20,7 +20,10 @@ from agent.datapath.drop_reasons import DROP_REASON_MAX, DropReason
 AF_INET = 2
 AF_INET6 = 10
 # struct ma_config: four u32, three u16 ports, a 6-byte MAC, padding to 32.
-_CONFIG = struct.Struct("<IIIIHHH6sH2x")
+_CONFIG = struct.Struct("<IIIIHHH6sH2xI")
+_POD_INFO = struct.Struct("<II")
+# struct ma_pod_info flags (bpf/lib/common.h).
+POD_F_BRIDGED = 0x1
 _STATS = struct.Struct(f"<4Q{DROP_REASON_MAX}Q")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -56,13 +59,14 @@ class DatapathSettings:
     outbound_port: int
     inbound_port: int
     hbone_port: int
+    redirect_mark: int = 0  # 0: bridged pods' captured packets cannot be redirected
 
     def encode(self) -> bytes:
         if len(self.tunnel_mac) != 6:
             raise ValueError(f"tunnel_mac must be 6 bytes, got {self.tunnel_mac!r}")
         return _CONFIG.pack(self.capture_mark, self.capture_mask, self.tunnel_mark,
                             self.tunnel_ifindex, self.outbound_port, self.inbound_port,
-                            self.hbone_port, self.tunnel_mac, 0)
+                            self.hbone_port, self.tunnel_mac, 0, self.redirect_mark)
 
 
 @dataclass
@@ -105,19 +109,38 @@ class DatapathMaps:
     def __init__(self, programs: Any) -> None:
         self._t = {name: programs.table(name) for name in (
             "ma_pods", "ma_pod_addrs", "ma_node_addrs", "ma_excluded_ports",
-            "ma_excluded_cidrs", "ma_config_map", "ma_stats")}
+            "ma_excluded_cidrs", "ma_config_map", "ma_stats", "ma_encap_udp_ports")}
 
     def set_settings(self, settings: DatapathSettings) -> None:
         table = self._t["ma_config_map"]
         table[table.Key(0)] = table.Leaf.from_buffer_copy(settings.encode())
 
-    def add_pod(self, ifindex: int, addresses: Iterable[str]) -> None:
-        """Enroll: addresses first, so the pod is never enrolled without them."""
+    def add_pod(self, ifindex: int, addresses: Iterable[str], flags: int = 0) -> None:
+        """Enroll: addresses first, so the pod is never enrolled without them.
+
+        ``flags``: ``POD_F_BRIDGED`` when the host veth is a bridge port."""
         addrs = self._t["ma_pod_addrs"]
         for address in addresses:
             addrs[_key(addrs, addr_key(address))] = addrs.Leaf(ifindex)
         pods = self._t["ma_pods"]
-        pods[pods.Key(ifindex)] = pods.Leaf()
+        pods[pods.Key(ifindex)] = pods.Leaf.from_buffer_copy(_POD_INFO.pack(flags, 0))
+
+    def pod_flags(self, ifindex: int) -> int | None:
+        """The enrolled pod's flags, or None when ``ifindex`` is not enrolled."""
+        pods = self._t["ma_pods"]
+        try:
+            leaf = pods[pods.Key(ifindex)]
+        except KeyError:
+            return None
+        return int(_POD_INFO.unpack(bytes(leaf))[0])
+
+    def set_pod_flags(self, ifindex: int, flags: int) -> bool:
+        """Rewrite an enrolled pod's flags; False when it is not enrolled."""
+        if self.pod_flags(ifindex) is None:
+            return False
+        pods = self._t["ma_pods"]
+        pods[pods.Key(ifindex)] = pods.Leaf.from_buffer_copy(_POD_INFO.pack(flags, 0))
+        return True
 
     def remove_pod(self, ifindex: int, addresses: Iterable[str]) -> None:
         """Unenroll: the pod entry first, so no packet sees a half-removed pod."""
@@ -193,6 +216,10 @@ class DatapathMaps:
     def set_exclusions(self, ports: Iterable[int], cidrs: Iterable[str]) -> None:
         self._replace_set("ma_excluded_ports", {struct.pack("<H", p) for p in ports})
         self._replace_set("ma_excluded_cidrs", {lpm_key(c) for c in cidrs})
+
+    def set_encapsulation_ports(self, ports: Iterable[int]) -> None:
+        """UDP ports of the node's own tunnels: the datapath drops pods' UDP to them."""
+        self._replace_set("ma_encap_udp_ports", {struct.pack("<H", p) for p in ports})
 
     def _replace_set(self, name: str, wanted: set[bytes]) -> None:
         table = self._t[name]

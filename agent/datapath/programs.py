@@ -6,6 +6,8 @@ they share one instance of every map (bpf/lib/maps.h).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 from dataclasses import dataclass
@@ -20,11 +22,44 @@ FUNCTIONS = (FROM_POD, TO_POD, TUNNEL_DEV_INGRESS)
 # Bump when a map's key or value layout changes: maps pinned by an older agent
 # are then left for the new ones (in a new v<N> directory) and removed after
 # the new programs are attached, instead of being reused with the wrong layout.
-MAP_LAYOUT_VERSION = 2
+MAP_LAYOUT_VERSION = 3
 
 
 class CompileError(RuntimeError):
     """bcc could not build the programs; the message says how to fix the node."""
+
+
+BPF_FS_MAGIC = 0xCAFE4A11
+BPFFS_ROOT = "/sys/fs/bpf"
+
+
+def _fs_type(path: str) -> int | None:
+    """statfs(2) f_type of ``path``, or None when it does not exist."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.statfs(path.encode(), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def check_bpffs(root: str = BPFFS_ROOT) -> None:
+    """Raise :class:`CompileError` unless ``root`` is a bpffs mount in this mount
+    namespace. Reads only.
+
+    The usual way to get here without one: ``ip netns exec`` enters a new mount
+    namespace and mounts a fresh sysfs on /sys for the netns, which hides the
+    host's /sys/fs/bpf, so pinning fails with a bare ENOENT.
+    """
+    kind = _fs_type(root)
+    if kind == BPF_FS_MAGIC:
+        return
+    what = "does not exist" if kind is None else "is not a bpffs mount"
+    raise CompileError(
+        f"{root} {what} in this mount namespace, so the maps cannot be pinned. "
+        "If the agent runs under `ip netns exec`: that command remounts /sys for the netns "
+        "and hides the host's bpffs; enter the node's netns with "
+        "`nsenter --net=/run/netns/<node> meshagent run` instead (network namespace only), "
+        f"or mount bpffs here first: `mount -t bpf bpf {root}`")
 
 
 def bpf_source_dir() -> Path:
@@ -150,6 +185,7 @@ def compile_programs(*, test_run: bool = False, max_pods: int | None = None,
         pins = pin_path(pin_dir)
         if not str(pins).startswith("/sys/fs/bpf/"):
             raise CompileError(f"bpf_pin_dir {pin_dir} must be under /sys/fs/bpf")
+        check_bpffs()
         if '"' in str(pins):
             raise CompileError(f"bpf_pin_dir {pin_dir} must not contain quotes")
         pins.mkdir(parents=True, exist_ok=True)

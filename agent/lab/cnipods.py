@@ -1,14 +1,18 @@
 """Lab pods through the real CNI path, like a container runtime creates them.
 
-Selected with ``meshagent lab up --pods cni`` or ``MESHAGENT_LAB_PODS=cni``
-(the plan then has ``pod_network="cni"``). ``lab up`` creates each pod's netns
-empty; once the agents run, :func:`add_pods` runs CNI ADD for each pod with a
-per-node conflist:
+Selected with ``meshagent lab up --pods cni`` (ptp) or ``--pods cni-bridge``
+(bridge), or ``MESHAGENT_LAB_PODS``; the plan's ``pod_network`` says which.
+``lab up`` creates each pod's netns empty; once the agents run,
+:func:`add_pods` runs CNI ADD for each pod with a per-node conflist:
 
-1. ``ptp`` with ``host-local`` IPAM (the node's /24 and /64, state under
-   ``/run/meshagent-lab/<prefix>/<node>/ipam``), executed with the node's
-   netns as its current netns (``nsenter --net=/run/netns/<node-ns>``) and
-   ``CNI_NETNS=/run/netns/<pod-ns>``: it creates the veth pair and addresses;
+1. ``ptp`` (point-to-point veth, /32 and /128 routes) or ``bridge`` (every
+   pod's veth a port of bridge ``cni0``, the gateway addresses on the bridge,
+   ``isGateway``; the node has br_netfilter on, see netlab), with
+   ``host-local`` IPAM (the node's /24 and /64, state under
+   ``/run/meshagent-lab/<prefix>/<node>/ipam``; each pod asks for its planned
+   addresses through the ``args.cni.ips`` convention), executed with the
+   node's netns as its current netns (``nsenter --net=/run/netns/<node-ns>``)
+   and ``CNI_NETNS=/run/netns/<pod-ns>``: it creates the veth pair and addresses;
 2. ``meshagent-cni`` chained after it, with ``enrolled_namespaces`` = the
    namespaces of the pods marked ``enroll`` (the plain pod is in ``unmeshed``)
    and the node agent's socket: it enrolls the pod.
@@ -21,6 +25,7 @@ before it stops the agents and deletes the namespaces.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -35,11 +40,12 @@ from agent.cni import runtime
 from agent.lab import netlab
 from agent.lab.topology import LabPlan, NodePlan, PodPlan, netns_path
 
-LAB_PODS_ENV = "MESHAGENT_LAB_PODS"  # veth (default) | cni
+LAB_PODS_ENV = "MESHAGENT_LAB_PODS"  # veth (default) | cni | cni-bridge
 SYSTEM_CNI_DIR = "/usr/lib/cni"
 PLUGIN_NAME = "meshagent-cni"
 PLUGIN_TIMEOUT_S = 30.0
 NETWORK_NAME = "meshlab"
+BRIDGE_NAME = "cni0"  # the bridge plugin's default name, one per node netns
 
 
 def cni_bin_dirs() -> list[str]:
@@ -77,7 +83,8 @@ def plugin_log_path(plan: LabPlan, node: str) -> str:
 
 
 def build_conflist(plan: LabPlan, node: NodePlan, agent_socket: str | None) -> dict[str, Any]:
-    """The node's conflist (pure). Without ``agent_socket`` only ptp runs."""
+    """The node's conflist (pure). Without ``agent_socket`` only the primary
+    plugin (ptp or bridge) runs."""
     ranges = []
     for cidr in node.pod_cidrs:
         net = ipaddress.ip_network(cidr)
@@ -87,16 +94,17 @@ def build_conflist(plan: LabPlan, node: NodePlan, agent_socket: str | None) -> d
             "rangeEnd": str(net.network_address + (250 if net.version == 4 else 0xFFFF)),
             "gateway": str(net.network_address + 1),
         }])
-    plugins: list[dict[str, Any]] = [{
-        "type": "ptp",
-        "ipMasq": False,
-        "ipam": {
-            "type": "host-local",
-            "ranges": ranges,
-            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-            "dataDir": f"{plan.node_run_dir(node.name)}/ipam",
-        },
-    }]
+    primary: dict[str, Any] = {"type": "ptp", "ipMasq": False}
+    if plan.pod_network == "cni-bridge":
+        primary = {"type": "bridge", "bridge": BRIDGE_NAME, "isGateway": True,
+                   "ipMasq": False, "hairpinMode": False}
+    primary["ipam"] = {
+        "type": "host-local",
+        "ranges": ranges,
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        "dataDir": f"{plan.node_run_dir(node.name)}/ipam",
+    }
+    plugins: list[dict[str, Any]] = [primary]
     if agent_socket is not None:
         patterns = [{"pod_name_pattern": p.name, "service_account": p.service_account}
                     for p in node.pods]
@@ -112,6 +120,36 @@ def build_conflist(plan: LabPlan, node: NodePlan, agent_socket: str | None) -> d
             },
         })
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
+
+
+def pod_conflist(conf: Mapping[str, Any], pod: PodPlan) -> dict[str, Any]:
+    """``conf`` with the primary plugin asking host-local for ``pod``'s planned
+    addresses (``args.cni.ips``, the convention host-local reads), pure."""
+    plugins = [dict(p) for p in conf["plugins"]]
+    plugins[0]["args"] = {"cni": {"ips": [pod.ipv4, pod.ipv6]}}
+    return {**conf, "plugins": plugins}
+
+
+def host_ifname_of(result: Mapping[str, Any]) -> str | None:
+    """The host side of the pod's veth in a CNI result: the interface with no
+    ``sandbox`` that is not the bridge (pure)."""
+    for iface in result.get("interfaces") or []:
+        if isinstance(iface, Mapping) and not iface.get("sandbox") \
+                and iface.get("name") not in (None, BRIDGE_NAME):
+            return str(iface["name"])
+    return None
+
+
+def plan_with_results(plan: LabPlan, results: Mapping[str, Mapping[str, Any]]) -> LabPlan:
+    """``plan`` with each pod's ``host_ifname`` the one its plugin made (pure)."""
+    nodes = []
+    for node in plan.nodes:
+        pods = []
+        for pod in node.pods:
+            name = host_ifname_of(results.get(pod.name, {}))
+            pods.append(dataclasses.replace(pod, host_ifname=name) if name else pod)
+        nodes.append(dataclasses.replace(node, pods=tuple(pods)))
+    return dataclasses.replace(plan, nodes=tuple(nodes))
 
 
 def runtime_conf(plan: LabPlan, pod: PodPlan, cni_path: Sequence[str]) -> runtime.RuntimeConf:
@@ -175,13 +213,14 @@ def add_pods(plan: LabPlan, agent_sockets: Mapping[str, str] | None,
         sock = agent_sockets[node.name] if agent_sockets is not None else None
         conf = build_conflist(plan, node, sock)
         _write(conflist_path(plan, node.name), json.dumps(conf, indent=2) + "\n")
-        conflist = runtime.parse_conflist(conf)
+        runtime.parse_conflist(conf)  # the cached one must be usable by DEL
         execute = node_executor(node.netns, path)
         for pod in node.pods:
             if progress:
                 progress(f"CNI ADD {pod.name} ({' + '.join(p['type'] for p in conf['plugins'])})")
             try:
-                result = runtime.add(conflist, runtime_conf(plan, pod, path), execute)
+                result = runtime.add(runtime.parse_conflist(pod_conflist(conf, pod)),
+                                     runtime_conf(plan, pod, path), execute)
             except runtime.PluginFailed as exc:
                 raise netlab.LabError(f"CNI ADD of pod {pod.name} on {node.name}: {exc}; "
                                       f"plugin log: {plugin_log_path(plan, node.name)}") from exc

@@ -21,7 +21,13 @@ from typing import Any
 import click
 
 from agent.lab import netlab
-from agent.lab.topology import DEFAULT_PREFIX, PlanError, build_plan
+from agent.lab.topology import (
+    CNI_POD_NETWORKS,
+    DEFAULT_PREFIX,
+    POD_NETWORKS,
+    PlanError,
+    build_plan,
+)
 
 _prefix_option = click.option(
     "--prefix",
@@ -58,21 +64,23 @@ def build_lab_group(after_topology: netlab.AfterTopology | None = None) -> click
     @click.option(
         "--pods",
         "pod_network",
-        type=click.Choice(["veth", "cni"]),
+        type=click.Choice(list(POD_NETWORKS)),
         envvar="MESHAGENT_LAB_PODS",
         default="veth",
         show_default=True,
         help="veth: the lab wires pods itself; cni: through ptp + host-local + "
-        "meshagent-cni like a container runtime (env MESHAGENT_LAB_PODS).",
+        "meshagent-cni like a container runtime; cni-bridge: the same with the bridge "
+        "plugin and br_netfilter on (env MESHAGENT_LAB_PODS).",
     )
     @click.option("-v", "--verbose", is_flag=True, help="Print every step.")
     def up_cmd(
         prefix: str, nodes: int, pods_per_node: int, pod_network: str, verbose: bool
     ) -> None:
         """Create the lab (fails if one with PREFIX exists; all or nothing)."""
-        if pod_network == "cni" and after_topology is None:
+        if pod_network in CNI_POD_NETWORKS and after_topology is None:
             raise click.UsageError(
-                "--pods cni needs the mesh hook that runs the CNI plugins: use `meshagent lab up`"
+                f"--pods {pod_network} needs the mesh hook that runs the CNI plugins: "
+                "use `meshagent lab up`"
             )
         try:
             plan = build_plan(

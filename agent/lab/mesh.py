@@ -87,7 +87,7 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
     """
     mode = lab_mode(mode)
     if mode == "none":
-        if plan.pod_network == "cni":
+        if plan.uses_cni:
             _cni_pods_up(plan, agent_sockets=None)
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
@@ -109,14 +109,14 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
         _wait(f"tunnel on {node.name}",
               lambda s=sock: 15001 in client.call(s, {"op": "status"}, timeout=5)["listeners"],
               tunnel_log)
-        if plan.pod_network == "cni":
+        if plan.uses_cni:
             continue  # meshagent-cni enrolls them: _cni_pods_up below
         for pod in node.pods:
             if pod.enroll:
                 client.call(sock, {"op": "pod_add", "netns": pod.netns, "name": pod.name,
                                    "namespace": pod.namespace,
                                    "service_account": pod.service_account})
-    if plan.pod_network == "cni":
+    if plan.uses_cni:
         _cni_pods_up(plan, {n.name: agent_socket(plan, n.name) for n in plan.nodes})
 
 
@@ -126,4 +126,9 @@ def _cni_pods_up(plan: LabPlan, agent_sockets: dict[str, str] | None) -> None:
     runtime (see :mod:`agent.lab.cnipods`); ``lab down`` runs CNI DEL."""
     from agent.lab import cnipods
 
-    cnipods.add_pods(plan, agent_sockets)
+    results = cnipods.add_pods(plan, agent_sockets)
+    # The plugins named the host veths: record them in lab.json for the tests and tools.
+    updated = cnipods.plan_with_results(plan, results)
+    tmp = Path(plan.plan_path + ".tmp")
+    tmp.write_text(updated.to_json())
+    os.replace(tmp, plan.plan_path)

@@ -196,6 +196,14 @@ _NODE_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
     "net.ipv6.conf.all.forwarding": "1",
 }
+# Bridge-CNI nodes: bridged traffic goes through iptables/ip6tables, as on a
+# Kubernetes node (kubeadm requires it; it is also the default in a new netns
+# on kernels with br_netfilter built in). Written explicitly, so the lab is a
+# bridge-with-br_netfilter node whatever the kernel's default.
+_BRIDGE_NODE_SYSCTLS = {
+    "net.bridge.bridge-nf-call-iptables": "1",
+    "net.bridge.bridge-nf-call-ip6tables": "1",
+}
 
 
 def _ifindex(ipr: IPRoute, ifname: str) -> int:
@@ -326,7 +334,9 @@ def _build(plan: LabPlan, steps: _Steps) -> None:
         _sysctl(plan.underlay.netns, _COMMON_SYSCTLS)
     for node in plan.nodes:
         with steps(f"set sysctls in {node.netns}"):
-            _sysctl(node.netns, {**_COMMON_SYSCTLS, **_NODE_SYSCTLS})
+            _sysctl(node.netns, {**_COMMON_SYSCTLS, **_NODE_SYSCTLS,
+                                 **(_BRIDGE_NODE_SYSCTLS if plan.pod_network == "cni-bridge"
+                                    else {})})
         for pod in node.pods:
             with steps(f"set sysctls in {pod.netns}"):
                 _sysctl(pod.netns, _COMMON_SYSCTLS)
@@ -334,7 +344,7 @@ def _build(plan: LabPlan, steps: _Steps) -> None:
     for node in plan.nodes:
         _build_node(plan, node, steps)
         for pod in node.pods:
-            if plan.pod_network == "cni":
+            if plan.uses_cni:
                 _build_cni_pod_netns(pod, steps)
             else:
                 _build_pod(node, pod, steps)
@@ -416,7 +426,7 @@ def down(prefix: str, progress: Progress | None = None) -> DownResult:
 
     Side effects, in order:
 
-    0. CNI labs (``pod_network="cni"``): CNI DEL for every pod through the
+    0. CNI labs (``pod_network`` ``cni`` or ``cni-bridge``): CNI DEL for every pod through the
        lab's conflists while the agents still run (best effort, only reported;
        :func:`agent.lab.cnipods.del_pods`).
     1. :func:`stop_node_processes` (daemons from pid files, then anything still
@@ -481,7 +491,7 @@ def _cni_del_pods(prefix: str, say: Progress) -> None:
         plan = load_plan(prefix)
     except (LabError, PlanError):
         return
-    if plan.pod_network != "cni":
+    if not plan.uses_cni:
         return
     from agent.lab import cnipods  # here, not at the top: cnipods imports netlab
 
@@ -901,7 +911,7 @@ def list_lab(prefix: str) -> dict[str, Any]:
                 if ipr is not None:
                     pod_addrs = _global_addrs(ipr, pod.ifname)
                     peer_index = _veth_peer_index(ipr, pod.ifname)
-            if plan.pod_network == "cni":
+            if plan.uses_cni:
                 host_ifname = links_by_index.get(peer_index) if peer_index else None
             else:
                 host_ifname = pod.host_ifname if pod.host_ifname in links else None
@@ -915,7 +925,7 @@ def list_lab(prefix: str) -> dict[str, Any]:
                 "service_account": pod.service_account,
                 "enroll": pod.enroll,
             }
-            if plan.pod_network == "cni":
+            if plan.uses_cni:
                 _compare_cni(problems, pod.name, entry, node.pod_cidrs)
             else:
                 _compare(problems, pod.name, entry, pod.ipv4, pod.ipv6, pod.host_ifname)

@@ -18,11 +18,12 @@ owns 10.244.N.0/24 and fd00:10:244:N::/64. Pod letter k (a=0) gets host number
 10+k, the non-enrolled pod gets 100; the pod's gateway is .1 / ::1.
 
 Pod network (``LabPlan.pod_network``): ``"veth"`` (default) has the lab wire
-each pod itself with the addresses above; ``"cni"`` leaves the pod netns empty
-for a CNI runtime (:mod:`agent.lab.cnipods`: ptp + host-local +
-meshagent-cni), so the pod's addresses and host veth name are whatever the
-plugins chose (the plan's ``ipv4``/``ipv6``/``host_ifname`` are then unused),
-and the non-enrolled pod lives in Kubernetes namespace ``unmeshed`` so the
+each pod itself with the addresses above; ``"cni"`` (ptp) and ``"cni-bridge"``
+(bridge, br_netfilter on) leave the pod netns empty for a CNI runtime
+(:mod:`agent.lab.cnipods`: ptp or bridge + host-local + meshagent-cni), which
+asks host-local for the planned addresses; the host veth name is whatever the
+plugin chose, and the lab rewrites ``lab.json`` with it once the pods exist.
+The non-enrolled pod lives in Kubernetes namespace ``unmeshed`` so the
 plugin's ``enrolled_namespaces`` can leave it out.
 """
 
@@ -51,8 +52,9 @@ POD_IFNAME = "eth0"
 NODE_UNDERLAY_IFNAME = "ul0"
 PLAIN_POD_HOST = 100
 FIRST_POD_HOST = 10
-POD_NETWORKS = ("veth", "cni")
-CNI_PLAIN_NAMESPACE = "unmeshed"  # namespace of the non-enrolled pod in "cni" labs
+POD_NETWORKS = ("veth", "cni", "cni-bridge")
+CNI_POD_NETWORKS = ("cni", "cni-bridge")  # pods made by CNI plugins
+CNI_PLAIN_NAMESPACE = "unmeshed"  # namespace of the non-enrolled pod in CNI labs
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]*$")
 _PROCESS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -112,7 +114,12 @@ class LabPlan:
     prefix: str
     underlay: UnderlayPlan
     nodes: tuple[NodePlan, ...]
-    pod_network: str = "veth"  # "veth" (the lab wires pods) or "cni" (see module doc)
+    pod_network: str = "veth"  # "veth" (the lab wires pods), "cni", "cni-bridge" (module doc)
+
+    @property
+    def uses_cni(self) -> bool:
+        """Pods are made by CNI plugins (``cni`` or ``cni-bridge``)."""
+        return self.pod_network in CNI_POD_NETWORKS
 
     # -- lookup -------------------------------------------------------------
 
@@ -260,12 +267,12 @@ def build_plan(
     Every node also gets one pod ``nN-plain`` with ``enroll=False``. Pod ``-a``
     lives in Kubernetes namespace ``default``, pod ``-b`` in ``team-b`` and so
     on; the service account is ``sa-<letter>`` (``sa-plain``). The plain pod is
-    in ``default`` too, or in ``unmeshed`` when ``pod_network`` is ``"cni"``.
+    in ``default`` too, or in ``unmeshed`` when the pods are made by CNI.
     """
     validate_prefix(prefix)
     if pod_network not in POD_NETWORKS:
         raise PlanError(f"pod network {pod_network!r}: use one of {', '.join(POD_NETWORKS)}")
-    plain_namespace = CNI_PLAIN_NAMESPACE if pod_network == "cni" else "default"
+    plain_namespace = CNI_PLAIN_NAMESPACE if pod_network in CNI_POD_NETWORKS else "default"
     if not 1 <= nodes <= MAX_NODES:
         raise PlanError(f"--nodes must be between 1 and {MAX_NODES}, got {nodes}")
     if not 1 <= pods_per_node <= MAX_PODS_PER_NODE:

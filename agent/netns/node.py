@@ -40,6 +40,7 @@ class NodeState:
     created_routes: list[int] = field(default_factory=list)  # families
     created_tunnel_device: bool = False
     sysctls_changed: dict[str, str] = field(default_factory=dict)  # path -> prior value
+    created_state_dir: bool = False  # the agent made agent.state_dir (uninstall may remove it)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,7 @@ RTM_DELQDISC = 37
 RTM_GETQDISC = 38
 RTM_NEWTFILTER = 44
 RTM_DELTFILTER = 45
+RTM_GETTFILTER = 46
 NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
@@ -57,6 +58,7 @@ SOL_NETLINK = 270
 IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_LINK = 5
+IFLA_MASTER = 10
 IFLA_LINKINFO = 18
 IFLA_INFO_KIND = 1
 IFA_ADDRESS = 1
@@ -81,6 +83,7 @@ class Link:
     kind: str | None
     link: int | None  # IFLA_LINK: for a veth, the peer's ifindex (in the peer's netns)
     mac: str | None
+    master: int | None = None  # IFLA_MASTER: the bridge (or bond, ...) it is a port of
 
 
 def _align(n: int) -> int:
@@ -146,6 +149,41 @@ def replace_bpf_filter_request(seq: int, *, index: int, parent: int, prio: int, 
                     seq, body)
 
 
+def dump_filters_request(seq: int, index: int, parent: int) -> bytes:
+    """RTM_GETTFILTER dump of the filters on one device's clsact slot ``parent``."""
+    body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, parent, 0)
+    return _message(RTM_GETTFILTER, NLM_F_REQUEST | NLM_F_DUMP, seq, body)
+
+
+@dataclass(frozen=True)
+class FilterInfo:
+    prio: int
+    handle: int
+    kind: str | None
+    name: str  # TCA_BPF_NAME for cls_bpf, else ""
+    direct_action: bool  # cls_bpf in direct-action mode: the program's verdict is final
+
+
+def parse_filter(payload: bytes) -> FilterInfo | None:
+    """One RTM_NEWTFILTER answer; None for the per-priority chain header."""
+    _family, _index, handle, _parent, info = _TCMSG.unpack_from(payload)
+    kind, name, flags, has_options = None, "", 0, False
+    for kind_id, value in attributes(payload, _TCMSG.size):
+        if kind_id == TCA_KIND:
+            kind = value.rstrip(b"\0").decode(errors="replace")
+        elif kind_id == TCA_OPTIONS:
+            has_options = True
+            for opt_id, opt in attributes(value):
+                if opt_id == TCA_BPF_NAME:
+                    name = opt.rstrip(b"\0").decode(errors="replace")
+                elif opt_id == TCA_BPF_FLAGS and len(opt) >= 4:
+                    flags = struct.unpack_from("=I", opt)[0]
+    if handle == 0 and not has_options:
+        return None
+    return FilterInfo(prio=(info >> 16) & 0xFFFF, handle=handle, kind=kind, name=name,
+                      direct_action=kind == "bpf" and bool(flags & TCA_BPF_FLAG_ACT_DIRECT))
+
+
 def get_ingress_qdisc_request(seq: int, index: int) -> bytes:
     """RTM_GETQDISC for the one qdisc in a device's ingress slot (clsact or ingress)."""
     body = _TCMSG.pack(socket.AF_UNSPEC, index, 0, TC_H_CLSACT, 0)
@@ -182,7 +220,7 @@ def messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 
 def parse_link(payload: bytes) -> Link:
     _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(payload)
-    name, kind, link, mac = "", None, None, None
+    name, kind, link, mac, master = "", None, None, None, None
     for kind_id, value in attributes(payload, _IFINFOMSG.size):
         if kind_id == IFLA_IFNAME:
             name = value.rstrip(b"\0").decode(errors="replace")
@@ -190,11 +228,13 @@ def parse_link(payload: bytes) -> Link:
             link = struct.unpack_from("=i", value)[0]
         elif kind_id == IFLA_ADDRESS:
             mac = ":".join(f"{b:02x}" for b in value)
+        elif kind_id == IFLA_MASTER and len(value) >= 4:
+            master = struct.unpack_from("=i", value)[0] or None
         elif kind_id == IFLA_LINKINFO:
             for info_id, info in attributes(value):
                 if info_id == IFLA_INFO_KIND:
                     kind = info.rstrip(b"\0").decode(errors="replace")
-    return Link(index=index, name=name, kind=kind, link=link, mac=mac)
+    return Link(index=index, name=name, kind=kind, link=link, mac=mac, master=master)
 
 
 def parse_address(payload: bytes) -> tuple[int, int, str] | None:
@@ -315,6 +355,22 @@ class RtnlSocket:
                 if qdisc_index == index and kind:
                     kinds.add(kind)
         return kinds
+
+    def filters(self, index: int, parent: int) -> list[FilterInfo]:
+        """The filters in one clsact slot of a device (empty when it has no clsact)."""
+        try:
+            answers = self._collect(dump_filters_request(self._next_seq(), index, parent))
+        except RtnlError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                return []
+            raise
+        out = []
+        for msg_type, payload in answers:
+            if msg_type == RTM_NEWTFILTER:
+                parsed = parse_filter(payload)
+                if parsed is not None:
+                    out.append(parsed)
+        return out
 
     def _ack(self, request: bytes) -> None:
         for _ in self._request(request):

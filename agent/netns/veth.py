@@ -33,6 +33,12 @@ class HostVeth:
     mac: str
     pod_ifindex: int
     pod_addresses: tuple[str, ...]
+    master: int | None = None  # ifindex of the bridge the host veth is a port of
+
+    @property
+    def bridged(self) -> bool:
+        """A port of a bridge (or another master): frames go to its rx_handler."""
+        return self.master is not None
 
 
 def resolve_netns(ref: str) -> str:
@@ -111,7 +117,7 @@ def find_host_veth(netns_path: str, ifname: str = "eth0",
             f"ifindex {link.link} in the node netns is not the peer of {ifname} "
             f"in {netns_path}: run the agent in the node's network namespace")
     return HostVeth(ifindex=peer.index, ifname=peer.name, mac=peer.mac or "",
-                    pod_ifindex=link.index, pod_addresses=pod_addresses)
+                    pod_ifindex=link.index, pod_addresses=pod_addresses, master=peer.master)
 
 
 def _link_names(netns_path: str) -> list[tuple[int, str]]:

@@ -32,6 +32,7 @@
 #define MA_MAX_NODE_ADDRS 1024
 #define MA_MAX_EXCLUDED_PORTS 1024
 #define MA_MAX_EXCLUDED_CIDRS 1024
+#define MA_MAX_ENCAP_PORTS 64
 
 /* IPv6 extension headers walked before giving up (fail closed). */
 #define MA_MAX_EXTHDRS 6
@@ -48,6 +49,14 @@ struct ma_lpm_key {
 	__u8 addr[16];
 } __attribute__((packed));
 
+/* The pod's host veth is a port of a bridge (or any device with a master:
+ * its rx_handler would take the frame next). A bridge forwards by MAC before
+ * routing, and br_netfilter orphans the skb (setup_pre_routing: skb_orphan),
+ * so a socket assigned at the veth's ingress is lost: captured packets of
+ * such a pod are redirected to the tunnel device's ingress instead and
+ * assigned there (tunnel_ingress.c). */
+#define MA_POD_F_BRIDGED 0x1
+
 struct ma_pod_info {
 	__u32 flags;
 	__u32 reserved;
@@ -63,6 +72,7 @@ struct ma_config {
 	__u16 hbone_port;
 	__u8 tunnel_mac[6];
 	__u16 pad;
+	__u32 redirect_mark; /* under capture_mask: from_pod redirected it to the tunnel device */
 };
 
 struct ma_pod_stats {

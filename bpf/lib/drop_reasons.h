@@ -17,7 +17,10 @@ enum ma_drop_reason {
 	DROP_NO_SOCKET = 6,      /* non-SYN reached the tunnel device with no socket */
 	DROP_NO_CONFIG = 7,      /* datapath config missing: agent not ready */
 	DROP_REDIRECT_FAILED = 8,/* could not redirect to the tunnel device */
-	DROP_REASON_MAX = 9,
+	DROP_VLAN_TAGGED = 9,    /* 802.1Q/802.1ad tag (priority tags too): pods send untagged frames */
+	DROP_UNKNOWN_L3 = 10,    /* not IPv4, IPv6 or ARP: not on the allow list */
+	DROP_ENCAPSULATED = 11,  /* IP-in-IP, GRE, VXLAN, Geneve...: would be decapsulated around capture */
+	DROP_REASON_MAX = 12,
 };
 
 #endif

@@ -33,6 +33,10 @@ MA_MAP("hash", __u16, __u8, ma_excluded_ports, MA_MAX_EXCLUDED_PORTS, 0);
 MA_MAP("lpm_trie", struct ma_lpm_key, __u8, ma_excluded_cidrs, MA_MAX_EXCLUDED_CIDRS,
        BPF_F_NO_PREALLOC);
 
+/* UDP destination ports of this node's other tunnels (a custom VXLAN dstport,
+ * FOU/GUE), besides the well-known ones in lib/parse.h: host order. */
+MA_MAP("hash", __u16, __u8, ma_encap_udp_ports, MA_MAX_ENCAP_PORTS, 0);
+
 MA_MAP("array", int, struct ma_config, ma_config_map, 1, 0);
 
 /* Per-pod counters, per CPU so the hot path never contends. */

@@ -89,6 +89,26 @@ static __always_inline int ma_assign_and_mark(struct __sk_buff *skb, struct bpf_
 	return 0;
 }
 
+/* Send a captured packet of a bridged pod to the tunnel device's ingress,
+ * marked so tunnel_dev_ingress treats it as outbound (see MA_POD_F_BRIDGED).
+ * A mark set in the pod never arrives here: crossing the veth into the node
+ * netns scrubs it. Returns the tc verdict, or -1 when it cannot. */
+static __always_inline int ma_redirect_out(struct __sk_buff *skb, const struct ma_config *cfg)
+{
+	if (!cfg->tunnel_ifindex || !cfg->redirect_mark)
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, (void *)cfg->tunnel_mac, 6, 0) < 0)
+		return -1;
+	skb->mark = (skb->mark & ~cfg->capture_mask) | cfg->redirect_mark;
+	return bpf_redirect(cfg->tunnel_ifindex, BPF_F_INGRESS);
+}
+
+static __always_inline int ma_is_redirected_out(const struct __sk_buff *skb,
+						const struct ma_config *cfg)
+{
+	return cfg->redirect_mark && (skb->mark & cfg->capture_mask) == cfg->redirect_mark;
+}
+
 /* The agent's settings, or NULL before it has written them. ma_config_map is
  * an array, whose one entry always exists and reads as zeros until written,
  * so "unset" is a zero outbound port (the agent always sets one). */

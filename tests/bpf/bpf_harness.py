@@ -32,7 +32,7 @@ from scapy.packet import Packet
 
 from agent.datapath import testrun
 from agent.datapath.drop_reasons import DropReason
-from agent.datapath.maps import DatapathMaps, DatapathSettings, PodCounters
+from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps, DatapathSettings, PodCounters
 from agent.datapath.programs import FROM_POD, TO_POD, TUNNEL_DEV_INGRESS, Programs
 
 # ---------------------------------------------------------------------------
@@ -70,6 +70,7 @@ CLIENT_PORT = 40001  # ephemeral-looking source port of test connections
 # Marks.
 CAPTURE_MARK = 0x400
 CAPTURE_MASK = 0xF00
+REDIRECT_MARK = 0x600  # a bridged pod's captured packet on its way to the tunnel device
 TUNNEL_MARK = 0x539
 
 # Linux TCP states as reported in bpf_sock.state.
@@ -141,7 +142,8 @@ def default_settings(net: TestNet) -> DatapathSettings:
     return DatapathSettings(
         capture_mark=CAPTURE_MARK, capture_mask=CAPTURE_MASK, tunnel_mark=TUNNEL_MARK,
         tunnel_ifindex=net.tunnel_ifindex, tunnel_mac=mac_bytes(TUNNEL_MAC),
-        outbound_port=OUTBOUND_PORT, inbound_port=INBOUND_PORT, hbone_port=HBONE_PORT)
+        outbound_port=OUTBOUND_PORT, inbound_port=INBOUND_PORT, hbone_port=HBONE_PORT,
+        redirect_mark=REDIRECT_MARK)
 
 
 def is_v6(address: str) -> bool:
@@ -204,6 +206,7 @@ class Harness:
             self.programs.table(name).clear()
         self.maps.set_node_addresses([])
         self.maps.set_exclusions([], [])
+        self.maps.set_encapsulation_ports([])
         self.clear_settings()
         self.clear_assignment()
 
@@ -213,6 +216,10 @@ class Harness:
             self.maps.add_pod(ifindex, addresses)
         self.maps.set_node_addresses([NODE_V4, NODE_V6])
         self.maps.set_exclusions([EXCLUDED_PORT], [EXCLUDED_CIDR_V4, EXCLUDED_CIDR_V6])
+
+    def enroll_bridged(self) -> None:
+        """Make POD a bridge port's pod (MA_POD_F_BRIDGED), as the agent does."""
+        self.maps.add_pod(self.net.pod_ifindex, (POD_V4, POD_V6), POD_F_BRIDGED)
 
     def clear_settings(self) -> None:
         """Zero the config entry: what a node looks like before the agent writes it."""

@@ -352,11 +352,12 @@ def test_ipv6_tcp_fragment_behind_more_headers_is_dropped(
     assert_dropped(dp, result, dp.net.pod_ifindex, DropReason.FRAGMENT)
 
 
-def test_ipv6_later_fragment_behind_more_headers_passes(dp: Harness) -> None:
-    """No TCP header to see: it passes, and cannot be reassembled without its first part."""
+def test_ipv6_later_fragment_behind_more_headers_is_dropped(dp: Harness) -> None:
+    """Its upper layer is unknown (it may be TCP): it cannot be classified, so it is
+    dropped (it used to pass, and left the node in clear)."""
     dp.listen_all(OUTBOUND_PORT)
     frame = _v6() / IPv6ExtHdrFragment(offset=8, nh=IPPROTO_DSTOPTS) / Raw(bytes(16))
-    assert_untouched(dp, dp.from_pod(frame), frame)
+    assert_dropped(dp, dp.from_pod(frame), dp.net.pod_ifindex, DropReason.FRAGMENT)
 
 
 # -- configuration -------------------------------------------------------------

@@ -42,7 +42,7 @@ from pyroute2 import netns as pyroute2_netns
 from agent.api import client
 from agent.identity.ca import DEFAULT_TRUST_DOMAIN, import_istio_ca
 from agent.lab import mesh, netlab
-from agent.lab.topology import LabPlan, NodePlan, PodPlan, build_plan, run_dir
+from agent.lab.topology import CNI_POD_NETWORKS, LabPlan, NodePlan, PodPlan, build_plan, run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 PROGRAMS = Path(__file__).resolve().parent / "programs"
@@ -450,7 +450,7 @@ def lab_up(
     hook = functools.partial(mesh.start_mesh, mode=spec.mode) if spec.mode else None
     if hook is not None and spec.ca_from is not None:
         hook = functools.partial(_import_ca_then, spec.ca_from, hook)
-    if hook is None and network != "veth":
+    if hook is None and network in CNI_POD_NETWORKS:
         hook = functools.partial(mesh.start_mesh, mode="none")  # CNI ADD without agents
     try:
         netlab.up(plan, after_topology=hook)

@@ -51,7 +51,8 @@ from agent.tunnel.relay import BUFFER_SIZE as RELAY_BUFFER
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
-LAB = LabSpec(letter="d", mode="plain")
+# Pods made by Debian's CNI plugins: ptp, and bridge with br_netfilter on.
+LAB = LabSpec(letter="d", mode="plain", pod_networks=("cni", "cni-bridge"))
 HTTP_PORT = 8080   # datapath_server.py: replies "server=<name> peer=<ip> port=<port>"
 HALF_PORT = 9000   # reads to EOF, then replies (half-close)
 UDP_PORT = 9001    # UDP echo: replies "<peer ip> <peer port> <data>"

@@ -642,8 +642,8 @@ def start_plain_node(plan: LabPlan) -> None:
     """Agent and tunnel (plain mode) on node1 only; node2 has none."""
     Path(plan.run_dir, "config.toml").write_text("# lifecycle test: defaults + env\n")
     start_process(plan, "node1", "agent", "plain")
+    wait_agent(plan, "node1")  # first: the agent records that it made the state dir
     start_process(plan, "node1", "tunnel", "plain")
-    wait_agent(plan, "node1")
     wait_listener(plan, "node1")
 
 
@@ -689,6 +689,12 @@ def test_uninstall_removes_ours_and_keeps_a_foreign_filter(
             assert not pod_add(plan, a)["created_clsact"]
             assert len(our_filters(ns, a.host_ifname, "ingress")) == 1
             assert len(our_filters(ns, a.host_ifname, "egress")) == 1
+            # status names the foreign filter that runs before ours (prio 10 < 58)
+            status = client.call(mesh.agent_socket(plan, "node1"), {"op": "status"}, timeout=10)
+            (pod,) = status["pods"]
+            assert pod["shadowed_by"] == [{"direction": "ingress", "prio": 10, "handle": 1,
+                                           "kind": "bpf", "name": pod["shadowed_by"][0]["name"],
+                                           "direct_action": True}]
             seen = foreign_count()
             _, port = http_get(a, plain.ipv4)
             rec = wait_record(plan, "node1", "n1-a's request", from_addr(a.ipv4, port))
@@ -768,15 +774,45 @@ def test_enroll_unenroll_round_trips_and_node_reinstall(
         captured()
 
         # the node: stop, uninstall, start again -> plumbing recreated, pods enrollable
+        stop_process(plan, "node1", "tunnel", signal.SIGTERM)
         stop_process(plan, "node1", "agent", signal.SIGTERM)
+        state_dir = state_file(plan, "node1").parent
+        assert (state_dir / "tunnel-status.json").exists()
         done = uninstall(plan)
         assert done.returncode == 0, done.stderr
         assert_nothing_of_ours(plan)
+        # tunnel-status.json too, and the state dir, which the agent made (it started
+        # first in start_plain_node) and which is now empty
+        assert not state_dir.exists(), done.stdout + done.stderr
         assert "clsact" not in qdiscs(ns, a.host_ifname)
         start_process(plan, "node1", "agent", "plain")
         status = wait_agent(plan, "node1")
+        start_process(plan, "node1", "tunnel", "plain")
+        wait_listener(plan, "node1")
         assert all(status["node"].values()), status["node"]
         assert status["pods"] == []
         pod_add(plan, a)
         assert filters_each_way() == (1, 1)
         captured()
+
+
+# -- 7. the agent under `ip netns exec` ------------------------------------------------
+
+
+def test_agent_under_ip_netns_exec_explains_the_missing_bpffs_and_changes_nothing(
+        lab_factory: LabFactory) -> None:
+    """`ip netns exec` remounts /sys for the netns, which hides /sys/fs/bpf: the
+    agent must say so and what to do, before it changes anything on the node."""
+    with lab_factory(mode=None) as lab:
+        plan = lab.plan
+        node = plan.node("node1")
+        Path(plan.run_dir, "config.toml").write_text("# ip netns exec test\n")
+        env = {**os.environ, **mesh.node_env(plan, node, "plain")}
+        out = subprocess.run(["ip", "netns", "exec", node.netns, *AGENT_ARGV, "run"],
+                             capture_output=True, text=True, timeout=60, env=env, check=False)
+        assert out.returncode != 0
+        assert "ip netns exec" in out.stderr and "nsenter --net=" in out.stderr, out.stderr
+        assert "mount -t bpf" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
+        assert "meshtun0" not in links(node.netns)
+        assert not state_file(plan, "node1").parent.exists()

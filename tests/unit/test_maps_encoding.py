@@ -34,7 +34,7 @@ HBONE_PORT = 15008
 
 ADDR_KEY_SIZE = 20  # struct ma_addr_key
 LPM_KEY_SIZE = 21  # struct ma_lpm_key (packed)
-CONFIG_SIZE = 32  # struct ma_config
+CONFIG_SIZE = 36  # struct ma_config
 STATS_SIZE = 8 * (4 + DROP_REASON_MAX)  # struct ma_pod_stats
 
 
@@ -141,7 +141,13 @@ def test_settings_layout() -> None:
         CAPTURE_MARK, CAPTURE_MASK, TUNNEL_MARK, TUNNEL_IFINDEX)
     assert struct.unpack_from("<HHH", raw, 16) == (OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT)
     assert raw[22:28] == TUNNEL_MAC
-    assert raw[28:] == bytes(4)  # __u16 pad, then alignment padding to 32
+    assert raw[28:32] == bytes(4)  # __u16 pad, then alignment padding to 32
+    assert struct.unpack_from("<I", raw, 32) == (0,)  # redirect_mark defaults to off
+
+
+def test_settings_redirect_mark_follows_the_padding() -> None:
+    raw = settings(redirect_mark=0x5C0000).encode()
+    assert struct.unpack_from("<I", raw, 32) == (0x5C0000,)
 
 
 def test_settings_ports_are_host_order() -> None:

@@ -99,3 +99,33 @@ def test_tc_requests_are_well_formed() -> None:
     assert struct.unpack("=I", options[rtnl.TCA_BPF_FLAGS])[0] == rtnl.TCA_BPF_FLAG_ACT_DIRECT
     clsact = rtnl.add_clsact_request(4, 9)
     assert struct.unpack_from("=IHH", clsact)[2] & rtnl.NLM_F_EXCL
+
+
+def test_parse_link_reads_the_master() -> None:
+    """A bridge port's IFLA_MASTER: the agent flags such pods (MA_POD_F_BRIDGED)."""
+    body = newlink(PEER_IFINDEX, "veth1", "veth", POD_IFINDEX)
+    body += rtattr(rtnl.IFLA_MASTER, struct.pack("=i", 9))
+    assert rtnl.parse_link(body).master == 9
+    assert rtnl.parse_link(newlink(PEER_IFINDEX, "veth1", "veth", POD_IFINDEX)).master is None
+
+
+def tfilter(prio: int, handle: int, kind: str, options: bytes | None) -> bytes:
+    body = struct.pack("=BxxxiIII", socket.AF_UNSPEC, PEER_IFINDEX, handle, 0xFFFFFFF2,
+                       (prio << 16) | 0x0300)
+    body += rtattr(rtnl.TCA_KIND, kind.encode() + b"\0")
+    if options is not None:
+        body += rtattr(rtnl.TCA_OPTIONS, options)
+    return body
+
+
+def test_parse_filter() -> None:
+    da = (rtattr(rtnl.TCA_BPF_NAME, b"foreign\0")
+          + rtattr(rtnl.TCA_BPF_FLAGS, struct.pack("=I", rtnl.TCA_BPF_FLAG_ACT_DIRECT)))
+    assert rtnl.parse_filter(tfilter(10, 1, "bpf", da)) == rtnl.FilterInfo(
+        prio=10, handle=1, kind="bpf", name="foreign", direct_action=True)
+    u32 = rtnl.parse_filter(tfilter(5, 0x800, "u32", rtattr(1, b"\0" * 4)))
+    assert u32 is not None and (u32.prio, u32.kind, u32.direct_action) == (5, "u32", False)
+    # the per-priority chain header (handle 0, no options) is not a filter
+    assert rtnl.parse_filter(tfilter(10, 0, "bpf", None)) is None
+    req = rtnl.dump_filters_request(3, PEER_IFINDEX, 0xFFFFFFF2)
+    assert struct.unpack_from("=IHHII", req)[1] == rtnl.RTM_GETTFILTER
