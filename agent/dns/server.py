@@ -229,28 +229,40 @@ class DnsProxy:
             self._udp.sendto(reply, addr)
 
     def datagram(self, wire: bytes, addr: tuple[str, int],
-                 original: Upstream | None = None) -> None:
+                 original: Upstream | None = None,
+                 send: Callable[[bytes], None] | None = None) -> None:
         """A UDP query: answered at once, or forwarded in a task (bounded in number by
-        ``max_inflight``: past it, SERVFAIL at once)."""
+        ``max_inflight``: past it, SERVFAIL at once). ``send`` sends the reply (default:
+        from this proxy's own UDP socket to ``addr``)."""
+        reply_to: Callable[[bytes], None] = send or (lambda reply: self._send_udp(reply, addr))
         decision = self._decide(wire, Transport.UDP, addr[0])
         if decision.verdict is not Verdict.FORWARD:
             self.counts[decision.outcome] += 1
-            self._send_udp(decision.response, addr)
+            if decision.response:
+                reply_to(decision.response)
             return
         if self._inflight >= self.config.max_inflight:
             self.counts[QueryOutcome.OVERLOADED] += 1
-            self._send_udp(forward_failed(decision), addr)
+            reply_to(forward_failed(decision))
             return
-        task = asyncio.ensure_future(self._forward_udp(decision, addr, original))
+        task = asyncio.ensure_future(self._forward_udp(decision, original, reply_to))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward_udp(self, decision: Decision, addr: tuple[str, int],
-                           original: Upstream | None) -> None:
-        self._send_udp(await self._forward(decision, Transport.UDP, original), addr)
+    async def _forward_udp(self, decision: Decision, original: Upstream | None,
+                           reply_to: Callable[[bytes], None]) -> None:
+        reply = await self._forward(decision, Transport.UDP, original)
+        if reply:
+            reply_to(reply)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
+        await self.serve_tcp(reader, writer)
+
+    async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        original: Upstream | None = None) -> None:
+        """One TCP client (also on a listener of someone else's: the tunnel's captured
+        one passes the connection's original destination)."""
         peer = writer.get_extra_info("peername")
         if self._tcp_clients >= self.config.max_tcp_connections:
             self.counts[QueryOutcome.OVERLOADED] += 1
@@ -269,7 +281,7 @@ class DnsProxy:
                                                   self.config.tcp_idle)
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
                     break
-                reply = await self.handle(wire, Transport.TCP, peer[0])
+                reply = await self.handle(wire, Transport.TCP, peer[0], original)
                 if not reply:
                     continue
                 writer.write(struct.pack("!H", len(reply)) + reply)

@@ -118,3 +118,18 @@ def build_cluster(model: Model, local: Iterable[Workload], *, node: str, trust_d
         trust_domain=trust_domain, locality=locality) for w in local]
     merged, conflicts = merge_local_workloads(model, enrolled, node)
     return Cluster(merged, node, trust_domain, cluster_id), conflicts
+
+
+def dns_client(cluster: Cluster | None, local: Workload | None, ip: str) -> ModelWorkload | None:
+    """The workload a DNS query from ``ip`` is answered for: this node's enrolled pod
+    there (the merged model's entry, with its namespace for search domains), or None
+    (the DNS proxy answers an unknown client SERVFAIL, as ztunnel)."""
+    if local is None:
+        return None
+    if cluster is not None:
+        found = cluster.workload_at(ip)
+        if found is not None and found.node == cluster.node:
+            return found
+    return workload_from_enrollment(
+        name=local.name, namespace=local.namespace, service_account=local.service_account,
+        addresses=local.addresses, node=cluster.node if cluster else "")

@@ -267,6 +267,7 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                      extra_remote: tuple[Workload, ...] = (),
                      dialers: dict[str, Any] | None = None, mode: str = "hbone",
                      model: Model | None = None, rng_seed: int | None = None,
+                     dns_port: int = 0, dns_upstreams: tuple[str, ...] = (),
                      ) -> AsyncIterator[Mesh]:
     every_address = [ip(w) for pods in PODS.values() for w in pods] + list(NODE_IPS.values())
     outbound_port, inbound_port, hbone_port = free_ports(3, every_address)
@@ -287,7 +288,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 hbone_port=hbone_port, metrics_port=0, socket_mark=0, mode=mode,
                 inbound_mode=inbound_mode, trust_domain=TRUST_DOMAIN,
                 ca_dir=str(tmp_path / "ca"), connect_timeout_seconds=2.0,
-                policy_dir=str(tmp_path / name / "policies")))
+                policy_dir=str(tmp_path / name / "policies"),
+                dns_port=dns_port if name == "node1" else 0, dns_upstreams=dns_upstreams))
             cfg = replace(cfg, agent=replace(cfg.agent, state_dir=str(tmp_path / name)))
             (tmp_path / name).mkdir(parents=True, exist_ok=True)
             dialer = (dialers or {}).get(name) or TransparentDialer(0, 2.0, transparent=False)
@@ -299,7 +301,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 dialer=dialer,
                 listen=_listen_on([ip(w) for w in pods] + [NODE_IPS[name]]),
                 identities=IdentityStore(ca) if mode == "hbone" else None,
-                collectors=CollectorRegistry(), access_log=node.record)
+                collectors=CollectorRegistry(), access_log=node.record,
+                dns_hosts=("127.0.0.1",), dns_transparent=False)
             node.tunnel = tunnel
             if rng_seed is not None:
                 tunnel.inputs.rng.seed(rng_seed)

@@ -19,9 +19,28 @@ import asyncio
 import contextlib
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from conftest import A1, A2, APP_PORT, B1, B2, EXTERNAL, TRUST_DOMAIN, ip, run, start_mesh, until
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from conftest import (
+    A1,
+    A2,
+    APP_PORT,
+    B1,
+    B2,
+    EXTERNAL,
+    TRUST_DOMAIN,
+    free_ports,
+    ip,
+    run,
+    start_mesh,
+    until,
+)
 
 from agent.identity.ca import MeshCA
 from agent.model.loader import load_model_text
@@ -244,3 +263,67 @@ def test_file_workloads_reads_the_model_and_keeps_the_last_good(tmp_path: Path) 
     model_file.write_text("workloads: [{uid: x}]\n")
     source.refresh()
     assert source.cluster() is cluster  # rejected: the last good model stays
+
+
+class FakeResolver(asyncio.DatagramProtocol):
+    """An upstream resolver on loopback: every A question is 192.0.2.53."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.questions: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        query = dns.message.from_wire(data)
+        self.questions.append(query.question[0].name.to_text())
+        reply = dns.message.make_response(query)
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, 60, "IN", "A",
+                                                "192.0.2.53"))
+        assert self.transport is not None
+        self.transport.sendto(reply.to_wire(), addr)
+
+
+async def ask(name: str, port: int, source: str, *, tcp: bool = False) -> dns.message.Message:
+    query = dns.message.make_query(name, "A")
+    if tcp:
+        return await dns.asyncquery.tcp(query, "127.0.0.1", port=port, source=source,
+                                        timeout=5)
+    return await dns.asyncquery.udp(query, "127.0.0.1", port=port, source=source, timeout=5)
+
+
+def addresses(reply: dns.message.Message) -> set[str]:
+    return {item.address for rrset in reply.answer if rrset.rdtype == dns.rdatatype.A
+            for item in rrset}
+
+
+def test_tunnel_dns_answers_service_names_and_forwards_the_rest(
+        tmp_path: Path, mesh_ca: MeshCA) -> None:
+    async def main() -> None:
+        dns_port, upstream_port = free_ports(2, ["127.0.0.1"])
+        loop = asyncio.get_running_loop()
+        transport, resolver = await loop.create_datagram_endpoint(
+            FakeResolver, local_addr=("127.0.0.1", upstream_port))
+        try:
+            async with start_mesh(tmp_path, ca=mesh_ca, model=model(), dns_port=dns_port,
+                                  dns_upstreams=(f"127.0.0.1:{upstream_port}",)) as m:
+                assert m.node1.tunnel.dns is not None
+                for tcp in (False, True):
+                    reply = await ask(WEB, dns_port, ip(A1), tcp=tcp)
+                    assert reply.rcode() == dns.rcode.NOERROR
+                    assert addresses(reply) == {"10.96.0.10"}
+                    assert reply.flags & dns.flags.AA
+                # The short name from a pod in "default" (its search path).
+                assert addresses(await ask("web.default", dns_port, ip(A1))) == {"10.96.0.10"}
+                # Anything else goes to the upstream resolver.
+                other = await ask("example.org.", dns_port, ip(A1))
+                assert addresses(other) == {"192.0.2.53"}
+                assert resolver.questions == ["example.org."]
+                # A client that is not a pod enrolled here: SERVFAIL (ztunnel's rule).
+                stranger = await ask(WEB, dns_port, EXTERNAL)
+                assert stranger.rcode() == dns.rcode.SERVFAIL
+        finally:
+            transport.close()
+
+    run(main())
