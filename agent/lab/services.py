@@ -1,0 +1,166 @@
+"""The lab's Services: one cluster model for every node's tunnel, and the NAT rules
+kube-proxy would write for it.
+
+:func:`lab_model` (pure) is the model of a lab plan: every pod as a workload
+(``Kubernetes//v1/Pod/<ns>/<name>``, its node, HBONE when enrolled, TCP when not)
+and two services in ``default``:
+
+- ``web`` (VIPs ``10.96.0.10`` and ``fd00:96::10``, port 80 -> 8080) whose
+  endpoints are the ``b`` pod of every node;
+- ``web-empty`` (``10.96.0.11``, ``fd00:96::11``, port 80 -> 8080) with none.
+
+``lab up`` writes it to ``<run dir>/model.yaml`` (ztunnel local-config YAML) and
+every node's tunnel reads it (``tunnel.model_file``).
+
+:func:`kube_proxy_rules` (pure) renders the model's services as kube-proxy's
+iptables mode writes them (``iptables-save`` format: ``KUBE-SERVICES`` from
+``PREROUTING`` and ``OUTPUT``, a ``KUBE-SVC-*`` chain per service port spreading
+with ``-m statistic --mode random --probability 1/n``, ``KUBE-SEP-*`` chains that
+DNAT to ``endpointIP:targetPort``; kubernetes pkg/proxy/iptables/proxier.go);
+:func:`apply_kube_proxy_rules` loads them in a node netns (``iptables-restore
+--noflush``), :func:`remove_kube_proxy_rules` removes exactly those chains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import subprocess
+
+from agent.lab.topology import LabPlan
+from agent.model.merge import pod_uid
+from agent.model.types import (
+    Endpoint,
+    InboundProtocol,
+    Model,
+    NetworkAddress,
+    Service,
+    ServiceBinding,
+    Workload,
+    lookup_port,
+)
+
+CLUSTER_ID = "Kubernetes"
+MODEL_FILENAME = "model.yaml"
+WEB_HOSTNAME = "web.default.svc.cluster.local"
+WEB_VIPS = ("10.96.0.10", "fd00:96::10")
+EMPTY_HOSTNAME = "web-empty.default.svc.cluster.local"
+EMPTY_VIPS = ("10.96.0.11", "fd00:96::11")
+SERVICE_PORT = 80
+TARGET_PORT = 8080
+ENDPOINT_LETTER = "b"  # the pod of each node that backs "web"
+
+
+def _service(name: str, hostname: str, vips: tuple[str, ...]) -> Service:
+    return Service(name=name, namespace="default", hostname=hostname,
+                   vips=tuple(NetworkAddress("", ipaddress.ip_address(v)) for v in vips),
+                   ports=((SERVICE_PORT, TARGET_PORT),))
+
+
+def lab_model(plan: LabPlan) -> Model:
+    """The plan's cluster model (see the module docstring)."""
+    web = _service("web", WEB_HOSTNAME, WEB_VIPS)
+    workloads = []
+    for node in plan.nodes:
+        for pod in node.pods:
+            backs = pod.name.endswith(f"-{ENDPOINT_LETTER}")
+            workloads.append(Workload(
+                uid=pod_uid(CLUSTER_ID, pod.namespace, pod.name), name=pod.name,
+                namespace=pod.namespace,
+                workload_ips=(ipaddress.ip_address(pod.ipv4), ipaddress.ip_address(pod.ipv6)),
+                service_account=pod.service_account,
+                protocol=InboundProtocol.HBONE if pod.enroll else InboundProtocol.TCP,
+                node=node.name, canonical_name=pod.name, workload_name=pod.name,
+                workload_type="pod", cluster_id=CLUSTER_ID,
+                services=(ServiceBinding(web.key(), ((SERVICE_PORT, TARGET_PORT),)),)
+                if backs else ()))
+    return Model.build(workloads, (web, _service("web-empty", EMPTY_HOSTNAME, EMPTY_VIPS)))
+
+
+def _chain(kind: str, *parts: str) -> str:
+    """kube-proxy's chain names: a prefix and 16 base32-ish characters of a hash."""
+    digest = hashlib.sha256("/".join(parts).encode()).hexdigest().upper()[:16]
+    return f"KUBE-{kind}-{digest}"
+
+
+def kube_proxy_rules(model: Model, family: int) -> str:
+    """The nat table of ``iptables-restore --noflush`` (``ip6tables-restore`` for
+    family 6) for every service VIP of that family; endpoints of that family only."""
+    chains: list[str] = ["KUBE-SERVICES"]
+    rules: list[str] = [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+    ]
+    for svc in model.services:
+        vips = [v.address for v in svc.vips if v.address.version == family]
+        for port, target in svc.ports:
+            endpoints: list[tuple[str, int]] = []
+            for ep in model.endpoints(svc):
+                w = model.workload_by_uid(ep.workload_uid)
+                if w is None or not _ready(svc, ep, w):
+                    continue
+                to = lookup_port(ep.ports, port) or target
+                endpoints.extend((str(a), to) for a in w.workload_ips if a.version == family)
+            svc_chain = _chain("SVC", svc.namespace, svc.name, str(port), str(family))
+            comment = f"{svc.namespace}/{svc.name}:{port}"
+            if not endpoints:
+                continue  # kube-proxy REJECTs these in the filter table; nothing to NAT
+            chains.append(svc_chain)
+            suffix = "/128" if family == 6 else "/32"
+            for vip in vips:
+                rules.append(f'-A KUBE-SERVICES -d {vip}{suffix} -p tcp -m comment --comment '
+                             f'"{comment} cluster IP" -m tcp --dport {port} -j {svc_chain}')
+            for i, (ip, to) in enumerate(endpoints):
+                sep = _chain("SEP", svc.namespace, svc.name, str(port), ip, str(to))
+                chains.append(sep)
+                left = len(endpoints) - i
+                jump = f"-A {svc_chain} -m comment --comment \"{comment} -> {ip}\""
+                if left > 1:
+                    jump += f" -m statistic --mode random --probability {1 / left:.11f}"
+                rules.append(f"{jump} -j {sep}")
+                dst = f"[{ip}]:{to}" if family == 6 else f"{ip}:{to}"
+                rules.append(f'-A {sep} -p tcp -m comment --comment "{comment}" -m tcp '
+                             f"-j DNAT --to-destination {dst}")
+    return "*nat\n" + "".join(f":{c} - [0:0]\n" for c in chains) + "\n".join(rules) \
+        + "\nCOMMIT\n"
+
+
+def _ready(svc: Service, ep: Endpoint, w: Workload) -> bool:
+    return svc.includes(ep.status) and svc.includes(w.status)
+
+
+def _restore(netns: str, family: int, text: str) -> None:
+    tool = "ip6tables-restore" if family == 6 else "iptables-restore"
+    out = subprocess.run(["ip", "netns", "exec", netns, tool, "--noflush"], input=text,
+                         capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{tool} in {netns} failed: {out.stderr.strip()}")
+
+
+def apply_kube_proxy_rules(netns: str, model: Model) -> None:
+    """Load kube-proxy's nat rules for ``model`` in ``netns`` (IPv4 and IPv6). Side
+    effects: creates the KUBE-* chains and two jumps per family; on failure, removes
+    what this call added."""
+    try:
+        for family in (4, 6):
+            _restore(netns, family, kube_proxy_rules(model, family))
+    except BaseException:
+        remove_kube_proxy_rules(netns, model)
+        raise
+
+
+def remove_kube_proxy_rules(netns: str, model: Model) -> None:
+    """Remove the jumps and KUBE-* chains :func:`apply_kube_proxy_rules` made (only
+    those). Side effects: iptables/ip6tables in ``netns``; missing ones are skipped."""
+    for family in (4, 6):
+        tool = "ip6tables" if family == 6 else "iptables"
+        text = kube_proxy_rules(model, family)
+        chains = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
+        for hook in ("PREROUTING", "OUTPUT"):
+            subprocess.run(["ip", "netns", "exec", netns, tool, "-t", "nat", "-D", hook,
+                            "-m", "comment", "--comment", "kubernetes service portals",
+                            "-j", "KUBE-SERVICES"], capture_output=True, timeout=30, check=False)
+        for verb in ("-F", "-X"):
+            for chain in chains:
+                subprocess.run(["ip", "netns", "exec", netns, tool, "-t", "nat", verb, chain],
+                               capture_output=True, timeout=30, check=False)
