@@ -48,9 +48,10 @@ def lab(mesh_lab: Lab) -> Lab:
             [*program("datapath_server"), pod, str(TARGET_PORT), "8081", "8082", "16"],
             ready_line="ready")
     for node in ("node1", "node2"):
-        until(f"{node}'s tunnel loaded the model",
-              lambda n=node: any(e.get("event") == "model loaded"
-                                 for e in log_events(mesh_lab, n)))
+        def loaded(node: str = node) -> bool:
+            return any(e.get("event") == "model loaded" for e in log_events(mesh_lab, node))
+
+        until(f"{node}'s tunnel loaded the model", loaded)
     return mesh_lab
 
 
@@ -86,9 +87,11 @@ def _check_vip(lab: Lab, vip: str) -> None:
     since = mark(lab)
     seen = _servers(lab, "n1-a", vip)
     assert set(seen) == set(ENDPOINTS), seen
-    records = until("node1 logged every connection",
-                    lambda: (r := _service_records(lab, since, WEB_HOSTNAME))
-                    and len(r) >= CONNECTIONS and r)
+    def logged() -> list[dict[str, Any]] | None:
+        found = _service_records(lab, since, WEB_HOSTNAME)
+        return found if len(found) >= CONNECTIONS else None
+
+    records = until("node1 logged every connection", logged)
     paths = Counter(r["path"] for r in records)
     assert set(paths) == {"hbone", "hbone-local"}, paths
     assert all(r["result"] == "ok" and r["original_dst"].endswith(":80") for r in records)
