@@ -15,12 +15,26 @@ Behaviour only, never timings; every wait is bounded; the lab is removed afterwa
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from labkit import Lab, LabSpec, closed_records, curl, diagnose, log_events, mark, program, until
+from labkit import (
+    Lab,
+    LabSpec,
+    closed_records,
+    curl,
+    diagnose,
+    log_events,
+    mark,
+    program,
+    run_in,
+    running,
+    until,
+)
 
 from agent.lab.services import (
     EMPTY_HOSTNAME,
@@ -123,3 +137,86 @@ def test_with_kube_proxy_rules(lab: Lab, vip: str) -> None:
         # A pod outside the mesh goes through kube-proxy's DNAT to both endpoints.
         seen = _servers(lab, "n1-plain", vip)
         assert set(seen) == set(ENDPOINTS), seen
+
+
+# -- DNS: the tunnel's proxy on captured queries ----------------------------------------
+
+DNSMASQ_DECOY = "10.99.99.99"  # what the lab's resolver says for the service name
+EXTERNAL_NAME = "external.test"
+EXTERNAL_ADDR = "192.0.2.7"
+
+
+def _wait_agent(lab: Lab, node: str) -> None:
+    until(f"{node}'s agent answers with its pods restored",
+          lambda: len(lab.api(node, {"op": "pod_list"})) == 2)
+
+
+@pytest.fixture(scope="module")
+def dns_lab(lab: Lab) -> Lab:
+    """dnsmasq in node2's netns on its underlay address (the pods' resolver), and
+    node1's agent restarted with datapath.dns_capture on."""
+    resolver = lab.node("node2").underlay_ipv4
+    lab.background.start(lab.ns("node2"), "dnsmasq", [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--bind-interfaces", f"--listen-address={resolver}", "--port=53", "--pid-file=",
+        "--log-facility=-", "--cache-size=0", "--user=root",
+        f"--host-record={WEB_HOSTNAME},{DNSMASQ_DECOY}",
+        f"--address=/{EXTERNAL_NAME}/{EXTERNAL_ADDR}"])
+    until("dnsmasq answers", lambda: _dig(lab, "n2-a", EXTERNAL_NAME) == [EXTERNAL_ADDR])
+    pid = lab.pid("node1", "agent")
+    os.kill(pid, signal.SIGTERM)
+    until("node1's agent to exit", lambda: not running(pid))
+    lab.start_daemon("node1", "agent", extra_env={"MESHAGENT_DATAPATH_DNS_CAPTURE": "1"})
+    _wait_agent(lab, "node1")
+    return lab
+
+
+def _dig(lab: Lab, pod: str, name: str, *, tcp: bool = False) -> list[str] | None:
+    resolver = lab.node("node2").underlay_ipv4
+    out = run_in(lab.ns(pod), ["dig", f"@{resolver}", name, "A", "+short", "+time=2",
+                               "+tries=2", *(["+tcp"] if tcp else [])], timeout=20)
+    if out.returncode != 0:
+        return None
+    return [line for line in out.stdout.split() if line]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_dns_service_names_answered_by_the_tunnel(dns_lab: Lab, tcp: bool) -> None:
+    assert _dig(dns_lab, "n1-a", WEB_HOSTNAME, tcp=tcp) == [WEB_VIPS[0]]
+    # Other names: forwarded to the pod's own resolver (dnsmasq).
+    assert _dig(dns_lab, "n1-a", EXTERNAL_NAME, tcp=tcp) == [EXTERNAL_ADDR]
+    # A pod on a node without DNS capture asks dnsmasq itself.
+    assert _dig(dns_lab, "n2-a", WEB_HOSTNAME, tcp=tcp) == [DNSMASQ_DECOY]
+
+
+def test_dns_opted_out_pod_asks_its_resolver(dns_lab: Lab) -> None:
+    lab = dns_lab
+    pod = lab.pod("n1-a")
+    lab.api("node1", {"op": "pod_del", "name": pod.name, "namespace": pod.namespace})
+    try:
+        lab.api("node1", {"op": "pod_add", "netns": pod.netns, "name": pod.name,
+                          "namespace": pod.namespace, "service_account": pod.service_account,
+                          "dns_capture": False})
+        assert _dig(lab, "n1-a", WEB_HOSTNAME) == [DNSMASQ_DECOY]
+    finally:
+        lab.api("node1", {"op": "pod_del", "name": pod.name, "namespace": pod.namespace})
+        lab.api("node1", {"op": "pod_add", "netns": pod.netns, "name": pod.name,
+                          "namespace": pod.namespace, "service_account": pod.service_account})
+    assert _dig(lab, "n1-a", WEB_HOSTNAME) == [WEB_VIPS[0]]
+
+
+def test_dns_while_the_tunnel_restarts(dns_lab: Lab) -> None:
+    """Fail open: with no tunnel the pod's queries reach its resolver; once the tunnel
+    is back it answers service names again."""
+    lab = dns_lab
+    pid = lab.tunnel_pid("node1")
+    os.kill(pid, signal.SIGTERM)
+    until("node1's tunnel to exit", lambda: not running(pid))
+    try:
+        assert _dig(lab, "n1-a", EXTERNAL_NAME) == [EXTERNAL_ADDR]
+        assert _dig(lab, "n1-a", WEB_HOSTNAME) == [DNSMASQ_DECOY]
+    finally:
+        lab.start_daemon("node1", "tunnel")
+    until("the tunnel answers service names again",
+          lambda: _dig(lab, "n1-a", WEB_HOSTNAME) == [WEB_VIPS[0]])
+    assert _dig(lab, "n1-a", EXTERNAL_NAME) == [EXTERNAL_ADDR]
