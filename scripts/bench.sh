@@ -2,7 +2,7 @@
 # meshagent benchmarks: builds labs in network namespaces, measures, writes
 # bench-results/<timestamp>/{report.md,*.png,results.json}.
 #   sudo scripts/bench.sh [--quick] [--out DIR] [scenario ...]
-# Scenarios (default: all, in this order): hbone redirect scale enroll resources.
+# Scenarios (default: all, in this order): hbone redirect scale enroll resources services.
 # --quick: 1 repetition and short runs, a smoke test (< 3 minutes); its numbers
 # are marked "smoke only, not reported". The default run takes ~15 minutes.
 # Every lab it creates is removed again, also on error or Ctrl-C.

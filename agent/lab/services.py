@@ -7,7 +7,9 @@ and two services in ``default``:
 
 - ``web`` (VIPs ``10.96.0.10`` and ``fd00:96::10``, port 80 -> 8080) whose
   endpoints are the ``b`` pod of every node;
-- ``web-empty`` (``10.96.0.11``, ``fd00:96::11``, port 80 -> 8080) with none.
+- ``web-empty`` (``10.96.0.11``, ``fd00:96::11``, port 80 -> 8080) with none;
+- ``rr`` (``10.96.0.12``, ``fd00:96::12``, port 7000 -> 7000) backed by ``n2-a``
+  alone (the benchmark compares it with n2-a's own address).
 
 ``lab up`` writes it to ``<run dir>/model.yaml`` (ztunnel local-config YAML) and
 every node's tunnel reads it (``tunnel.model_file``).
@@ -49,21 +51,31 @@ EMPTY_VIPS = ("10.96.0.11", "fd00:96::11")
 SERVICE_PORT = 80
 TARGET_PORT = 8080
 ENDPOINT_LETTER = "b"  # the pod of each node that backs "web"
+RR_HOSTNAME = "rr.default.svc.cluster.local"
+RR_VIPS = ("10.96.0.12", "fd00:96::12")
+RR_PORT = 7000  # agent.bench.scenarios.common.RR_PORT
+RR_ENDPOINT = "n2-a"
 
 
-def _service(name: str, hostname: str, vips: tuple[str, ...]) -> Service:
+def _service(name: str, hostname: str, vips: tuple[str, ...],
+             port: int = SERVICE_PORT, target: int = TARGET_PORT) -> Service:
     return Service(name=name, namespace="default", hostname=hostname,
                    vips=tuple(NetworkAddress("", ipaddress.ip_address(v)) for v in vips),
-                   ports=((SERVICE_PORT, TARGET_PORT),))
+                   ports=((port, target),))
 
 
 def lab_model(plan: LabPlan) -> Model:
     """The plan's cluster model (see the module docstring)."""
     web = _service("web", WEB_HOSTNAME, WEB_VIPS)
+    rr = _service("rr", RR_HOSTNAME, RR_VIPS, RR_PORT, RR_PORT)
     workloads = []
     for node in plan.nodes:
         for pod in node.pods:
-            backs = pod.name.endswith(f"-{ENDPOINT_LETTER}")
+            bindings: list[ServiceBinding] = []
+            if pod.name.endswith(f"-{ENDPOINT_LETTER}"):
+                bindings.append(ServiceBinding(web.key(), ((SERVICE_PORT, TARGET_PORT),)))
+            if pod.name == RR_ENDPOINT:
+                bindings.append(ServiceBinding(rr.key(), ((RR_PORT, RR_PORT),)))
             workloads.append(Workload(
                 uid=pod_uid(CLUSTER_ID, pod.namespace, pod.name), name=pod.name,
                 namespace=pod.namespace,
@@ -72,9 +84,8 @@ def lab_model(plan: LabPlan) -> Model:
                 protocol=InboundProtocol.HBONE if pod.enroll else InboundProtocol.TCP,
                 node=node.name, canonical_name=pod.name, workload_name=pod.name,
                 workload_type="pod", cluster_id=CLUSTER_ID,
-                services=(ServiceBinding(web.key(), ((SERVICE_PORT, TARGET_PORT),)),)
-                if backs else ()))
-    return Model.build(workloads, (web, _service("web-empty", EMPTY_HOSTNAME, EMPTY_VIPS)))
+                services=tuple(bindings)))
+    return Model.build(workloads, (web, _service("web-empty", EMPTY_HOSTNAME, EMPTY_VIPS), rr))
 
 
 def _chain(kind: str, *parts: str) -> str:
