@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.config import Config
+
+log = structlog.get_logger("agent.node")
 
 # Early demux attaches a tunnel socket (whose local address is a pod's) to a
 # reply arriving on the uplink; routing then forwards it toward the pod, and
@@ -191,6 +194,10 @@ def setup_node(cfg: Config, state: NodeState) -> TunnelDevice:
                     state.created_routes.append(int(family))
         if shutil.which("nft"):
             _ensure_notrack(cfg, state)
+        else:
+            log.warning("nft not installed: captured packets are not exempt from conntrack, "
+                        "so a node's Service NAT (kube-proxy) can rewrite them; install "
+                        "nftables")
         return device
     except (OSError, NetlinkError, subprocess.TimeoutExpired) as exc:
         _undo(cfg, state, keep=before)
