@@ -314,6 +314,11 @@ def test_tunnel_dns_answers_service_names_and_forwards_the_rest(
                     assert reply.rcode() == dns.rcode.NOERROR
                     assert addresses(reply) == {"10.96.0.10"}
                     assert reply.flags & dns.flags.AA
+                # Asked again: the answer cache, with this query's id (dnspython checks it).
+                dns_proxy = m.node1.tunnel.dns.proxy
+                hits = dns_proxy.cache_hits
+                assert addresses(await ask(WEB, dns_port, ip(A1))) == {"10.96.0.10"}
+                assert dns_proxy.cache_hits == hits + 1
                 # The short name from a pod in "default" (its search path).
                 assert addresses(await ask("web.default", dns_port, ip(A1))) == {"10.96.0.10"}
                 # Anything else goes to the upstream resolver.
