@@ -6,7 +6,8 @@ kube-proxy would write for it.
 and two services in ``default``:
 
 - ``web`` (VIPs ``10.96.0.10`` and ``fd00:96::10``, port 80 -> 8080) whose
-  endpoints are the ``b`` pod of every node;
+  endpoints are the ``b`` pod of every node, plus ``n2-a`` listed inline as
+  ``Unhealthy`` (it serves nothing on 8080: choosing it would fail);
 - ``web-empty`` (``10.96.0.11``, ``fd00:96::11``, port 80 -> 8080) with none;
 - ``rr`` (``10.96.0.12``, ``fd00:96::12``, port 7000 -> 7000) backed by ``n2-a``
   alone (the benchmark compares it with n2-a's own address).
@@ -25,6 +26,7 @@ DNAT to ``endpointIP:targetPort``; kubernetes pkg/proxy/iptables/proxier.go);
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import subprocess
@@ -33,6 +35,7 @@ from agent.lab.topology import LabPlan
 from agent.model.merge import pod_uid
 from agent.model.types import (
     Endpoint,
+    HealthStatus,
     InboundProtocol,
     Model,
     NetworkAddress,
@@ -51,6 +54,7 @@ EMPTY_VIPS = ("10.96.0.11", "fd00:96::11")
 SERVICE_PORT = 80
 TARGET_PORT = 8080
 ENDPOINT_LETTER = "b"  # the pod of each node that backs "web"
+UNHEALTHY_ENDPOINT = "n2-a"  # listed in "web" as Unhealthy
 RR_HOSTNAME = "rr.default.svc.cluster.local"
 RR_VIPS = ("10.96.0.12", "fd00:96::12")
 RR_PORT = 7000  # agent.bench.scenarios.common.RR_PORT
@@ -66,7 +70,11 @@ def _service(name: str, hostname: str, vips: tuple[str, ...],
 
 def lab_model(plan: LabPlan) -> Model:
     """The plan's cluster model (see the module docstring)."""
-    web = _service("web", WEB_HOSTNAME, WEB_VIPS)
+    web = dataclasses.replace(
+        _service("web", WEB_HOSTNAME, WEB_VIPS),
+        endpoints=tuple(Endpoint(pod_uid(CLUSTER_ID, p.namespace, p.name),
+                                 ((SERVICE_PORT, TARGET_PORT),), HealthStatus.UNHEALTHY)
+                        for n in plan.nodes for p in n.pods if p.name == UNHEALTHY_ENDPOINT))
     rr = _service("rr", RR_HOSTNAME, RR_VIPS, RR_PORT, RR_PORT)
     workloads = []
     for node in plan.nodes:

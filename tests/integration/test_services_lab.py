@@ -1,10 +1,13 @@
 """Services in the namespace lab (root): both nodes' tunnels read the lab's model
 (agent/lab/services.py: ``web`` at 10.96.0.10 / fd00:96::10 port 80 -> 8080 with
-endpoints n1-b and n2-b, ``web-empty`` with none), real pods, real kernel.
+endpoints n1-b and n2-b and an unhealthy n2-a, ``web-empty`` with none), real pods,
+real kernel.
 
 * an enrolled pod reaches the VIP over IPv4 and IPv6; connections spread over the
   endpoints on both nodes (HBONE to n2-b, hbone-local to n1-b), the access log names
-  the service, node2's inbound sees the endpoint's own address and target port;
+  the service, node2's inbound sees the endpoint's own address and target port (the
+  service port 80 mapped to 8080); the unhealthy endpoint (n2-a, which serves nothing
+  on 8080) is never chosen;
 * a VIP with no endpoints resets the client at once, logged ``no_healthy_upstream`` UH;
 * with kube-proxy's iptables NAT rules in both node netns, the same holds for enrolled
   pods, and a non-enrolled pod reaches the service through kube-proxy's DNAT.
