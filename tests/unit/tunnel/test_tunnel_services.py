@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
@@ -260,6 +261,16 @@ def test_file_workloads_reads_the_model_and_keeps_the_last_good(tmp_path: Path) 
     assert source.remote(ip(A2)) is not None
     # The model claims a1/b1 on node1, but nothing is enrolled here: they are dropped.
     assert cluster.workload_at(ip(A1)) is None
+    # The agent enrolls a1 here: the merged model has it on node1, with its binding.
+    state.write_text(json.dumps({"version": 1, "workloads": [{
+        "name": A1.name, "namespace": A1.namespace, "service_account": A1.service_account,
+        "addresses": list(A1.addresses), "labels": {}, "identity": A1.identity}]}))
+    source.refresh()
+    cluster = source.cluster()
+    assert cluster is not None
+    enrolled = cluster.workload_at(ip(A1))
+    assert enrolled is not None and enrolled.node == "node1" and enrolled.services
+    assert source.remote(ip(A1)) is None and source.local(ip(A1)) is not None
     model_file.write_text("workloads: [{uid: x}]\n")
     source.refresh()
     assert source.cluster() is cluster  # rejected: the last good model stays
