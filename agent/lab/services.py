@@ -22,6 +22,9 @@ with ``-m statistic --mode random --probability 1/n``, ``KUBE-SEP-*`` chains tha
 DNAT to ``endpointIP:targetPort``; kubernetes pkg/proxy/iptables/proxier.go);
 :func:`apply_kube_proxy_rules` loads them in a node netns (``iptables-restore
 --noflush``), :func:`remove_kube_proxy_rules` removes exactly those chains.
+:func:`kube_proxy_nft_rules` renders kube-proxy's nftables mode (tables ``ip`` /
+``ip6 kube-proxy``), loaded and removed by :func:`apply_kube_proxy_nft_rules` /
+:func:`remove_kube_proxy_nft_rules`.
 """
 
 from __future__ import annotations
@@ -142,6 +145,82 @@ def kube_proxy_rules(model: Model, family: int) -> str:
                              f"-j DNAT --to-destination {dst}")
     return "*nat\n" + "".join(f":{c} - [0:0]\n" for c in chains) + "\n".join(rules) \
         + "\nCOMMIT\n"
+
+
+def _endpoints(model: Model, svc: Service, port: int, target: int,
+               family: int) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for ep in model.endpoints(svc):
+        w = model.workload_by_uid(ep.workload_uid)
+        if w is None or not _ready(svc, ep, w):
+            continue
+        to = lookup_port(ep.ports, port) or target
+        out.extend((str(a), to) for a in w.workload_ips if a.version == family)
+    return out
+
+
+def kube_proxy_nft_rules(model: Model, family: int) -> str:
+    """kube-proxy's nftables mode for ``model`` (an ``nft -f`` file): table ``ip`` /
+    ``ip6 kube-proxy`` with a ``service-ips`` verdict map from ``daddr . proto . port``
+    to a chain per service port, which picks an endpoint chain with ``numgen random``
+    and DNATs there (kubernetes pkg/proxy/nftables/proxier.go, simplified: no
+    masquerade, firewall or node-port chains)."""
+    table = "ip6" if family == 6 else "ip"
+    elements: list[str] = []
+    chains: list[str] = []
+    for svc in model.services:
+        vips = [v.address for v in svc.vips if v.address.version == family]
+        for port, target in svc.ports:
+            endpoints = _endpoints(model, svc, port, target, family)
+            if not endpoints or not vips:
+                continue
+            svc_chain = f"service-{svc.namespace}-{svc.name}-tcp-{port}"
+            picks = []
+            for i, (ip, to) in enumerate(endpoints):
+                ep_chain = f"endpoint-{svc.namespace}-{svc.name}-{i}"
+                dst = f"[{ip}]:{to}" if family == 6 else f"{ip}:{to}"
+                chains.append(f"  chain {ep_chain} {{\n    meta l4proto tcp dnat to {dst}\n  }}\n")
+                picks.append(f"{i} : goto {ep_chain}")
+            chains.append(f"  chain {svc_chain} {{\n    numgen random mod {len(endpoints)} vmap "
+                          f"{{ {', '.join(picks)} }}\n  }}\n")
+            elements.extend(f"{vip} . tcp . {port} : goto {svc_chain}" for vip in vips)
+    addr_type = "ipv6_addr" if family == 6 else "ipv4_addr"
+    daddr = "ip6 daddr" if family == 6 else "ip daddr"
+    elems = f"    elements = {{ {', '.join(elements)} }}\n" if elements else ""
+    return (f"table {table} kube-proxy {{\n"
+            f"  map service-ips {{\n    type {addr_type} . inet_proto . inet_service : verdict\n"
+            f"{elems}  }}\n"
+            + "".join(chains)
+            + "  chain services {\n"
+            f"    {daddr} . meta l4proto . th dport vmap @service-ips\n  }}\n"
+            "  chain nat-prerouting {\n"
+            "    type nat hook prerouting priority dstnat; policy accept;\n"
+            "    jump services\n  }\n"
+            "  chain nat-output {\n"
+            "    type nat hook output priority -100; policy accept;\n"
+            "    jump services\n  }\n}\n")
+
+
+def apply_kube_proxy_nft_rules(netns: str, model: Model) -> None:
+    """Load kube-proxy's nftables-mode tables in ``netns`` (both families). Side
+    effects: creates tables ``ip``/``ip6 kube-proxy``; on failure removes them."""
+    try:
+        for family in (4, 6):
+            out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"],
+                                 input=kube_proxy_nft_rules(model, family), capture_output=True,
+                                 text=True, timeout=30, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"nft in {netns} failed: {out.stderr.strip()}")
+    except BaseException:
+        remove_kube_proxy_nft_rules(netns)
+        raise
+
+
+def remove_kube_proxy_nft_rules(netns: str) -> None:
+    """Delete the two ``kube-proxy`` tables (missing ones are skipped)."""
+    for table in ("ip", "ip6"):
+        subprocess.run(["ip", "netns", "exec", netns, "nft", "delete", "table", table,
+                        "kube-proxy"], capture_output=True, timeout=30, check=False)
 
 
 def _ready(svc: Service, ep: Endpoint, w: Workload) -> bool:

@@ -9,8 +9,9 @@ real kernel.
   service port 80 mapped to 8080); the unhealthy endpoint (n2-a, which serves nothing
   on 8080) is never chosen;
 * a VIP with no endpoints resets the client at once, logged ``no_healthy_upstream`` UH;
-* with kube-proxy's iptables NAT rules in both node netns, the same holds for enrolled
-  pods, and a non-enrolled pod reaches the service through kube-proxy's DNAT.
+* with kube-proxy's NAT rules in both node netns (its iptables mode, and its nftables
+  mode), the same holds for enrolled pods, and a non-enrolled pod reaches the service
+  through kube-proxy's DNAT.
 
 Behaviour only, never timings; every wait is bounded; the lab is removed afterwards.
 """
@@ -45,8 +46,10 @@ from agent.lab.services import (
     TARGET_PORT,
     WEB_HOSTNAME,
     WEB_VIPS,
+    apply_kube_proxy_nft_rules,
     apply_kube_proxy_rules,
     lab_model,
+    remove_kube_proxy_nft_rules,
     remove_kube_proxy_rules,
 )
 
@@ -87,17 +90,25 @@ def _service_records(lab: Lab, since: Any, hostname: str) -> list[dict[str, Any]
 
 
 @contextlib.contextmanager
-def kube_proxy(lab: Lab) -> Iterator[None]:
+def kube_proxy(lab: Lab, mode: str) -> Iterator[None]:
+    """kube-proxy's NAT rules for the lab's model in both node netns (``iptables`` or
+    ``nftables`` mode), removed afterwards."""
     model = lab_model(lab.plan)
     applied: list[str] = []
     try:
         for node in ("node1", "node2"):
             applied.append(lab.ns(node))
-            apply_kube_proxy_rules(lab.ns(node), model)
+            if mode == "iptables":
+                apply_kube_proxy_rules(lab.ns(node), model)
+            else:
+                apply_kube_proxy_nft_rules(lab.ns(node), model)
         yield
     finally:
         for ns in applied:
-            remove_kube_proxy_rules(ns, model)
+            if mode == "iptables":
+                remove_kube_proxy_rules(ns, model)
+            else:
+                remove_kube_proxy_nft_rules(ns)
 
 
 def _check_vip(lab: Lab, vip: str) -> None:
@@ -133,9 +144,10 @@ def test_vip_without_endpoints_resets_at_once(lab: Lab) -> None:
     assert record["result"] == "no_healthy_upstream" and record["response_flags"] == "UH"
 
 
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
 @pytest.mark.parametrize("vip", WEB_VIPS, ids=["v4", "v6"])
-def test_with_kube_proxy_rules(lab: Lab, vip: str) -> None:
-    with kube_proxy(lab):
+def test_with_kube_proxy_rules(lab: Lab, vip: str, mode: str) -> None:
+    with kube_proxy(lab, mode):
         _check_vip(lab, vip)
         # A pod outside the mesh goes through kube-proxy's DNAT to both endpoints.
         seen = _servers(lab, "n1-plain", vip)
