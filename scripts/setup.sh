@@ -19,6 +19,8 @@ APT_PACKAGES=(
   python3-bpfcc libbpfcc iproute2 iputils-ping curl iperf3 tcpdump socat
   containernetworking-plugins iptables nftables ipset wrk hey nghttp2-client
   nodejs shellcheck ca-certificates procps psmisc kmod systemd
+  # Native anchors for the HBONE benchmark (issue 14): a C TLS relay and a latency tool.
+  stunnel4 sockperf
   # nghttpx: an independent HTTP/2 CONNECT proxy, the remote peer in tests/interop.
   nghttp2-proxy
   # openssl: an independent TLS peer and CA tool for the identity tests.
@@ -45,6 +47,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   log "apt packages present"
+fi
+
+# kubectl for the Kubernetes tests (the lab API server is held to it). The image
+# ships a recent one; elsewhere Debian's kubernetes-client (older: kubectl apply
+# there validates against OpenAPI v2, which the lab server does not serve).
+if ! command -v kubectl >/dev/null; then
+  log "installing kubectl (Debian kubernetes-client)"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends kubernetes-client
 fi
 
 # --- kernel headers for bcc ------------------------------------------------
@@ -81,6 +92,31 @@ if ! mountpoint -q /sys/fs/bpf; then
   log "mounting bpffs on /sys/fs/bpf"
   mkdir -p /sys/fs/bpf
   mount -t bpf bpf /sys/fs/bpf
+fi
+
+# --- native datapath (agent/tunnel/native, Rust) -----------------------------
+# Built in the release profile with the committed Cargo.lock (--locked), and only when
+# its sources changed: the stamp holds a digest over Cargo.toml, Cargo.lock and src/
+# (agent/tunnel/native/driver.py computes the same digest and refuses a stale build).
+NATIVE="$ROOT/agent/tunnel/native"
+native_digest() {
+  (cd "$NATIVE" && find src Cargo.toml Cargo.lock -type f \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+}
+CARGO="${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}"
+native_stamp="$NATIVE/target/.meshagent-source-digest"
+want="$(native_digest)"
+if [ -x "$NATIVE/target/release/meshagent-datapath" ] && [ -f "$native_stamp" ] && [ "$(cat "$native_stamp")" = "$want" ]; then
+  log "native datapath up to date"
+else
+  [ -x "$CARGO" ] || die "cargo not found: the native datapath needs a current Rust toolchain (rustup's stable, with cargo) to build agent/tunnel/native"
+  log "building the native datapath (cargo build --release --locked; a few minutes the first time)"
+  rm -f "$native_stamp"
+  if ! (cd "$NATIVE" && CARGO_TARGET_DIR="$NATIVE/target" "$CARGO" build --release --locked -q); then
+    die "building agent/tunnel/native failed (see cargo's errors above); there is no fallback datapath: fix the build, then run scripts/setup.sh again"
+  fi
+  echo "$want" > "$native_stamp"
+  log "native datapath built: $NATIVE/target/release/meshagent-datapath"
 fi
 
 # --- python environment ----------------------------------------------------

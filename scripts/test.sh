@@ -10,5 +10,7 @@ echo "[test] ruff check"
 .venv/bin/ruff check .
 echo "[test] mypy (config: [tool.mypy] in pyproject.toml)"
 .venv/bin/mypy
+echo "[test] cargo test (native datapath: unit tests and the bounded fuzz targets)"
+(cd agent/tunnel/native && CARGO_TARGET_DIR="$PWD/target" "${CARGO:-$(command -v cargo || echo "$HOME/.cargo/bin/cargo")}" test --release --locked -q)
 echo "[test] pytest"
 exec .venv/bin/pytest "$@"

@@ -31,8 +31,10 @@ class Layout:
 
 LAYOUT: dict[str, Layout] = {
     "hbone": Layout("HBONE secure overlay (cross-node n1-a → n2-a)",
-                    ("tput_gbps", "lat_p50_us", "lat_p99_us", "conn_per_s", "tunnel_conns"),
-                    ("direct", "tlsrelay", "ebpf+plain", "hbone")),
+                    ("tput_gbps", "tput8_gbps", "lat_p50_us", "lat_p99_us", "sp_p50_us",
+                     "sp_p99_us", "conn_per_s", "vcpu_per_krps", "rss_mb", "tunnel_conns"),
+                    ("direct", "stunnel", "native-hbone", "native-hbone-mt",
+                     "native-hbone-1core", "tlsrelay", "ebpf+plain", "hbone")),
     "redirect": Layout("Redirect: eBPF vs iptables/nftables TPROXY (plain tunnel)",
                        ("tput_gbps", "tput_1k_gbps", "lat_p50_us", "lat_p99_us", "conn_per_s",
                         "tunnel_conns"),

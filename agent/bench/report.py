@@ -50,6 +50,9 @@ class Metric:
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("tput_gbps", "throughput", "Gbit/s", True, "{:.2f}"),
     Metric("tput_1k_gbps", "throughput 1 KiB writes", "Gbit/s", True, "{:.3f}"),
+    Metric("tput8_gbps", "throughput, 8 streams", "Gbit/s", True, "{:.2f}"),
+    Metric("sp_p50_us", "sockperf one-way p50", "µs", False, "{:.1f}"),
+    Metric("sp_p99_us", "sockperf one-way p99", "µs", False, "{:.1f}"),
     Metric("lat_p50_us", "RTT p50", "µs", False, "{:.0f}"),
     Metric("lat_p99_us", "RTT p99", "µs", False, "{:.0f}"),
     Metric("conn_per_s", "connections/s", "conn/s", True, "{:.0f}"),
@@ -245,7 +248,33 @@ def _hbone_targets(s: Sequence[Summary]) -> list[TargetResult]:
     added = None if h is None or d is None else h - d
     return [_max_target(s, "HBONE added p50 ≤150 µs over direct", added, 150.0, "µs", "{:.0f}"),
             _ratio_target(s, "HBONE throughput ≥0.8x plain Python TLS relay pair", "hbone",
-                          "tput_gbps", "hbone", "tlsrelay", 0.8)]
+                          "tput_gbps", "hbone", "tlsrelay", 0.8),
+            *_native_targets(s)]
+
+
+def _native_targets(s: Sequence[Summary]) -> list[TargetResult]:
+    """Issue 14's targets for the native HBONE pair, as ratios within one run."""
+    out = [_ratio_target(s, "native HBONE throughput ≥0.9x stunnel pair", "hbone",
+                         "tput_gbps", "native-hbone", "stunnel", 0.9)]
+    for m, label in (("sp_p50_us", "p50"), ("sp_p99_us", "p99")):
+        d = _val(s, "hbone", m, "direct")
+        n, st = _val(s, "hbone", m, "native-hbone"), _val(s, "hbone", m, "stunnel")
+        target = f"native HBONE added one-way {label} ≤1.5x stunnel's (sockperf)"
+        if d is None or n is None or st is None or st - d <= 0:
+            out.append(TargetResult(target, "not measured", None))
+        else:
+            ratio = (n - d) / (st - d)
+            out.append(TargetResult(target, f"{ratio:.2f}x (+{n - d:.0f} vs +{st - d:.0f} µs)",
+                                    ratio <= 1.5))
+    out.append(_ratio_target(s, "native HBONE connections/s ≥0.3x direct", "hbone",
+                             "conn_per_s", "native-hbone", "direct", 0.3))
+    cpu = _val(s, "hbone", "vcpu_per_krps", "native-hbone")
+    rss = _val(s, "hbone", "rss_mb", "native-hbone")
+    out.append(_max_target(s, "native HBONE ≤0.1 vCPU per 1,000 RPS (per relay)", cpu, 0.1,
+                           "vCPU", "{:.3f}"))
+    out.append(_max_target(s, "native HBONE ≤40 MB RSS per relay at 1,000 RPS", rss, 40.0,
+                           "MB", "{:.1f}"))
+    return out
 
 
 def _resource_targets(s: Sequence[Summary]) -> list[TargetResult]:

@@ -46,9 +46,11 @@ def test_bench_quick_hbone(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert (out / "hbone.png").stat().st_size > 0
     assert "Smoke only, not reported" in report
-    for variant in ("direct", "tlsrelay", "ebpf+plain", "hbone"):
+    for variant in ("direct", "stunnel", "native-hbone", "native-hbone-mt",
+                    "native-hbone-1core", "tlsrelay", "ebpf+plain", "hbone"):
         assert f"\n| {variant} | " in report, variant
     assert "HBONE added p50" in report
+    assert "native HBONE throughput" in report
     raw = json.loads((out / "results.json").read_text())
     assert raw["labs"] and not any(netlab.lab_exists(p) for p in raw["labs"])
     assert "PATH CHECK FAILED" not in report

@@ -58,7 +58,7 @@ from agent.identity.spiffe import SpiffeId
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
-LAB = LabSpec(letter="h", mode="hbone", pod_networks=("veth", "cni"))
+LAB = LabSpec(letter="h", mode="hbone", pod_networks=("veth", "cni", "cni-bridge"))
 TRUST_DOMAIN = "cluster.local"
 SA_A = "spiffe://cluster.local/ns/default/sa/sa-a"
 ECHO_PORT = 18080  # programs/peer_echo_server.py in n2-a, n2-b, n1-b

@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 
-LAB = LabSpec(letter="p", mode="hbone")
+LAB = LabSpec(letter="p", mode="hbone", pod_networks=("cni", "cni-bridge"))
 N1A, N1B, N2A = "10.244.1.10", "10.244.1.11", "10.244.2.10"
 SA_A = "spiffe://cluster.local/ns/default/sa/sa-a"
 HTTP_PORTS = (80, 8080)  # programs/policy_server.py in n2-a

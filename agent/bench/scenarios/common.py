@@ -19,6 +19,7 @@ from agent.bench.report import Sample
 IPERF_PORT = 5201
 RR_PORT = 7000
 HTTP_PORT = 8080
+SOCKPERF_PORT = 11111
 PY = sys.executable
 
 
@@ -40,6 +41,7 @@ class Params:
     hey_seconds: int
     hey_connections: tuple[int, ...]
     hey_rate: int
+    sockperf_seconds: int = 3
 
     @classmethod
     def make(cls, quick: bool) -> Params:
@@ -47,7 +49,7 @@ class Params:
             return cls(quick=True, reps=1, tput_seconds=2, lat_count=1000, lat_max_s=5,
                        conn_count=300, conn_max_s=5, scale_sizes=(10, 1000),
                        scale_tput_seconds=2, enroll_pods=100, restart_reps=1, hey_seconds=3,
-                       hey_connections=(1, 16), hey_rate=1000)
+                       hey_connections=(1, 16), hey_rate=1000, sockperf_seconds=1)
         return cls(quick=False, reps=3, tput_seconds=4, lat_count=2000, lat_max_s=5,
                    conn_count=1000, conn_max_s=5, scale_sizes=(10, 1000, 10000),
                    scale_tput_seconds=2, enroll_pods=1000, restart_reps=1, hey_seconds=5,
@@ -92,6 +94,8 @@ class Target:
     server_ns: str
     iperf_port: int = IPERF_PORT
     rr_port: int = RR_PORT
+    sockperf_port: int = 11111
+    http_port: int = 8080
 
 
 IPERF_NAME = "mbtput"  # see iperf_binary()
@@ -121,8 +125,9 @@ def start_servers(bench: BenchLab, server_ns: str) -> None:
         bench.wait_listening(server_ns, port)
 
 
-def iperf(bench: BenchLab, t: Target, seconds: int, length: str | None = None) -> float:
-    """Single-stream iperf3 throughput in Gbit/s (receiver side).
+def iperf(bench: BenchLab, t: Target, seconds: int, length: str | None = None,
+          streams: int = 1) -> float:
+    """iperf3 throughput in Gbit/s (receiver side), ``streams`` parallel streams.
 
     A fresh one-shot server (``-s -1``) in ``t.server_ns`` per attempt; up
     to three attempts.
@@ -132,6 +137,8 @@ def iperf(bench: BenchLab, t: Target, seconds: int, length: str | None = None) -
             "--connect-timeout", "3000"]
     if length:
         argv += ["-l", length]
+    if streams > 1:
+        argv += ["-P", str(streams)]
     last = ""
     for _attempt in range(3):
         server = bench.spawn(t.server_ns, [exe, "-s", "-1", "-p", str(IPERF_PORT)],
@@ -152,6 +159,31 @@ def iperf(bench: BenchLab, t: Target, seconds: int, length: str | None = None) -
             bench.stop(server)
         time.sleep(0.5)
     raise BenchError(f"iperf3 to {t.host}:{t.iperf_port} failed 3 times: {last}")
+
+
+_SP_PCT = re.compile(r"percentile\s+([0-9.]+)\s+=\s+([0-9.]+)")
+
+
+def parse_sockperf(text: str) -> dict[str, float]:
+    """p50/p99/p99.9 one-way latency (µs; sockperf's ping-pong reports half the RTT)."""
+    pct = {float(p): float(v) for p, v in _SP_PCT.findall(text)}
+    if 50.0 not in pct or 99.0 not in pct:
+        raise BenchError(f"sockperf: no percentiles in output {text[-300:]!r}")
+    return {"p50_us": pct[50.0], "p99_us": pct[99.0], "p999_us": pct.get(99.9, pct[99.0])}
+
+
+def start_sockperf_server(bench: BenchLab, server_ns: str, host: str) -> None:
+    bench.spawn(server_ns, ["sockperf", "sr", "--tcp", "-i", host, "-p", str(SOCKPERF_PORT)],
+                "sockperf-server")
+    bench.wait_listening(server_ns, SOCKPERF_PORT)
+
+
+def sockperf(bench: BenchLab, t: Target, seconds: int) -> dict[str, float]:
+    """sockperf TCP ping-pong, 1 KiB messages, ``seconds`` long, from ``t.client_ns``."""
+    argv = ["sockperf", "pp", "--tcp", "-i", t.host, "-p", str(t.sockperf_port),
+            "-m", "1024", "-t", str(seconds)]
+    proc = bench.run(t.client_ns, argv, timeout=seconds + 30, check=False)
+    return parse_sockperf(proc.stdout + proc.stderr)
 
 
 def rr(bench: BenchLab, t: Target, mode: str, count: int, max_s: float) -> dict[str, Any]:
@@ -190,6 +222,12 @@ def _measure(ctx: Context, bench: BenchLab, scenario: str, variant: str, rep: in
         try:
             if m == "tput_gbps":
                 ctx.add(scenario, m, variant, rep, iperf(bench, t, secs))
+            elif m == "tput8_gbps":
+                ctx.add(scenario, m, variant, rep, iperf(bench, t, secs, streams=8))
+            elif m == "sockperf":
+                r = sockperf(bench, t, p.sockperf_seconds)
+                ctx.add(scenario, "sp_p50_us", variant, rep, r["p50_us"], **r)
+                ctx.add(scenario, "sp_p99_us", variant, rep, r["p99_us"])
             elif m == "tput_1k_gbps":
                 ctx.add(scenario, m, variant, rep, iperf(bench, t, secs, "1K"))
             elif m == "lat":

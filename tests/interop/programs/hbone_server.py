@@ -31,7 +31,7 @@ from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.identity.ca import load_ca
 from agent.identity.spiffe import parse_spiffe_id
 from agent.identity.store import IdentityStore
-from agent.tunnel.relay import pipe_stream_and_socket
+from agent.tunnel.relay import CopyCounts, HboneByteStream, SocketStream, copy_bidirectional
 
 TRUST_DOMAIN = "cluster.local"
 STATS = {"dials": 0, "requests": 0, "connections": 0}
@@ -58,17 +58,23 @@ async def on_stream(request: HboneServerRequest) -> None:
     if request.cancelled:
         return
     STATS["dials"] += 1
+    loop = asyncio.get_running_loop()
+    upstream = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    upstream.setblocking(False)
     try:
-        reader, writer = await asyncio.open_connection(host, port)
+        await loop.sock_connect(upstream, (host, port))
     except OSError:
+        upstream.close()
         request.reject(503)
         return
     try:
         stream = request.accept()
     except ConnectionError:
-        writer.close()
+        upstream.close()
         return
-    await pipe_stream_and_socket(stream, reader, writer)
+    # The tunnel's one copy loop (agent/tunnel/relay.py), as the real tunnel runs it.
+    await copy_bidirectional(HboneByteStream(stream), SocketStream(upstream), CopyCounts())
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

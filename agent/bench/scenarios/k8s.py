@@ -1,0 +1,211 @@
+"""Scenario ``k8s``: the Kubernetes watch at cluster scale (no datapath).
+
+A lab API server (``python -m agent.kubelab``, its own process) holds 10,000 pods
+on 100 nodes in 100 namespaces, 2,000 Services and one EndpointSlice per Service
+(5 pods each). In this process the agent's watch (the official client, real HTTP)
+lists and watches every kind the agent uses, as node ``node-0``, and the
+controller builds the cluster model from it. Measured:
+
+- ``model_rss_mb``: this process's RSS growth from before the watch to after the
+  cache is synced and the model built (cache of raw objects + model);
+- ``model_traced_mb``: memory tracemalloc attributes to the conversion alone (the
+  Model and its indexes, transient peaks excluded);
+- ``model_build_s``: one conversion (10,000 pods, 2,000 Services);
+- ``sync_s``: from starting the watch to every kind listed;
+- ``label_to_enroll_ms``: from sending the namespace label patch (what ``kubectl
+  label namespace bench istio.io/dataplane-mode=ambient`` sends) to the controller
+  having computed and handed all 100 enroll actions of that namespace's pods on
+  this node to the (in-memory, instant) enrollment backend; repeated with
+  unlabel -> 100 unenrolls. Excludes the datapath's own enrollment time (see the
+  ``enroll`` scenario for that).
+
+Run: ``.venv/bin/python -m agent.bench.scenarios.k8s`` (prints JSON), or as a
+scenario of ``python -m agent.bench k8s`` once it is listed in ``ORDER``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+NAME = "k8s"
+PODS, NODES, NAMESPACES, SERVICES, PER_SERVICE = 10_000, 100, 100, 2_000, 5
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cluster_objects(pods: int = PODS, services: int = SERVICES) -> list[dict[str, Any]]:
+    objs: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace",
+                                   "metadata": {"name": "bench"}}]
+    objs += [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"ns-{i}"}}
+             for i in range(NAMESPACES - 1)]
+    names = []
+    for i in range(pods):
+        node = i % NODES
+        ns = "bench" if node == 0 else f"ns-{i % (NAMESPACES - 1)}"
+        name = f"pod-{i}"
+        ip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+        names.append((ns, name, ip))
+        objs.append({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": name, "namespace": ns,
+                                  "labels": {"app": f"app-{i % services}", "version": "v1"}},
+                     "spec": {"nodeName": f"node-{node}", "serviceAccountName": "default",
+                              "containers": [{"name": "app", "image": "registry.local/app:1",
+                                              "ports": [{"containerPort": 8080}]}]},
+                     "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                                "conditions": [{"type": "Ready", "status": "True"}]}})
+    for s in range(services):
+        ns = f"ns-{s % (NAMESPACES - 1)}"
+        vip = f"10.96.{(s >> 8) & 255}.{s & 255}"
+        objs.append({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": f"svc-{s}", "namespace": ns},
+                     "spec": {"clusterIP": vip, "clusterIPs": [vip],
+                              "selector": {"app": f"app-{s}"},
+                              "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+        members = [names[(s * PER_SERVICE + k) % pods] for k in range(PER_SERVICE)]
+        objs.append({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                     "metadata": {"name": f"svc-{s}-1", "namespace": ns,
+                                  "labels": {"kubernetes.io/service-name": f"svc-{s}"}},
+                     "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                     "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
+                                    "targetRef": {"kind": "Pod", "namespace": pns,
+                                                  "name": pname}}
+                                   for pns, pname, ip in members]})
+    return objs
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.pods: dict[str, Any] = {}
+
+    async def enrolled(self) -> Mapping[str, Any]:
+        return dict(self.pods)
+
+    async def enroll(self, pod: Any) -> None:
+        from agent.k8s.reconcile import Enrolled
+        self.pods[pod.key] = Enrolled(pod.key, pod.meta.uid)
+
+    async def unenroll(self, key: str) -> None:
+        self.pods.pop(key, None)
+
+
+async def _measure(url: str, reps: int, node_pods: int = PODS // NODES) -> dict[str, Any]:
+    from kubernetes import client
+
+    from agent.k8s.controller import NodeController
+    from agent.k8s.convert import convert
+    from agent.k8s.watch import ClusterWatch, Kind, targets
+
+    cfg = client.Configuration()
+    cfg.host = url
+    api = client.ApiClient(cfg)
+    core = client.CoreV1Api(api)
+    backend = _Backend()
+    controller = NodeController("node-0", backend, None)
+    gc.collect()
+    rss0 = _rss_mb()
+    watch = ClusterWatch(api, targets("node-0"), watch_timeout=60)
+    t0 = time.monotonic()
+    watch.start(asyncio.get_running_loop())
+    kinds = [t.kind for t in watch.targets]
+    stop = asyncio.Event()
+    task = asyncio.create_task(controller.run(watch, full_every=3600, model_every=3600,
+                                              stop=stop))
+    out: dict[str, Any] = {}
+    try:
+        while not controller.cache.is_synced(*kinds):
+            await asyncio.sleep(0.01)
+        out["sync_s"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        converted, _ = controller.build_model()
+        out["model_build_s"] = time.monotonic() - t1
+        gc.collect()
+        out["model_rss_mb"] = _rss_mb() - rss0
+        out["workloads"] = len(converted.model.workloads)
+        out["services"] = len(converted.model.services)
+        del converted
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        kept = convert(controller.cache.raw[Kind.PODS].values(),
+                       controller.cache.raw[Kind.SERVICES].values(),
+                       controller.cache.raw[Kind.ENDPOINT_SLICES].values())
+        gc.collect()
+        out["model_traced_mb"] = (tracemalloc.get_traced_memory()[0] - base) / 2**20
+        tracemalloc.stop()
+        del kept
+        latencies = []
+        for _ in range(reps):
+            for value, want in (("ambient", node_pods), (None, 0)):
+                t = time.monotonic()
+                # what `kubectl label namespace bench istio.io/dataplane-mode=ambient`
+                # (and `istio.io/dataplane-mode-`) sends: a JSON merge patch
+                body = {"metadata": {"labels": {"istio.io/dataplane-mode": value}}}
+                ctype = "application/merge-patch+json"
+                await asyncio.to_thread(core.patch_namespace, "bench", body, _content_type=ctype)
+                while len(backend.pods) != want:
+                    await asyncio.sleep(0.001)
+                latencies.append((value or "unlabel", (time.monotonic() - t) * 1000))
+        out["label_to_enroll_ms"] = [ms for v, ms in latencies if v == "ambient"]
+        out["unlabel_to_unenroll_ms"] = [ms for v, ms in latencies if v == "unlabel"]
+    finally:
+        stop.set()
+        await task
+        await asyncio.to_thread(watch.stop)
+        api.close()
+    return out
+
+
+def measure(reps: int = 5) -> dict[str, Any]:
+    """Start the lab API server with the cluster, measure, stop it; the numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        load = Path(tmp) / "cluster.json"
+        load.write_text(json.dumps(cluster_objects()))
+        port_file = Path(tmp) / "kubeconfig"
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "agent.kubelab", "--port", "0",
+                                 "--load", str(load), "--kubeconfig", str(port_file)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("lab API server on "):
+                raise RuntimeError(f"the lab API server did not start: {line!r}")
+            url = line.split()[-1]
+            load_s = time.monotonic() - t0
+            result = asyncio.run(_measure(url, reps))
+            result["server_load_s"] = load_s
+            result["pods"], result["services_in_api"] = PODS, SERVICES
+            return result
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def run(ctx: Any) -> None:
+    """As a bench scenario: one measurement, samples into ``ctx``."""
+    result = measure(reps=ctx.params.reps)
+    for metric in ("model_rss_mb", "model_traced_mb", "model_build_s", "sync_s"):
+        ctx.add(NAME, metric, "10k pods, 2k services", 0, result[metric])
+    for i, ms in enumerate(result["label_to_enroll_ms"]):
+        ctx.add(NAME, "label_to_enroll_ms", "100 pods", i, ms)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    print(json.dumps(measure(), indent=2))

@@ -1,0 +1,39 @@
+"""``python -m agent.kubelab [--port N] [--kubeconfig PATH]``: run the lab API server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+
+from agent.kubelab.server import LabApiServer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="the lab's Kubernetes API server "
+                                     "(lab and tests only)")
+    parser.add_argument("--port", type=int, default=6443)
+    parser.add_argument("--kubeconfig", type=Path)
+    parser.add_argument("--load", type=Path,
+                        help="a JSON list of objects to create at start (validated)")
+    parser.add_argument("--history", type=int, default=10000,
+                        help="watch events kept for resuming watches")
+    args = parser.parse_args()
+    server = LabApiServer(port=args.port, history=args.history).start()
+    if args.load:
+        for obj in json.loads(args.load.read_text()):
+            server.apply(obj)
+    if args.kubeconfig:
+        server.kubeconfig(args.kubeconfig)
+    print(f"lab API server on {server.url}", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
