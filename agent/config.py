@@ -60,6 +60,10 @@ class DatapathConfig:
     # as the node would decapsulate it around capture (README "Datapath rules").
     encapsulation_udp_ports: tuple[int, ...] = ()
     excluded_cidrs: tuple[str, ...] = ()
+    # Capture enrolled pods' DNS (UDP and TCP to port 53) into the tunnel's DNS
+    # proxy (tunnel.dns_port); a pod opts out with `pod add --no-dns-capture`
+    # (Istio: annotation ambient.istio.io/dns-capture: "false").
+    dns_capture: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,19 @@ class TunnelConfig:
     policy_dir: str = "/etc/meshagent/policies"
     root_namespace: str = "istio-system"
     metrics_host: str = "0.0.0.0"
+    # The cluster model (ztunnel local-config YAML, its LOCAL_XDS_PATH format):
+    # services, VIPs, endpoints, other nodes' workloads; reloaded on change and
+    # merged with this node's workloads.json. Empty: no model (peer_workloads and
+    # mesh_cidrs only).
+    model_file: str = ""
+    # This node's name as the model's workloads give it ("" = the host name).
+    node_name: str = ""
+    cluster_id: str = "Kubernetes"
+    # The DNS proxy's port (UDP and TCP, IP_TRANSPARENT; istio-cni's DNSCapturePort);
+    # 0: no DNS proxy.
+    dns_port: int = 15053
+    # Resolvers to try after a captured query's own (original) destination.
+    dns_upstreams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,13 @@ class Config:
         t, d = self.tunnel, self.datapath
         ports = {"outbound_port": t.outbound_port, "inbound_port": t.inbound_port,
                  "hbone_port": t.hbone_port, "metrics_port": t.metrics_port}
+        if t.dns_port:
+            ports["dns_port"] = t.dns_port
+        if d.dns_capture and not t.dns_port:
+            raise ConfigError("datapath.dns_capture needs tunnel.dns_port (the tunnel's DNS "
+                              "proxy, e.g. 15053)")
+        for upstream in t.dns_upstreams:
+            resolver_address(upstream)
         for name, port in ports.items():
             if not 1 <= port <= 65535:
                 raise ConfigError(f"tunnel.{name}={port}: a port must be in 1..65535")
@@ -135,6 +159,29 @@ class Config:
         if t.mode not in ("hbone", "plain"):
             raise ConfigError(f"tunnel.mode={t.mode!r}: use 'hbone' or 'plain'")
         return self
+
+
+def resolver_address(text: str) -> tuple[str, int]:
+    """A resolver of ``tunnel.dns_upstreams``: ``IP`` (port 53), ``IPv4:port`` or
+    ``[IPv6]:port``; raises ConfigError."""
+    host, port = text, 53
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            host = ""
+        elif rest:
+            port = int(rest[1:]) if rest[1:].isdigit() else 0
+    elif text.count(":") == 1:
+        host, _, rest = text.partition(":")
+        port = int(rest) if rest.isdigit() else 0
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"tunnel.dns_upstreams: {text!r} is not a resolver address "
+                          "(write IP, IPv4:port or [IPv6]:port)") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"tunnel.dns_upstreams: {text!r}: the port must be in 1..65535")
+    return host, port
 
 
 _SECTIONS: dict[str, type] = {"agent": AgentConfig, "datapath": DatapathConfig,

@@ -103,7 +103,8 @@ class Agent:
             tunnel_mark=t.socket_mark, tunnel_ifindex=self.tunnel_device.ifindex,
             tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
             inbound_port=t.inbound_port, hbone_port=t.hbone_port,
-            redirect_mark=d.redirect_mark))
+            redirect_mark=d.redirect_mark,
+            dns_port=t.dns_port if d.dns_capture else 0))
         # Subscribe before the first read: a change in between is not lost.
         self.address_watch = AddressWatch()
         self.maps.set_node_addresses(node_addresses())
@@ -153,7 +154,8 @@ class Agent:
                     **pod.to_json(), "host_ifindex": veth.ifindex,
                     "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
                     "created_clsact": pod.created_clsact or created})
-                self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
+                self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(
+                    veth, self.cfg.datapath.dns_capture and pod.dns_capture))
                 self.enroller.attach_filters(ipr, pod.host_ifindex)
                 self.state.registry.add(pod)
             except (attach.AttachError, RegistryError, OSError) as exc:

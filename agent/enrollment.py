@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.config import Config
 from agent.contracts.api import PodAdd, PodDel, default_pod_name
 from agent.datapath import attach
-from agent.datapath.maps import POD_F_BRIDGED, DatapathMaps
+from agent.datapath.maps import POD_F_BRIDGED, POD_F_DNS, DatapathMaps
 from agent.datapath.programs import FROM_POD, TO_POD, Programs
 from agent.netns.rtnl import RtnlSocket
 from agent.netns.veth import HostVeth, find_host_veth, link_addresses, resolve_netns
@@ -28,9 +28,10 @@ log = structlog.get_logger("agent.enrollment")
 
 
 
-def pod_flags(veth: HostVeth) -> int:
-    """struct ma_pod_info flags for a pod on ``veth`` (bpf/lib/common.h)."""
-    return POD_F_BRIDGED if veth.bridged else 0
+def pod_flags(veth: HostVeth, dns_capture: bool = False) -> int:
+    """struct ma_pod_info flags for a pod on ``veth`` (bpf/lib/common.h);
+    ``dns_capture``: the node captures DNS and the pod did not opt out."""
+    return (POD_F_BRIDGED if veth.bridged else 0) | (POD_F_DNS if dns_capture else 0)
 
 class EnrollmentError(RuntimeError):
     """Enrollment failed and was rolled back; the message says what to do."""
@@ -100,7 +101,8 @@ class Enroller:
         pod = Pod(name=req.name or default_pod_name(path), namespace=req.namespace,
                   service_account=req.service_account, netns=path, ifname=req.ifname,
                   host_ifindex=veth.ifindex, host_ifname=veth.ifname,
-                  addresses=veth.pod_addresses, labels=dict(req.labels))
+                  addresses=veth.pod_addresses, labels=dict(req.labels),
+                  dns_capture=req.dns_capture)
         self.registry.check_conflicts(pod)
 
         undo: list[Callable[[], object]] = []  # return values are ignored
@@ -111,7 +113,8 @@ class Enroller:
             # veth; traffic from it is the node's own (probes), not a client.
             added = self.maps.add_node_addresses(link_addresses(self.rtnl, pod.host_ifindex))
             undo.append(lambda: self.maps.remove_node_addresses(added))
-            self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(veth))
+            self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(
+                veth, self.cfg.datapath.dns_capture and pod.dns_capture))
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
             created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
             if created:

@@ -38,6 +38,8 @@ class Pod:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Whether enrolling this pod created the clsact qdisc on its veth.
     created_clsact: bool = False
+    # False: the pod opted out of DNS capture.
+    dns_capture: bool = True
 
     @property
     def key(self) -> str:
@@ -50,7 +52,8 @@ class Pod:
                 "service_account": self.service_account, "netns": self.netns,
                 "ifname": self.ifname, "host_ifindex": self.host_ifindex,
                 "host_ifname": self.host_ifname, "addresses": list(self.addresses),
-                "labels": dict(self.labels), "created_clsact": self.created_clsact}
+                "labels": dict(self.labels), "created_clsact": self.created_clsact,
+                "dns_capture": self.dns_capture}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Pod:

@@ -5,11 +5,16 @@
  *   not enrolled ifindex          -> pass (the filter outlived its pod entry)
  *   not allowed by the datapath rule (lib/parse.h: tagged, encapsulated,
  *   unknown ethertype, malformed, TCP fragment) -> drop, counted by reason
- *   ARP, IP that is not TCP       -> pass (UDP, ICMP, ND, ...)
+ *   ARP, IP that is not TCP       -> pass (UDP, ICMP, ND, ...), except:
+ *   DNS (UDP to 53) of a pod with MA_POD_F_DNS, not excluded -> assign to the
+ *     tunnel's DNS socket; no such socket -> pass (DNS fails open: the query
+ *     reaches the pod's real resolver; see README "Services and DNS")
  *   source not one of pod's addrs -> drop (the tunnel trusts the source)
  *   socket owns the 4-tuple       -> assign (replies to the tunnel, later segments)
  *   not a SYN                     -> pass (a connection older than enrollment)
  *   excluded port or CIDR         -> pass
+ *   SYN to 53 of a MA_POD_F_DNS pod -> the DNS proxy's TCP listener if there
+ *                                    is one (else as any SYN)
  *   SYN                           -> assign to the outbound listener, or drop
  *
  * A bridged pod (MA_POD_F_BRIDGED) gets the same decisions, but "assign" is
@@ -34,6 +39,34 @@ static __always_inline int ma_excluded(const struct ma_packet *pkt)
 	return ma_excluded_cidrs.lookup(&lpm) != NULL;
 }
 
+/* A whole UDP datagram to port 53 from a pod whose DNS the tunnel answers. */
+static __always_inline int ma_dns_query(const struct ma_packet *pkt, const struct ma_pod_info *info,
+					const struct ma_config *cfg)
+{
+	return (info->flags & MA_POD_F_DNS) && cfg->dns_port &&
+	       pkt->dport == bpf_htons(MA_DNS_PORT) && !ma_excluded(pkt);
+}
+
+/* UDP from an enrolled pod (source already checked): DNS to the tunnel's DNS
+ * socket, anything else (and DNS with no socket: fail open) passes. Bridged
+ * pods' DNS is not captured (their redirect path carries TCP only). */
+static __always_inline int ma_from_pod_udp(struct __sk_buff *skb, const struct ma_packet *pkt,
+					   const struct ma_pod_info *info, __u32 ifindex)
+{
+	const struct ma_config *cfg = ma_config();
+	struct bpf_sock *sk;
+
+	if (!cfg || (info->flags & MA_POD_F_BRIDGED) || !ma_dns_query(pkt, info, cfg))
+		return MA_PASS;
+	sk = ma_lookup_udp(skb, pkt, cfg->dns_port);
+	if (!sk)
+		return MA_PASS;
+	if (ma_assign_and_mark(skb, sk, cfg))
+		return ma_drop(ifindex, DROP_ASSIGN_FAILED);
+	ma_count_out(ifindex, skb->len);
+	return TC_ACT_OK;
+}
+
 int from_pod(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
@@ -54,6 +87,11 @@ int from_pod(struct __sk_buff *skb)
 		break;
 	case MA_PARSE_DROP:
 		return ma_drop(ifindex, pkt.drop_reason);
+	case MA_PARSE_NOT_TCP:
+		if (pkt.udp && (info->flags & MA_POD_F_DNS) &&
+		    pkt.dport == bpf_htons(MA_DNS_PORT))
+			break; /* a DNS query: source checked, then ma_from_pod_udp */
+		return MA_PASS;
 	default:
 		return MA_PASS;
 	}
@@ -62,6 +100,8 @@ int from_pod(struct __sk_buff *skb)
 	owner = ma_pod_addrs.lookup(&src);
 	if (!owner || *owner != ifindex)
 		return ma_drop(ifindex, DROP_SPOOFED_SOURCE);
+	if (pkt.udp)
+		return ma_from_pod_udp(skb, &pkt, info, ifindex);
 
 	cfg = ma_config();
 	if (!cfg)
@@ -82,7 +122,11 @@ int from_pod(struct __sk_buff *skb)
 	if (!ma_is_syn(&pkt) || ma_excluded(&pkt))
 		return MA_PASS;
 
-	sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);
+	sk = NULL;
+	if (ma_dns_query(&pkt, info, cfg) && !(info->flags & MA_POD_F_BRIDGED))
+		sk = ma_lookup_listener(skb, &pkt, cfg->dns_port);
+	if (!sk)
+		sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);
 	if (!sk)
 		return ma_drop(ifindex, DROP_NO_LISTENER);
 	if (info->flags & MA_POD_F_BRIDGED) {

@@ -3,7 +3,7 @@
 # bench-results/<timestamp>/{report.md,*.png,results.json}.
 #   sudo scripts/bench.sh [--quick] [--out DIR] [scenario ...]
 # Scenarios (default: all, in this order): hbone redirect scale enroll resources
-# waypoint (loopback only: Fortio through waypoints vs HAProxy).
+# services waypoint (waypoint is loopback only: Fortio through waypoints vs HAProxy).
 # --quick: 1 repetition and short runs, a smoke test (< 3 minutes); its numbers
 # are marked "smoke only, not reported". The default run takes ~15 minutes.
 # Every lab it creates is removed again, also on error or Ctrl-C.

@@ -64,6 +64,7 @@ bg_in_pod() { local pod="$1"; shift; nsenter --net="/run/netns/$PREFIX-$pod" -- 
 echo; echo "== servers: HTTP on :8080 and iperf3 in n2-a and n1-b"
 bg_in_pod n2-a python3 -m http.server 8080 --bind ::
 bg_in_pod n1-b python3 -m http.server 8080 --bind ::
+bg_in_pod n2-b python3 -m http.server 8080 --bind ::
 bg_in_pod n2-a iperf3 -s -1
 for _ in $(seq 50); do
   inpod n2-a sh -c 'ss -ltn | grep -q ":5201 "' && inpod n2-a sh -c 'ss -ltn | grep -q ":8080 "' && break
@@ -76,6 +77,14 @@ show "n1-a -> n2-a (cross-node, IPv4)" "$(inpod n1-a curl -s -m 5 -o /dev/null -
 show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://[$N2A6]:8080/")"
 show "n1-a -> n1-b (same node)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N1B:8080/")"
 show "n1-plain (not enrolled) -> n2-a" "$(inpod n1-plain curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
+
+echo; echo "== a Service: web.default.svc.cluster.local (VIP 10.96.0.10:80 -> n1-b, n2-b :8080)"
+echo "   (the name is pinned to the VIP with curl --resolve: the demo lab has no resolver;"
+echo "    DNS through the tunnel is exercised by tests/integration/test_services_lab.py)"
+for i in 1 2 3 4 5 6; do
+  show "n1-a -> web (#$i)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' \
+    --resolve web.default.svc.cluster.local:80:10.96.0.10 http://web.default.svc.cluster.local/)"
+done
 
 echo; echo "== iperf3 n1-a -> n2-a, 3 s"
 inpod n1-a iperf3 -c "$N2A" -t 3 -J > "$RUN/iperf3.json"
@@ -100,8 +109,9 @@ for node in sorted(p.name for p in run.iterdir() if p.is_dir()):
             continue
         if e.get("event") != "connection closed":
             continue
+        service = f" service={e['service']}" if "service" in e else ""
         print(f"  {node}: {e['direction']:8} {e['path']:11} {e['src']:>26} -> {e['dst']:<26} "
-              f"sent={e['bytes_sent']} received={e['bytes_received']} {e['result']}")
+              f"sent={e['bytes_sent']} received={e['bytes_received']} {e['result']}{service}")
 PY
 
 echo; echo "== node1: agent status (datapath counters, tunnel, certificates)"

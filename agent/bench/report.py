@@ -80,6 +80,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("p90_ms", "HTTP p90", "ms", False, "{:.2f}"),
     Metric("error_pct", "errors", "%", False, "{:.2f}"),
     Metric("waypoint_vcpu_per_krps", "waypoint vCPU per 1k RPS", "vCPU", False, "{:.3f}"),
+    Metric("dns_p50_us", "DNS query p50", "µs", False, "{:.0f}"),
+    Metric("dns_p99_us", "DNS query p99", "µs", False, "{:.0f}"),
 )}
 
 
@@ -294,12 +296,25 @@ def _resource_targets(s: Sequence[Summary]) -> list[TargetResult]:
     return out
 
 
+def _services_targets(s: Sequence[Summary]) -> list[TargetResult]:
+    out = [_within_target(s, f"VIP vs pod IP: {metric(m).label} within 5%", "services", m,
+                          "vip", "pod-ip", 0.05) for m in ("conn_per_s", "lat_p50_us")]
+    tunnel = _val(s, "services", "dns_p50_us", "dns-tunnel")
+    direct = _val(s, "services", "dns_p50_us", "dns-direct")
+    ratio = None if tunnel is None or direct is None or direct <= 0 else tunnel / direct
+    label = "DNS through the tunnel ≤1.5x direct at p50"
+    out.append(TargetResult(label, "not measured", None) if ratio is None
+               else TargetResult(label, f"{ratio:.2f}x", ratio <= 1.5))
+    return out
+
+
 TARGET_RULES: dict[str, TargetRule] = {
     "hbone": _hbone_targets,
     "redirect": _redirect_targets,
     "scale": _scale_targets,
     "enroll": _enroll_targets,
     "resources": _resource_targets,
+    "services": _services_targets,
 }
 
 

@@ -79,6 +79,8 @@ class PodAdd:
     service_account: str = "default"
     name: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    # False: the pod's DNS is never captured (Istio's ambient.istio.io/dns-capture: "false").
+    dns_capture: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ _OPS: dict[str, type] = {"pod_add": PodAdd, "pod_del": PodDel, "pod_list": PodLi
                          "status": Status}
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     PodAdd: {"netns": (str,), "ifname": (str,), "namespace": (str,),
-             "service_account": (str,), "name": (str, type(None)), "labels": (dict,)},
+             "service_account": (str,), "name": (str, type(None)), "labels": (dict,),
+             "dns_capture": (bool,)},
     PodDel: {"netns": (str, type(None)), "name": (str, type(None)), "namespace": (str,)},
     PodList: {},
     Status: {},
@@ -149,7 +152,8 @@ def parse_request(raw: Any) -> Request:
     if unknown:
         raise RequestError(f"unknown field(s) for {op}: {', '.join(sorted(unknown))}")
     for key, value in args.items():
-        if not isinstance(value, fields[key]) or isinstance(value, bool):
+        if not isinstance(value, fields[key]) or (isinstance(value, bool)
+                                                  and bool not in fields[key]):
             expected = " or ".join("null" if t is type(None) else t.__name__
                                    for t in fields[key])
             raise RequestError(f"{op}.{key} must be {expected}, got {type(value).__name__}")
@@ -236,6 +240,7 @@ class PodInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     created_clsact: bool = False
     counters: Mapping[str, Any] | None = None
+    dns_capture: bool = True  # False: the pod opted out of DNS capture
 
     @property
     def key(self) -> str:
@@ -247,7 +252,8 @@ class PodInfo:
             "service_account": self.service_account, "netns": self.netns,
             "ifname": self.ifname, "host_ifindex": self.host_ifindex,
             "host_ifname": self.host_ifname, "addresses": list(self.addresses),
-            "labels": dict(self.labels), "created_clsact": self.created_clsact}
+            "labels": dict(self.labels), "created_clsact": self.created_clsact,
+            "dns_capture": self.dns_capture}
         if self.counters is not None:
             out["counters"] = dict(self.counters)
         return out
@@ -276,7 +282,9 @@ class PodInfo:
                    created_clsact=field_of(data, "created_clsact", bool, source=source,
                                            what=what, default=False),
                    counters=field_of(data, "counters", (dict, type(None)), source=source,
-                                     what=what, default=None))
+                                     what=what, default=None),
+                   dns_capture=field_of(data, "dns_capture", bool, source=source, what=what,
+                                        default=True))
 
 
 def pod_list(result: Any, source: str = "pod_list result") -> list[PodInfo]:

@@ -19,11 +19,12 @@ from agent.datapath.drop_reasons import DROP_REASON_MAX, DropReason
 
 AF_INET = 2
 AF_INET6 = 10
-# struct ma_config: four u32, three u16 ports, a 6-byte MAC, padding to 32.
+# struct ma_config: four u32, three u16 ports, a 6-byte MAC, the DNS port, the redirect mark.
 _CONFIG = struct.Struct("<IIIIHHH6sH2xI")
 _POD_INFO = struct.Struct("<II")
 # struct ma_pod_info flags (bpf/lib/common.h).
 POD_F_BRIDGED = 0x1
+POD_F_DNS = 0x2  # the pod's DNS (UDP/TCP to 53) goes to the tunnel's DNS proxy
 _STATS = struct.Struct(f"<4Q{DROP_REASON_MAX}Q")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,13 +61,15 @@ class DatapathSettings:
     inbound_port: int
     hbone_port: int
     redirect_mark: int = 0  # 0: bridged pods' captured packets cannot be redirected
+    dns_port: int = 0  # the tunnel's DNS proxy; 0: no pod's DNS is captured
 
     def encode(self) -> bytes:
         if len(self.tunnel_mac) != 6:
             raise ValueError(f"tunnel_mac must be 6 bytes, got {self.tunnel_mac!r}")
         return _CONFIG.pack(self.capture_mark, self.capture_mask, self.tunnel_mark,
                             self.tunnel_ifindex, self.outbound_port, self.inbound_port,
-                            self.hbone_port, self.tunnel_mac, 0, self.redirect_mark)
+                            self.hbone_port, self.tunnel_mac, self.dns_port,
+                            self.redirect_mark)
 
 
 @dataclass

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import random
 import socket
 import struct
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ from agent.dns.answer import (
 from agent.model.types import IPAddress, Model, Workload
 
 Upstream = tuple[str, int]
+ANSWER_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -126,6 +128,9 @@ class DnsProxy:
         self._tcp: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.udp_address: tuple[str, int] = ("", 0)
+        self._cache: OrderedDict[tuple[Workload, Transport, bytes], Decision] = OrderedDict()
+        self._cache_model: Model | None = None
+        self.cache_hits = 0
         self.tcp_address: tuple[str, int] = ("", 0)
 
     # -- lifecycle -------------------------------------------------------------
@@ -166,8 +171,37 @@ class DnsProxy:
     # -- the query path --------------------------------------------------------------
 
     def _decide(self, wire: bytes, transport: Transport, client: IPAddress | str) -> Decision:
-        return decide(wire, transport, client, self.client_for, self.model_source(),
-                      self.config.settings, self.rng)
+        """:func:`decide`, through the answer cache: a query whose bytes (all but the
+        id) the same client workload already sent over the same transport, under the
+        same model, gets the same answer with its own id. Only answers with at most
+        one record are cached (more are shuffled per query); a new model empties the
+        cache; at most ``ANSWER_CACHE_SIZE`` entries (least recently used go first)."""
+        model = self.model_source()
+        if model is not self._cache_model:
+            self._cache.clear()
+            self._cache_model = model
+        if len(wire) < 12:
+            return decide(wire, transport, client, self.client_for, model,
+                          self.config.settings, self.rng)
+        try:
+            workload = self.client_for(ipaddress.ip_address(client))
+        except ValueError:
+            workload = None
+        key = (workload, transport, wire[2:]) if workload is not None else None
+        if key is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                return dataclasses.replace(hit, response=wire[:2] + hit.response[2:])
+        decision = decide(wire, transport, client, self.client_for, model,
+                          self.config.settings, self.rng)
+        if (key is not None and decision.verdict is Verdict.ANSWER and decision.answers <= 1
+                and len(decision.response) >= 12):
+            self._cache[key] = decision
+            while len(self._cache) > ANSWER_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return decision
 
     def upstreams_for(self, original: Upstream | None) -> list[Upstream]:
         own = {self.udp_address, self.tcp_address}
@@ -229,28 +263,40 @@ class DnsProxy:
             self._udp.sendto(reply, addr)
 
     def datagram(self, wire: bytes, addr: tuple[str, int],
-                 original: Upstream | None = None) -> None:
+                 original: Upstream | None = None,
+                 send: Callable[[bytes], None] | None = None) -> None:
         """A UDP query: answered at once, or forwarded in a task (bounded in number by
-        ``max_inflight``: past it, SERVFAIL at once)."""
+        ``max_inflight``: past it, SERVFAIL at once). ``send`` sends the reply (default:
+        from this proxy's own UDP socket to ``addr``)."""
+        reply_to: Callable[[bytes], None] = send or (lambda reply: self._send_udp(reply, addr))
         decision = self._decide(wire, Transport.UDP, addr[0])
         if decision.verdict is not Verdict.FORWARD:
             self.counts[decision.outcome] += 1
-            self._send_udp(decision.response, addr)
+            if decision.response:
+                reply_to(decision.response)
             return
         if self._inflight >= self.config.max_inflight:
             self.counts[QueryOutcome.OVERLOADED] += 1
-            self._send_udp(forward_failed(decision), addr)
+            reply_to(forward_failed(decision))
             return
-        task = asyncio.ensure_future(self._forward_udp(decision, addr, original))
+        task = asyncio.ensure_future(self._forward_udp(decision, original, reply_to))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward_udp(self, decision: Decision, addr: tuple[str, int],
-                           original: Upstream | None) -> None:
-        self._send_udp(await self._forward(decision, Transport.UDP, original), addr)
+    async def _forward_udp(self, decision: Decision, original: Upstream | None,
+                           reply_to: Callable[[bytes], None]) -> None:
+        reply = await self._forward(decision, Transport.UDP, original)
+        if reply:
+            reply_to(reply)
 
     async def _serve_tcp(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
+        await self.serve_tcp(reader, writer)
+
+    async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        original: Upstream | None = None) -> None:
+        """One TCP client (also on a listener of someone else's: the tunnel's captured
+        one passes the connection's original destination)."""
         peer = writer.get_extra_info("peername")
         if self._tcp_clients >= self.config.max_tcp_connections:
             self.counts[QueryOutcome.OVERLOADED] += 1
@@ -269,7 +315,7 @@ class DnsProxy:
                                                   self.config.tcp_idle)
                 except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
                     break
-                reply = await self.handle(wire, Transport.TCP, peer[0])
+                reply = await self.handle(wire, Transport.TCP, peer[0], original)
                 if not reply:
                     continue
                 writer.write(struct.pack("!H", len(reply)) + reply)

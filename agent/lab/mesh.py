@@ -16,7 +16,9 @@ from typing import Any
 
 from agent.api import client
 from agent.lab import netlab
+from agent.lab.services import MODEL_FILENAME, lab_model
 from agent.lab.topology import LabPlan, NodePlan
+from agent.model.loader import model_to_yaml
 
 READY_TIMEOUT_S = 60.0
 POLL_S = 0.1
@@ -48,6 +50,9 @@ def node_env(plan: LabPlan, node: NodePlan, mode: str) -> dict[str, str]:
         "MESHAGENT_TUNNEL_CA_DIR": str(Path(plan.run_dir) / "ca"),
         # AuthorizationPolicy files for this node's tunnel (reloaded on change).
         "MESHAGENT_TUNNEL_POLICY_DIR": str(run / "policies"),
+        # The lab's Services (agent.lab.services), one file every node's tunnel reads.
+        "MESHAGENT_TUNNEL_MODEL_FILE": str(Path(plan.run_dir) / MODEL_FILENAME),
+        "MESHAGENT_TUNNEL_NODE_NAME": node.name,
         "MESHAGENT_LOG_JSON": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -81,7 +86,7 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
     ``mode`` (hbone, plain, none) defaults to $MESHAGENT_LAB_MODE; callers in
     Python pass it, e.g. ``functools.partial(start_mesh, mode="plain")``.
 
-    Side effects: writes the lab config file, creates the lab's mesh CA (HBONE
+    Side effects: writes the lab config file and model file, creates the lab's mesh CA (HBONE
     mode), starts two processes per node, and enrolls pods (attaching tc
     filters in node namespaces). ``lab down`` undoes all of it.
     """
@@ -91,6 +96,7 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
             _cni_pods_up(plan, agent_sockets=None)
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
+    Path(plan.run_dir, MODEL_FILENAME).write_text(model_to_yaml(lab_model(plan)))
     if mode == "hbone":
         from agent.identity.ca import init_ca
 

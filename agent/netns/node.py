@@ -4,7 +4,11 @@ What the agent owns on the node (and nothing else):
 - fwmark rules ``capture_mark/capture_mask -> route_table`` (IPv4, IPv6);
 - ``local default dev lo`` routes in ``route_table`` (IPv4, IPv6);
 - the tunnel device, a veth pair, that inbound traffic is redirected into;
-- sysctls it had to change, with their prior values, to restore on uninstall.
+- sysctls it had to change, with their prior values, to restore on uninstall;
+- the nftables table ``inet meshagent`` whose one chain (hook prerouting,
+  priority raw) exempts captured packets from conntrack, so the node's NAT
+  (kube-proxy's ``KUBE-SERVICES`` DNAT of a Service VIP) never rewrites what the
+  datapath handed to a tunnel socket: the tunnel resolves the VIP itself.
 ``NodeState`` records which of these this agent created, so uninstall removes
 those and leaves whatever was already there.
 """
@@ -12,15 +16,20 @@ those and leaves whatever was already there.
 from __future__ import annotations
 
 import errno
+import shutil
 import socket
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.config import Config
+
+log = structlog.get_logger("agent.node")
 
 # Early demux attaches a tunnel socket (whose local address is a pod's) to a
 # reply arriving on the uplink; routing then forwards it toward the pod, and
@@ -41,6 +50,7 @@ class NodeState:
     created_tunnel_device: bool = False
     sysctls_changed: dict[str, str] = field(default_factory=dict)  # path -> prior value
     created_state_dir: bool = False  # the agent made agent.state_dir (uninstall may remove it)
+    created_notrack_table: bool = False  # nftables table NOTRACK_TABLE
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +58,39 @@ class NodeState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NodeState:
         return cls(**data)
+
+
+NOTRACK_TABLE = ("inet", "meshagent")
+_NFT_TIMEOUT_S = 10
+
+
+def _nft(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True,
+                          timeout=_NFT_TIMEOUT_S, check=False)
+
+
+def notrack_ruleset(cfg: Config) -> str:
+    """The ``nft -f`` text of the table: captured (and bridged-redirected) packets
+    skip conntrack, hence every NAT rule of the node."""
+    d = cfg.datapath
+    marks = sorted({d.capture_mark, d.redirect_mark} - {0})
+    rules = "".join(f"    meta mark & {d.capture_mask:#x} == {m:#x} notrack\n" for m in marks)
+    family, name = NOTRACK_TABLE
+    return (f"table {family} {name} {{\n  chain captured_notrack {{\n"
+            f"    type filter hook prerouting priority raw; policy accept;\n{rules}  }}\n}}\n")
+
+
+def _ensure_notrack(cfg: Config, state: NodeState) -> None:
+    """Create the notrack table unless it exists. Without the ``nft`` tool the node
+    runs without it (logged by the caller): captured Service traffic then meets
+    the node's NAT rules, if any."""
+    family, name = NOTRACK_TABLE
+    if _nft(["list", "table", family, name]).returncode == 0:
+        return
+    out = _nft(["-f", "-"], notrack_ruleset(cfg))
+    if out.returncode != 0:
+        raise OSError(f"nft could not create table {family} {name}: {out.stderr.strip()}")
+    state.created_notrack_table = True
 
 
 @dataclass(frozen=True)
@@ -131,6 +174,7 @@ def setup_node(cfg: Config, state: NodeState) -> TunnelDevice:
        redirected inbound packets arriving on the tunnel device.
     3. the tunnel device veth pair, up, rp_filter 0, accept_local 1.
     4. fwmark rules and local default routes, IPv4 and IPv6.
+    5. the nftables notrack table (skipped when ``nft`` is not installed).
     On failure everything this call created is undone before raising.
     """
     before = NodeState.from_json(state.to_json())
@@ -148,8 +192,14 @@ def setup_node(cfg: Config, state: NodeState) -> TunnelDevice:
                 if not _route_exists(ipr, family, cfg):
                     _route(ipr, "add", family, cfg)
                     state.created_routes.append(int(family))
+        if shutil.which("nft"):
+            _ensure_notrack(cfg, state)
+        else:
+            log.warning("nft not installed: captured packets are not exempt from conntrack, "
+                        "so a node's Service NAT (kube-proxy) can rewrite them; install "
+                        "nftables")
         return device
-    except (OSError, NetlinkError) as exc:
+    except (OSError, NetlinkError, subprocess.TimeoutExpired) as exc:
         _undo(cfg, state, keep=before)
         raise NodeSetupError(f"setting up node networking failed: {exc}") from exc
 
@@ -175,6 +225,13 @@ def _undo(cfg: Config, state: NodeState, keep: NodeState) -> None:
             for idx in ipr.link_lookup(ifname=cfg.agent.tunnel_device):
                 ipr.link("del", index=idx)
             state.created_tunnel_device = False
+    if state.created_notrack_table and not keep.created_notrack_table:
+        table_family, table_name = NOTRACK_TABLE
+        out = _nft(["delete", "table", table_family, table_name])
+        if out.returncode != 0 and "No such file" not in out.stderr:
+            raise OSError(f"nft could not delete table {table_family} {table_name}: "
+                          f"{out.stderr.strip()}")
+        state.created_notrack_table = False
     for path in [p for p in state.sysctls_changed if p not in keep.sysctls_changed]:
         write_sysctl(path, state.sysctls_changed.pop(path))
 

@@ -53,6 +53,10 @@ RESPONSE_FLAGS = frozenset({
     "NETWORK_POLICY",         # blocked by network policy
     "IDENTITY_ERROR",         # no certificate / identity problem
     "CERT_REVOKED",
+    # Envoy's "no healthy upstream" (UH), as Istio's sidecar/waypoint metrics report
+    # it: a Service VIP with no endpoint to send to (agent.model.select
+    # NO_HEALTHY_UPSTREAM_FLAG). ztunnel itself only logs that case.
+    "UH",
 })
 SECURITY_POLICY_MTLS = "mutual_tls"
 SECURITY_POLICY_NONE = "none"

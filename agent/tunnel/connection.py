@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from agent.telemetry.metrics import ServiceRef
 from agent.tunnel.outcome import Direction, Outcome, Path
 
 access_log = structlog.get_logger("tunnel.access")
@@ -33,6 +34,10 @@ class ConnectionRecord:
     reason: str | None = None
     policy: str | None = None
     traceparent: str | None = None
+    # A connection to a Service VIP: the service (metric labels, the access log's
+    # ``service``) and the address the client asked for (``original_dst``).
+    service: ServiceRef | None = None
+    original_dst: str | None = None
     # Set once the upstream leg is up: the connection counts as opened in metrics.
     opened: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -49,10 +54,13 @@ class ConnectionRecord:
             "policy_decision": outcome.policy_decision,
             "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
         }
-        for key in ("src_identity", "dst_identity", "reason", "policy", "traceparent"):
+        for key in ("src_identity", "dst_identity", "reason", "policy", "traceparent",
+                    "original_dst"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.service is not None:
+            out["service"] = self.service.hostname
         return out
 
     def log(self) -> None:

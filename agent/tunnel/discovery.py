@@ -1,8 +1,10 @@
 """Where the tunnel learns workloads: a :class:`WorkloadSource`.
 
 Production uses :class:`FileWorkloads` (the agent's ``workloads.json`` for this
-node, other nodes' files from ``tunnel.peer_workloads``, ``tunnel.mesh_cidrs``);
-tests hand the tunnel a :class:`StaticWorkloads`. The rest of the tunnel only
+node, the cluster model from ``tunnel.model_file`` merged with it (a
+:class:`~agent.tunnel.cluster.Cluster`), and, for labs without a model, other
+nodes' files from ``tunnel.peer_workloads`` and ``tunnel.mesh_cidrs``); tests hand
+the tunnel a :class:`StaticWorkloads`. The rest of the tunnel only
 sees the protocol, as ztunnel's proxies see ``DemandProxyState``.
 """
 
@@ -15,6 +17,9 @@ from typing import Protocol
 
 import structlog
 
+from agent.model.loader import ModelWatcher, ReloadOutcome
+from agent.model.types import Model, ModelInvalid
+from agent.tunnel.cluster import DEFAULT_CLUSTER_ID, Cluster, build_cluster
 from agent.tunnel.workloads import ServiceEntry, Workload, WorkloadIndex, in_cidrs
 
 log = structlog.get_logger("tunnel")
@@ -45,48 +50,70 @@ class WorkloadSource(Protocol):
         """(local workloads, remote workloads), for the status file."""
         ...
 
+    def cluster(self) -> Cluster | None:
+        """The merged cluster model (services, VIPs, endpoints), or None without one."""
+        ...
+
 
 class StaticWorkloads:
     """A fixed set of workloads (tests, or a tunnel fed by something else)."""
 
     def __init__(self, local: Iterable[Workload] = (), remote: Iterable[Workload] = (),
                  services: Iterable[ServiceEntry] = (),
-                 mesh_cidrs: Sequence[str] = ()) -> None:
+                 mesh_cidrs: Sequence[str] = (), *, model: Model | None = None,
+                 node: str = "", trust_domain: str = "cluster.local",
+                 cluster_id: str = DEFAULT_CLUSTER_ID) -> None:
         self.local_index = WorkloadIndex(local)
         self.remote_index = WorkloadIndex(remote)
         self.services = list(services)
         self.mesh_cidrs = tuple(mesh_cidrs)
+        self._cluster: Cluster | None = None
+        if model is not None:
+            self._cluster, _ = build_cluster(model, self.local_index.workloads, node=node,
+                                             trust_domain=trust_domain, cluster_id=cluster_id)
 
     def local(self, ip: str) -> Workload | None:
         return self.local_index.by_address(ip)
 
     def remote(self, ip: str) -> Workload | None:
-        return self.remote_index.by_address(ip)
+        return self.remote_index.by_address(ip) or (
+            self._cluster.remote(ip) if self._cluster else None)
 
     def lookup(self, ip: str) -> Workload | None:
         return self.local(ip) or self.remote(ip)
 
     def is_mesh_destination(self, ip: str) -> bool:
         return (self.remote(ip) is not None or _in_cidrs(ip, self.mesh_cidrs)
-                or self.local(ip) is not None)
+                or self.local(ip) is not None
+                or (self._cluster is not None and self._cluster.is_mesh_destination(ip)))
 
     def service(self, hostname: str, namespace: str | None) -> ServiceEntry | None:
-        return _best_service(self.services, hostname, namespace)
+        found = self._cluster.service(hostname, namespace) if self._cluster else None
+        return found or _best_service(self.services, hostname, namespace)
 
     def counts(self) -> tuple[int, int]:
         return len(self.local_index), len(self.remote_index)
+
+    def cluster(self) -> Cluster | None:
+        return self._cluster
 
 
 class FileWorkloads:
     """Workloads from JSON files written by agents (this node's and its peers').
 
-    Side effects: reads ``workloads_path`` and ``peer_paths`` (polled with
-    :meth:`refresh`; a miss on :meth:`local` stats this node's file once more).
-    A file that cannot be read keeps the last good set.
+    With ``model_file``, the cluster model (ztunnel local-config YAML) is merged
+    with this node's workloads into :meth:`cluster` on every change of either.
+
+    Side effects: reads ``workloads_path``, ``peer_paths`` and ``model_file``
+    (polled with :meth:`refresh`; a miss on :meth:`local` stats this node's file once
+    more). A file that cannot be read keeps the last good set (the model: the last
+    good model, the error logged once per change of the file).
     """
 
     def __init__(self, workloads_path: Path, peer_paths: Sequence[str | Path] = (),
-                 mesh_cidrs: Sequence[str] = ()) -> None:
+                 mesh_cidrs: Sequence[str] = (), *, model_file: str | Path | None = None,
+                 node: str = "", trust_domain: str = "cluster.local",
+                 cluster_id: str = DEFAULT_CLUSTER_ID) -> None:
         self.workloads_path = workloads_path
         self.peer_paths = [Path(p) for p in peer_paths]
         self.mesh_cidrs = tuple(mesh_cidrs)
@@ -94,6 +121,11 @@ class FileWorkloads:
         self.remote_index = WorkloadIndex()
         self._mtime: float | None = None
         self._peer_mtimes: tuple[float | None, ...] = ()
+        self.model_watcher = ModelWatcher(str(model_file)) if model_file else None
+        self.node = node
+        self.trust_domain = trust_domain
+        self.cluster_id = cluster_id
+        self._cluster: Cluster | None = None
 
     def local(self, ip: str) -> Workload | None:
         """On a miss, re-read ``workloads.json`` (a stat when unchanged) before
@@ -106,26 +138,59 @@ class FileWorkloads:
         return found
 
     def remote(self, ip: str) -> Workload | None:
-        return self.remote_index.by_address(ip)
+        return self.remote_index.by_address(ip) or (
+            self._cluster.remote(ip) if self._cluster else None)
 
     def lookup(self, ip: str) -> Workload | None:
-        return self.local_index.by_address(ip) or self.remote_index.by_address(ip)
+        return self.local_index.by_address(ip) or self.remote(ip)
 
     def is_mesh_destination(self, ip: str) -> bool:
         # The local lookup goes last: on a miss it stats workloads.json, so a pod
         # enrolled here a moment ago is already reached over the mesh.
         return (self.remote(ip) is not None or _in_cidrs(ip, self.mesh_cidrs)
+                or (self._cluster is not None and self._cluster.is_mesh_destination(ip))
                 or self.local(ip) is not None)
 
     def service(self, hostname: str, namespace: str | None) -> ServiceEntry | None:
-        return None  # workloads.json carries no services yet
+        return self._cluster.service(hostname, namespace) if self._cluster else None
 
     def counts(self) -> tuple[int, int]:
         return len(self.local_index), len(self.remote_index)
 
+    def cluster(self) -> Cluster | None:
+        return self._cluster
+
     def refresh(self) -> None:
-        self.reload_local()
+        self.reload_local()  # rebuilds the merged model when it changed
         self.reload_remote()
+        if self.model_watcher is not None:
+            outcome = self.model_watcher.poll()
+            if outcome is ReloadOutcome.REJECTED and self.model_watcher.error is not None:
+                log.error("model file rejected; keeping the last good model",
+                          path=self.model_watcher.path, error=str(self.model_watcher.error))
+            elif outcome is ReloadOutcome.LOADED:
+                log.info("model loaded", path=self.model_watcher.path,
+                         workloads=len(self.model_watcher.model.workloads),
+                         services=len(self.model_watcher.model.services))
+            if outcome is ReloadOutcome.LOADED or self._cluster is None:
+                self._rebuild_cluster()
+
+    def _rebuild_cluster(self) -> None:
+        """Merge the model in force with this node's workloads and swap it in."""
+        if self.model_watcher is None:
+            return
+        try:
+            cluster, conflicts = build_cluster(
+                self.model_watcher.model, self.local_index.workloads, node=self.node,
+                trust_domain=self.trust_domain, cluster_id=self.cluster_id)
+        except ModelInvalid as exc:
+            log.error("enrolled workloads contradict each other; keeping the last merged "
+                      "model", error=str(exc))
+            return
+        for conflict in conflicts:
+            log.warning("model workload displaced by this node's enrollment",
+                        conflict=str(conflict))
+        self._cluster = cluster
 
     def reload_local(self) -> bool:
         try:
@@ -144,6 +209,8 @@ class FileWorkloads:
         self._mtime = mtime
         self.local_index = index
         log.info("workloads loaded", count=len(index))
+        if self._cluster is not None:
+            self._rebuild_cluster()
         return True
 
     def reload_remote(self) -> bool:

@@ -5,8 +5,9 @@ certificate source). Handlers never see the :class:`~agent.tunnel.main.Tunnel`.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.config import TunnelConfig
 from agent.hbone.pool import HbonePool
@@ -35,6 +36,8 @@ class ProxyInputs:
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
     # Writes a finished connection's access-log line (tests record them).
     access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log
+    # Draws a Service endpoint per connection (tests pass a seeded one).
+    rng: random.Random = field(default_factory=random.Random)
 
     @property
     def hbone(self) -> bool:

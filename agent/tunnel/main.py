@@ -18,22 +18,27 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent.config import Config
+from agent.config import Config, resolver_address
 from agent.contracts.files import TUNNEL_STATUS_FILE, WORKLOADS_FILE, TunnelStatus
+from agent.dns.captured import CapturedDns
+from agent.dns.server import DnsProxy, DnsProxyConfig
 from agent.hbone.pool import HbonePool
 from agent.identity.ca import IdentityError, load_ca
 from agent.identity.store import IdentityStore
+from agent.model.types import IPAddress, Model
+from agent.model.types import Workload as ModelWorkload
 from agent.policy.metrics import PolicyDocumentsCollector
 from agent.state import write_json_atomic
 from agent.telemetry.metrics import MetricsServer, TunnelMetrics, serve_metrics
 from agent.tunnel import hbone_inbound, inbound, outbound, sockets
+from agent.tunnel.cluster import dns_client
 from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer, TransparentDialer
 from agent.tunnel.discovery import FileWorkloads, WorkloadSource
@@ -50,6 +55,8 @@ Handler = Callable[[ProxyInputs, socket.socket, tuple[str, int], tuple[str, int]
 ListenerFactory = Callable[[int], list[socket.socket]]
 """Makes the listening sockets for a port (production: transparent, v4 and v6)."""
 
+
+EMPTY_MODEL = Model.build((), ())
 
 class TunnelStartError(RuntimeError):
     """The tunnel cannot start; the message says what to do."""
@@ -86,13 +93,17 @@ class Tunnel:
                  dialer: Dialer | None = None, listen: ListenerFactory | None = None,
                  identities: IdentityStore | None = None,
                  collectors: CollectorRegistry | None = None,
-                 access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log) -> None:
+                 access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log,
+                 dns_hosts: Sequence[str] = ("0.0.0.0", "::"),
+                 dns_transparent: bool = True) -> None:
         t = cfg.tunnel
         self.cfg = cfg
         self.file_workloads: FileWorkloads | None = None
         if workloads is None:
-            self.file_workloads = FileWorkloads(Path(cfg.agent.state_dir) / WORKLOADS_FILE,
-                                                t.peer_workloads, t.mesh_cidrs)
+            self.file_workloads = FileWorkloads(
+                Path(cfg.agent.state_dir) / WORKLOADS_FILE, t.peer_workloads, t.mesh_cidrs,
+                model_file=t.model_file or None, node=t.node_name or socket.gethostname(),
+                trust_domain=t.trust_domain, cluster_id=t.cluster_id)
             workloads = self.file_workloads
         dialer = dialer or TransparentDialer(t.socket_mark, t.connect_timeout_seconds)
         self._listen = listen or transparent_listeners(t.socket_mark)
@@ -112,6 +123,9 @@ class Tunnel:
             tracker=tracker, metrics=TunnelMetrics(self.collectors), dialer=dialer,
             identities=identities, pool=pool, access_log=access_log)
         self.collectors.register(PolicyDocumentsCollector(self.inputs.policy.watcher))
+        self.dns_hosts = tuple(dns_hosts)
+        self.dns_transparent = dns_transparent
+        self.dns: CapturedDns | None = None
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics_server: MetricsServer | None = None
@@ -181,6 +195,35 @@ class Tunnel:
             raise
         return out
 
+    def _dns_client(self, ip: IPAddress) -> ModelWorkload | None:
+        workloads = self.inputs.workloads
+        return dns_client(workloads.cluster(), workloads.local(str(ip)), str(ip))
+
+    def _dns_model(self) -> Model:
+        cluster = self.inputs.workloads.cluster()
+        return cluster.model if cluster is not None else EMPTY_MODEL
+
+    async def start_dns(self) -> None:
+        """The DNS proxy on ``tunnel.dns_port`` (UDP and TCP), for the datapath's DNS
+        capture. A proxy that cannot start is logged and left out: the datapath then
+        finds no DNS socket and pods' queries reach their own resolvers (fail open)."""
+        t = self.cfg.tunnel
+        if not t.dns_port:
+            return
+        proxy = DnsProxy(DnsProxyConfig(upstreams=[resolver_address(u) for u in t.dns_upstreams],
+                                        forward_to_original=True),
+                         self._dns_model, self._dns_client)
+        dns = CapturedDns(proxy, t.dns_port, mark=t.socket_mark, hosts=self.dns_hosts,
+                          transparent=self.dns_transparent)
+        try:
+            await dns.start()
+        except OSError as exc:
+            log.error("DNS proxy could not start; captured pods' DNS goes to their own "
+                      "resolvers until it does (check that nothing else holds the port)",
+                      port=t.dns_port, error=str(exc))
+            return
+        self.dns = dns
+
     async def _accept_loop(self, lsock: socket.socket, handler: Handler) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -231,6 +274,7 @@ class Tunnel:
         background = [asyncio.create_task(self._watch()), asyncio.create_task(self._rotate())]
         for sock, handler in self.open_listeners():
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))
+        await self.start_dns()
         local, _ = self.inputs.workloads.counts()
         log.info("tunnel ready", mode=t.mode, outbound=t.outbound_port, inbound=t.inbound_port,
                  hbone=t.hbone_port, workloads=local)
@@ -245,6 +289,9 @@ class Tunnel:
             for task in list(self.tasks):
                 task.cancel()
             await asyncio.gather(*background, *self.tasks, return_exceptions=True)
+            if self.dns is not None:
+                await self.dns.close()
+                self.dns = None
             if self.inputs.pool is not None:
                 await self.inputs.pool.close()
             if self.metrics_server is not None:

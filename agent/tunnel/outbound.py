@@ -14,7 +14,14 @@ carries the connection:
   mTLS connection to ``dst:15008`` made from the source pod's own address, with
   the source pod's certificate, checking the server's SPIFFE ID;
 - a destination enrolled on this node (``hbone-local``): handed straight to the
-  inbound side in process (same policy check, no TLS round trip).
+  inbound side in process (same policy check, no TLS round trip);
+- a Service VIP of the cluster model: one endpoint is picked per connection
+  (:func:`agent.model.select.resolve_outbound`, ztunnel outbound.rs
+  ``build_request``), the service port mapped to its target port, and the
+  connection takes the endpoint's path above (HBONE to ``endpointIP:15008`` with
+  ``:authority endpointIP:targetPort`` and ``Forwarded: for=...;host=<hostname>``,
+  same node, or a direct dial of a plaintext endpoint); with no healthy endpoint
+  the client is reset at once (``no_healthy_upstream``, flag UH).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import ssl
 from agent.hbone import headers as hbone
 from agent.hbone.exceptions import HbonePeerIdentityError, HboneRejected, HboneStreamError
 from agent.identity.spiffe import parse_spiffe_id
+from agent.model.select import OutboundOutcome, Upstream, resolve_outbound
+from agent.telemetry.metrics import ServiceRef
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent, baggage_entries
 from agent.tunnel.inbound import dial_pod, inbound_request
@@ -53,6 +62,12 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
         return
     src = inputs.workloads.local(src_ip)
     rec.src_identity = src.identity if src else None
+    cluster = inputs.workloads.cluster()
+    if cluster is not None and cluster.is_vip(dst_ip):
+        up = resolve_outbound(cluster.model, cluster.source(src_ip, src), dst_ip, dst_port,
+                              inputs.rng)
+        await _to_service(inputs, pipeline, rec, downstream, src, up)
+        return
     if inputs.hbone and inputs.workloads.is_mesh_destination(dst_ip):
         if src is None:
             rec.path = Path.HBONE
@@ -66,6 +81,45 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
             await _hbone(inputs, pipeline, rec, downstream, src, dst_port)
         return
     await pipeline.run(Flow(rec, downstream, dial=lambda: _dial_direct(inputs, rec, dst_port)))
+
+
+async def _to_service(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
+                      downstream: SocketDownstream, src: Workload | None,
+                      up: Upstream) -> None:
+    """Carry a connection to a Service VIP to the endpoint ``up`` chose."""
+    if up.service is not None:
+        rec.service = ServiceRef(up.service.name, up.service.namespace, up.service.hostname)
+        rec.original_dst = rec.dst
+    if up.outcome is OutboundOutcome.NO_HEALTHY_UPSTREAM:
+        reason = up.reason.value if up.reason else "no healthy upstream"
+        pipeline.refuse(rec, downstream, Outcome.NO_HEALTHY_UPSTREAM,
+                        f"no healthy upstream: {reason}")
+        return
+    if up.outcome is OutboundOutcome.PASSTHROUGH:  # a Passthrough service: as addressed
+        port = up.original[1]
+        await pipeline.run(Flow(rec, downstream, dial=lambda: _dial_direct(inputs, rec, port)))
+        return
+    assert up.address is not None
+    rec.dst_ip, target_port = str(up.address), up.port
+    rec.dst = fmt_addr(rec.dst_ip, target_port)
+    if not (inputs.hbone and up.hbone):
+        # Plain mode, or a plaintext endpoint outside the mesh: dial it directly.
+        await pipeline.run(Flow(rec, downstream,
+                                dial=lambda: _dial_direct(inputs, rec, target_port)))
+        return
+    if src is None:
+        rec.path = Path.HBONE
+        pipeline.refuse(rec, downstream, Outcome.IDENTITY_ERROR,
+                        "source is not a workload enrolled on this node")
+        return
+    local_dst = inputs.workloads.local(rec.dst_ip)
+    if local_dst is not None:  # same path as any same-node connection, policy included
+        await _same_node(inputs, pipeline, rec, downstream, src, local_dst, target_port)
+        return
+    forwarded = hbone.format_forwarded_for(rec.src_ip)
+    if up.service is not None:
+        forwarded += f";host={up.service.hostname}"
+    await _hbone(inputs, pipeline, rec, downstream, src, target_port, forwarded=forwarded)
 
 
 async def _dial_direct(inputs: ProxyInputs, rec: ConnectionRecord,
@@ -88,7 +142,10 @@ async def _same_node(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRec
 
 
 async def _hbone(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
-                 downstream: SocketDownstream, src: Workload, dst_port: int) -> None:
+                 downstream: SocketDownstream, src: Workload, dst_port: int,
+                 forwarded: str | None = None) -> None:
+    """``forwarded``: a whole ``Forwarded`` value (a Service's carries ``host=``);
+    default ``for="<source ip>"``."""
     rec.path = Path.HBONE
     dst = inputs.workloads.remote(rec.dst_ip)
     rec.dst_identity = dst.identity if dst else None
@@ -104,9 +161,11 @@ async def _hbone(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
                 source=parse_spiffe_id(src.identity),
                 peer=(rec.dst_ip, inputs.cfg.hbone_port),
                 authority=hbone.format_authority(rec.dst_ip, dst_port),
-                forwarded_for=src_ip, baggage=hbone.format_baggage(baggage_entries(src)),
+                forwarded_for=src_ip if forwarded is None else None,
+                baggage=hbone.format_baggage(baggage_entries(src)),
                 expected_peer=parse_spiffe_id(dst.identity) if dst else None,
-                extra_headers=[(TRACEPARENT_HEADER, rec.traceparent or "")],
+                extra_headers=[(TRACEPARENT_HEADER, rec.traceparent or ""),
+                               *([(hbone.FORWARDED_HEADER, forwarded)] if forwarded else [])],
                 # The outer connection leaves from the source pod's own address, as
                 # ztunnel's does (it connects from inside the pod's netns:
                 # src/proxy/pool.rs freebind_connect(None, ...)); replies come back

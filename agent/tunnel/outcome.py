@@ -4,7 +4,8 @@ Every connection the tunnel handles ends with exactly one :class:`Outcome`; the
 outcome carries the Istio ``response_flags`` value it is reported with. The flag
 names are ztunnel's (``src/proxy/metrics.rs``, ``enum ResponseFlags`` and its
 ``EncodeLabelValue``: ``-``, ``DENY``, ``CONNECT``, ``TLS_FAILURE``,
-``H2_HANDSHAKE_FAILURE``, ``NETWORK_POLICY``, ``IDENTITY_ERROR``, ``CERT_REVOKED``).
+``H2_HANDSHAKE_FAILURE``, ``NETWORK_POLICY``, ``IDENTITY_ERROR``, ``CERT_REVOKED``),
+plus Envoy's ``UH`` for a Service with no healthy endpoint.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class Outcome(Enum):
     # error without a specific flag as a connection failure (metrics.rs
     # ConnectionResult::record -> extract_failure_reason defaults to ConnectionFailure).
     CANCELLED = ("cancelled", "CONNECT")
+    # A Service VIP with no healthy endpoint for the port: the client is reset at once
+    # (ztunnel Error::NoHealthyUpstream; the flag is Envoy's UH, see metrics.py).
+    NO_HEALTHY_UPSTREAM = ("no_healthy_upstream", "UH")
 
     def __init__(self, result: str, response_flag: str) -> None:
         if response_flag not in RESPONSE_FLAGS:

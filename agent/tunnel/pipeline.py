@@ -260,7 +260,7 @@ class Pipeline:
             src = None if rec.src_identity is None else workloads.lookup(rec.src_ip)
             dst = workloads.lookup(rec.dst_ip)
             labels = tcp_labels(reporter, src, dst, rec.src_identity, rec.dst_identity,
-                                mtls=rec.path.mtls)
+                                mtls=rec.path.mtls, dst_service=rec.service)
             rec.metric_labels[reporter] = labels
         return labels
 

@@ -59,13 +59,16 @@ def in_cidrs(address: str, cidrs: Iterable[str]) -> bool:
 class ServiceEntry:
     """A service a hostname ``:authority`` may name (ztunnel ``find_service_by_hostname``).
 
-    ``ports`` maps service port -> target port; ``addresses`` are the endpoints.
+    ``ports`` maps service port -> target port; ``addresses`` are the endpoints;
+    ``endpoint_ports`` (by endpoint address) overrides ``ports`` for one endpoint
+    (a named target port, which the model carries per endpoint).
     """
 
     hostname: str
     namespace: str
     ports: Mapping[int, int]
     addresses: tuple[str, ...] = ()
+    endpoint_ports: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
 
     def target_port(self, service_port: int, endpoint: str) -> int | None:
         """The target port on ``endpoint`` for ``service_port``; None if not served there."""
@@ -75,4 +78,7 @@ class ServiceEntry:
             return None
         if normalized not in {normalize_ip(a) for a in self.addresses}:
             return None
+        for address, ports in self.endpoint_ports.items():
+            if normalize_ip(address) == normalized and ports.get(service_port):
+                return ports[service_port]
         return self.ports.get(service_port) or None

@@ -56,6 +56,10 @@ struct ma_lpm_key {
  * such a pod are redirected to the tunnel device's ingress instead and
  * assigned there (tunnel_ingress.c). */
 #define MA_POD_F_BRIDGED 0x1
+/* The pod's DNS (UDP and TCP to port 53) goes to the tunnel's DNS proxy
+ * (ma_config.dns_port). Unset: the pod opted out, or the node does not capture DNS. */
+#define MA_POD_F_DNS 0x2
+#define MA_DNS_PORT 53
 
 struct ma_pod_info {
 	__u32 flags;
@@ -71,7 +75,7 @@ struct ma_config {
 	__u16 inbound_port;
 	__u16 hbone_port;
 	__u8 tunnel_mac[6];
-	__u16 pad;
+	__u16 dns_port;      /* the tunnel's DNS proxy (UDP and TCP); 0: no DNS capture */
 	__u32 redirect_mark; /* under capture_mask: from_pod redirected it to the tunnel device */
 };
 

@@ -91,7 +91,8 @@ struct ma_packet {
 	__u16 sport; /* network order */
 	__u16 dport; /* network order */
 	__u8 tcp_flags;
-	__u8 pad[3];
+	__u8 udp;    /* 1: a UDP datagram (NOT_TCP), sport/dport are its ports */
+	__u8 pad[2];
 	__u32 drop_reason;
 };
 
@@ -101,17 +102,25 @@ static __always_inline int ma_is_encap_proto(__u8 proto)
 	       proto == MA_IPPROTO_ETHERIP || proto == MA_IPPROTO_L2TP || proto == MA_IPPROTO_MPLS;
 }
 
-/* UDP at off: NOT_TCP, or DROP for a tunnel port (or a truncated header). */
-static __always_inline int ma_parse_udp(struct __sk_buff *skb, __u32 off, struct ma_packet *pkt)
+/* UDP at off: NOT_TCP, or DROP for a tunnel port (or a truncated header).
+ * A whole (unfragmented) datagram also gets pkt->udp and its ports, which the
+ * DNS capture uses; a first fragment does not (it is never captured). */
+static __always_inline int ma_parse_udp(struct __sk_buff *skb, __u32 off, struct ma_packet *pkt,
+					int whole)
 {
-	__be16 dport;
+	__be16 ports[2];
 	__u16 port;
 
-	if (bpf_skb_load_bytes(skb, off + 2, &dport, sizeof(dport)) < 0) {
+	if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0) {
 		pkt->drop_reason = DROP_MALFORMED;
 		return MA_PARSE_DROP;
 	}
-	port = bpf_ntohs(dport);
+	if (whole) {
+		pkt->udp = 1;
+		pkt->sport = ports[0];
+		pkt->dport = ports[1];
+	}
+	port = bpf_ntohs(ports[1]);
 	if (port == MA_UDP_VXLAN || port == MA_UDP_VXLAN_GPE || port == MA_UDP_VXLAN_LINUX ||
 	    port == MA_UDP_GENEVE || ma_encap_udp_ports.lookup(&port)) {
 		pkt->drop_reason = DROP_ENCAPSULATED;
@@ -158,7 +167,8 @@ static __always_inline int ma_parse_ipv4(struct __sk_buff *skb, struct ma_packet
 		/* Only a first fragment (or a whole datagram) holds the port. */
 		if (iph.frag_off & bpf_htons(MA_IP_OFFSET))
 			return MA_PARSE_NOT_TCP;
-		return ma_parse_udp(skb, MA_ETH_HLEN + ihl * 4, pkt);
+		return ma_parse_udp(skb, MA_ETH_HLEN + ihl * 4, pkt,
+				    !(iph.frag_off & bpf_htons(MA_IP_MF)));
 	}
 	if (iph.protocol != IPPROTO_TCP)
 		return MA_PARSE_NOT_TCP;
@@ -199,7 +209,7 @@ static __always_inline int ma_parse_ipv6(struct __sk_buff *skb, struct ma_packet
 				goto fragment;
 			return ma_parse_tcp(skb, off, pkt);
 		case IPPROTO_UDP:
-			return ma_parse_udp(skb, off, pkt);
+			return ma_parse_udp(skb, off, pkt, !fragmented);
 		case MA_NEXTHDR_HOP:
 		case MA_NEXTHDR_ROUTING:
 		case MA_NEXTHDR_DEST:

@@ -57,6 +57,27 @@ static __always_inline struct bpf_sock *ma_lookup_listener(struct __sk_buff *skb
 	return sk;
 }
 
+/* The tunnel's UDP socket on port (host order) for this datagram (its DNS
+ * proxy, bound to the wildcard address with IP_TRANSPARENT), or NULL. */
+static __always_inline struct bpf_sock *ma_lookup_udp(struct __sk_buff *skb,
+						      const struct ma_packet *pkt, __u16 port)
+{
+	struct bpf_sock_tuple t = {};
+
+	if (pkt->family == MA_AF_INET) {
+		__builtin_memcpy(&t.ipv4.saddr, pkt->saddr, 4);
+		__builtin_memcpy(&t.ipv4.daddr, pkt->daddr, 4);
+		t.ipv4.sport = pkt->sport;
+		t.ipv4.dport = bpf_htons(port);
+		return bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	__builtin_memcpy(t.ipv6.saddr, pkt->saddr, 16);
+	__builtin_memcpy(t.ipv6.daddr, pkt->daddr, 16);
+	t.ipv6.sport = pkt->sport;
+	t.ipv6.dport = bpf_htons(port);
+	return bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
 #ifdef MESHAGENT_TEST_RUN
 static __always_inline long ma_sk_assign(struct __sk_buff *skb, struct bpf_sock *sk)
 {

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from agent.config import Config, TunnelConfig
 from agent.identity.ca import MeshCA, init_ca
 from agent.identity.store import IdentityStore
+from agent.model.types import Model
 from agent.policy.loader import load_policy_dir
 from agent.tunnel import inbound as inbound_plain
 from agent.tunnel import outbound
@@ -265,6 +266,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                      services: tuple[ServiceEntry, ...] = (),
                      extra_remote: tuple[Workload, ...] = (),
                      dialers: dict[str, Any] | None = None, mode: str = "hbone",
+                     model: Model | None = None, rng_seed: int | None = None,
+                     dns_port: int = 0, dns_upstreams: tuple[str, ...] = (),
                      ) -> AsyncIterator[Mesh]:
     every_address = [ip(w) for pods in PODS.values() for w in pods] + list(NODE_IPS.values())
     outbound_port, inbound_port, hbone_port = free_ports(3, every_address)
@@ -285,18 +288,24 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 hbone_port=hbone_port, metrics_port=0, socket_mark=0, mode=mode,
                 inbound_mode=inbound_mode, trust_domain=TRUST_DOMAIN,
                 ca_dir=str(tmp_path / "ca"), connect_timeout_seconds=2.0,
-                policy_dir=str(tmp_path / name / "policies")))
+                policy_dir=str(tmp_path / name / "policies"),
+                dns_port=dns_port if name == "node1" else 0, dns_upstreams=dns_upstreams))
             cfg = replace(cfg, agent=replace(cfg.agent, state_dir=str(tmp_path / name)))
             (tmp_path / name).mkdir(parents=True, exist_ok=True)
             dialer = (dialers or {}).get(name) or TransparentDialer(0, 2.0, transparent=False)
             node = Node(name)
             tunnel = Tunnel(
-                cfg, workloads=StaticWorkloads(pods, others + extra_remote, services),
+                cfg, workloads=StaticWorkloads(
+                    pods, () if model is not None else others + extra_remote, services,
+                    model=model, node=name, trust_domain=TRUST_DOMAIN),
                 dialer=dialer,
                 listen=_listen_on([ip(w) for w in pods] + [NODE_IPS[name]]),
                 identities=IdentityStore(ca) if mode == "hbone" else None,
-                collectors=CollectorRegistry(), access_log=node.record)
+                collectors=CollectorRegistry(), access_log=node.record,
+                dns_hosts=("127.0.0.1",), dns_transparent=False)
             node.tunnel = tunnel
+            if rng_seed is not None:
+                tunnel.inputs.rng.seed(rng_seed)
             nodes[name] = node
             ready = asyncio.Event()
             running = asyncio.create_task(tunnel.run(stop, ready))

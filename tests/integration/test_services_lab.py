@@ -1,0 +1,237 @@
+"""Services in the namespace lab (root): both nodes' tunnels read the lab's model
+(agent/lab/services.py: ``web`` at 10.96.0.10 / fd00:96::10 port 80 -> 8080 with
+endpoints n1-b and n2-b and an unhealthy n2-a, ``web-empty`` with none), real pods,
+real kernel.
+
+* an enrolled pod reaches the VIP over IPv4 and IPv6; connections spread over the
+  endpoints on both nodes (HBONE to n2-b, hbone-local to n1-b), the access log names
+  the service, node2's inbound sees the endpoint's own address and target port (the
+  service port 80 mapped to 8080); the unhealthy endpoint (n2-a, which serves nothing
+  on 8080) is never chosen;
+* a VIP with no endpoints resets the client at once, logged ``no_healthy_upstream`` UH;
+* with kube-proxy's NAT rules in both node netns (its iptables mode, and its nftables
+  mode), the same holds for enrolled pods, and a non-enrolled pod reaches the service
+  through kube-proxy's DNAT.
+
+Behaviour only, never timings; every wait is bounded; the lab is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from labkit import (
+    Lab,
+    LabSpec,
+    closed_records,
+    curl,
+    diagnose,
+    log_events,
+    mark,
+    program,
+    run_in,
+    running,
+    until,
+)
+
+from agent.lab.services import (
+    EMPTY_HOSTNAME,
+    EMPTY_VIPS,
+    TARGET_PORT,
+    WEB_HOSTNAME,
+    WEB_VIPS,
+    apply_kube_proxy_nft_rules,
+    apply_kube_proxy_rules,
+    lab_model,
+    remove_kube_proxy_nft_rules,
+    remove_kube_proxy_rules,
+)
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
+
+LAB = LabSpec(letter="s", mode="hbone")
+ENDPOINTS = ("n1-b", "n2-b")
+CONNECTIONS = 16  # per family: P(one endpoint never chosen) = 2 * 0.5**16
+
+
+@pytest.fixture(scope="module")
+def lab(mesh_lab: Lab) -> Lab:
+    for pod in ENDPOINTS:
+        mesh_lab.background.start(
+            mesh_lab.ns(pod), f"http-{pod}",
+            [*program("datapath_server"), pod, str(TARGET_PORT), "8081", "8082", "16"],
+            ready_line="ready")
+    for node in ("node1", "node2"):
+        def loaded(node: str = node) -> bool:
+            return any(e.get("event") == "model loaded" for e in log_events(mesh_lab, node))
+
+        until(f"{node}'s tunnel loaded the model", loaded)
+    return mesh_lab
+
+
+def _servers(lab: Lab, client: str, vip: str, count: int = CONNECTIONS) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(count):
+        res = curl(lab.ns(client), vip, 80)
+        assert (res.rc, res.status) == (0, 200), f"{client} -> {vip}: {res}\n{diagnose(lab)}"
+        seen[res.server_view()["server"]] += 1
+    return seen
+
+
+def _service_records(lab: Lab, since: Any, hostname: str) -> list[dict[str, Any]]:
+    return [r for r in closed_records(lab, "node1", since, direction="outbound")
+            if r.get("service") == hostname]
+
+
+@contextlib.contextmanager
+def kube_proxy(lab: Lab, mode: str) -> Iterator[None]:
+    """kube-proxy's NAT rules for the lab's model in both node netns (``iptables`` or
+    ``nftables`` mode), removed afterwards."""
+    model = lab_model(lab.plan)
+    applied: list[str] = []
+    try:
+        for node in ("node1", "node2"):
+            applied.append(lab.ns(node))
+            if mode == "iptables":
+                apply_kube_proxy_rules(lab.ns(node), model)
+            else:
+                apply_kube_proxy_nft_rules(lab.ns(node), model)
+        yield
+    finally:
+        for ns in applied:
+            if mode == "iptables":
+                remove_kube_proxy_rules(ns, model)
+            else:
+                remove_kube_proxy_nft_rules(ns)
+
+
+def _check_vip(lab: Lab, vip: str) -> None:
+    since = mark(lab)
+    seen = _servers(lab, "n1-a", vip)
+    assert set(seen) == set(ENDPOINTS), seen
+    def logged() -> list[dict[str, Any]] | None:
+        found = _service_records(lab, since, WEB_HOSTNAME)
+        return found if len(found) >= CONNECTIONS else None
+
+    records = until("node1 logged every connection", logged)
+    paths = Counter(r["path"] for r in records)
+    assert set(paths) == {"hbone", "hbone-local"}, paths
+    assert all(r["result"] == "ok" and r["original_dst"].endswith(":80") for r in records)
+    n2b = lab.pod("n2-b")
+    n2b_ip = n2b.ipv6 if ":" in vip else n2b.ipv4
+    inbound = [r for r in closed_records(lab, "node2", since, direction="inbound")
+               if r["dst"].startswith(f"[{n2b_ip}]" if ":" in vip else f"{n2b_ip}:")]
+    assert inbound and all(r["dst"].endswith(f":{TARGET_PORT}") for r in inbound)
+
+
+@pytest.mark.parametrize("vip", WEB_VIPS, ids=["v4", "v6"])
+def test_enrolled_pod_reaches_the_vip_over_hbone(lab: Lab, vip: str) -> None:
+    _check_vip(lab, vip)
+
+
+def test_vip_without_endpoints_resets_at_once(lab: Lab) -> None:
+    since = mark(lab)
+    res = curl(lab.ns("n1-a"), EMPTY_VIPS[0], 80)
+    assert res.rc != 0 and res.status == 0, res
+    record = until("the refusal is logged",
+                   lambda: next(iter(_service_records(lab, since, EMPTY_HOSTNAME)), None))
+    assert record["result"] == "no_healthy_upstream" and record["response_flags"] == "UH"
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables"])
+@pytest.mark.parametrize("vip", WEB_VIPS, ids=["v4", "v6"])
+def test_with_kube_proxy_rules(lab: Lab, vip: str, mode: str) -> None:
+    with kube_proxy(lab, mode):
+        _check_vip(lab, vip)
+        # A pod outside the mesh goes through kube-proxy's DNAT to both endpoints.
+        seen = _servers(lab, "n1-plain", vip)
+        assert set(seen) == set(ENDPOINTS), seen
+
+
+# -- DNS: the tunnel's proxy on captured queries ----------------------------------------
+
+DNSMASQ_DECOY = "10.99.99.99"  # what the lab's resolver says for the service name
+EXTERNAL_NAME = "external.test"
+EXTERNAL_ADDR = "192.0.2.7"
+
+
+def _wait_agent(lab: Lab, node: str) -> None:
+    until(f"{node}'s agent answers with its pods restored",
+          lambda: len(lab.api(node, {"op": "pod_list"})) == 2)
+
+
+@pytest.fixture(scope="module")
+def dns_lab(lab: Lab) -> Lab:
+    """dnsmasq in node2's netns on its underlay address (the pods' resolver), and
+    node1's agent restarted with datapath.dns_capture on."""
+    resolver = lab.node("node2").underlay_ipv4
+    lab.background.start(lab.ns("node2"), "dnsmasq", [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--bind-interfaces", f"--listen-address={resolver}", "--port=53", "--pid-file=",
+        "--log-facility=-", "--cache-size=0", "--user=root",
+        f"--host-record={WEB_HOSTNAME},{DNSMASQ_DECOY}",
+        f"--address=/{EXTERNAL_NAME}/{EXTERNAL_ADDR}"])
+    until("dnsmasq answers", lambda: _dig(lab, "n2-a", EXTERNAL_NAME) == [EXTERNAL_ADDR])
+    pid = lab.pid("node1", "agent")
+    os.kill(pid, signal.SIGTERM)
+    until("node1's agent to exit", lambda: not running(pid))
+    lab.start_daemon("node1", "agent", extra_env={"MESHAGENT_DATAPATH_DNS_CAPTURE": "1"})
+    _wait_agent(lab, "node1")
+    return lab
+
+
+def _dig(lab: Lab, pod: str, name: str, *, tcp: bool = False) -> list[str] | None:
+    resolver = lab.node("node2").underlay_ipv4
+    out = run_in(lab.ns(pod), ["dig", f"@{resolver}", name, "A", "+short", "+time=2",
+                               "+tries=2", *(["+tcp"] if tcp else [])], timeout=20)
+    if out.returncode != 0:
+        return None
+    return [line for line in out.stdout.split() if line]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_dns_service_names_answered_by_the_tunnel(dns_lab: Lab, tcp: bool) -> None:
+    assert _dig(dns_lab, "n1-a", WEB_HOSTNAME, tcp=tcp) == [WEB_VIPS[0]]
+    # Other names: forwarded to the pod's own resolver (dnsmasq).
+    assert _dig(dns_lab, "n1-a", EXTERNAL_NAME, tcp=tcp) == [EXTERNAL_ADDR]
+    # A pod on a node without DNS capture asks dnsmasq itself.
+    assert _dig(dns_lab, "n2-a", WEB_HOSTNAME, tcp=tcp) == [DNSMASQ_DECOY]
+
+
+def test_dns_opted_out_pod_asks_its_resolver(dns_lab: Lab) -> None:
+    lab = dns_lab
+    pod = lab.pod("n1-a")
+    lab.api("node1", {"op": "pod_del", "name": pod.name, "namespace": pod.namespace})
+    try:
+        lab.api("node1", {"op": "pod_add", "netns": pod.netns, "name": pod.name,
+                          "namespace": pod.namespace, "service_account": pod.service_account,
+                          "dns_capture": False})
+        assert _dig(lab, "n1-a", WEB_HOSTNAME) == [DNSMASQ_DECOY]
+    finally:
+        lab.api("node1", {"op": "pod_del", "name": pod.name, "namespace": pod.namespace})
+        lab.api("node1", {"op": "pod_add", "netns": pod.netns, "name": pod.name,
+                          "namespace": pod.namespace, "service_account": pod.service_account})
+    assert _dig(lab, "n1-a", WEB_HOSTNAME) == [WEB_VIPS[0]]
+
+
+def test_dns_while_the_tunnel_restarts(dns_lab: Lab) -> None:
+    """Fail open: with no tunnel the pod's queries reach its resolver; once the tunnel
+    is back it answers service names again."""
+    lab = dns_lab
+    pid = lab.tunnel_pid("node1")
+    os.kill(pid, signal.SIGTERM)
+    until("node1's tunnel to exit", lambda: not running(pid))
+    try:
+        assert _dig(lab, "n1-a", EXTERNAL_NAME) == [EXTERNAL_ADDR]
+        assert _dig(lab, "n1-a", WEB_HOSTNAME) == [DNSMASQ_DECOY]
+    finally:
+        lab.start_daemon("node1", "tunnel")
+    until("the tunnel answers service names again",
+          lambda: _dig(lab, "n1-a", WEB_HOSTNAME) == [WEB_VIPS[0]])
+    assert _dig(lab, "n1-a", EXTERNAL_NAME) == [EXTERNAL_ADDR]
