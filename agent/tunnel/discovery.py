@@ -121,6 +121,9 @@ class FileWorkloads:
         self.remote_index = WorkloadIndex()
         self._mtime: float | None = None
         self._peer_mtimes: tuple[float | None, ...] = ()
+        # The version of a file last rejected: warned about once, not on every poll.
+        self._rejected_mtime: float | None = None
+        self._rejected_peer_mtimes: tuple[float | None, ...] | None = None
         self.model_watcher = ModelWatcher(str(model_file)) if model_file else None
         self.node = node
         self.trust_domain = trust_domain
@@ -197,12 +200,13 @@ class FileWorkloads:
             mtime = self.workloads_path.stat().st_mtime
         except FileNotFoundError:
             return False
-        if mtime == self._mtime:
+        if mtime in (self._mtime, self._rejected_mtime):
             return False
         try:
             index = WorkloadIndex.from_json(json.loads(self.workloads_path.read_text()),
                                             str(self.workloads_path))
         except (OSError, ValueError, KeyError) as exc:
+            self._rejected_mtime = mtime
             log.warning("workloads file unreadable; keeping the last good one",
                         path=str(self.workloads_path), error=str(exc))
             return False
@@ -215,7 +219,7 @@ class FileWorkloads:
 
     def reload_remote(self) -> bool:
         mtimes = tuple(p.stat().st_mtime if p.exists() else None for p in self.peer_paths)
-        if mtimes == self._peer_mtimes:
+        if mtimes in (self._peer_mtimes, self._rejected_peer_mtimes):
             return False
         workloads: list[Workload] = []
         for path in self.peer_paths:
@@ -225,6 +229,7 @@ class FileWorkloads:
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, KeyError) as exc:
+                self._rejected_peer_mtimes = mtimes
                 log.warning("peer workloads unreadable; keeping the last good set",
                             path=str(path), error=str(exc))
                 return False

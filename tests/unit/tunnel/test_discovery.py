@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import structlog.testing
+
 from agent.contracts.files import WorkloadEntry, WorkloadsFile
 from agent.tunnel.discovery import FileWorkloads, StaticWorkloads
 from agent.tunnel.workloads import ServiceEntry, Workload
@@ -52,6 +54,28 @@ def test_unreadable_file_keeps_the_last_good_set(tmp_path: Path) -> None:
     os.utime(local, (0, local.stat().st_mtime + 20))
     source.refresh()
     assert source.local("10.0.0.1") is not None
+
+
+def test_a_rejected_file_is_warned_about_once_per_version(tmp_path: Path) -> None:
+    local, peer = tmp_path / "workloads.json", tmp_path / "peer.json"
+    write(local, entry("a", "10.0.0.1"))
+    write(peer, entry("b", "10.0.1.1"))
+    source = FileWorkloads(local, [peer])
+    source.refresh()
+    with structlog.testing.capture_logs() as logs:
+        local.write_text(json.dumps({"version": 99, "workloads": []}))  # a newer contract
+        os.utime(local, (0, local.stat().st_mtime + 10))
+        peer.write_text("{not json")
+        os.utime(peer, (0, peer.stat().st_mtime + 10))
+        for _ in range(5):  # five polls of the same bad versions
+            source.refresh()
+            assert source.local("10.0.0.9") is None  # a miss re-stats, still no re-warn
+        warned = [e["event"] for e in logs if e["log_level"] == "warning"]
+        assert warned == ["workloads file unreadable; keeping the last good one",
+                          "peer workloads unreadable; keeping the last good set"], warned
+        write(local, entry("a", "10.0.0.1"), entry("c", "10.0.0.2"), bump=20)  # fixed
+        source.refresh()
+    assert source.local("10.0.0.2") is not None and source.remote("10.0.1.1") is not None
 
 
 def test_static_services_prefer_the_namespace() -> None:
