@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+from collections.abc import Awaitable, Callable
 
 from agent.hbone.pool import HbonePool
 from agent.hbone.server import HboneServerRequest, serve_hbone
@@ -82,7 +83,8 @@ async def main(args: argparse.Namespace) -> None:
         listen, wp_port, authority, namespace = item.split("=")
         source = SpiffeId(td, namespace, "client")
 
-        def handler(wp: int, auth: str, src: SpiffeId):  # type: ignore[no-untyped-def]
+        def handler(wp: int, auth: str, src: SpiffeId) -> Callable[
+                [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
             async def handle(reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
                 try:

@@ -17,6 +17,7 @@ none; we keep one so memory is bounded) and answers the rest 503 at CONNECT.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -118,7 +119,7 @@ class Budgets:
             budget = self._clusters[name] = ClusterBudget(self.thresholds)
         return budget
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[tuple[str, ClusterBudget]]:
         return iter(self._clusters.items())
 
 
