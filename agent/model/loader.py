@@ -7,7 +7,8 @@ The format is what ztunnel reads from ``LOCAL_XDS_PATH``: istio/ztunnel src/xds.
 services are src/state/service.rs :: ``Service``. Field names are serde's camelCase of
 those structs, enum values their variant names, and fields ztunnel requires (no
 ``#[serde(default)]``) are required here too, so a file this module accepts or writes
-is one ztunnel accepts (see examples/localhost.yaml, copied in tests/unit/data/).
+is one ztunnel accepts (it follows ztunnel's examples/localhost.yaml format; our own
+sample is in tests/unit/data/local-config/).
 
 Stricter than ztunnel, on purpose (never half-understood, never widened):
 

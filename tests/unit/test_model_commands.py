@@ -11,7 +11,7 @@ from agent.cli import main
 
 DATA = Path(__file__).parent / "data"
 GOOD = (DATA / "model" / "web.yaml").read_text()
-ZTUNNEL_EXAMPLE = DATA / "ztunnel" / "localhost.yaml"
+LOCAL_CONFIG_SAMPLE = DATA / "local-config" / "two-nodes.yaml"
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -57,7 +57,7 @@ def test_check_bad_file_exits_2_with_every_problem(tmp_path: Path) -> None:
 
 
 def test_check_refuses_ztunnel_policies_and_missing_files(tmp_path: Path) -> None:
-    code, _, err = run(str(ZTUNNEL_EXAMPLE))
+    code, _, err = run(str(LOCAL_CONFIG_SAMPLE))
     assert code == 2 and "ztunnel-format authorization policies" in err
     code, _, err = run(str(tmp_path / "nope.yaml"))
     assert code == 2 and "cannot read the file" in err

@@ -30,7 +30,8 @@ from agent.model.types import (
     NetworkAddress,
 )
 
-ZTUNNEL_EXAMPLE = Path(__file__).parent / "data" / "ztunnel" / "localhost.yaml"
+# Our own sample in ztunnel's local-config format (see data/local-config/README.md).
+LOCAL_CONFIG_SAMPLE = Path(__file__).parent / "data" / "local-config" / "two-nodes.yaml"
 
 # Two workloads (dual-stack HBONE on node1, unhealthy TCP on node2) behind one service.
 GOOD = (Path(__file__).parent / "data" / "model" / "web.yaml").read_text()
@@ -42,33 +43,40 @@ def errors_of(text: str, **kw: bool) -> list[str]:
     return [f"m.yaml: {i}" for i in info.value.issues]
 
 
-def test_ztunnel_example_loads_and_round_trips() -> None:
-    model = load_model_file(ZTUNNEL_EXAMPLE, allow_foreign_policies=True)
-    assert [w.uid for w in model.workloads] == ["cluster1//v1/Pod/default/local",
-                                                "cluster1//v1/Pod/default/local-tcp"]
-    local, tcp = model.workloads
-    assert local.protocol is InboundProtocol.HBONE and tcp.protocol is InboundProtocol.TCP
-    assert local.workload_ips == (ipaddress.ip_address("127.0.0.1"),)
-    assert local.identity() == "spiffe://cluster.local/ns/default/sa/default"
-    example = model.service(NamespacedHostname("default", "example.com"))
-    assert example is not None and example.vips == (NetworkAddress.parse("/127.10.0.1"),)
-    assert example.subject_alt_names == ("spiffe://cluster.local/ns/default/sa/local",)
-    assert example.canonical
-    remote = model.service(NamespacedHostname("default", "example2.com"))
-    assert remote is not None and remote.vips[0].network == "remote"
-    # Both workloads back both services on 80 -> 8080.
-    assert sorted(e.workload_uid for e in model.endpoints(example)) == [local.uid, tcp.uid]
-    assert all(e.ports == ((80, 8080),) for e in model.endpoints(example))
+def test_local_config_sample_loads_and_round_trips() -> None:
+    model = load_model_file(LOCAL_CONFIG_SAMPLE, allow_foreign_policies=True)
+    assert [w.uid for w in model.workloads] == ["lab-east//v1/Pod/shop/cart-7f9c-a",
+                                                "lab-east//v1/Pod/shop/cart-7f9c-b",
+                                                "lab-east//v1/Pod/shop/ledger-0"]
+    cart_a, cart_b, ledger = model.workloads
+    assert cart_a.protocol is InboundProtocol.HBONE and cart_b.protocol is InboundProtocol.HBONE
+    assert ledger.protocol is InboundProtocol.TCP
+    assert {w.node for w in model.workloads} == {"node-alpha", "node-beta"}
+    assert cart_a.workload_ips == (ipaddress.ip_address("10.44.1.11"),
+                                   ipaddress.ip_address("fd10:44:1::11"))
+    assert cart_a.identity() == "spiffe://lab.example/ns/shop/sa/cart"
+    assert (cart_a.canonical_name, cart_a.canonical_revision) == ("cart", "v2")
+    assert cart_b.capacity == 2
+    cart = model.service(NamespacedHostname("shop", "cart.shop.svc.cluster.local"))
+    assert cart is not None and cart.vips == (NetworkAddress.parse("/10.96.44.20"),
+                                              NetworkAddress.parse("/fd10:96::44:20"))
+    assert cart.ports == ((8000, 9000), (8443, 0))
+    assert cart.subject_alt_names == ("spiffe://lab.example/ns/shop/sa/cart",)
+    assert cart.canonical
+    assert cart.load_balancer is not None and cart.load_balancer.mode is LoadBalancerMode.FAILOVER
+    # All three workloads back the service; ledger maps 8000 to its own 9100.
+    assert sorted(e.workload_uid for e in model.endpoints(cart)) == sorted(
+        w.uid for w in model.workloads)
+    assert {e.workload_uid: e.ports for e in model.endpoints(cart)}[ledger.uid] == \
+        ((8000, 9100),)
     assert len(model.foreign_policies) == 1
     written = model_to_yaml(model)
     again = load_model_text(written, "written", allow_foreign_policies=True)
     assert again == model
-    # The document we write has the same entries ztunnel's has, key for key, apart
-    # from defaults ztunnel fills in itself (`network: ""`).
-    original = yaml.safe_load(ZTUNNEL_EXAMPLE.read_text())
+    # The document we write has the same entries the sample has, key for key (the
+    # sample leaves out every field whose value is ztunnel's default).
+    original = yaml.safe_load(LOCAL_CONFIG_SAMPLE.read_text())
     ours = yaml.safe_load(written)
-    for w in original["workloads"]:
-        w.pop("network")
     assert ours == original
 
 
@@ -100,7 +108,7 @@ def test_good_model_contents() -> None:
 
 
 def test_ztunnel_policies_are_refused_by_default() -> None:
-    (msg,) = errors_of(ZTUNNEL_EXAMPLE.read_text())
+    (msg,) = errors_of(LOCAL_CONFIG_SAMPLE.read_text())
     assert msg.startswith("m.yaml: policies: 1 ztunnel-format authorization policies")
     assert "tunnel.policy_dir" in msg
 
