@@ -28,7 +28,9 @@ the peer's intermediates, and Python 3.11's ``ssl`` hands out only the leaf
 certificates Istio itself issues from plug-in CA material: Istio's sample
 ``samples/certs/workload-foo-cert.pem`` is refused with "missing required extension
 2.5.29.35" (no authorityKeyIdentifier, because its CA ``ca-cert.pem`` has no subject
-key identifier), so it would refuse peers ztunnel and OpenSSL accept.
+key identifier), so it would refuse peers ztunnel and OpenSSL accept. (The tests
+reproduce that property with material generated like Istio's samples:
+``tests/istio_like_certs.py``.)
 """
 
 from __future__ import annotations

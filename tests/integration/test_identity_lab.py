@@ -1,9 +1,10 @@
 """Identity between two real tunnels (root, netns lab): Istio plug-in CA material,
 certificate chains on the wire, and the trust domain check on :15008.
 
-The module's lab signs with Istio's own sample plug-in CA (``tests/data/
-istio-samples-certs``, from istio ``samples/certs``: RSA, an intermediate without a
-subject key identifier, no SPIFFE URI SAN); another lab signs with EC material made
+The module's lab signs with plug-in CA material generated like Istio's
+``samples/certs`` (``tests/istio_like_certs.py``, same layout: root, intermediate,
+chain; RSA, an intermediate without a subject key identifier, no SPIFFE URI SAN);
+another lab signs with EC material made
 with openssl the way istio ``tools/certs/common.mk`` makes it, one level deeper
 (root -> intermediate -> sub-intermediate). Peers trust only ``root-cert.pem``, so
 every handshake that works shows the chain was sent.
@@ -22,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from istio_like_certs import istio_samples_dir
 from labkit import (
     Lab,
     LabFactory,
@@ -40,7 +42,7 @@ from agent.identity.spiffe import SpiffeId
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
-SAMPLES = Path(__file__).parents[1] / "data" / "istio-samples-certs"
+SAMPLES = istio_samples_dir()  # generated like istio samples/certs (tests/istio_like_certs.py)
 LAB = LabSpec(letter="i", ca_from=str(SAMPLES))
 TRUST_DOMAIN = "cluster.local"
 ECHO_PORT = 7070
@@ -102,8 +104,8 @@ def lab(mesh_lab: Lab) -> Lab:
 def test_tunnels_signing_with_istio_sample_ca_carry_traffic(lab: Lab, tmp_path: Path) -> None:
     record = _echo_over_hbone(lab)
     assert record["result"] == "ok", record
-    # node2's tunnel presents leaf + Istio's intermediate: a client trusting only
-    # Istio's root-cert.pem verifies it; it accepts our client leaf + chain.
+    # node2's tunnel presents leaf + the plug-in intermediate: a client trusting only
+    # the sample root-cert.pem verifies it; it accepts our client leaf + chain.
     ca = load_ca(Path(lab.run_dir) / "ca", TRUST_DOMAIN)
     issued = ca.issue(SA_A)
     ok = _h2_connect(lab, _files(tmp_path, "chain", issued.full_chain_pem, issued.key_pem),

@@ -24,6 +24,7 @@ from identity_certs import (
     new_key,
     pem,
 )
+from istio_like_certs import istio_samples_dir
 
 from agent.cli import main as cli
 from agent.identity.ca import (
@@ -40,7 +41,7 @@ from agent.identity.store import IdentityStore
 from agent.identity.verify import PeerRole, peer_spiffe_id, verify_tls_peer
 
 WEB = SpiffeId("cluster.local", "default", "web")
-SAMPLES = Path(__file__).parents[2] / "data" / "istio-samples-certs"
+SAMPLES = istio_samples_dir()  # generated like istio samples/certs (tests/istio_like_certs.py)
 FOO = SpiffeId("trust-domain-foo", "foo", "foo")
 
 

@@ -1,9 +1,10 @@
 """The identity layer against an independent TLS implementation: the openssl CLI.
 
-``openssl s_client`` / ``s_server`` trust only Istio's ``root-cert.pem`` (istio
-``samples/certs``), so each handshake that verifies shows the other side sent its
-chain; the certificates meshagent verifies are ones Istio issued (sample
-``workload-foo``), or ours issued from Istio's plug-in CA material.
+``openssl s_client`` / ``s_server`` trust only ``root-cert.pem`` of material generated
+like Istio's ``samples/certs`` (``tests/istio_like_certs.py``, same layout: root,
+intermediate, chain), so each handshake that verifies shows the other side sent its
+chain; the certificates meshagent verifies are leaves issued as Istio issues them
+(``workload-foo``, signed by the plug-in CA), or ours issued from that plug-in CA.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+from istio_like_certs import istio_samples_dir
 
 from agent.hbone.client import HboneClient
 from agent.hbone.exceptions import HbonePeerIdentityError
@@ -24,9 +26,9 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
 from agent.identity.verify import PeerRole, verify_tls_peer
 
-SAMPLES = Path(__file__).parents[2] / "data" / "istio-samples-certs"
+SAMPLES = istio_samples_dir()  # generated like istio samples/certs (tests/istio_like_certs.py)
 TD = "trust-domain-foo"
-FOO = SpiffeId(TD, "foo", "foo")  # Istio's sample workload-foo-cert.pem
+FOO = SpiffeId(TD, "foo", "foo")  # the sample workload-foo-cert.pem
 ME = SpiffeId(TD, "default", "me")
 OPENSSL = shutil.which("openssl")
 LOOPBACK = "127.0.0.1"
@@ -34,7 +36,7 @@ LOOPBACK = "127.0.0.1"
 
 
 def _leaf_only(name: str, tmp_path: Path) -> Path:
-    """The first certificate of Istio's sample ``workload-<name>-cert.pem`` (leaf + CA)."""
+    """The first certificate of the sample ``workload-<name>-cert.pem`` (leaf + CA)."""
     text = (SAMPLES / f"workload-{name}-cert.pem").read_bytes()
     path = tmp_path / f"{name}-leaf.pem"
     path.write_bytes(text.split(b"-----END CERTIFICATE-----")[0]
@@ -56,7 +58,7 @@ def _free_port() -> int:
 
 def test_openssl_client_verifies_our_chain_and_we_verify_its(ca: MeshCA, tmp_path: Path
                                                               ) -> None:
-    """s_client presents Istio's workload-foo (leaf + intermediate) to our server."""
+    """s_client presents the sample workload-foo (leaf + intermediate) to our server."""
     store = IdentityStore(ca)
     seen: list[SpiffeId] = []
     leaf = _leaf_only("foo", tmp_path)
@@ -95,7 +97,7 @@ def test_openssl_client_verifies_our_chain_and_we_verify_its(ca: MeshCA, tmp_pat
 
 def test_we_verify_openssl_server_and_it_verifies_our_chain(ca: MeshCA, tmp_path: Path
                                                              ) -> None:
-    """s_server presents Istio's workload-foo and requires our client cert + chain."""
+    """s_server presents the sample workload-foo and requires our client cert + chain."""
     store = IdentityStore(ca)
     port = _free_port()
     leaf = _leaf_only("foo", tmp_path)
@@ -137,7 +139,7 @@ def test_we_verify_openssl_server_and_it_verifies_our_chain(ca: MeshCA, tmp_path
 
 
 def test_openssl_server_of_another_trust_domain_refused(ca: MeshCA, tmp_path: Path) -> None:
-    """Istio's workload-bar (trust-domain-bar, same CA) as a server: refused."""
+    """The sample workload-bar (trust-domain-bar, same CA) as a server: refused."""
     store = IdentityStore(ca)
     port = _free_port()
 

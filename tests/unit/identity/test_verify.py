@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from identity_certs import NOW, contexts_for, handshake, leaf, workload_cert
+from istio_like_certs import istio_samples_dir
 
 from agent.hbone.client import HboneClient
 from agent.hbone.exceptions import (
@@ -38,7 +39,7 @@ TD = "cluster.local"
 WEB = SpiffeId(TD, "default", "web")
 SERVER = SpiffeId(TD, "istio-system", "ztunnel")
 EVIL = "spiffe://evil.example/ns/default/sa/web"
-SAMPLES = Path(__file__).parents[2] / "data" / "istio-samples-certs"
+SAMPLES = istio_samples_dir()  # generated like istio samples/certs (tests/istio_like_certs.py)
 LOOPBACK = "127.0.0.1"
 
 
@@ -159,16 +160,43 @@ def test_handshake_refuses_wrong_purpose_and_expired(ca: MeshCA) -> None:
         handshake(store.client_context(WEB), expired_server)
 
 
-# ---- Istio-issued workload certificates (istio samples/certs) ----------------------------
+# ---- Istio-profile workload certificates (generated like istio samples/certs) -----------
 
 
 def _istio_workload(name: str) -> tuple[ssl.SSLContext, x509.Certificate]:
-    """A client context presenting Istio's sample workload cert + its chain."""
+    """A client context presenting the sample workload cert + its chain."""
     certs = x509.load_pem_x509_certificates((SAMPLES / f"workload-{name}-cert.pem").read_bytes())
     key = serialization.load_pem_private_key(
         (SAMPLES / f"workload-{name}-key.pem").read_bytes(), None)
     root = x509.load_pem_x509_certificate((SAMPLES / "root-cert.pem").read_bytes())
     return client_context_for(workload_cert(certs[0], key, certs[1:], [root])), certs[0]
+
+
+def test_sample_material_has_the_istio_properties_the_tests_rely_on() -> None:
+    """As in istio samples/certs: the CA has no SKI, so the leaves have no AKI, and
+    cryptography's PolicyBuilder profile refuses them (why verify.py does not use it),
+    while OpenSSL accepts them (the handshakes below); the chain is the CA alone."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    ca_cert = x509.load_pem_x509_certificate((SAMPLES / "ca-cert.pem").read_bytes())
+    root = x509.load_pem_x509_certificate((SAMPLES / "root-cert.pem").read_bytes())
+    assert x509.load_pem_x509_certificates((SAMPLES / "cert-chain.pem").read_bytes()) \
+        == [ca_cert]
+    with pytest.raises(x509.ExtensionNotFound):
+        ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    for name, uri in (("foo", "spiffe://trust-domain-foo/ns/foo/sa/foo"),
+                      ("bar", "spiffe://trust-domain-bar/ns/bar/sa/bar")):
+        cert, chain_ca = x509.load_pem_x509_certificates(
+            (SAMPLES / f"workload-{name}-cert.pem").read_bytes())
+        assert chain_ca == ca_cert
+        assert cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier) == [uri]
+        with pytest.raises(x509.ExtensionNotFound):
+            cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+        verifier = PolicyBuilder().store(Store([root])).build_client_verifier()
+        with pytest.raises(VerificationError, match=r"2\.5\.29\.35"):
+            verifier.verify(cert, [ca_cert])
 
 
 def test_istio_issued_leaf_of_our_trust_domain_accepted(tmp_path: Path) -> None:
@@ -179,7 +207,7 @@ def test_istio_issued_leaf_of_our_trust_domain_accepted(tmp_path: Path) -> None:
     client, server = handshake(foo_ctx, store.server_context(me))
     assert verify_tls_peer(server, role=PeerRole.CLIENT, trust_domain="trust-domain-foo") \
         == SpiffeId("trust-domain-foo", "foo", "foo")
-    # and Istio's workload, trusting only root-cert.pem, accepts our leaf + chain
+    # and the sample workload, trusting only root-cert.pem, accepts our leaf + chain
     assert verify_tls_peer(client, role=PeerRole.SERVER, trust_domain="trust-domain-foo",
                            expected=me) == me
 
