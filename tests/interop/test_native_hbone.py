@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import shutil
 import socket
 import ssl
 import struct
@@ -27,6 +26,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
+from node_peers import node_process, pattern, read_line
 
 from agent.hbone.client import HboneClient
 from agent.hbone.server import HboneServerRequest, serve_hbone
@@ -53,7 +53,6 @@ ENHANCE_YOUR_CALM = 0xB
 REFUSED_STREAM = 0x7
 
 
-NODE_DIR = Path(__file__).parent / "node"
 
 
 # The Node helpers below mirror tests/interop/test_node_http2.py (h3-hbone's file, which
@@ -67,41 +66,6 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     paths["key"].write_bytes(cert.key_pem)
     paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
-
-
-@contextlib.asynccontextmanager
-async def node_process(script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("Node.js ('node') is required for the native HBONE interop tests")
-    proc = await asyncio.create_subprocess_exec(
-        node, str(NODE_DIR / script), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(proc.wait(), 5)
-
-
-async def read_line(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> str:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-    if not line:
-        stderr = b""
-        if proc.stderr is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                stderr = await asyncio.wait_for(proc.stderr.read(), 2)
-        raise AssertionError(f"node exited early: {stderr.decode(errors='replace')}")
-    return line.decode().strip()
-
-
-def pattern(size: int) -> bytes:
-    """The byte pattern connect_client.js sends: 64 KiB blocks of (i*7+3) & 0xff."""
-    block = bytes(((i * 7 + 3) & 0xFF) for i in range(64 * 1024))
-    return (block * (size // len(block) + 1))[:size]
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:

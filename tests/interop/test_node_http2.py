@@ -11,16 +11,15 @@ The Node scripts exit on their own after a bounded time; we also kill them in fi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import shutil
 import ssl
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
+from node_peers import node_process, pattern, read_line
 
 from agent.hbone.client import HboneClient
 from agent.hbone.exceptions import HboneRejected, HboneStreamError
@@ -31,7 +30,6 @@ from agent.identity.ca import WorkloadCert, init_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
 
-NODE_DIR = Path(__file__).parent / "node"
 TRUST_DOMAIN = "cluster.local"
 CLIENT = SpiffeId(TRUST_DOMAIN, "default", "node-client")
 SERVER = SpiffeId(TRUST_DOMAIN, "istio-system", "node-server")
@@ -41,13 +39,6 @@ NODE_TIMEOUT = 20  # seconds the node scripts allow themselves before exiting
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 40.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def node_binary() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("Node.js ('node') is required for the HBONE interop tests")
-    return node
 
 
 @pytest.fixture(scope="module")
@@ -65,38 +56,6 @@ def write_pems(directory: Path, cert: WorkloadCert) -> dict[str, str]:
     paths["key"].write_bytes(cert.key_pem)
     paths["ca"].write_bytes(cert.trust_anchors_pem)
     return {name: str(path) for name, path in paths.items()}
-
-
-@contextlib.asynccontextmanager
-async def node_process(script: str, *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        node_binary(), str(NODE_DIR / script), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(proc.wait(), 5)
-
-
-async def read_line(proc: asyncio.subprocess.Process, timeout: float = 10.0) -> str:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-    if not line:
-        stderr = b""
-        if proc.stderr is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                stderr = await asyncio.wait_for(proc.stderr.read(), 2)
-        raise AssertionError(f"node exited early: {stderr.decode(errors='replace')}")
-    return line.decode().strip()
-
-
-def pattern(size: int) -> bytes:
-    """The byte pattern connect_client.js sends: 64 KiB blocks of (i*7+3) & 0xff."""
-    block = bytes(((i * 7 + 3) & 0xFF) for i in range(64 * 1024))
-    return (block * (size // len(block) + 1))[:size]
 
 
 async def read_until_eof(stream: HboneStream, limit: int = 64 * 1024 * 1024) -> bytes:
