@@ -75,6 +75,11 @@ def warnings(model: Model) -> list[str]:
             "in the file (never selected)" for s, ep in model.dangling_endpoints()]
     out += [f"service {s.key()} has no endpoints: connections to its VIPs are reset"
             for s in model.services if not model.endpoints(s)]
+    out += [f"{what} uses waypoint {g}, which names no workload: its connections are "
+            "refused (fail closed)"
+            for what, g in [*((f"service {s.key()}", s.waypoint) for s in model.services),
+                            *((f"workload {w.uid}", w.waypoint) for w in model.workloads)]
+            if g is not None and not model.waypoint_instances(g)]
     return out
 
 

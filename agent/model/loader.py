@@ -16,7 +16,7 @@ Stricter than ztunnel, on purpose (never half-understood, never widened):
   ``Workload`` with ``#[serde(flatten)]``, and serde documents
   ``deny_unknown_fields`` as unsupported together with flatten, so ztunnel may let
   unknown workload fields through);
-- fields we cannot honour are refused when set: waypoints, network gateways,
+- fields we cannot honour are refused when set: weighted waypoints, network gateways,
   ``cidrVips``, application tunnels, native tunnels, hostname-only workloads, and
   ztunnel-format ``policies`` (enforcing none of them would open access: write
   AuthorizationPolicy YAML under ``tunnel.policy_dir`` instead);
@@ -48,6 +48,7 @@ import yaml
 
 from agent.model.types import (
     Endpoint,
+    GatewayAddress,
     HealthPolicy,
     HealthStatus,
     InboundProtocol,
@@ -88,17 +89,17 @@ SERVICE_REQUIRED = ("name", "namespace", "hostname", "vips", "ports")
 ENDPOINT_FIELDS = ("workloadUid", "port", "status")
 LOAD_BALANCER_FIELDS = ("routingPreferences", "mode", "healthPolicy")
 LOCALITY_FIELDS = ("region", "zone", "subzone")
+# src/state/workload.rs :: GatewayAddress (deny_unknown_fields, both required).
+GATEWAY_FIELDS = ("destination", "hboneMtlsPort")
 # Known to ztunnel, not supported here: refused unless absent/empty/false.
 UNSUPPORTED_WORKLOAD_FIELDS = {
-    "waypoint": "waypoints are not supported",
     "networkGateway": "network gateways (multi-network) are not supported",
     "nativeTunnel": "native tunnel workloads are not supported",
     "applicationTunnel": "application tunnels (PROXY protocol) are not supported",
 }
 UNSUPPORTED_SERVICE_FIELDS = {
     "cidrVips": "CIDR VIPs are not supported; list each VIP in vips",
-    "waypoint": "waypoints are not supported",
-    "weightedWaypoints": "waypoints are not supported",
+    "weightedWaypoints": "weighted waypoints are not supported (use waypoint)",
 }
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -273,6 +274,33 @@ def _parse_locality(value: Any, path: str) -> Locality:
     return Locality(*(_string(data[k], f"{path}.{k}") for k in LOCALITY_FIELDS))
 
 
+def parse_gateway(value: Any, path: str) -> GatewayAddress | None:
+    """A ``waypoint`` field: ``{destination: "ns/hostname" | "network/IP",
+    hboneMtlsPort: N}``. As serde's untagged ``Destination``: an address when what
+    follows the first ``/`` is an IP, else a namespaced hostname."""
+    if value is None:
+        return None
+    data = _mapping(value, path, GATEWAY_FIELDS, GATEWAY_FIELDS)
+    dest_path = f"{path}.destination"
+    text = data["destination"]
+    if not isinstance(text, str):
+        raise _Invalid(dest_path, "must be a \"namespace/hostname\" or \"network/IP\" "
+                                  f"string, not {_type_name(text)}")
+    destination: NetworkAddress | NamespacedHostname
+    try:
+        destination = NetworkAddress.parse(text)
+    except ValueError:
+        try:
+            destination = NamespacedHostname.parse(text)
+        except ValueError:
+            raise _Invalid(dest_path, f"{text!r} is neither network/IP nor "
+                                      "namespace/hostname") from None
+        _namespace(destination.namespace, dest_path)
+        _hostname(destination.hostname, dest_path)
+    port = _int(data["hboneMtlsPort"], f"{path}.hboneMtlsPort", 1, 65535, "HBONE port")
+    return GatewayAddress(destination, port)
+
+
 def parse_workload(value: Any, path: str) -> Workload:
     """One ``workloads[]`` entry -> Workload; raises _Invalid."""
     data = _mapping(value, path, WORKLOAD_FIELDS)
@@ -336,6 +364,7 @@ def parse_workload(value: Any, path: str) -> Workload:
         capacity=_int(capacity, f"{path}.capacity", 0, 2**32 - 1, "capacity"),
         authorization_policies=authz,
         services=tuple(sorted(bindings, key=lambda b: b.service)),
+        waypoint=parse_gateway(data.get("waypoint"), f"{path}.waypoint"),
     )
 
 
@@ -403,6 +432,7 @@ def parse_service(value: Any, path: str) -> Service:
                                                         f"{path}.ipFamilies"),
         canonical=_bool(data.get("canonical"), f"{path}.canonical"),
         visibility=_enum(Visibility, data.get("visibility", "Public"), f"{path}.visibility"),
+        waypoint=parse_gateway(data.get("waypoint"), f"{path}.waypoint"),
     )
 
 
@@ -494,6 +524,10 @@ def _ports_out(ports: PortMap) -> dict[int, int]:
     return dict(ports)
 
 
+def gateway_to_yaml(g: GatewayAddress) -> dict[str, Any]:
+    return {"destination": str(g.destination), "hboneMtlsPort": g.hbone_mtls_port}
+
+
 def workload_to_yaml(w: Workload) -> dict[str, Any]:
     """ztunnel's LocalWorkload fields; defaults are left out where ztunnel has a default."""
     out: dict[str, Any] = {"uid": w.uid, "name": w.name, "namespace": w.namespace}
@@ -520,6 +554,8 @@ def workload_to_yaml(w: Workload) -> dict[str, Any]:
     if w.authorization_policies:
         out["authorizationPolicies"] = list(w.authorization_policies)
     out["services"] = {str(b.service): _ports_out(b.ports) for b in w.services}
+    if w.waypoint is not None:
+        out["waypoint"] = gateway_to_yaml(w.waypoint)
     return out
 
 
@@ -543,6 +579,8 @@ def service_to_yaml(s: Service) -> dict[str, Any]:
         out["canonical"] = True
     if s.visibility is not Visibility.PUBLIC:
         out["visibility"] = s.visibility.value
+    if s.waypoint is not None:
+        out["waypoint"] = gateway_to_yaml(s.waypoint)
     return out
 
 

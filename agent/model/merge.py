@@ -11,10 +11,12 @@ The rule: **this node's enrollment is the truth about this node's pods.**
   protocol (``HBONE``: enrolled pods take mesh traffic) come from the enrollment. What
   the enrollment does not know is kept from the replaced entry: its ``services``
   bindings, canonical name/revision, locality, cluster, when the local workload leaves
-  them empty.
+  them empty (and its ``waypoint``).
 - Any other model entry holding a local workload's address is dropped (a pod that
   moved or an address reused: the kernel says who has it now), as is a model entry
-  that claims to be on this node but is not enrolled (a pod that is gone).
+  that claims to be on this node but is not enrolled (a pod that is gone), unless
+  a waypoint address names it: waypoint pods are never enrolled (Istio labels them
+  ``istio.io/dataplane-mode: none``) and are still the mesh's to reach.
 - Services are untouched. Each displacement is reported as a :class:`MergeConflict`
   so the caller can log it.
 
@@ -106,7 +108,8 @@ def _fill_from(local: Workload, model_entry: Workload) -> Workload:
         locality=local.locality if local.locality != Locality() else model_entry.locality,
         cluster_id=local.cluster_id or model_entry.cluster_id,
         authorization_policies=local.authorization_policies
-        or model_entry.authorization_policies)
+        or model_entry.authorization_policies,
+        waypoint=local.waypoint or model_entry.waypoint)
 
 
 def merge_local_workloads(model: Model, local: Iterable[Workload],
@@ -138,6 +141,7 @@ def merge_local_workloads(model: Model, local: Iterable[Workload],
             merged_local.append(lw)
     local_addrs = {na: lw.uid for lw in merged_local for na in lw.network_addresses()}
     local_uids = {lw.uid for lw in merged_local}
+    waypoints = model.waypoint_uids()
     kept: list[Workload] = []
     for w in model.workloads:
         if w.uid in consumed or w.uid in local_uids:
@@ -146,7 +150,7 @@ def merge_local_workloads(model: Model, local: Iterable[Workload],
         if taken:
             conflicts.append(MergeConflict(ConflictKind.ADDRESS_TAKEN, w.uid, taken[0]))
             continue
-        if node and w.node == node:
+        if node and w.node == node and w.uid not in waypoints:
             conflicts.append(MergeConflict(ConflictKind.NOT_ENROLLED, w.uid))
             continue
         kept.append(w)

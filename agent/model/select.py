@@ -15,6 +15,9 @@ as ztunnel's outbound does (istio/ztunnel src/proxy/outbound.rs ::
 2. The address is a workload's: that workload, same port.
 3. Anything else passes through (not in the mesh).
 
+Before that, :func:`resolve_waypoint` decides whether the connection goes to a
+waypoint instead (the waypoint step of ``build_request``).
+
 Selection (``load_balance``): endpoints are filtered by health (unless the service's
 health policy is ``AllowAll``), by having the port, by being reachable (an address
 on the source's network: no network gateways here); with a load balancer of mode
@@ -39,6 +42,7 @@ from enum import Enum
 
 from agent.model.types import (
     Endpoint,
+    GatewayAddress,
     InboundProtocol,
     IPAddress,
     LoadBalancerMode,
@@ -265,3 +269,123 @@ def resolve_outbound(model: Model, src: Workload, dst_ip: IPAddress | str, dst_p
         return Upstream(OutboundOutcome.WORKLOAD, original, workload=direct, address=ip,
                         port=dst_port, protocol=direct.protocol)
     return Upstream(OutboundOutcome.PASSTHROUGH, original)
+
+
+# -- waypoints ----------------------------------------------------------------------
+
+
+class WaypointOutcome(Enum):
+    NOT_BOUND = "not_bound"          # no waypoint: route as resolve_outbound says
+    FROM_WAYPOINT = "from_waypoint"  # the source is the destination's own waypoint
+    WAYPOINT = "waypoint"            # send it to the waypoint
+    MISSING = "waypoint_missing"     # the waypoint names nothing (fail closed)
+    LOOP = "waypoint_loop"           # the waypoint would send it back to a waypoint
+
+    @property
+    def fails_closed(self) -> bool:
+        return self in (WaypointOutcome.MISSING, WaypointOutcome.LOOP)
+
+
+@dataclass(frozen=True)
+class WaypointHop:
+    """Whether a captured connection goes to a waypoint, and which instance.
+
+    ``service`` is the service the client addressed (VIP), ``target`` the workload
+    it addressed (not service-addressed); ``gateway`` the waypoint address bound to
+    it; ``instance``/``address``/``port`` the waypoint workload picked and where its
+    HBONE listener is.
+    """
+
+    outcome: WaypointOutcome
+    original: tuple[IPAddress, int]
+    service: Service | None = None
+    target: Workload | None = None
+    gateway: GatewayAddress | None = None
+    instance: Workload | None = None
+    address: IPAddress | None = None
+    port: int = 0
+    reason: str = ""
+
+    def authority(self) -> str:
+        """The CONNECT ``:authority``: the original ``VIP:port`` or ``podIP:port``
+        (outbound.rs: ``hbone_target_destination: Some(HboneAddress::SocketAddr(target))``)."""
+        return socket_text(*self.original)
+
+
+def is_from_waypoint(model: Model, gateway: GatewayAddress, src_identity: str | None,
+                     src_ip: IPAddress, trust_domain: str) -> bool:
+    """ztunnel ``check_from_waypoint``: a workload the gateway names has the source's
+    identity *and* address."""
+    return src_identity is not None and any(
+        w.identity(trust_domain) == src_identity and src_ip in w.workload_ips
+        for w in model.waypoint_instances(gateway))
+
+
+def _pick_waypoint(model: Model, src: Workload, gateway: GatewayAddress,
+                   rng: random.Random) -> tuple[Workload | None, str]:
+    """ztunnel ``fetch_waypoint`` (``ServiceResolutionMode::Waypoint``): the workload
+    at a waypoint address, or one healthy endpoint of the waypoint's service on its
+    HBONE port; (None, why) when there is none."""
+    dest = gateway.destination
+    if isinstance(dest, NetworkAddress):
+        found = model.workload_by_address(dest)
+        if found is not None:
+            return found, ""
+        services = model.services_by_vip(dest)
+    else:
+        service = model.service(dest)
+        services = (service,) if service is not None else ()
+    if not services:
+        return None, f"waypoint {dest} not found"
+    service = services[0]
+    options, reason = candidates(model, src, service, gateway.hbone_mtls_port)
+    chosen = pick_endpoint(options, rng)
+    if chosen is None:
+        why = reason.value if reason else NoUpstreamReason.NO_WEIGHT.value
+        return None, f"waypoint {dest} has no instance on port {gateway.hbone_mtls_port}: {why}"
+    return chosen[1], ""
+
+
+def resolve_waypoint(model: Model, src: Workload, dst_ip: IPAddress | str, dst_port: int,
+                     rng: random.Random, *, src_identity: str | None = None,
+                     src_ip: IPAddress | str | None = None,
+                     trust_domain: str = "cluster.local") -> WaypointHop:
+    """The waypoint step of ztunnel's ``build_request`` (src/proxy/outbound.rs): a
+    VIP of a service with a waypoint goes to that waypoint; a connection that is not
+    service-addressed, to a workload with a waypoint, goes to the workload's waypoint
+    unless it comes from that waypoint (``check_from_waypoint``). Beyond ztunnel,
+    which trusts istiod, the service case also lets the waypoint's own traffic through
+    (it is never captured here, but would loop if it were), and a waypoint that names
+    nothing (``UnknownWaypoint``) or whose instance is the destination itself or has a
+    waypoint of its own is reported (MISSING, LOOP) so the caller fails closed."""
+    ip = ipaddress.ip_address(dst_ip)
+    original = (ip, dst_port)
+    source_ip = ipaddress.ip_address(src_ip) if src_ip is not None else None
+    target = NetworkAddress(src.network, ip)
+    service = model.service_by_vip(target, src.namespace)
+    workload: Workload | None = None
+    if service is not None:
+        gateway = service.waypoint
+    else:
+        workload = model.workload_by_address(target)
+        gateway = workload.waypoint if workload is not None else None
+    if gateway is None:
+        return WaypointHop(WaypointOutcome.NOT_BOUND, original, service, workload)
+    if source_ip is not None and is_from_waypoint(model, gateway, src_identity, source_ip,
+                                                  trust_domain):
+        return WaypointHop(WaypointOutcome.FROM_WAYPOINT, original, service, workload,
+                           gateway, reason="from the destination's own waypoint")
+    instance, why = _pick_waypoint(model, src, gateway, rng)
+    if instance is None:
+        return WaypointHop(WaypointOutcome.MISSING, original, service, workload, gateway,
+                           reason=why)
+    if (workload is not None and instance.uid == workload.uid) or instance.waypoint is not None:
+        return WaypointHop(WaypointOutcome.LOOP, original, service, workload, gateway, instance,
+                           reason=f"waypoint {gateway.destination} ({instance.uid}) would send "
+                                  "it to a waypoint again")
+    address = pick_address(instance, ip, None)
+    if address is None:
+        return WaypointHop(WaypointOutcome.MISSING, original, service, workload, gateway,
+                           instance, reason=f"waypoint instance {instance.uid} has no address")
+    return WaypointHop(WaypointOutcome.WAYPOINT, original, service, workload, gateway,
+                       instance, address, gateway.hbone_mtls_port)

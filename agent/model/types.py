@@ -161,6 +161,27 @@ def lookup_port(ports: PortMap, service_port: int) -> int | None:
     return None
 
 
+HBONE_MTLS_PORT = 15008
+
+
+@dataclass(frozen=True)
+class GatewayAddress:
+    """Where a waypoint is reached (proto ``GatewayAddress``; src/state/workload.rs ::
+    ``GatewayAddress``): a ``namespace/hostname`` (the waypoint's Service, the form
+    istiod sends) or a ``network/IP`` (a waypoint workload or VIP), and the port its
+    HBONE listener takes mTLS on.
+
+    Written in the local-config YAML as ztunnel's serde writes it:
+    ``{destination: "ns/host" | "network/IP", hboneMtlsPort: 15008}`` (``Destination``
+    is ``#[serde(untagged)]``: an address when the part after ``/`` is an IP)."""
+
+    destination: NetworkAddress | NamespacedHostname
+    hbone_mtls_port: int = HBONE_MTLS_PORT
+
+    def __str__(self) -> str:
+        return f"{self.destination}:{self.hbone_mtls_port}"
+
+
 @dataclass(frozen=True)
 class Locality:
     region: str = ""
@@ -202,6 +223,9 @@ class Workload:
     capacity: int = 1
     authorization_policies: tuple[str, ...] = ()
     services: tuple[ServiceBinding, ...] = ()
+    # The workload waypoint (proto Workload.waypoint): traffic addressed to this
+    # workload (not through a service) goes there.
+    waypoint: GatewayAddress | None = None
 
     def identity(self, default_trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
         """The SPIFFE ID (proto: trust domain and service account may be elided)."""
@@ -260,6 +284,8 @@ class Service:
     ip_families: IpFamily | None = None
     canonical: bool = False
     visibility: Visibility = Visibility.PUBLIC
+    # The service waypoint (proto Service.waypoint): traffic to a VIP goes there.
+    waypoint: GatewayAddress | None = None
 
     def key(self) -> NamespacedHostname:
         return NamespacedHostname(self.namespace, self.hostname)
@@ -459,6 +485,33 @@ class Model:
         """Workload bindings naming a service the model does not have (ztunnel stages
         these until the service arrives; from a file they never do)."""
         return [(w, b) for w in self.workloads for b in w.services if b.service not in self._by_key]
+
+    def waypoint_instances(self, gateway: GatewayAddress) -> tuple[Workload, ...]:
+        """The workloads a waypoint address names (ztunnel ``check_gateway_address``):
+        the workload at a ``network/IP``, or every endpoint workload of the service at
+        that VIP or ``namespace/hostname``; () when it names nothing."""
+        dest = gateway.destination
+        if isinstance(dest, NetworkAddress):
+            found = self.workload_by_address(dest)
+            if found is not None:
+                return (found,)
+            services = self.services_by_vip(dest)
+        else:
+            service = self.service(dest)
+            services = (service,) if service is not None else ()
+        out = []
+        for s in services:
+            for ep in self.endpoints(s):
+                w = self.workload_by_uid(ep.workload_uid)
+                if w is not None:
+                    out.append(w)
+        return tuple(out)
+
+    def waypoint_uids(self) -> frozenset[str]:
+        """The uids of every workload some service's or workload's waypoint names."""
+        gateways = {g for g in (*(s.waypoint for s in self.services),
+                                *(w.waypoint for w in self.workloads)) if g is not None}
+        return frozenset(w.uid for g in gateways for w in self.waypoint_instances(g))
 
     def dangling_endpoints(self) -> list[tuple[Service, Endpoint]]:
         """Inline endpoints whose workload uid is unknown (never selected)."""

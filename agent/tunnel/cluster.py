@@ -11,10 +11,12 @@ is rebuilt whenever either changes and swapped in with one assignment.
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.model.merge import MergeConflict, merge_local_workloads, workload_from_enrollment
+from agent.model.select import WaypointHop, resolve_waypoint
 from agent.model.types import InboundProtocol, Locality, Model, NetworkAddress, lookup_port
 from agent.model.types import Workload as ModelWorkload
 from agent.tunnel.workloads import ServiceEntry, Workload
@@ -38,6 +40,8 @@ class Cluster:
     node: str
     trust_domain: str
     cluster_id: str = DEFAULT_CLUSTER_ID
+    # Workloads some waypoint address names (never enrolled, reached over HBONE).
+    waypoints: frozenset[str] = field(default_factory=frozenset)
 
     def workload_at(self, ip: str) -> ModelWorkload | None:
         address = _address(ip)
@@ -59,11 +63,21 @@ class Cluster:
                         identity=w.identity(self.trust_domain), labels=labels)
 
     def remote(self, ip: str) -> Workload | None:
-        """A mesh (HBONE) workload at ``ip`` that the model places on another node."""
+        """A mesh (HBONE) workload at ``ip`` that the model places on another node, or
+        a waypoint instance (never enrolled: reached over HBONE wherever it runs)."""
         w = self.workload_at(ip)
-        if w is None or w.protocol is not InboundProtocol.HBONE or w.node == self.node:
+        if w is None or w.protocol is not InboundProtocol.HBONE or (
+                w.node == self.node and w.uid not in self.waypoints):
             return None
         return self.tunnel_workload(w)
+
+    def waypoint_hop(self, src_ip: str, local: Workload | None, dst_ip: str, dst_port: int,
+                     rng: random.Random) -> WaypointHop:
+        """Whether a connection from ``src_ip`` (this node's ``local`` workload) to
+        ``dst_ip:dst_port`` goes to a waypoint (:func:`agent.model.select.resolve_waypoint`)."""
+        return resolve_waypoint(self.model, self.source(src_ip, local), dst_ip, dst_port, rng,
+                                src_identity=local.identity if local else None, src_ip=src_ip,
+                                trust_domain=self.trust_domain)
 
     def is_mesh_destination(self, ip: str) -> bool:
         """A VIP (resolved per connection) or an HBONE workload's address."""
@@ -117,7 +131,7 @@ def build_cluster(model: Model, local: Iterable[Workload], *, node: str, trust_d
         addresses=w.addresses, node=node, labels=w.labels, cluster_id=cluster_id,
         trust_domain=trust_domain, locality=locality) for w in local]
     merged, conflicts = merge_local_workloads(model, enrolled, node)
-    return Cluster(merged, node, trust_domain, cluster_id), conflicts
+    return Cluster(merged, node, trust_domain, cluster_id, merged.waypoint_uids()), conflicts
 
 
 def dns_client(cluster: Cluster | None, local: Workload | None, ip: str) -> ModelWorkload | None:

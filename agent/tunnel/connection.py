@@ -38,6 +38,8 @@ class ConnectionRecord:
     # ``service``) and the address the client asked for (``original_dst``).
     service: ServiceRef | None = None
     original_dst: str | None = None
+    # Sent to (or refused for) a waypoint: its address as the model names it.
+    waypoint: str | None = None
     # Set once the upstream leg is up: the connection counts as opened in metrics.
     opened: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -55,7 +57,7 @@ class ConnectionRecord:
             "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
         }
         for key in ("src_identity", "dst_identity", "reason", "policy", "traceparent",
-                    "original_dst"):
+                    "original_dst", "waypoint"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

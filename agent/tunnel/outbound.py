@@ -21,7 +21,16 @@ carries the connection:
   connection takes the endpoint's path above (HBONE to ``endpointIP:15008`` with
   ``:authority endpointIP:targetPort`` and ``Forwarded: for=...;host=<hostname>``,
   same node, or a direct dial of a plaintext endpoint); with no healthy endpoint
-  the client is reset at once (``no_healthy_upstream``, flag UH).
+  the client is reset at once (``no_healthy_upstream``, flag UH);
+- a destination bound to a waypoint (``waypoint``; first, as ztunnel's outbound.rs
+  ``build_request``): a VIP of a service with a waypoint, or a workload with a
+  waypoint when the connection is not service-addressed and does not come from that
+  waypoint (:func:`agent.model.select.resolve_waypoint`). HBONE to the waypoint
+  instance's ``IP:15008`` with ``:authority`` the original ``VIP:port`` /
+  ``podIP:port``, presenting the source pod's certificate and expecting the
+  waypoint's SPIFFE ID; metrics name the waypoint as the destination workload and
+  the service the client asked for. A waypoint that names nothing, or a loop, is
+  refused (``no_waypoint``, ``waypoint_loop``): never sent direct.
 """
 
 from __future__ import annotations
@@ -32,7 +41,13 @@ import ssl
 from agent.hbone import headers as hbone
 from agent.hbone.exceptions import HbonePeerIdentityError, HboneRejected, HboneStreamError
 from agent.identity.spiffe import parse_spiffe_id
-from agent.model.select import OutboundOutcome, Upstream, resolve_outbound
+from agent.model.select import (
+    OutboundOutcome,
+    Upstream,
+    WaypointHop,
+    WaypointOutcome,
+    resolve_outbound,
+)
 from agent.telemetry.metrics import ServiceRef
 from agent.tunnel.connection import ConnectionRecord, fmt_addr
 from agent.tunnel.headers import TRACEPARENT_HEADER, TraceParent, baggage_entries
@@ -63,6 +78,11 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
     src = inputs.workloads.local(src_ip)
     rec.src_identity = src.identity if src else None
     cluster = inputs.workloads.cluster()
+    if cluster is not None:
+        hop = cluster.waypoint_hop(src_ip, src, dst_ip, dst_port, inputs.rng)
+        if hop.outcome not in (WaypointOutcome.NOT_BOUND, WaypointOutcome.FROM_WAYPOINT):
+            await _to_waypoint(inputs, pipeline, rec, downstream, src, hop)
+            return
     if cluster is not None and cluster.is_vip(dst_ip):
         up = resolve_outbound(cluster.model, cluster.source(src_ip, src), dst_ip, dst_port,
                               inputs.rng)
@@ -122,6 +142,45 @@ async def _to_service(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRe
     await _hbone(inputs, pipeline, rec, downstream, src, target_port, forwarded=forwarded)
 
 
+async def _to_waypoint(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
+                       downstream: SocketDownstream, src: Workload | None,
+                       hop: WaypointHop) -> None:
+    """Carry a connection to the waypoint ``hop`` names, or refuse it (fail closed)."""
+    rec.path = Path.WAYPOINT
+    rec.original_dst = rec.dst
+    if hop.service is not None:
+        rec.service = ServiceRef(hop.service.name, hop.service.namespace, hop.service.hostname)
+    if hop.gateway is not None:
+        rec.waypoint = str(hop.gateway.destination)
+    if hop.outcome is WaypointOutcome.MISSING:
+        pipeline.refuse(rec, downstream, Outcome.NO_WAYPOINT,
+                        f"{hop.reason}: refused, never sent direct (fail closed)")
+        return
+    if hop.outcome is WaypointOutcome.LOOP:
+        pipeline.refuse(rec, downstream, Outcome.WAYPOINT_LOOP,
+                        f"{hop.reason}: refused (fail closed)")
+        return
+    if not inputs.hbone:
+        pipeline.refuse(rec, downstream, Outcome.NO_WAYPOINT,
+                        "the destination uses a waypoint, which only HBONE reaches; the "
+                        "tunnel runs in plain mode: refused (fail closed)")
+        return
+    if src is None:
+        pipeline.refuse(rec, downstream, Outcome.IDENTITY_ERROR,
+                        "source is not a workload enrolled on this node")
+        return
+    cluster = inputs.workloads.cluster()
+    assert hop.address is not None and hop.instance is not None and cluster is not None
+    rec.dst_ip = str(hop.address)
+    rec.dst = fmt_addr(rec.dst_ip, hop.port)
+    forwarded = hbone.format_forwarded_for(rec.src_ip)
+    if hop.service is not None:
+        forwarded += f";host={hop.service.hostname}"
+    await _hbone(inputs, pipeline, rec, downstream, src, hop.original[1], forwarded=forwarded,
+                 authority=hop.authority(), peer_port=hop.port,
+                 expected=cluster.tunnel_workload(hop.instance).identity)
+
+
 async def _dial_direct(inputs: ProxyInputs, rec: ConnectionRecord,
                        dst_port: int) -> ByteStream:
     try:
@@ -143,12 +202,19 @@ async def _same_node(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRec
 
 async def _hbone(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
                  downstream: SocketDownstream, src: Workload, dst_port: int,
-                 forwarded: str | None = None) -> None:
-    """``forwarded``: a whole ``Forwarded`` value (a Service's carries ``host=``);
-    default ``for="<source ip>"``."""
-    rec.path = Path.HBONE
-    dst = inputs.workloads.remote(rec.dst_ip)
-    rec.dst_identity = dst.identity if dst else None
+                 forwarded: str | None = None, *, authority: str | None = None,
+                 peer_port: int | None = None, expected: str | None = None) -> None:
+    """HBONE to ``rec.dst_ip`` (port ``peer_port``, default the HBONE port).
+    ``forwarded``: a whole ``Forwarded`` value (a Service's carries ``host=``);
+    default ``for="<source ip>"``. ``authority`` (default ``dst:dst_port``) and
+    ``expected`` (the server's SPIFFE ID; default the model's workload at dst) are
+    given for a waypoint, whose path this keeps."""
+    if rec.path is not Path.WAYPOINT:
+        rec.path = Path.HBONE
+    if expected is None:
+        dst = inputs.workloads.remote(rec.dst_ip)
+        expected = dst.identity if dst else None
+    rec.dst_identity = expected
     trace = TraceParent.new()
     rec.traceparent = trace.header()
 
@@ -159,11 +225,11 @@ async def _hbone(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionRecord,
         try:
             stream = await pool.open_stream(
                 source=parse_spiffe_id(src.identity),
-                peer=(rec.dst_ip, inputs.cfg.hbone_port),
-                authority=hbone.format_authority(rec.dst_ip, dst_port),
+                peer=(rec.dst_ip, peer_port or inputs.cfg.hbone_port),
+                authority=authority or hbone.format_authority(rec.dst_ip, dst_port),
                 forwarded_for=src_ip if forwarded is None else None,
                 baggage=hbone.format_baggage(baggage_entries(src)),
-                expected_peer=parse_spiffe_id(dst.identity) if dst else None,
+                expected_peer=parse_spiffe_id(expected) if expected else None,
                 extra_headers=[(TRACEPARENT_HEADER, rec.traceparent or ""),
                                *([(hbone.FORWARDED_HEADER, forwarded)] if forwarded else [])],
                 # The outer connection leaves from the source pod's own address, as

@@ -29,11 +29,12 @@ class Path(Enum):
     PASSTHROUGH = "passthrough"  # HBONE mode, destination outside the mesh
     HBONE = "hbone"              # mTLS HTTP/2 CONNECT between nodes
     HBONE_LOCAL = "hbone-local"  # both pods on this node: handed over in process
+    WAYPOINT = "waypoint"        # HBONE to the destination's waypoint (not to it)
 
     @property
     def mtls(self) -> bool:
         """Whether the connection is reported as ``connection_security_policy=mutual_tls``."""
-        return self in (Path.HBONE, Path.HBONE_LOCAL)
+        return self in (Path.HBONE, Path.HBONE_LOCAL, Path.WAYPOINT)
 
 
 class Outcome(Enum):
@@ -64,6 +65,11 @@ class Outcome(Enum):
     # A Service VIP with no healthy endpoint for the port: the client is reset at once
     # (ztunnel Error::NoHealthyUpstream; the flag is Envoy's UH, see metrics.py).
     NO_HEALTHY_UPSTREAM = ("no_healthy_upstream", "UH")
+    # The destination is bound to a waypoint that names nothing (ztunnel
+    # Error::UnknownWaypoint, reported as a connection failure), or to one that would
+    # send it to a waypoint again: refused, never sent direct (fail closed).
+    NO_WAYPOINT = ("no_waypoint", "CONNECT")
+    WAYPOINT_LOOP = ("waypoint_loop", "CONNECT")
 
     def __init__(self, result: str, response_flag: str) -> None:
         if response_flag not in RESPONSE_FLAGS:
@@ -85,4 +91,4 @@ class Outcome(Enum):
 
 
 _REFUSALS = frozenset({Outcome.DENIED, Outcome.REFUSED, Outcome.IDENTITY_ERROR,
-                       Outcome.TLS_FAILED})
+                       Outcome.TLS_FAILED, Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP})

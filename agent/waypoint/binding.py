@@ -19,9 +19,11 @@ Follows istio/istio ``pilot/pkg/serviceregistry/ambient/waypoints.go``
   for service traffic; ``fetchWaypointForWorkload`` one not for workload traffic (and
   silently so when the workload only inherited the namespace's label).
 - ``fetchWaypointForService``: a waypoint's own Service never uses a waypoint
-  (``gateway.istio.io/managed: istio.io-mesh-controller``). We extend that to
-  *loops*: a waypoint whose own pods or Service are bound (directly or through a
-  chain of waypoints) to a waypoint is refused with :attr:`BindingOutcome.LOOP`.
+  (``gateway.istio.io/managed: istio.io-mesh-controller``), and a waypoint's own
+  pod never inherits its namespace's (``fetchWaypointForInstance``). We extend that
+  to *loops*: a waypoint pod labelled with ``istio.io/use-waypoint`` itself (directly
+  or through a chain of waypoints) is refused with :attr:`BindingOutcome.LOOP`
+  (Istio ignores the label).
 """
 
 from __future__ import annotations
@@ -214,7 +216,11 @@ class Bindings:
         return self._check_loop(service, binding)
 
     def for_workload(self, pod: Object) -> Binding:
-        """``fetchWaypointForWorkload`` (+ loop detection)."""
+        """``fetchWaypointForWorkload`` (+ loop detection). A waypoint's own pod never
+        inherits its namespace's waypoint (workloads.go: ``fetchWaypointForInstance``
+        comes first and an instance gets no waypoint); one labelled itself is a loop."""
+        if self._instance_of(pod) is not None and USE_WAYPOINT not in pod.labels:
+            return Binding(BindingOutcome.NOT_BOUND, reason="a waypoint's own pod")
         binding = self._for_target(pod)
         if not binding.bound:
             return binding

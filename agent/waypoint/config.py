@@ -11,6 +11,8 @@ Inputs (the lab writes them; a Kubernetes feed would produce the same documents)
 
 :func:`build_state` turns them into a :class:`WaypointState`: which ``IP:port``
 destinations are bound to *this* waypoint, with their protocol, routes and policies.
+:func:`assign_waypoints` writes the same bindings into the model (every Service's and
+Workload's ``waypoint``, ztunnel's ``GatewayAddress``) for the node tunnels.
 Anything unreadable is reported (``problems``) and never widens: an unreadable
 ``AuthorizationPolicy`` fails closed (agent/waypoint/authz.py); an unreadable route
 serves nothing; an unreadable binding document binds nothing.
@@ -21,13 +23,20 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from agent.model.types import Model, NetworkAddress, Service, Workload
+from agent.model.types import (
+    GatewayAddress,
+    Model,
+    NamespacedHostname,
+    NetworkAddress,
+    Service,
+    Workload,
+)
 from agent.waypoint import authz, binding, routing
 
 HBONE_PORT = 15008
@@ -220,12 +229,29 @@ def binding_doc_problem(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
-                problems: Iterable[str] = ()) -> WaypointState:
-    """Bind the model's services and workloads; compile routes and policies. Never
-    raises for bad documents: each is reported in ``problems`` and binds nothing (a
-    broken Service or Pod is not bound, a broken Namespace binds none of its objects,
-    a broken Gateway is no waypoint)."""
+@dataclass
+class _Documents:
+    """The documents sorted by kind, with the broken binding documents set aside."""
+
+    by_kind: dict[str, list[dict[str, Any]]]
+    broken_ns: set[str]
+    broken: set[tuple[str, str, str]]
+    issues: list[str]
+    waypoints: list[binding.Waypoint]
+    bindings: binding.Bindings
+
+    def labels(self, kind: str, namespace: str, name: str) -> dict[str, str]:
+        for d in self.by_kind.get(kind, []):
+            meta = _meta(d)
+            if meta[:2] == (namespace, name):
+                return meta[2]
+        return {}
+
+    def is_broken(self, kind: str, namespace: str, name: str) -> bool:
+        return namespace in self.broken_ns or (kind, namespace, name) in self.broken
+
+
+def _sort_documents(docs: Iterable[Any], problems: Iterable[str]) -> _Documents:
     issues = list(problems)
     by_kind: dict[str, list[dict[str, Any]]] = {}
     broken_ns: set[str] = set()
@@ -256,14 +282,77 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
     for d in by_kind.get("Gateway", []):
         class_name = (d.get("spec") or {}).get("gatewayClassName", "istio-waypoint")
         waypoints.append(_gateway(d, classes.get(class_name, {})))
+    namespaces = [binding.Object(_meta(d)[1], _meta(d)[1], _meta(d)[2])
+                  for d in by_kind.get("Namespace", [])]
+    return _Documents(by_kind, broken_ns, broken, issues, waypoints,
+                      binding.Bindings(namespaces, waypoints))
+
+
+def waypoint_hostname(key: str, domain: str = "cluster.local") -> NamespacedHostname:
+    """The waypoint Service a Gateway ``namespace/name`` is reached through (Istio
+    creates ``<name>.<namespace>.svc.<domain>`` for every waypoint Gateway)."""
+    namespace, _, name = key.partition("/")
+    return NamespacedHostname(namespace, f"{name}.{namespace}.svc.{domain}")
+
+
+def _gateway_address(b: binding.Binding, domain: str) -> GatewayAddress | None:
+    """What the node tunnel gets for a binding: the waypoint's Service for a bound
+    target and for one that must fail closed (a missing waypoint names a Service
+    nobody has; a loop is detected by the tunnel), nothing otherwise (as istiod, which
+    reports attachment-denied and unsupported-traffic in status and sends no waypoint)."""
+    if b.named is None or not (b.bound or b.outcome.fails_closed):
+        return None
+    return GatewayAddress(waypoint_hostname(b.named, domain), HBONE_PORT)
+
+
+def assign_waypoints(model: Model, docs: Iterable[Any], problems: Iterable[str] = (),
+                     domain: str = "cluster.local") -> tuple[Model, list[str]]:
+    """The model with every Service's and Workload's ``waypoint`` set as istiod would
+    (binding.py's rules over the Namespace/Service/Pod/Gateway documents), and the
+    problems found (bad documents, refused bindings). What a lab or Kubernetes feed
+    calls before writing the model for the node tunnels. A broken document binds
+    nothing (as :func:`build_state`); the previous ``waypoint`` values are replaced."""
+    sorted_docs = _sort_documents(docs, problems)
+    issues = sorted_docs.issues
+    bindings = sorted_docs.bindings
+    services = []
+    for svc in model.services:
+        b = binding.Binding(binding.BindingOutcome.NOT_BOUND)
+        if not sorted_docs.is_broken("Service", svc.namespace, svc.name):
+            b = bindings.for_service(binding.Object(
+                svc.namespace, svc.name, sorted_docs.labels("Service", svc.namespace, svc.name)))
+        if b.reason and not b.bound and b.outcome not in (binding.BindingOutcome.NOT_BOUND,
+                                                          binding.BindingOutcome.OPTED_OUT):
+            issues.append(f"service {svc.namespace}/{svc.name}: {b.outcome.value}: {b.reason}")
+        services.append(replace(svc, waypoint=_gateway_address(b, domain)))
+    workloads = []
+    for wl in model.workloads:
+        b = binding.Binding(binding.BindingOutcome.NOT_BOUND)
+        if not sorted_docs.is_broken("Pod", wl.namespace, wl.name):
+            b = bindings.for_workload(binding.Object(
+                wl.namespace, wl.name, sorted_docs.labels("Pod", wl.namespace, wl.name)))
+        if b.reason and not b.bound and b.outcome not in (binding.BindingOutcome.NOT_BOUND,
+                                                          binding.BindingOutcome.OPTED_OUT):
+            issues.append(f"workload {wl.namespace}/{wl.name}: {b.outcome.value}: {b.reason}")
+        workloads.append(replace(wl, waypoint=_gateway_address(b, domain)))
+    return Model.build(workloads, services, model.foreign_policies), issues
+
+
+def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
+                problems: Iterable[str] = ()) -> WaypointState:
+    """Bind the model's services and workloads; compile routes and policies. Never
+    raises for bad documents: each is reported in ``problems`` and binds nothing (a
+    broken Service or Pod is not bound, a broken Namespace binds none of its objects,
+    a broken Gateway is no waypoint)."""
+    sorted_docs = _sort_documents(docs, problems)
+    issues, by_kind = sorted_docs.issues, sorted_docs.by_kind
+    broken_ns, broken = sorted_docs.broken_ns, sorted_docs.broken
+    waypoints, bindings = sorted_docs.waypoints, sorted_docs.bindings
     mine = next((w for w in waypoints if (w.namespace, w.name) == me), None)
     if mine is None:
         issues.append(f"no Gateway {me[0]}/{me[1]} among the documents: this waypoint "
                       "binds nothing until one exists")
         mine = binding.Waypoint(me[0], me[1], binding.TrafficType.NONE)
-    namespaces = [binding.Object(_meta(d)[1], _meta(d)[1], _meta(d)[2])
-                  for d in by_kind.get("Namespace", [])]
-    bindings = binding.Bindings(namespaces, waypoints)
     svc_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Service", [])}
     pod_docs = {(_meta(d)[0], _meta(d)[1]): d for d in by_kind.get("Pod", [])}
     destinations: dict[tuple[str, int], Destination] = {}

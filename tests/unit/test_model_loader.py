@@ -155,9 +155,9 @@ def test_ztunnel_policies_are_refused_by_default() -> None:
      "workloads[0].services (workload c1//v1/Pod/default/web-1): required field is missing"),
     (("locality: {region: r1, zone: z1, subzone: \"\"}", "locality: {zone: z1}"),
      "workloads[0].locality.region (workload c1//v1/Pod/default/web-1): required field"),
-    (("  canonical: true", "  canonical: true\n  waypoint: {destination: /1.2.3.4}"),
-     "services[0].waypoint (service default/web.default.svc.cluster.local): waypoints are "
-     "not supported by meshagent"),
+    (("  canonical: true", "  canonical: true\n  weightedWaypoints: [{weight: 1}]"),
+     "services[0].weightedWaypoints (service default/web.default.svc.cluster.local): weighted "
+     "waypoints are not supported (use waypoint) by meshagent"),
     (("  namespace: default\n  serviceAccount: web", "  namespace: Default_NS\n"
                                                      "  serviceAccount: web"),
      "workloads[0].namespace (workload c1//v1/Pod/default/web-1): 'Default_NS' is not a "

@@ -28,8 +28,9 @@ def test_every_outcome_carries_a_ztunnel_flag() -> None:
     assert all(o.response_flag != "-" for o in Outcome if not o.opened)
     assert [o for o in Outcome if o.opened] == [Outcome.OK, Outcome.RESET]
     assert {o for o in Outcome if o.policy_decision == "deny"} == {
-        Outcome.DENIED, Outcome.REFUSED, Outcome.IDENTITY_ERROR, Outcome.TLS_FAILED}
-    assert [p.value for p in TunnelPath if p.mtls] == ["hbone", "hbone-local"]
+        Outcome.DENIED, Outcome.REFUSED, Outcome.IDENTITY_ERROR, Outcome.TLS_FAILED,
+        Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP}
+    assert [p.value for p in TunnelPath if p.mtls] == ["hbone", "hbone-local", "waypoint"]
 
 
 def test_traceparent_round_trip() -> None:
