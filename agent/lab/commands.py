@@ -156,6 +156,23 @@ def build_lab_group(after_topology: netlab.AfterTopology | None = None) -> click
         if not info["healthy"]:
             sys.exit(1)
 
+    @lab.command("waypoints")
+    @_prefix_option
+    def waypoints_cmd(prefix: str) -> None:
+        """Start the waypoint scenario (agent/lab/waypoints.py: per-namespace,
+        per-service and shared waypoints as pods) in a lab that is up in HBONE mode
+        with three pods per node."""
+        from agent.lab import waypoints
+
+        try:
+            plan = netlab.load_plan(prefix)
+            started = waypoints.start_waypoints(plan)
+        except (netlab.LabError, PlanError) as exc:
+            raise _fail(exc) from exc
+        for wp, pod in started:
+            click.echo(f"waypoint {wp.key:16} {wp.traffic:8} routes from {wp.allowed_from:5} "
+                       f"pod {pod.name} on {pod.node} {pod.ipv4} {pod.ipv6}")
+
     return lab
 
 

@@ -683,8 +683,10 @@ def start_node_process(
     name: str,
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
+    in_netns: str | None = None,
 ) -> int:
-    """Start ``argv`` detached inside ``node``'s netns; return its pid.
+    """Start ``argv`` detached inside ``node``'s netns (or ``in_netns``, e.g. a pod's of
+    that node: its files stay in the node's run directory); return its pid.
 
     Side effects, in order:
 
@@ -703,12 +705,13 @@ def start_node_process(
     be found, or a process of that name is still running.
     """
     node_plan = lab.node(node if isinstance(node, str) else node.name)
+    target_netns = in_netns or node_plan.netns
     validate_process_name(name)
     if not argv:
         raise LabError(f"start_node_process({name!r}): argv is empty")
-    if not os.path.exists(netns_path(node_plan.netns)):
+    if not os.path.exists(netns_path(target_netns)):
         raise LabError(
-            f"netns {node_plan.netns} does not exist; run `meshagent lab up --prefix {lab.prefix}`"
+            f"netns {target_netns} does not exist; run `meshagent lab up --prefix {lab.prefix}`"
         )
     full_env = {**os.environ, **(env or {})}
     if shutil.which(argv[0], path=full_env.get("PATH")) is None:
@@ -717,7 +720,7 @@ def start_node_process(
     ndir.mkdir(parents=True, exist_ok=True)
     pid_path = ndir / f"{name}.pid"
     old = _read_pid(pid_path)
-    if old is not None and _alive(old) and _proc_netns_id(old) in _netns_ids([node_plan.netns]):
+    if old is not None and _alive(old) and _proc_netns_id(old) in _netns_ids([target_netns]):
         raise LabError(
             f"{name} already runs on {node_plan.name} (pid {old}); stop it first "
             f"(`meshagent lab down --prefix {lab.prefix}` stops everything)"
@@ -725,7 +728,7 @@ def start_node_process(
     log_path = ndir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            nsenter_argv(node_plan.netns, argv),
+            nsenter_argv(target_netns, argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -736,7 +739,7 @@ def start_node_process(
         )
     _CHILDREN[proc.pid] = proc
     _write_atomic(pid_path, f"{proc.pid}\n")
-    _wait_entered(proc, node_plan.netns, name, log_path)
+    _wait_entered(proc, target_netns, name, log_path)
     return proc.pid
 
 
@@ -999,3 +1002,31 @@ def _compare_cni(
             problems.append(f"pod {name} {key} {addr} is outside {', '.join(map(str, nets))}")
     if entry["host_ifname"] is None:
         problems.append(f"pod {name} has no host-side veth in its node netns")
+
+
+def add_extra_pod(plan: LabPlan, node: NodePlan, pod: PodPlan) -> None:
+    """One more pod, wired like the plan's veth pods but not in ``lab.json`` (e.g. a
+    waypoint pod, :mod:`agent.lab.waypoints`); ``lab down`` removes it with every
+    ``<prefix>-*`` namespace.
+
+    Side effects: creates netns ``pod.netns``, a veth pair (host side in the node's
+    netns), addresses and routes; on failure removes the netns again (its veth goes
+    with it).
+    """
+    validate_prefix(plan.prefix)
+    if not pod.netns.startswith(f"{plan.prefix}-"):
+        raise LabError(f"pod netns {pod.netns} is not under the lab's prefix {plan.prefix}-")
+    steps = _Steps(_noop)
+    netns.create(pod.netns)
+    try:
+        _build_pod(node, pod, steps)
+    except Exception as exc:
+        with contextlib.suppress(OSError):
+            netns.remove(pod.netns)
+        raise LabError(f"adding pod {pod.name} failed at {steps.current!r}: {exc}") from exc
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process :func:`start_node_process` started still runs (a zombie has
+    exited; it is reaped here)."""
+    return _alive(pid)
