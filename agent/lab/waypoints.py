@@ -15,7 +15,7 @@ node (``-a`` in ``default``, ``-b`` in ``team-b``, ``-c`` in ``team-c``):
   namespace ``default``;
 - **L4 only**: ``team-b/db`` (``10.96.1.11:80`` -> n2-b, port ``tcp``) is labelled
   ``istio.io/use-waypoint: none`` and skips the waypoint;
-- **per service**: ``team-b/hot`` (node2, ``all``) for Service ``team-b/hot``
+- **per service**: ``team-b/hot-waypoint`` (node2, ``all``) for Service ``team-b/hot``
   (``10.96.1.12:80`` -> n2-b) and, by the pod's own label beating the namespace's,
   for traffic to n2-b's address;
 - **shared**: ``infra/shared`` (node2, ``service``, ``allowedRoutes`` from ``All``),
@@ -120,13 +120,13 @@ class LabService:
 
 SCENARIO: tuple[WaypointPod, ...] = (
     WaypointPod("team-b", "waypoint", "node1", traffic="all"),
-    WaypointPod("team-b", "hot", "node2", traffic="all"),
+    WaypointPod("team-b", "hot-waypoint", "node2", traffic="all"),
     WaypointPod("infra", "shared", "node2", traffic="service", allowed_from="All"),
 )
 SERVICES: tuple[LabService, ...] = (
     LabService("team-b", "echo", "10.96.1.10", "http", ("n1-b", "n2-b")),
     LabService("team-b", "db", "10.96.1.11", "tcp", ("n2-b",), {USE_WAYPOINT: "none"}),
-    LabService("team-b", "hot", "10.96.1.12", "http", ("n2-b",), {USE_WAYPOINT: "hot"}),
+    LabService("team-b", "hot", "10.96.1.12", "http", ("n2-b",), {USE_WAYPOINT: "hot-waypoint"}),
     LabService("team-b", "ghost", "10.96.1.13", "http", ("n2-b",), {USE_WAYPOINT: "gone"}),
     LabService("team-c", "echo", "10.96.1.20", "http", ("n1-c", "n2-c")),
 )
@@ -136,7 +136,7 @@ NAMESPACE_LABELS: Mapping[str, Mapping[str, str]] = {
     "team-c": {USE_WAYPOINT: "shared", USE_WAYPOINT_NAMESPACE: "infra"},
     "infra": {},
 }
-POD_LABELS: Mapping[str, Mapping[str, str]] = {"n2-b": {USE_WAYPOINT: "hot"}}
+POD_LABELS: Mapping[str, Mapping[str, str]] = {"n2-b": {USE_WAYPOINT: "hot-waypoint"}}
 # The demo's L7 policy, at the namespace waypoint: GET only, from namespace default.
 POLICY: dict[str, Any] = {
     "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
@@ -177,8 +177,11 @@ def _service(namespace: str, name: str, hostname: str, vips: Sequence[str],
 
 
 def documents(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
-              services: Sequence[LabService] = SERVICES) -> list[dict[str, Any]]:
-    """The binding documents (Namespace, Gateway, Service, Pod) and the policy (pure)."""
+              services: Sequence[LabService] = SERVICES,
+              pod_labels: Mapping[str, Mapping[str, str]] = POD_LABELS
+              ) -> list[dict[str, Any]]:
+    """The binding documents (Namespace, Gateway, Service, Pod) and the policy (pure).
+    ``pod_labels``: extra labels by pod name (a waypoint pod's too, ``nN-wK``)."""
     docs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace",
          "metadata": {"name": ns, "labels": dict(labels)}}
@@ -198,13 +201,17 @@ def documents(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
         pod = waypoint_pod(plan, wp, i)
         docs.append({"apiVersion": "v1", "kind": "Pod",
                      "metadata": {"name": pod.name, "namespace": wp.namespace,
-                                  "labels": {GATEWAY_NAME_LABEL: wp.name}}})
+                                  "labels": {GATEWAY_NAME_LABEL: wp.name,
+                                             **pod_labels.get(pod.name, {})}}})
     for svc in services:
         docs.append({"apiVersion": "v1", "kind": "Service",
                      "metadata": {"name": svc.name, "namespace": svc.namespace,
                                   "labels": dict(svc.labels)},
                      "spec": {"ports": [{"name": svc.port_name, "port": svc.port}]}})
-    for pod_name, labels in POD_LABELS.items():
+    waypoint_pods = {waypoint_pod(plan, wp, i).name for i, wp in enumerate(waypoints)}
+    for pod_name, labels in pod_labels.items():
+        if pod_name in waypoint_pods:
+            continue
         pod = plan.pod(pod_name)
         docs.append({"apiVersion": "v1", "kind": "Pod",
                      "metadata": {"name": pod.name, "namespace": pod.namespace,
@@ -214,7 +221,9 @@ def documents(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
 
 
 def waypoint_model(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
-                   services: Sequence[LabService] = SERVICES) -> tuple[Model, list[str]]:
+                   services: Sequence[LabService] = SERVICES,
+                   pod_labels: Mapping[str, Mapping[str, str]] = POD_LABELS
+                   ) -> tuple[Model, list[str]]:
     """The lab's model with the waypoints and the scenario's Services, every
     ``waypoint`` field set by the binding rules; and the binding problems (pure)."""
     base = lab_model(plan)
@@ -243,22 +252,23 @@ def waypoint_model(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
             services=(ServiceBinding(NamespacedHostname(wp.namespace, host.hostname),
                                      ((HBONE_PORT, HBONE_PORT),)),)))
     model = Model.build(workloads, (*base.services, *new_services))
-    return assign_waypoints(model, documents(plan, waypoints, services))
+    return assign_waypoints(model, documents(plan, waypoints, services, pod_labels))
 
 
 def config_dir(plan: LabPlan) -> Path:
     return Path(plan.run_dir) / CONFIG_DIRNAME
 
 
-def write_files(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO) -> list[str]:
+def write_files(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO,
+                pod_labels: Mapping[str, Mapping[str, str]] = POD_LABELS) -> list[str]:
     """Write the waypoints' documents and the model every tunnel reads; return the
     binding problems. Side effects: writes ``<run>/waypoints/lab.yaml`` and replaces
-    ``<run>/model.yaml`` (atomically)."""
-    model, problems = waypoint_model(plan, waypoints)
+    ``<run>/model.yaml`` (each atomically)."""
+    model, problems = waypoint_model(plan, waypoints, pod_labels=pod_labels)
     directory = config_dir(plan)
     directory.mkdir(parents=True, exist_ok=True)
-    _write(directory / "lab.yaml", yaml.safe_dump_all(documents(plan, waypoints),
-                                                      sort_keys=False))
+    _write(directory / "lab.yaml", yaml.safe_dump_all(
+        documents(plan, waypoints, pod_labels=pod_labels), sort_keys=False))
     _write(Path(plan.run_dir) / MODEL_FILENAME, model_to_yaml(model))
     return problems
 
@@ -300,10 +310,15 @@ def start_waypoints(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO
     if not (Path(plan.run_dir) / "ca").is_dir():
         raise netlab.LabError(f"lab {plan.prefix} has no mesh CA: waypoints need the lab up "
                               "in HBONE mode (`meshagent lab up`, MESHAGENT_LAB_MODE=hbone)")
+    missing = sorted({p for svc in SERVICES for p in svc.endpoints}
+                     - {p.name for p in plan.pods()})
+    if missing:
+        raise netlab.LabError(f"lab {plan.prefix} has no pods {', '.join(missing)}: the "
+                              f"waypoint scenario needs --pods-per-node {PODS_PER_NODE}")
     pods = [(wp, waypoint_pod(plan, wp, i)) for i, wp in enumerate(waypoints)]
+    write_files(plan, waypoints)
     for wp, pod in pods:
         netlab.add_extra_pod(plan, plan.node(wp.node), pod)
-    write_files(plan, waypoints)
     pids = {wp.key: _start(plan, wp, pod) for wp, pod in pods}
     for wp, pod in pods:
         deadline = time.monotonic() + READY_TIMEOUT_S
