@@ -129,3 +129,63 @@ for line in sys.stdin:
     src, dst = labels["source_workload"], labels["destination_workload"]
     security = labels["connection_security_policy"]
     print(f"  {m.group(1):38} {src:>8} -> {dst:<6} {security:10} {float(m.group(3)):.0f}")'
+
+# == Waypoints (issue 16): a lab of its own, three pods per node, three waypoint pods
+# (agent/lab/waypoints.py): an L7 policy (GET only, from namespace default) at the
+# namespace waypoint of team-b, an L4-only service (istio.io/use-waypoint: none) that
+# skips it, a per-service waypoint, a shared one, and a missing one (fail closed).
+waypoint_demo() {
+  WAYPOINT_PREFIX="${MESHAGENT_DEMO_WAYPOINT_PREFIX:-demowp}"
+  local wp="$WAYPOINT_PREFIX" run="/run/meshagent-lab/$WAYPOINT_PREFIX"
+  if [ "$MODE" != "hbone" ]; then
+    echo; echo "== waypoints: skipped (they need --mode hbone)"; return 0
+  fi
+  waypoint_cleanup() {
+    if [ "$KEEP" -eq 0 ]; then "$MA" lab down --prefix "$WAYPOINT_PREFIX" >/dev/null || true
+    else echo "== waypoint lab kept: '$MA lab down --prefix $WAYPOINT_PREFIX' removes it"; fi
+  }
+  trap 'waypoint_cleanup; cleanup' EXIT
+  "$MA" lab down --prefix "$wp" >/dev/null 2>&1 || true
+  echo; echo "== waypoints: lab '$wp' (veth pods, 3 per node: -a default, -b team-b, -c team-c)"
+  "$MA" lab up --prefix "$wp" --pods veth --pods-per-node 3
+  "$MA" lab waypoints --prefix "$wp"
+  local pod
+  for pod in n1-b n2-b n1-c n2-c; do
+    nsenter --net="/run/netns/$wp-$pod" -- python3 "$ROOT/tests/integration/programs/datapath_server.py" \
+      "$pod" 8080 8081 8082 16 >/dev/null 2>&1 &
+  done
+  for _ in $(seq 50); do
+    nsenter --net="/run/netns/$wp-n2-c" -- sh -c 'ss -ltn | grep -q ":8080 "' && break
+    sleep 0.1
+  done
+  sleep 2  # the tunnels poll the model every 0.2 s
+  wcurl() {  # wcurl POD METHOD URL: the status, the body's first line, or the curl error
+    nsenter --net="/run/netns/$wp-$1" -- curl -sS -m 5 -X "$2" -o - -w ' [HTTP %{http_code}]' "$3" 2>&1 \
+      | tr '\n' ' ' | cut -c1-70
+  }
+  echo
+  show "n1-a (default) GET  echo.team-b" "$(wcurl n1-a GET http://10.96.1.10/)"
+  show "n2-a (default) GET  echo.team-b" "$(wcurl n2-a GET http://10.96.1.10/)"
+  show "n1-a (default) POST echo.team-b" "$(wcurl n1-a POST http://10.96.1.10/)"
+  show "n1-c (team-c)  GET  echo.team-b" "$(wcurl n1-c GET http://10.96.1.10/)"
+  show "n1-a POST db.team-b (use-waypoint: none)" "$(wcurl n1-a POST http://10.96.1.11/)"
+  show "n1-a GET  hot.team-b (per-service waypoint)" "$(wcurl n1-a GET http://10.96.1.12/)"
+  show "n1-a POST echo.team-c (shared infra/shared)" "$(wcurl n1-a POST http://10.96.1.20/)"
+  show "n1-a GET  ghost.team-b (waypoint 'gone')" "$(wcurl n1-a GET http://10.96.1.13/)"
+  echo "   (peer= is the address the server saw: a waypoint pod's 10.244.N.20x, or the client's)"
+  echo; echo "== what node1's tunnel logged for them"
+  python3 - "$run/node1/tunnel.log" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if e.get("event") != "connection closed" or e.get("direction") != "outbound":
+        continue
+    via = e.get("waypoint") or "-"
+    print(f"  {e['path']:9} {e.get('original_dst', e['dst']):>16} -> {e['dst']:<20} "
+          f"{e['result']:12} waypoint={via} {e.get('reason', '')[:60]}")
+PY
+}
+waypoint_demo
