@@ -180,7 +180,11 @@ def test_service_and_pod_labels_choose_the_per_service_waypoint(lab: Lab) -> Non
         return [r for r in closed_records(lab, "node2", since, direction="inbound")
                 if r["dst"] == f"{n2b}:8080"]
 
-    records = until("node2's inbound records for n2-b", lambda: len(inbound()) >= 2 and inbound())
+    def two() -> list[dict[str, Any]] | None:
+        found = inbound()
+        return found if len(found) >= 2 else None
+
+    records = until("node2's inbound records for n2-b", two)
     assert {(r["src"], r["src_identity"]) for r in records} == {(_ip(lab, 1), HOT_ID)}
     for node in ("node1", "node2"):
         assert not [r for r in closed_records(lab, node, since, direction="outbound")
