@@ -314,27 +314,22 @@ def assign_waypoints(model: Model, docs: Iterable[Any], problems: Iterable[str] 
     nothing (as :func:`build_state`); the previous ``waypoint`` values are replaced."""
     sorted_docs = _sort_documents(docs, problems)
     issues = sorted_docs.issues
-    bindings = sorted_docs.bindings
-    services = []
-    for svc in model.services:
-        b = binding.Binding(binding.BindingOutcome.NOT_BOUND)
-        if not sorted_docs.is_broken("Service", svc.namespace, svc.name):
-            b = bindings.for_service(binding.Object(
-                svc.namespace, svc.name, sorted_docs.labels("Service", svc.namespace, svc.name)))
-        if b.reason and not b.bound and b.outcome not in (binding.BindingOutcome.NOT_BOUND,
-                                                          binding.BindingOutcome.OPTED_OUT):
-            issues.append(f"service {svc.namespace}/{svc.name}: {b.outcome.value}: {b.reason}")
-        services.append(replace(svc, waypoint=_gateway_address(b, domain)))
-    workloads = []
-    for wl in model.workloads:
-        b = binding.Binding(binding.BindingOutcome.NOT_BOUND)
-        if not sorted_docs.is_broken("Pod", wl.namespace, wl.name):
-            b = bindings.for_workload(binding.Object(
-                wl.namespace, wl.name, sorted_docs.labels("Pod", wl.namespace, wl.name)))
-        if b.reason and not b.bound and b.outcome not in (binding.BindingOutcome.NOT_BOUND,
-                                                          binding.BindingOutcome.OPTED_OUT):
-            issues.append(f"workload {wl.namespace}/{wl.name}: {b.outcome.value}: {b.reason}")
-        workloads.append(replace(wl, waypoint=_gateway_address(b, domain)))
+    quiet = (binding.BindingOutcome.NOT_BOUND, binding.BindingOutcome.OPTED_OUT)
+
+    def waypoint_of(kind: str, namespace: str, name: str) -> GatewayAddress | None:
+        if sorted_docs.is_broken(kind, namespace, name):
+            return None
+        target = binding.Object(namespace, name, sorted_docs.labels(kind, namespace, name))
+        b = (sorted_docs.bindings.for_service(target) if kind == "Service"
+             else sorted_docs.bindings.for_workload(target))
+        if b.reason and not b.bound and b.outcome not in quiet:
+            issues.append(f"{kind} {namespace}/{name}: {b.outcome.value}: {b.reason}")
+        return _gateway_address(b, domain)
+
+    services = [replace(s, waypoint=waypoint_of("Service", s.namespace, s.name))
+                for s in model.services]
+    workloads = [replace(w, waypoint=waypoint_of("Pod", w.namespace, w.name))
+                 for w in model.workloads]
     return Model.build(workloads, services, model.foreign_policies), issues
 
 

@@ -114,6 +114,17 @@ async def until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> An
         await asyncio.sleep(0.01)
 
 
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, bytes]:
+    """One exchange with a :class:`PeerEcho` server: (the client address it saw, what
+    came back for ``ping`` and a FIN)."""
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.write(b"ping")
+    writer.write_eof()
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return line.decode().strip().removeprefix("peer "), rest
+
+
 def policy_yaml(name: str, action: str, rules: list[dict[str, Any]],
                 namespace: str = "default") -> str:
     return json.dumps({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",

@@ -36,6 +36,7 @@ from conftest import (
     B2,
     EXTERNAL,
     TRUST_DOMAIN,
+    echo,
     free_ports,
     ip,
     run,
@@ -101,15 +102,6 @@ MODEL_YAML = (
 
 def model() -> Model:
     return load_model_text(MODEL_YAML, "model.yaml")
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[str, bytes]:
-    line = await asyncio.wait_for(reader.readline(), 5)
-    writer.write(b"ping")
-    writer.write_eof()
-    rest = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return line.decode().strip().removeprefix("peer "), rest
 
 
 def one(entries: list[dict[str, Any]]) -> dict[str, Any]:

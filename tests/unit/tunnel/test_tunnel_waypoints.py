@@ -38,6 +38,7 @@ from conftest import (
     B1,
     B2,
     TRUST_DOMAIN,
+    echo,
     free_ports,
     identity,
     ip,
@@ -153,17 +154,6 @@ class StandInWaypoint:
             await self.pool.close()
 
 
-async def _exchange(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter]
-                    ) -> tuple[str, bytes]:
-    reader, writer = stream
-    line = await asyncio.wait_for(reader.readline(), 5)
-    writer.write(b"ping")
-    writer.write_eof()
-    rest = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return line.decode().strip().removeprefix("peer "), rest
-
-
 async def _refused(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
     reader, writer = stream
     try:
@@ -193,7 +183,7 @@ def test_a_vip_with_a_waypoint_goes_to_the_waypoint_not_the_endpoint(
             wp = StandInWaypoint(IdentityStore(mesh_ca), wp_port, m.ports["hbone"],
                                  {f"{ECHO}:80": f"{ip(B2)}:{APP_PORT}"})
             async with wp.running():
-                peer, data = await _exchange(await m.node1.capture(ip(A1), ECHO, 80))
+                peer, data = await echo(*await m.node1.capture(ip(A1), ECHO, 80))
                 # b2 was reached from the waypoint's address: the waypoint carried it.
                 assert (peer, data) == (WP_IP, b"ping")
                 await m.node1.drain()
@@ -230,10 +220,10 @@ def test_a_pod_address_goes_to_its_workload_waypoint_but_a_service_address_does_
         async with start_mesh(tmp_path, ca=mesh_ca, model=model) as m:
             wp = StandInWaypoint(IdentityStore(mesh_ca), wp_port, m.ports["hbone"], {})
             async with wp.running():
-                assert await _exchange(await m.node1.capture(ip(A1), ip(B2))) == \
+                assert await echo(*await m.node1.capture(ip(A1), ip(B2))) == \
                     (WP_IP, b"ping")
                 # Service-addressed, service without a waypoint: straight to b2.
-                assert await _exchange(await m.node1.capture(ip(A1), DIRECT, 80)) == \
+                assert await echo(*await m.node1.capture(ip(A1), DIRECT, 80)) == \
                     (ip(A1), b"ping")
                 await m.node1.drain()
             assert [s.authority for s in wp.seen] == [f"{ip(B2)}:{APP_PORT}"]
