@@ -53,11 +53,13 @@ def summary(model: Model) -> dict[str, Any]:
             "network": w.network, "protocol": w.protocol.value, "status": w.status.value,
             "identity": w.identity(),
             "services": [str(b.service) for b in w.services],
+            "waypoint": str(w.waypoint) if w.waypoint else None,
         } for w in model.workloads],
         "services": [{
             "name": s.name, "namespace": s.namespace, "hostname": s.hostname,
             "vips": [str(v) for v in s.vips],
             "ports": {str(p): t for p, t in s.ports},
+            "waypoint": str(s.waypoint) if s.waypoint else None,
             "load_balancer": None if s.load_balancer is None else {
                 "mode": s.load_balancer.mode.value,
                 "routing_preferences": [p.value for p in s.load_balancer.routing_preferences],
@@ -90,7 +92,8 @@ def render(model: Model, path: str) -> str:
     for w in model.workloads:
         lines.append(f"  {w.namespace}/{w.name or '-'}  uid={w.uid}  "
                      f"{','.join(str(a) for a in w.workload_ips)}  node={w.node or '-'}  "
-                     f"{w.protocol.value}  {w.status.value}  {w.identity()}")
+                     f"{w.protocol.value}  {w.status.value}  {w.identity()}"
+                     + (f"  waypoint={w.waypoint}" if w.waypoint else ""))
     if model.services:
         lines.append("services:")
     for s in model.services:
@@ -99,7 +102,8 @@ def render(model: Model, path: str) -> str:
             f"{','.join(p.value for p in s.load_balancer.routing_preferences)})")
         lines.append(f"  {s.namespace}/{s.name}  {s.hostname}  "
                      f"vips={','.join(str(v) for v in s.vips) or '-'}  "
-                     f"ports={_ports_text(s.ports)}{lb}")
+                     f"ports={_ports_text(s.ports)}{lb}"
+                     + (f"  waypoint={s.waypoint}" if s.waypoint else ""))
         for row in _endpoint_rows(model, s):
             state = "healthy" if row["healthy"] else "UNHEALTHY"
             if not row["known"]:

@@ -7,11 +7,15 @@ from binding documents (agent/waypoint/config.py ``assign_waypoints``)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from agent.cli import main
 from agent.model.commands import warnings
 from agent.model.loader import ModelLoadError, load_model_text, model_to_yaml
 from agent.model.merge import ConflictKind, merge_local_workloads, workload_from_enrollment
@@ -243,3 +247,19 @@ def test_assign_waypoints_applies_the_binding_rules() -> None:
     model, problems = assign_waypoints(bare, [shared[0], _gateway("shared", "infra")])
     assert {s.name: s.waypoint for s in model.services}["web"] is None
     assert any("attachment_denied" in p for p in problems)
+
+
+def test_model_check_shows_waypoints(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(MODEL.replace(f'destination: "apps/{WP_HOST}"',
+                                  'destination: "apps/gone.apps.svc.cluster.local"'))
+    result = CliRunner().invoke(main, ["model", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "waypoint=apps/gone.apps.svc.cluster.local:15008" in result.stdout
+    assert "waypoint=/10.0.9.1:15008" in result.stdout
+    assert ("warning: service apps/web.apps.svc.cluster.local uses waypoint "
+            "apps/gone.apps.svc.cluster.local:15008, which names no workload") in result.stdout
+    result = CliRunner().invoke(main, ["model", "check", str(path), "--json"])
+    data = json.loads(result.stdout)
+    assert data["services"][0]["waypoint"] == "apps/gone.apps.svc.cluster.local:15008"
+    assert data["workloads"][0]["waypoint"] == "/10.0.9.1:15008"
