@@ -279,8 +279,12 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                      dialers: dict[str, Any] | None = None, mode: str = "hbone",
                      model: Model | None = None, rng_seed: int | None = None,
                      dns_port: int = 0, dns_upstreams: tuple[str, ...] = (),
+                     extra_local: dict[str, tuple[Workload, ...]] | None = None,
                      ) -> AsyncIterator[Mesh]:
-    every_address = [ip(w) for pods in PODS.values() for w in pods] + list(NODE_IPS.values())
+    """``extra_local``: more workloads enrolled per node (beyond PODS; no server)."""
+    extra = extra_local or {}
+    every_address = ([ip(w) for pods in PODS.values() for w in pods]
+                     + [ip(w) for ws in extra.values() for w in ws] + list(NODE_IPS.values()))
     outbound_port, inbound_port, hbone_port = free_ports(3, every_address)
     ports = {"outbound": outbound_port, "inbound": inbound_port, "hbone": hbone_port}
     servers = PeerEcho()
@@ -292,7 +296,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
     runs: list[asyncio.Task[None]] = []
     stop = asyncio.Event()
     try:
-        for name, pods in PODS.items():
+        for name, base_pods in PODS.items():
+            pods = (*base_pods, *extra.get(name, ()))
             others = tuple(w for n, ws in PODS.items() if n != name for w in ws)
             cfg = Config(tunnel=replace(
                 TunnelConfig(), outbound_port=outbound_port, inbound_port=inbound_port,

@@ -290,3 +290,27 @@ def test_the_waypoint_instance_on_this_node_stays_in_the_merged_model(
             assert ipaddress.ip_address(WP_IP) in cluster.workload_at(WP_IP).workload_ips
 
     run(main())
+
+
+def test_a_connection_from_the_destinations_own_waypoint_is_not_sent_back(
+        tmp_path: Path, mesh_ca: MeshCA) -> None:
+    """The waypoint enrolled on node1 (a sandwich, as ztunnel's check_from_waypoint
+    has in mind): its own connection to b2, whose workload waypoint it is, goes to b2."""
+    wp_port, model = _setup(tmp_path, mesh_ca)
+    waypoint_pod = Workload("waypoint-0", "team-b", "waypoint", (WP_IP,), WP_ID)
+
+    async def main() -> None:
+        async with start_mesh(tmp_path, ca=mesh_ca, model=model,
+                              extra_local={"node1": (waypoint_pod,)}) as m:
+            wp = StandInWaypoint(IdentityStore(mesh_ca), wp_port, m.ports["hbone"], {})
+            async with wp.running():
+                assert await echo(*await m.node1.capture(WP_IP, ip(B2))) == (WP_IP, b"ping")
+                # Anyone else to the same address still goes to the waypoint.
+                assert await echo(*await m.node1.capture(ip(B1), ip(B2))) == (WP_IP, b"ping")
+                await m.node1.drain()
+            assert [s.peer for s in wp.seen] == [B1.identity]
+            direct = _only(m.node1.closed(direction="outbound", src_identity=WP_ID))
+            assert direct["path"] == "hbone" and "waypoint" not in direct
+            assert direct["dst"] == f"{ip(B2)}:{APP_PORT}"
+
+    run(main())
