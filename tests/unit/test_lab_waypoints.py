@@ -1,0 +1,40 @@
+"""The lab's waypoint scenario as data (agent/lab/waypoints.py, pure): the model the
+node tunnels get, with every binding rule the lab test exercises."""
+
+from __future__ import annotations
+
+from agent.lab import waypoints
+from agent.lab.topology import IFNAMSIZ_MAX, build_plan
+from agent.model.types import GatewayAddress
+from agent.waypoint.config import waypoint_hostname
+
+
+def test_the_scenario_model_binds_as_the_lab_test_expects() -> None:
+    plan = build_plan("wxyz12", pods_per_node=waypoints.PODS_PER_NODE)
+    model, problems = waypoints.waypoint_model(plan)
+    # Only the deliberately missing waypoint is a problem.
+    assert len(problems) == 1 and "team-b/gone" in problems[0], problems
+    services = {(s.namespace, s.name): s for s in model.services}
+
+    def via(namespace: str, name: str) -> str | None:
+        gw = services[(namespace, name)].waypoint
+        return None if gw is None else str(gw.destination)
+
+    assert via("team-b", "echo") == "team-b/waypoint.team-b.svc.cluster.local"
+    assert via("team-b", "db") is None                       # use-waypoint: none
+    assert via("team-b", "hot") == "team-b/hot-waypoint.team-b.svc.cluster.local"
+    assert via("team-b", "ghost") == "team-b/gone.team-b.svc.cluster.local"
+    assert via("team-c", "echo") == "infra/shared.infra.svc.cluster.local"
+    assert via("default", "web") is None                     # namespace without a label
+    assert via("team-b", "waypoint") is None                 # a waypoint's own Service
+    pods = {w.name: w for w in model.workloads}
+    assert str(pods["n1-b"].waypoint.destination) == "team-b/waypoint.team-b.svc.cluster.local"
+    assert str(pods["n2-b"].waypoint.destination) == \
+        "team-b/hot-waypoint.team-b.svc.cluster.local"       # its own label wins
+    assert pods["n1-c"].waypoint is None                     # shared is service-only
+    for i, wp in enumerate(waypoints.SCENARIO):
+        pod = waypoints.waypoint_pod(plan, wp, i)
+        assert pods[pod.name].waypoint is None and not pod.enroll
+        assert len(pod.host_ifname) <= IFNAMSIZ_MAX
+        instances = model.waypoint_instances(GatewayAddress(waypoint_hostname(wp.key)))
+        assert [w.name for w in instances] == [pod.name]
