@@ -42,6 +42,8 @@ class Cluster:
     cluster_id: str = DEFAULT_CLUSTER_ID
     # Workloads some waypoint address names (never enrolled, reached over HBONE).
     waypoints: frozenset[str] = field(default_factory=frozenset)
+    # Whether any service or workload has a waypoint (else the step is skipped).
+    binds_waypoints: bool = False
 
     def workload_at(self, ip: str) -> ModelWorkload | None:
         address = _address(ip)
@@ -131,7 +133,9 @@ def build_cluster(model: Model, local: Iterable[Workload], *, node: str, trust_d
         addresses=w.addresses, node=node, labels=w.labels, cluster_id=cluster_id,
         trust_domain=trust_domain, locality=locality) for w in local]
     merged, conflicts = merge_local_workloads(model, enrolled, node)
-    return Cluster(merged, node, trust_domain, cluster_id, merged.waypoint_uids()), conflicts
+    binds = any(s.waypoint for s in merged.services) or any(w.waypoint for w in merged.workloads)
+    return Cluster(merged, node, trust_domain, cluster_id, merged.waypoint_uids(),
+                   binds), conflicts
 
 
 def dns_client(cluster: Cluster | None, local: Workload | None, ip: str) -> ModelWorkload | None:

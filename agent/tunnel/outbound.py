@@ -78,7 +78,7 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
     src = inputs.workloads.local(src_ip)
     rec.src_identity = src.identity if src else None
     cluster = inputs.workloads.cluster()
-    if cluster is not None:
+    if cluster is not None and cluster.binds_waypoints:
         hop = cluster.waypoint_hop(src_ip, src, dst_ip, dst_port, inputs.rng)
         if hop.outcome not in (WaypointOutcome.NOT_BOUND, WaypointOutcome.FROM_WAYPOINT):
             await _to_waypoint(inputs, pipeline, rec, downstream, src, hop)
