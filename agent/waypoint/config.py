@@ -381,18 +381,24 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
             refused[f"workload {wl.namespace}/{wl.name}"] = b
         if not b.bound or b.waypoint is None or b.waypoint.key != mine.key:
             continue
-        ports = {port for svc_b in wl.services for port, _ in svc_b.ports}
+        # A target port's protocol comes from the first Service declaring it, those of
+        # the workload's own namespace first (a Kubernetes Service selects pods of its
+        # own namespace only), then in key order: deterministic.
+        backing_first = sorted(wl.services,
+                               key=lambda sb: (sb.service.namespace != wl.namespace, sb.service))
         for ip in wl.workload_ips:
             bound_workloads[str(ip)] = wl
-            for port in ports:
-                target = next((t for s in wl.services for p, t in s.ports if p == port), port)
-                backing = model.service(next(s.service for s in wl.services
-                                             if any(p == port for p, _ in s.ports)))
+            for svc_b in backing_first:
+                backing = model.service(svc_b.service)
                 doc = svc_docs.get((backing.namespace, backing.name), {}) if backing else {}
-                p = next((x for x in ((doc.get("spec") or {}).get("ports") or [])
-                          if isinstance(x, dict) and x.get("port") == port), {})
-                destinations[(str(ip), target)] = Destination(
-                    port_protocol(p.get("name"), p.get("appProtocol")), target, workload=wl)
+                for port, target in svc_b.ports:
+                    if (str(ip), target) in destinations:
+                        continue
+                    p = next((x for x in ((doc.get("spec") or {}).get("ports") or [])
+                              if isinstance(x, dict) and x.get("port") == port), {})
+                    destinations[(str(ip), target)] = Destination(
+                        port_protocol(p.get("name"), p.get("appProtocol")), target,
+                        workload=wl)
     policies, results = authz.compile_documents(
         _policy_doc(d) for d in by_kind.get("AuthorizationPolicy", []))
     for r in results:

@@ -169,10 +169,11 @@ def test_service_and_pod_labels_choose_the_per_service_waypoint(lab: Lab) -> Non
     assert status == 200 and _peer(body) == _ip(lab, 1), f"{status} {body}"
     assert _outbound(lab, "node1", since, f"{n2b}:8080")["waypoint"] == HOT_WAYPOINT
     assert _outbound(lab, "node1", since, f"{HOT}:80")["dst_identity"] == HOT_ID
-    # n1-b inherits the namespace's: the namespace waypoint (it takes the port as TCP,
-    # where the HTTP-only policy allows nothing).
+    # n1-b inherits the namespace's: the namespace waypoint and its L7 policy.
     n1b = lab.pod("n1-b").ipv4
-    http(lab, "n1-a", f"http://{n1b}:8080/")
+    status, body = http(lab, "n1-a", f"http://{n1b}:8080/")
+    assert status == 200 and _peer(body) == _ip(lab, 0), f"{status} {body}"
+    assert http(lab, "n1-a", f"http://{n1b}:8080/", "POST")[0] == 403
     assert _outbound(lab, "node1", since, f"{n1b}:8080")["waypoint"] == NS_WAYPOINT
     # The destination's tunnel sees the waypoint's identity, from its address; the
     # waypoint's upstream is its own (never captured back into a waypoint).

@@ -6,7 +6,7 @@ from __future__ import annotations
 from agent.lab import waypoints
 from agent.lab.topology import IFNAMSIZ_MAX, build_plan
 from agent.model.types import GatewayAddress
-from agent.waypoint.config import waypoint_hostname
+from agent.waypoint.config import AppProtocol, build_state, waypoint_hostname
 
 
 def test_the_scenario_model_binds_as_the_lab_test_expects() -> None:
@@ -38,3 +38,13 @@ def test_the_scenario_model_binds_as_the_lab_test_expects() -> None:
         assert len(pod.host_ifname) <= IFNAMSIZ_MAX
         instances = model.waypoint_instances(GatewayAddress(waypoint_hostname(wp.key)))
         assert [w.name for w in instances] == [pod.name]
+
+
+def test_a_pod_address_takes_the_protocol_of_its_own_namespaces_service() -> None:
+    """n1-b backs default/web (no port name: TCP) and team-b/echo (http) on 8080: the
+    namespace waypoint takes n1-b:8080 as HTTP, from the Service of n1-b's namespace."""
+    plan = build_plan("wxyz12", pods_per_node=waypoints.PODS_PER_NODE)
+    model, _ = waypoints.waypoint_model(plan)
+    state = build_state(model, waypoints.documents(plan), ("team-b", "waypoint"))
+    dest = state.destination(plan.pod("n1-b").ipv4, 8080)
+    assert dest is not None and dest.protocol is AppProtocol.HTTP
