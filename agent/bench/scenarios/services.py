@@ -17,27 +17,25 @@ resolver (the lab runs with the default ``datapath.dns_capture`` on):
   dnsmasq, which would answer it differently).
 
 The differences measured are small next to a shared machine's drift, so the
-comparison is paired: ``REPS`` (9) repetitions, each measuring both variants back
-to back in alternating order (A B, B A, A B, ...), and each repetition's ratio
-(``ratio_*``: vip / pod-ip, dns-tunnel / dns-direct) is a sample of its own. The
-targets are judged on the median of those paired ratios; their min-max is the
-spread.
+comparison is paired at two scales. Within a repetition, one client
+(``agent.bench.rr paired``) interleaves the two variants sample by sample: 1 KiB
+round trips on one connection to each, alternately, then sequential connections
+(connect, 1 KiB each way, close), alternately; connections/s is 1 / the median
+connection time (the mean-based rate is kept as ``conn_per_s_mean`` in
+results.json). Across ``REPS`` (9) repetitions, each repetition's ratio
+(``ratio_*``: vip / pod-ip) is a sample of its own, and the targets are judged on
+the median of those paired ratios; their min-max is the spread. DNS alternates the
+two variants per repetition (A B, B A, ...), 1,000 queries each, with the same
+per-repetition ratio.
 """
 
 from __future__ import annotations
 
 import json
 
-from agent.bench.labctl import BenchLab
+from agent.bench.labctl import BenchError, BenchLab
 from agent.bench.report import Sample
-from agent.bench.scenarios.common import (
-    PY,
-    RR_PORT,
-    Context,
-    Target,
-    measure,
-    start_servers,
-)
+from agent.bench.scenarios.common import PY, RR_PORT, Context, start_servers
 from agent.lab.services import RR_ENDPOINT, RR_HOSTNAME, RR_VIPS
 
 NAME = "services"
@@ -74,6 +72,37 @@ def _add_ratio(ctx: Context, metric: str, variant: str, baseline: str, label: st
     ctx.add(NAME, RATIOS[metric], label, rep, a / b)
 
 
+def _paired_rr(ctx: Context, bench: BenchLab, rep: int, client: str,
+               hosts: dict[str, str]) -> None:
+    """One repetition of both variants, interleaved in one client (``rr paired``);
+    node1's tunnel must have logged every connection (path check)."""
+    p = ctx.params
+    argv = [PY, "-m", "agent.bench.rr", "paired", "--port", str(RR_PORT),
+            "--count", str(p.conn_count), "--max-seconds", str(4 * p.conn_max_s)]
+    for host in hosts.values():
+        argv += ["--host", host]
+    before = bench.tunnel_connections("node1")
+    try:
+        proc = bench.run(client, argv, timeout=4 * p.conn_max_s + 30)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])["hosts"]
+    except (BenchError, ValueError, IndexError, KeyError) as exc:
+        ctx.note(NAME, f"rep {rep}: paired rr failed: {exc}")
+        return
+    seen = bench.tunnel_connections("node1") - before
+    expected = sum(r["connections"] + 1 for r in result.values())  # + the RTT connection
+    if seen < expected:
+        ctx.note(NAME, f"PATH CHECK FAILED: rep {rep}: node1 tunnel logged {seen} "
+                       f"connections, expected {expected}")
+    for variant, host in hosts.items():
+        r = result[host]
+        if r["failed"]:
+            ctx.note(NAME, f"{variant} rep {rep}: {r['failed']} connections failed")
+        ctx.add(NAME, "lat_p50_us", variant, rep, r["lat_p50_us"])
+        ctx.add(NAME, "lat_p99_us", variant, rep, r["lat_p99_us"])
+        ctx.add(NAME, "conn_per_s", variant, rep, r["conn_per_s"], **r)
+    ctx.add(NAME, "tunnel_conns", "pod-ip+vip", rep, seen)
+
+
 def _start_dns(bench: BenchLab) -> str:
     """dnsmasq on node2's underlay address, the pods' resolver; returns that address."""
     resolver = bench._plan().node("node2").underlay_ipv4
@@ -107,13 +136,11 @@ def run(ctx: Context) -> None:
         server = bench.pod(RR_ENDPOINT)
         start_servers(bench, server.netns)
         client = bench.pod("n1-a").netns
-        targets = {"pod-ip": Target(client, server.ipv4, server.netns, rr_port=RR_PORT),
-                   "vip": Target(client, RR_VIPS[0], server.netns, rr_port=RR_PORT)}
+        hosts = {"pod-ip": server.ipv4, "vip": RR_VIPS[0]}
         for rep in range(reps):
-            for variant in _alternating(VARIANTS, rep):
-                ctx.progress(NAME, f"rep {rep + 1}/{reps} {variant}")
-                measure(ctx, bench, NAME, variant, rep, targets[variant],
-                        ("lat", "conn_per_s"), via_tunnel=True)
+            ctx.progress(NAME, f"rep {rep + 1}/{reps} pod-ip + vip, interleaved")
+            _paired_rr(ctx, bench, rep, client,
+                       {v: hosts[v] for v in _alternating(VARIANTS, rep)})
             _add_ratio(ctx, "conn_per_s", "vip", "pod-ip", VIP_RATIO, rep)
             _add_ratio(ctx, "lat_p50_us", "vip", "pod-ip", VIP_RATIO, rep)
         resolver = _start_dns(bench)
