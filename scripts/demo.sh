@@ -78,7 +78,7 @@ show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -
 show "n1-a -> n1-b (same node)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N1B:8080/")"
 show "n1-plain (not enrolled) -> n2-a" "$(inpod n1-plain curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
 
-echo; echo "== a Service: web.default.svc.cluster.local (VIP 10.96.0.10:80 -> n1-b, n2-b :8080), by name"
+echo; echo "== a Service: web.default.svc.cluster.local (VIPs 10.96.0.10, fd00:96::10 :80 -> n1-b, n2-b :8080), by name"
 # The cluster's resolver: dnsmasq on node2's underlay address. It knows nothing of
 # the lab's services. Enrolled pods' DNS is captured by the datapath (datapath.
 # dns_capture, on by default) and answered by their node's tunnel from its model.
