@@ -184,10 +184,11 @@ def dns_lab(lab: Lab) -> Lab:
     return lab
 
 
-def _start_dnsmasq(lab: Lab, ns: str, name: str, address: str) -> None:
+def _start_dnsmasq(lab: Lab, ns: str, name: str, *addresses: str) -> None:
     lab.background.start(ns, name, [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        "--bind-interfaces", f"--listen-address={address}", "--port=53", "--pid-file=",
+        "--bind-interfaces", *(f"--listen-address={a}" for a in addresses), "--port=53",
+        "--pid-file=",
         "--log-facility=-", "--cache-size=0", "--user=root",
         f"--host-record={WEB_HOSTNAME},{DNSMASQ_DECOY}",
         f"--address=/{EXTERNAL_NAME}/{EXTERNAL_ADDR}"])
@@ -221,18 +222,22 @@ def _captured_and_dropped(lab: Lab, pod: str) -> tuple[int, int]:
 
 
 def test_dns_resolver_on_the_pods_own_subnet(dns_lab: Lab) -> None:
-    """The resolver is a pod on the same node (on a bridge CNI: the same bridge, so the
-    query would be switched straight to it): the tunnel still answers service names,
-    its replies come from the resolver's address, other names reach that resolver."""
+    """The resolver is a pod on the same node, on IPv4 and IPv6 (on a bridge CNI: the same
+    bridge, so the query would be switched straight to it): the tunnel still answers
+    service names, its replies come from the resolver's address, other names reach
+    that resolver."""
     lab = dns_lab
-    resolver = lab.pod("n1-b").ipv4
-    _start_dnsmasq(lab, lab.ns("n1-b"), "dnsmasq-n1-b", resolver)
-    until("n1-b's dnsmasq answers",
-          lambda: _dig(lab, "n1-plain", EXTERNAL_NAME, resolver=resolver) == [EXTERNAL_ADDR])
-    for tcp in (False, True):
-        assert _dig(lab, "n1-a", WEB_HOSTNAME, tcp=tcp, resolver=resolver) == [WEB_VIPS[0]]
-        assert _dig(lab, "n1-a", EXTERNAL_NAME, tcp=tcp, resolver=resolver) == [EXTERNAL_ADDR]
-    assert _dig(lab, "n1-plain", WEB_HOSTNAME, resolver=resolver) == [DNSMASQ_DECOY]
+    n1b = lab.pod("n1-b")
+    _start_dnsmasq(lab, lab.ns("n1-b"), "dnsmasq-n1-b", n1b.ipv4, n1b.ipv6)
+    for resolver in (n1b.ipv4, n1b.ipv6):
+        until(f"n1-b's dnsmasq answers on {resolver}",
+              lambda r=resolver: _dig(lab, "n1-plain", EXTERNAL_NAME, resolver=r)
+              == [EXTERNAL_ADDR])
+        for tcp in (False, True):
+            assert _dig(lab, "n1-a", WEB_HOSTNAME, tcp=tcp, resolver=resolver) == [WEB_VIPS[0]]
+            assert _dig(lab, "n1-a", EXTERNAL_NAME, tcp=tcp,
+                        resolver=resolver) == [EXTERNAL_ADDR]
+        assert _dig(lab, "n1-plain", WEB_HOSTNAME, resolver=resolver) == [DNSMASQ_DECOY]
 def test_dns_garbage_from_a_pod_never_stops_the_tunnel(dns_lab: Lab) -> None:
     """Malformed and oversized queries (UDP and TCP, captured into node1's tunnel) are
     dropped or refused one by one: the tunnel keeps running and answering."""
