@@ -230,9 +230,10 @@ def test_dns_resolver_on_the_pods_own_subnet(dns_lab: Lab) -> None:
     n1b = lab.pod("n1-b")
     _start_dnsmasq(lab, lab.ns("n1-b"), "dnsmasq-n1-b", n1b.ipv4, n1b.ipv6)
     for resolver in (n1b.ipv4, n1b.ipv6):
-        until(f"n1-b's dnsmasq answers on {resolver}",
-              lambda r=resolver: _dig(lab, "n1-plain", EXTERNAL_NAME, resolver=r)
-              == [EXTERNAL_ADDR])
+        def answers(r: str = resolver) -> bool:
+            return _dig(lab, "n1-plain", EXTERNAL_NAME, resolver=r) == [EXTERNAL_ADDR]
+
+        until(f"n1-b's dnsmasq answers on {resolver}", answers)
         for tcp in (False, True):
             assert _dig(lab, "n1-a", WEB_HOSTNAME, tcp=tcp, resolver=resolver) == [WEB_VIPS[0]]
             assert _dig(lab, "n1-a", EXTERNAL_NAME, tcp=tcp,
