@@ -62,8 +62,9 @@ class DatapathConfig:
     excluded_cidrs: tuple[str, ...] = ()
     # Capture enrolled pods' DNS (UDP and TCP to port 53) into the tunnel's DNS
     # proxy (tunnel.dns_port); a pod opts out with `pod add --no-dns-capture`
-    # (Istio: annotation ambient.istio.io/dns-capture: "false").
-    dns_capture: bool = False
+    # (Istio: annotation ambient.istio.io/dns-capture: "false"). On by default,
+    # as in Istio ambient since 1.25 (values cni.ambient.dnsCapture).
+    dns_capture: bool = True
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ class Config:
             ports["dns_port"] = t.dns_port
         if d.dns_capture and not t.dns_port:
             raise ConfigError("datapath.dns_capture needs tunnel.dns_port (the tunnel's DNS "
-                              "proxy, e.g. 15053)")
+                              "proxy, e.g. 15053); to run without the DNS proxy, set "
+                              "datapath.dns_capture = false as well")
         for upstream in t.dns_upstreams:
             resolver_address(upstream)
         for name, port in ports.items():

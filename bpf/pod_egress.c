@@ -18,49 +18,40 @@
  *   SYN                           -> assign to the outbound listener, or drop
  *
  * A bridged pod (MA_POD_F_BRIDGED) gets the same decisions, but "assign" is
- * "redirect to the tunnel device", which assigns the same socket there.
+ * "redirect to the tunnel device", which assigns the same socket there (its
+ * DNS too: the socket is looked up here first, so with no DNS socket its UDP
+ * query passes to the resolver, as a veth pod's does).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/sock.h"
 #include "lib/metrics.h"
-
-static __always_inline int ma_excluded(const struct ma_packet *pkt)
-{
-	struct ma_lpm_key lpm = {};
-	__u16 port = bpf_ntohs(pkt->dport);
-
-	if (ma_excluded_ports.lookup(&port))
-		return 1;
-	lpm.prefixlen = 8 + (pkt->family == MA_AF_INET ? 32 : 128);
-	lpm.family = (__u8)pkt->family;
-	__builtin_memcpy(lpm.addr, pkt->daddr, 16);
-	return ma_excluded_cidrs.lookup(&lpm) != NULL;
-}
-
-/* A whole UDP datagram to port 53 from a pod whose DNS the tunnel answers. */
-static __always_inline int ma_dns_query(const struct ma_packet *pkt, const struct ma_pod_info *info,
-					const struct ma_config *cfg)
-{
-	return (info->flags & MA_POD_F_DNS) && cfg->dns_port &&
-	       pkt->dport == bpf_htons(MA_DNS_PORT) && !ma_excluded(pkt);
-}
+#include "lib/capture.h"
 
 /* UDP from an enrolled pod (source already checked): DNS to the tunnel's DNS
- * socket, anything else (and DNS with no socket: fail open) passes. Bridged
- * pods' DNS is not captured (their redirect path carries TCP only). */
+ * socket (for a bridged pod: redirected to the tunnel device, which assigns
+ * it there), anything else (and DNS with no socket: fail open) passes. */
 static __always_inline int ma_from_pod_udp(struct __sk_buff *skb, const struct ma_packet *pkt,
 					   const struct ma_pod_info *info, __u32 ifindex)
 {
 	const struct ma_config *cfg = ma_config();
 	struct bpf_sock *sk;
+	int verdict;
 
-	if (!cfg || (info->flags & MA_POD_F_BRIDGED) || !ma_dns_query(pkt, info, cfg))
+	if (!cfg || !ma_dns_query(pkt, info, cfg))
 		return MA_PASS;
 	sk = ma_lookup_udp(skb, pkt, cfg->dns_port);
 	if (!sk)
 		return MA_PASS;
+	if (info->flags & MA_POD_F_BRIDGED) {
+		bpf_sk_release(sk);
+		verdict = ma_redirect_out(skb, cfg);
+		if (verdict < 0)
+			return ma_drop(ifindex, DROP_REDIRECT_FAILED);
+		ma_count_out(ifindex, skb->len);
+		return verdict;
+	}
 	if (ma_assign_and_mark(skb, sk, cfg))
 		return ma_drop(ifindex, DROP_ASSIGN_FAILED);
 	ma_count_out(ifindex, skb->len);
@@ -123,7 +114,7 @@ int from_pod(struct __sk_buff *skb)
 		return MA_PASS;
 
 	sk = NULL;
-	if (ma_dns_query(&pkt, info, cfg) && !(info->flags & MA_POD_F_BRIDGED))
+	if (ma_dns_query(&pkt, info, cfg))
 		sk = ma_lookup_listener(skb, &pkt, cfg->dns_port);
 	if (!sk)
 		sk = ma_lookup_listener(skb, &pkt, cfg->outbound_port);

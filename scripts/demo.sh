@@ -78,12 +78,40 @@ show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -
 show "n1-a -> n1-b (same node)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N1B:8080/")"
 show "n1-plain (not enrolled) -> n2-a" "$(inpod n1-plain curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
 
-echo; echo "== a Service: web.default.svc.cluster.local (VIP 10.96.0.10:80 -> n1-b, n2-b :8080)"
-echo "   (the name is pinned to the VIP with curl --resolve: the demo lab has no resolver;"
-echo "    DNS through the tunnel is exercised by tests/integration/test_services_lab.py)"
+echo; echo "== a Service: web.default.svc.cluster.local (VIPs 10.96.0.10, fd00:96::10 :80 -> n1-b, n2-b :8080), by name"
+# The cluster's resolver: dnsmasq on node2's underlay address. It knows nothing of
+# the lab's services. Enrolled pods' DNS is captured by the datapath (datapath.
+# dns_capture, on by default) and answered by their node's tunnel from its model.
+RESOLVER=$("$MA" lab list --prefix "$PREFIX" --json | python3 -c '
+import json, sys
+print(next(n["underlay_ipv4"] for n in json.load(sys.stdin)["nodes"] if n["name"] == "node2"))')
+nsenter --net="/run/netns/$PREFIX-node2" -- dnsmasq --keep-in-foreground --conf-file=/dev/null \
+  --no-resolv --no-hosts --bind-interfaces --listen-address="$RESOLVER" --port=53 --pid-file= \
+  --cache-size=0 --user=root --local=/cluster.local/ >"$RUN/dnsmasq.log" 2>&1 &
+# Each pod's resolv.conf as the kubelet writes it (ClusterFirst, namespace default),
+# in the lab's run directory (lab down removes it); bind-mounted over /etc/resolv.conf
+# in a private mount namespace for one command, so nothing on the host changes.
+for pod in n1-a n1-plain; do
+  printf 'nameserver %s\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n' \
+    "$RESOLVER" > "$RUN/resolv-$pod.conf"
+done
+inpod_dns() {  # inpod_dns POD COMMAND...: COMMAND in POD with its own resolv.conf
+  local pod="$1"; shift
+  # shellcheck disable=SC2016  # $0 and $@ are the inner shell's
+  nsenter --net="/run/netns/$PREFIX-$pod" -- unshare --mount -- \
+    sh -c 'mount --bind "$0" /etc/resolv.conf && exec "$@"' "$RUN/resolv-$pod.conf" "$@"
+}
+for _ in $(seq 50); do
+  nsenter --net="/run/netns/$PREFIX-node2" -- ss -Hltn "sport = :53" | grep -q . && break
+  sleep 0.1
+done
+show "n1-a: resolve web (answered by its tunnel)" \
+  "$(inpod_dns n1-a getent ahosts web.default.svc.cluster.local | awk '{print $1}' | sort -u | xargs)"
+show "n1-plain (not enrolled): resolve web" \
+  "$(inpod_dns n1-plain getent hosts web.default.svc.cluster.local || echo 'not found (dnsmasq does not know it)')"
 for i in 1 2 3 4 5 6; do
-  show "n1-a -> web (#$i)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' \
-    --resolve web.default.svc.cluster.local:80:10.96.0.10 http://web.default.svc.cluster.local/)"
+  show "n1-a: curl http://web.default.svc.cluster.local/" \
+    "$(inpod_dns n1-a curl -s -m 5 -o /dev/null -w "HTTP %{http_code} (#$i)" http://web.default.svc.cluster.local/)"
 done
 
 echo; echo "== iperf3 n1-a -> n2-a, 3 s"

@@ -10,6 +10,14 @@
 ``connrate`` one client process, sequential connections: connect, one
              request, one response, close; ``--count`` connections or
              ``--max-seconds``, whichever ends first; prints connections/s.
+``paired``   both of the above for several ``--host``s at once, interleaved one
+             sample at a time (round i visits the hosts in rotated order), so
+             load that comes and goes on a shared machine hits every host alike;
+             prints per host RTT percentiles and connection times, and
+             connections/s two ways: 1 / median connection time (``conn_per_s``,
+             robust to the scheduling stalls of a loaded machine) and connections
+             / total connection time (``conn_per_s_mean``, what a sequential
+             client achieves, outliers included).
 
 Every loop is bounded by a count and a deadline. Output is one JSON object.
 """
@@ -178,6 +186,63 @@ def connrate(host: str, port: int, count: int, size: int, max_seconds: float) ->
             "connect_p99_us": percentile(connect_us, 99) if connect_us else None}
 
 
+def _rotated(items: list[Any], i: int) -> list[Any]:
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
+def paired(hosts: list[str], port: int, count: int, warmup: int, size: int,
+           max_seconds: float) -> dict[str, Any]:
+    """:func:`latency` and :func:`connrate` for every host, one sample per host in
+    turn; each half gets ``max_seconds / 2``."""
+    req = b"q" * size
+    buf = bytearray(size)
+    clock = time.perf_counter_ns
+    rtt: dict[str, list[float]] = {h: [] for h in hosts}
+    conn: dict[str, list[float]] = {h: [] for h in hosts}
+    failed = dict.fromkeys(hosts, 0)
+    with contextlib.ExitStack() as stack:
+        socks = {h: stack.enter_context(_connect(h, port)) for h in hosts}
+        for _ in range(warmup):
+            for h in hosts:
+                socks[h].sendall(req)
+                _recv_exact(socks[h], size, buf)
+        deadline = time.monotonic() + max_seconds / 2
+        for i in range(count):
+            for h in _rotated(hosts, i):
+                t0 = clock()
+                socks[h].sendall(req)
+                _recv_exact(socks[h], size, buf)
+                rtt[h].append((clock() - t0) / 1000.0)
+            if i % 64 == 0 and time.monotonic() > deadline:
+                break
+    deadline = time.monotonic() + max_seconds / 2
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
+        for h in _rotated(hosts, i):
+            t0 = clock()
+            try:
+                with _connect(h, port) as sock:
+                    sock.sendall(req)
+                    _recv_exact(sock, size, buf)
+            except OSError:
+                failed[h] += 1
+                continue
+            conn[h].append((clock() - t0) / 1000.0)
+    out: dict[str, Any] = {}
+    for h in hosts:
+        r, c = rtt[h], conn[h]
+        out[h] = {"lat_count": len(r), "lat_p50_us": percentile(r, 50) if r else None,
+                  "lat_p99_us": percentile(r, 99) if r else None,
+                  "connections": len(c), "failed": failed[h],
+                  "conn_p50_us": percentile(c, 50) if c else None,
+                  "conn_p99_us": percentile(c, 99) if c else None,
+                  "conn_per_s": 1e6 / percentile(c, 50) if c else None,
+                  "conn_per_s_mean": 1e6 * len(c) / sum(c) if c else None}
+    return {"hosts": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agent.bench.rr", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,11 +260,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--size", type=int, default=DEFAULT_SIZE)
         p.add_argument("--max-seconds", type=float, default=20.0)
     lat.add_argument("--warmup", type=int, default=200)
+    pr = sub.add_parser("paired")
+    pr.add_argument("--host", required=True, action="append", dest="hosts")
+    pr.add_argument("--port", type=int, default=7000)
+    pr.add_argument("--count", type=int, default=2000)
+    pr.add_argument("--warmup", type=int, default=100)
+    pr.add_argument("--size", type=int, default=DEFAULT_SIZE)
+    pr.add_argument("--max-seconds", type=float, default=20.0)
     args = ap.parse_args(argv)
     if args.cmd == "server":
         run_server(args.port, args.http_port, args.size)
         return 0
-    if args.cmd == "latency":
+    if args.cmd == "paired":
+        out = paired(args.hosts, args.port, args.count, args.warmup, args.size,
+                     args.max_seconds)
+    elif args.cmd == "latency":
         out = latency(args.host, args.port, args.count, args.warmup, args.size, args.max_seconds)
     else:
         out = connrate(args.host, args.port, args.count, args.size, args.max_seconds)

@@ -2,7 +2,8 @@
 
 The datapath hands an enrolled pod's DNS query, still addressed to the pod's own
 resolver (``resolverIP:53``), to these sockets (bpf/pod_egress.c: bpf_sk_assign to
-the UDP socket found with bpf_sk_lookup_udp, or to the TCP listener), as
+the UDP socket found with bpf_sk_lookup_udp, or to the TCP listener; a bridged pod's
+query is assigned the same way at the tunnel device, bpf/tunnel_ingress.c), as
 ztunnel's in-pod redirection does for its DNS proxy (istio cni
 ``DNSCapturePort`` 15053). So:
 

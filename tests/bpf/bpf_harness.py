@@ -347,3 +347,16 @@ def assert_assigned(dp: Harness, result: testrun.RunResult, *, state: int, famil
     assert result.retval == TC_ACT_OK
     assert result.mark == mark
     assert dp.assigned() == Assignment(state=state, family=family, port=port)
+
+
+def assert_redirected_out(dp: Harness, frame: Packet, *, mark: int = 0) -> None:
+    """A bridged pod's captured packet: sent to the tunnel device's ingress (its MAC
+    written, REDIRECT_MARK set under the mask, nothing assigned here), counted once."""
+    result = dp.from_pod(frame, mark=mark)
+    assert result.retval == TC_ACT_REDIRECT
+    assert result.data[:6] == mac_bytes(TUNNEL_MAC)
+    assert result.data[6:] == bytes(frame)[6:]
+    assert result.mark == (mark & ~CAPTURE_MASK) | REDIRECT_MARK
+    assert dp.assigned() is None  # the tunnel device assigns it
+    assert dp.all_counters() == {dp.net.pod_ifindex: PodCounters(
+        captured_out_packets=1, captured_out_bytes=len(frame))}

@@ -22,7 +22,6 @@ from bpf_harness import (
     AF_INET6,
     APP_PORT,
     CAPTURE_MARK,
-    CAPTURE_MASK,
     CLIENT_PORT,
     EXCLUDED_PORT,
     NODE_V4,
@@ -42,6 +41,7 @@ from bpf_harness import (
     Harness,
     assert_assigned,
     assert_dropped,
+    assert_redirected_out,
     assert_untouched,
     default_settings,
     from_pod_eth,
@@ -67,17 +67,6 @@ FAMILIES = [pytest.param((POD_V4, REMOTE_V4, AF_INET), id="v4"),
 def out_frame(src: str, dst: str, flags: str = "S", *, sport: int = SYN_SPORT,
               dport: int = APP_PORT) -> Packet:
     return from_pod_eth() / ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags)
-
-
-def assert_redirected_out(dp: Harness, frame: Packet, *, mark: int = 0) -> None:
-    result = dp.from_pod(frame, mark=mark)
-    assert result.retval == TC_ACT_REDIRECT
-    assert result.data[:6] == mac_bytes(TUNNEL_MAC)
-    assert result.data[6:] == bytes(frame)[6:]
-    assert result.mark == (mark & ~CAPTURE_MASK) | REDIRECT_MARK
-    assert dp.assigned() is None  # the tunnel device assigns it
-    assert dp.all_counters() == {dp.net.pod_ifindex: PodCounters(
-        captured_out_packets=1, captured_out_bytes=len(frame))}
 
 
 # -- from_pod on a bridge port --------------------------------------------------

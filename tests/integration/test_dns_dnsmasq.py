@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import dns.asyncquery
+import dns.edns
 import dns.flags
 import dns.message
 import dns.query
@@ -270,4 +271,57 @@ def test_forwarding_to_the_original_destination_first(dnsmasq) -> None:
                 assert answers(reply) == ["192.0.2.20"]
         finally:
             silent.close()
+    asyncio.run(scenario())
+
+
+def test_oversized_queries_never_stop_the_server(dnsmasq) -> None:
+    """The largest datagram UDP carries and the largest frame TCP carries (65,535 bytes),
+    as junk and as a well-formed query padded to that size (EDNS padding), and a TCP
+    frame announced at 65,535 bytes that never arrives: junk gets at most an error, the
+    padded query FORMERR (over MAX_QUERY_SIZE), the stalled frame is closed after
+    tcp_idle; the proxy keeps answering."""
+    port, _ = dnsmasq
+
+    async def scenario() -> None:
+        async with proxy(port, tcp_idle=1.0) as server:
+            big = dns.message.make_query("productpage.ns1.svc.cluster.local", "A")
+            big.use_edns(0, payload=65535, options=[dns.edns.GenericOption(
+                dns.edns.OptionType.PADDING, b"\x00" * 65000)])
+            big_wire = big.to_wire()
+            assert 65000 < len(big_wire) <= 65507
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+                udp.sendto(os.urandom(65507), (HOST, server.udp_address[1]))  # IPv4's max
+            finally:
+                udp.close()
+            reply = await dns.asyncquery.udp(big, HOST, port=server.udp_address[1], timeout=5)
+            assert reply.rcode() == dns.rcode.FORMERR
+            reader, writer = await asyncio.open_connection(HOST, server.tcp_address[1])
+            junk = os.urandom(65535)
+            writer.write(struct.pack("!H", len(junk)) + junk)
+            writer.write(struct.pack("!H", len(big_wire)) + big_wire)
+            await writer.drain()
+            replies = []
+            while True:  # junk: nothing, or an error with its id; then the big query's
+                (length,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
+                                                                        5))
+                replies.append(dns.message.from_wire(
+                    await asyncio.wait_for(reader.readexactly(length), 5)))
+                if replies[-1].id == big.id or len(replies) > 2:
+                    break
+            assert replies[-1].id == big.id and replies[-1].rcode() == dns.rcode.FORMERR
+            writer.close()
+            # Announced, never sent: closed after tcp_idle, nothing else held up.
+            reader, writer = await asyncio.open_connection(HOST, server.tcp_address[1])
+            writer.write(b"\xff\xff" + b"\x00" * 100)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            for tcp in (False, True):
+                reply = await query(server, "host.test", tcp=tcp)
+                assert answers(reply) == ["192.0.2.20"]
+                reply = await query(server, "productpage.ns1.svc.cluster.local", tcp=tcp)
+                assert answers(reply) == ["9.9.9.9"]
+            assert server.counts[QueryOutcome.FORMERR] >= 2
     asyncio.run(scenario())

@@ -116,3 +116,25 @@ def test_unmeasured_scenarios_say_so() -> None:
     res = evaluate_targets([], ["resources", "hbone"])
     assert all(r.met is None for r in res)
     assert "not measured" in report.render_targets(res)
+
+
+def test_services_targets_use_paired_ratios() -> None:
+    """The VIP and DNS targets are judged on the median of per-repetition ratios, not on
+    the ratio of each variant's median; the spread is reported."""
+    s = []
+    for rep, (pod_ip, vip) in enumerate([(100, 104), (200, 190), (150, 150)]):
+        s += [Sample("services", "conn_per_s", "pod-ip", rep, pod_ip),
+              Sample("services", "conn_per_s", "vip", rep, vip),
+              Sample("services", "ratio_conn_per_s", "vip/pod-ip", rep, vip / pod_ip)]
+    for rep, ratio in enumerate([1.02, 1.10, 0.98]):
+        s.append(Sample("services", "ratio_lat_p50_us", "vip/pod-ip", rep, ratio))
+    for rep, ratio in enumerate([1.4, 1.6, 1.7]):
+        s.append(Sample("services", "ratio_dns_p50_us", "tunnel/direct", rep, ratio))
+    res = {r.target: r for r in evaluate_targets(aggregate(s), ["services"])}
+    conn = res["VIP vs pod IP: connections/s within 5%"]
+    assert conn.met is True
+    assert conn.measured == "0.0% better (paired median of 3, range -3.8%..+5.3%)"
+    lat = res["VIP vs pod IP: RTT p50 within 5%"]
+    assert lat.met is True and lat.measured.startswith("+2.0% worse (paired median of 3")
+    dns = res["DNS through the tunnel ≤1.5x direct at p50"]
+    assert dns.met is False and dns.measured == "1.60x (paired median of 3, range 1.40-1.70x)"
