@@ -131,7 +131,11 @@ impl Cidr {
         if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) || prefix.len() > 3 {
             return Err(bad());
         }
+        let text_prefix = prefix;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix.to_string() != text_prefix {
+            return Err(bad()); // leading zeros
+        }
         let cidr = Cidr { network, prefix };
         if prefix > cidr.bits() || cidr.masked(network) != Some(bits_of(network)) {
             return Err(bad());
