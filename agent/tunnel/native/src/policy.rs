@@ -391,6 +391,37 @@ impl From<&SpiffeId> for Identity {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireIdentity {
+    #[allow(dead_code)] // for readers of the JSON; the rules see the parts below
+    uri: String,
+    principal: String,
+    namespace: String,
+    service_account: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireWorkload {
+    #[allow(dead_code)]
+    name: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireConnection {
+    #[serde(deserialize_with = "nullable")]
+    src_ip: Option<IpAddr>,
+    #[serde(deserialize_with = "nullable")]
+    src_identity: Option<WireIdentity>,
+    dst_ip: IpAddr,
+    dst_port: u16,
+    dst_workload: WireWorkload,
+}
+
 /// What a decision looks at: the connection and its destination workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connection {
@@ -402,6 +433,22 @@ pub struct Connection {
     pub dst_port: u16,
     pub dst_namespace: String,
     pub dst_labels: BTreeMap<String, String>,
+}
+
+impl Connection {
+    /// A connection's attributes as `tests/unit/policy_fixtures.py` writes them
+    /// (`connection_json`): the form the table fixtures and the differential harness use.
+    pub fn from_json(value: &serde_json::Value) -> Result<Connection, PolicyError> {
+        let wire = WireConnection::deserialize(value).map_err(|e| invalid(format!("connection: {e}")))?;
+        Ok(Connection {
+            src_ip: wire.src_ip,
+            src_identity: wire.src_identity.map(|i| Identity { principal: i.principal, namespace: i.namespace, service_account: i.service_account }),
+            dst_ip: wire.dst_ip,
+            dst_port: wire.dst_port,
+            dst_namespace: wire.dst_workload.namespace,
+            dst_labels: wire.dst_workload.labels,
+        })
+    }
 }
 
 /// What decided, as an outcome (the Python engine's reasons, one variant each).

@@ -9,52 +9,9 @@
 //! policy, action, rule, reason, dry-run matches, dry-run verdict), and the revocation
 //! helper must pick exactly the denied connections.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 
-use meshagent_datapath::policy::{revoked, Connection, Identity, RuleSet};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct WireIdentity {
-    #[allow(dead_code)]
-    uri: String,
-    principal: String,
-    namespace: String,
-    service_account: String,
-}
-
-#[derive(Deserialize)]
-struct WireWorkload {
-    #[allow(dead_code)]
-    name: String,
-    namespace: String,
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WireConnection {
-    src_ip: Option<IpAddr>,
-    src_identity: Option<WireIdentity>,
-    dst_ip: IpAddr,
-    dst_port: u16,
-    dst_workload: WireWorkload,
-}
-
-impl WireConnection {
-    fn connection(self) -> Connection {
-        Connection {
-            src_ip: self.src_ip,
-            src_identity: self.src_identity.map(|i| Identity { principal: i.principal, namespace: i.namespace, service_account: i.service_account }),
-            dst_ip: self.dst_ip,
-            dst_port: self.dst_port,
-            dst_namespace: self.dst_workload.namespace,
-            dst_labels: self.dst_workload.labels,
-        }
-    }
-}
+use meshagent_datapath::policy::{revoked, Connection, RuleSet};
 
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("data").join(name)
@@ -72,7 +29,7 @@ fn run(name: &str) -> (usize, usize) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|c| serde_json::from_value::<WireConnection>(c.clone()).unwrap_or_else(|e| panic!("{label}: {e}")).connection())
+            .map(|c| Connection::from_json(c).unwrap_or_else(|e| panic!("{label}: {e}")))
             .collect();
         let expected = case["decisions"].as_array().unwrap();
         assert_eq!(connections.len(), expected.len(), "{label}");
