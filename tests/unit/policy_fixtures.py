@@ -179,21 +179,11 @@ def loader_cases() -> list[Json]:
     return cases
 
 
-def _doc(name: str, namespace: str = "foo", *, action: str | None = None,
-         rules: Any = ..., selector: dict[str, str] | None = None,
-         dry_run: str | None = None, **spec: Any) -> Json:
-    body: Json = dict(spec)
-    if action is not None:
-        body["action"] = action
-    if selector is not None:
-        body["selector"] = {"matchLabels": selector}
-    if rules is not ...:
-        body["rules"] = rules
-    metadata: Json = {"name": name, "namespace": namespace}
-    if dry_run is not None:
-        metadata["annotations"] = {"istio.io/dry-run": dry_run}
-    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-            "metadata": metadata, "spec": body}
+def _doc(name: str, namespace: str = "foo", **fields: Any) -> Json:
+    """A document as ``test_policy_semantics.doc`` writes them, named first."""
+    from test_policy_semantics import doc
+
+    return doc(name=name, namespace=namespace, **fields)
 
 
 def _from(**source: Any) -> list[Json]:
