@@ -48,7 +48,7 @@ from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
 from agent.identity.spiffe import SpiffeId, parse_spiffe_id
 from agent.model.select import candidates, pick_address, pick_endpoint
-from agent.model.types import Service, Workload, lookup_port
+from agent.model.types import Endpoint, Service, Workload, lookup_port
 from agent.waypoint import authz, routing
 from agent.waypoint.config import AppProtocol, Destination, WaypointState, waypoint_workload
 from agent.waypoint.limits import BodyBudget, Budgets, ClusterBudget, ResponseFlag, Thresholds
@@ -98,6 +98,7 @@ class WaypointInputs:
     idle: IdleConnections = field(default_factory=IdleConnections)
     h2: H2Connections = field(default_factory=H2Connections)
     bodies: BodyBudget = field(default_factory=BodyBudget)
+    memo: StateMemo = field(default_factory=lambda: StateMemo())
     hbone_port: int = 15008
     active_streams: int = 0
     # Where each endpoint's HBONE listener is (tests: several on loopback); default
@@ -269,6 +270,64 @@ async def _pipe(a: HboneStream, b: HboneStream, a_first: bytes, b_first: bytes) 
 
 # ---- upstream selection ---------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Choice:
+    """One eligible endpoint of a service port, resolved once per state."""
+
+    endpoint: Endpoint
+    workload: Workload
+    address: str | None       # pick_address, as text (None: no usable address)
+    target: int               # the target port (0: none)
+    ips: frozenset[str]       # the workload's IPs, for "another host" on retries
+
+
+class StateMemo:
+    """What depends only on one :class:`WaypointState` (the state is replaced whole on
+    reload, never changed), computed on first use instead of per request: the eligible
+    endpoints of each service port and each workload's expected SPIFFE ID. Forgotten
+    when ``inputs.state`` is another object. Bounded by the state's size."""
+
+    def __init__(self) -> None:
+        self._state: WaypointState | None = None
+        self._choices: dict[tuple[str, str, int], list[_Choice]] = {}
+        self._identities: dict[str, SpiffeId | None] = {}
+
+    def _check(self, state: WaypointState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._choices = {}
+            self._identities = {}
+
+    def choices(self, state: WaypointState, service: Service, port: int) -> list[_Choice]:
+        self._check(state)
+        key = (service.namespace, service.name, port)
+        found = self._choices.get(key)
+        if found is None:
+            src = waypoint_workload(state.model, state.me.namespace)
+            options, _reason = candidates(state.model, src, service, port)
+            vip = service.vips[0].address if service.vips else None
+            found = []
+            for ep, wl in options:
+                address = pick_address(wl, vip if vip is not None else wl.workload_ips[0],
+                                       service)
+                target = lookup_port(ep.ports, port) or lookup_port(service.ports, port) or 0
+                found.append(_Choice(ep, wl, str(address) if address is not None else None,
+                                     target, frozenset(str(ip) for ip in wl.workload_ips)))
+            self._choices[key] = found
+        return found
+
+    def identity(self, state: WaypointState, workload: Workload,
+                 trust_domain: str) -> SpiffeId | None:
+        self._check(state)
+        uri = workload.identity(trust_domain)
+        if uri not in self._identities:
+            try:
+                self._identities[uri] = parse_spiffe_id(uri)
+            except ValueError:
+                self._identities[uri] = None  # the trust domain check still applies
+        return self._identities[uri]
+
+
 def choose_endpoint(inputs: WaypointInputs, dest: Destination, port: int,
                     tried: set[str], backend: routing.BackendRef | None = None
                     ) -> tuple[str, int, Workload]:
@@ -285,20 +344,17 @@ def choose_endpoint(inputs: WaypointInputs, dest: Destination, port: int,
     svc_port = backend.port if backend is not None and backend.port else port
     if service is None:
         raise Answer(500, b"backend service not found", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    src = waypoint_workload(state.model, state.me.namespace)
-    options, _reason = candidates(state.model, src, service, svc_port)
-    fresh = [(ep, wl) for ep, wl in options
-             if not any(str(ip) in tried for ip in wl.workload_ips)]
-    chosen = pick_endpoint(fresh or options, inputs.rng)
-    if chosen is None:
+    choices = inputs.memo.choices(state, service, svc_port)
+    if tried:
+        choices = [c for c in choices if not c.ips & tried] or choices
+    pairs = [(c.endpoint, c.workload) for c in choices]
+    picked = pick_endpoint(pairs, inputs.rng)
+    if picked is None:
         raise Answer(503, b"no healthy upstream", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    ep, wl = chosen
-    target = lookup_port(ep.ports, svc_port) or lookup_port(service.ports, svc_port)
-    original = service.vips[0].address if service.vips else wl.workload_ips[0]
-    address = pick_address(wl, original, service)
-    if address is None or not target:
+    chosen = next(c for c, pair in zip(choices, pairs, strict=True) if pair is picked)
+    if chosen.address is None or not chosen.target:
         raise Answer(503, b"no healthy upstream", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    return str(address), target, wl
+    return chosen.address, chosen.target, chosen.workload
 
 
 def expected_identity(inputs: WaypointInputs, workload: Workload) -> SpiffeId | None:
@@ -306,10 +362,7 @@ def expected_identity(inputs: WaypointInputs, workload: Workload) -> SpiffeId | 
     answers with the destination workload's certificate), unless turned off."""
     if not inputs.settings.verify_upstream_identity:
         return None
-    try:
-        return parse_spiffe_id(workload.identity(inputs.pool.trust_domain))
-    except ValueError:
-        return None  # the trust domain check still applies
+    return inputs.memo.identity(inputs.state, workload, inputs.pool.trust_domain)
 
 
 async def open_upstream(inputs: WaypointInputs, address: str, port: int,
@@ -391,10 +444,11 @@ async def process(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest
                     else f"{info.dest_ip}:{dest.port}")
     budget = inputs.budgets.cluster(cluster_name)
     try:
-        return await asyncio.wait_for(
-            _with_retries(inputs, info, req, headers, backend, retry, budget, record),
-            timeout)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: no extra task per request.
+        async with asyncio.timeout(timeout):
+            return await _with_retries(inputs, info, req, headers, backend, retry, budget,
+                                       record)
+    except TimeoutError:
         raise Answer(504, b"upstream request timeout",
                      ResponseFlag.UPSTREAM_REQUEST_TIMEOUT) from None
 
@@ -643,7 +697,8 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
     first = b""
     try:
         while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
-            chunk = await asyncio.wait_for(stream.read(READ_SIZE), settings.header_timeout)
+            async with asyncio.timeout(settings.header_timeout):
+                chunk = await stream.read(READ_SIZE)
             if not chunk:
                 break
             first += chunk
@@ -890,10 +945,10 @@ async def _next_event(conn: h11.Connection, stream: HboneStream, settings: Waypo
         elif head and conn.trailing_data[0]:
             # The first byte of a head arrived: the slowloris clock starts now.
             deadline = min(deadline, loop.time() + settings.header_timeout)
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        if deadline <= loop.time():
             raise asyncio.TimeoutError
-        data = await asyncio.wait_for(stream.read(READ_SIZE), remaining)
+        async with asyncio.timeout_at(deadline):
+            data = await stream.read(READ_SIZE)
         conn.receive_data(data)
         if not data:
             return conn.next_event()  # type: ignore[return-value]
@@ -948,13 +1003,22 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
             await _pipe(stream, response.upgraded, bytes(leftover), response.leftover)
             return False
         headers = response_headers(response)
-        await stream.write(conn.send(h11.Response(status_code=response.status,
-                                                  headers=headers,
-                                                  reason=_reason(response.status))))
+        head = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=_reason(response.status)))
+        if response.complete:
+            # The body is here already: head, body and end in one write.
+            whole = bytearray(head or b"")
+            async for chunk in response.body:
+                record.response_bytes += len(chunk)
+                whole += conn.send(h11.Data(data=chunk)) or b""
+            whole += conn.send(h11.EndOfMessage()) or b""
+            await stream.write(whole)
+            return True
+        await stream.write(head or b"")
         async for chunk in response.body:
             record.response_bytes += len(chunk)
-            await stream.write(conn.send(h11.Data(data=chunk)))
-        await stream.write(conn.send(h11.EndOfMessage()))
+            await stream.write(conn.send(h11.Data(data=chunk)) or b"")
+        await stream.write(conn.send(h11.EndOfMessage()) or b"")
         return True
     except (HboneStreamError, h11.LocalProtocolError) as exc:
         record_flag = ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION.value
@@ -1011,8 +1075,8 @@ class H2Downstream:
         try:
             await self._feed(first)
             while True:
-                data = await asyncio.wait_for(self.stream.read(READ_SIZE),
-                                              self.inputs.settings.idle_timeout)
+                async with asyncio.timeout(self.inputs.settings.idle_timeout):
+                    data = await self.stream.read(READ_SIZE)
                 if not data:
                     break
                 await self._feed(data)

@@ -49,6 +49,9 @@ class UpstreamResponse:
     # For a response whose body is never read (a retried 503, a client gone): closes
     # the upstream stream and returns the request budget. No-op once ``finished``.
     discard_hook: Callable[[], None] = lambda: None
+    # The whole body arrived with the head: iterating ``body`` waits on no I/O, so the
+    # downstream can send head, body and end in one write (one TLS record).
+    complete: bool = False
 
     def discard(self) -> None:
         if not self.finished:
@@ -109,25 +112,52 @@ class Http1Upstream:
                                             upgraded=self.stream, leftover=bytes(leftover))
                 continue  # 100 Continue and friends: not forwarded
             if isinstance(event, h11.Response):
+                ready, complete = self._ready_body()
                 return UpstreamResponse(event.status_code, _decode(event.headers),
-                                        self._body())
+                                        self._body(ready, complete), complete=complete)
             if event is h11.PAUSED:
                 raise UpstreamProtocolError("upstream switched protocols unasked")
             raise UpstreamProtocolError(f"unexpected {type(event).__name__} before response")
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    def _ready_body(self) -> tuple[list[bytes], bool]:
+        """The body chunks already received (parsed without reading), and whether the
+        end of the message is among them. A parse error stops here: the body iterator
+        meets it again (h11 stays in ERROR) and raises UpstreamProtocolError."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return chunks, False
+            if isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return chunks, True
+            else:  # NEED_DATA; ConnectionClosed / PAUSED are met again by _next
+                return chunks, False
+
+    async def _body(self, ready: list[bytes], complete: bool) -> AsyncIterator[bytes]:
+        for chunk in ready:
+            yield chunk
+        if complete:
+            self._end_of_message()
+            return
         while True:
             event = await self._next()
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                    self.conn.start_next_cycle()
+                self._end_of_message()
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 return
             else:
                 raise UpstreamProtocolError(f"unexpected {type(event).__name__} in body")
+
+
+    def _end_of_message(self) -> None:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
 
 
 async def _empty() -> AsyncIterator[bytes]:
