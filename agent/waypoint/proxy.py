@@ -1244,13 +1244,17 @@ class H2Downstream:
                 await self.flush()
                 return
             self.conn.send_headers(stream_id, out)
-            await self.flush()
+            # A body that is all here already goes out with the head, in one write
+            # (flushed early only when the client's window makes it wait).
+            eager = not response.complete
+            if eager:
+                await self.flush()
             if first is not None:
                 record.response_bytes += len(first)
-                await self._send_data(stream_id, first)
+                await self._send_data(stream_id, first, eager)
             async for chunk in body_iter:
                 record.response_bytes += len(chunk)
-                await self._send_data(stream_id, chunk)
+                await self._send_data(stream_id, chunk, eager)
             if response.trailers:
                 record.grpc_status = dict(response.trailers).get("grpc-status", "")
                 self.conn.send_headers(stream_id, response.trailers, end_stream=True)
@@ -1266,7 +1270,9 @@ class H2Downstream:
                 await response.close_body()
             self.inputs.metrics.record(record)
 
-    async def _send_data(self, stream_id: int, data: bytes) -> None:
+    async def _send_data(self, stream_id: int, data: bytes, flush: bool = True) -> None:
+        """Queue ``data`` within the client's window; write it out unless ``flush`` is
+        False (the caller flushes), except before waiting for window."""
         view = memoryview(data)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.inputs.settings.body_timeout
@@ -1274,6 +1280,7 @@ class H2Downstream:
             window = min(self.conn.local_flow_control_window(stream_id),
                          self.conn.max_outbound_frame_size)
             if window <= 0:
+                await self.flush()
                 self.window.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -1284,4 +1291,5 @@ class H2Downstream:
             size = min(window, len(view))
             self.conn.send_data(stream_id, bytes(view[:size]))
             view = view[size:]
-            await self.flush()
+            if flush:
+                await self.flush()

@@ -220,6 +220,8 @@ class H2Upstream:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8", validate_inbound_headers=True))
         self._queues: dict[int, asyncio.Queue[h2.events.Event | None]] = {}
+        # Streams whose StreamEnded is already queued (see UpstreamResponse.complete).
+        self._ended: set[int] = set()
         self._window = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -278,6 +280,9 @@ class H2Upstream:
         queue = self._queues.get(stream_id)
         if queue is None:
             return
+        if isinstance(event, h2.events.StreamEnded):
+            # The response's end is queued: its reader will wait on no more I/O.
+            self._ended.add(stream_id)
         try:
             queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -289,6 +294,7 @@ class H2Upstream:
     def _finish(self, stream_id: int) -> None:
         """Forget a request; reset it upstream unless it ended both ways."""
         self._queues.pop(stream_id, None)
+        self._ended.discard(stream_id)
         if self.closed:
             return
         with contextlib.suppress(Exception):
@@ -335,7 +341,7 @@ class H2Upstream:
                     if 100 <= status < 200:
                         continue
                     response = UpstreamResponse(status, [h for h in head if h[0] != ":status"],
-                                                _empty())
+                                                _empty(), complete=stream_id in self._ended)
                     response.body = self._body(stream_id, queue, response,
                                                event.stream_ended is not None)
                     response.discard_hook = lambda: self._finish(stream_id)

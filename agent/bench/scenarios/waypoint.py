@@ -252,7 +252,7 @@ def run(ctx: Context) -> None:
                     istio=ISTIO_VCPU_PER_KRPS)
             # For scale: the bench's two node-tunnel hops (HBONE only, no HTTP) in one
             # process; what two HBONE legs cost in this Python stack.
-            ctx.add(NAME, "hops_vcpu_per_krps", "both tunnel hops (one process)", 0,
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "both tunnel hops (one process)", 0,
                     hop_cpu / (wp["rps"] / 1000))
         cfg = work / "haproxy.cfg"
         cfg.write_text(
@@ -262,11 +262,17 @@ def run(ctx: Context) -> None:
             f"backend b\n  server s1 127.0.0.1:{APP_PORT['ns-a']}\n")
         ha = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
         time.sleep(1)
+        ha0, t0 = _cpu_seconds(ha.pid), time.monotonic()
         hp = _summary(_fortio(f"http://127.0.0.1:{HAPROXY_PORT}/echo", 0, 16, seconds,
                               work / "ha16.json"))
+        ha_cpu = (_cpu_seconds(ha.pid) - ha0) / (time.monotonic() - t0)
         procs.stop(ha)
         ctx.add(NAME, "rps", "haproxy 1 thread, 16 conns", 0, hp["rps"])
         ctx.add(NAME, "p99_ms", "haproxy 1 thread, 16 conns", 0, hp["p99_ms"])
+        if hp["rps"]:
+            # CPU per request depends less on what else the machine runs than req/s.
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "haproxy 1 thread, 16 conns", 0,
+                    ha_cpu / (hp["rps"] / 1000))
         if hp["rps"]:
             ctx.note(NAME, f"waypoint/haproxy requests/s: {wp['rps'] / hp['rps']:.2f} "
                            "(target >= 0.5)")
