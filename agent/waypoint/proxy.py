@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import ipaddress
 import random
@@ -713,6 +714,7 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
         await serve_http1(inputs, stream, info, first)
 
 
+@functools.lru_cache(maxsize=128)
 def _reason(status: int) -> bytes:
     """The standard reason phrase (h11 sends none by default; Envoy sends it)."""
     try:
