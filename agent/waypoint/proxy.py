@@ -19,7 +19,9 @@ decision before any upstream work; a ``ProxyInputs``-like bundle,
 Bad input gets a clear answer and only that stream/connection ends: malformed
 requests 400, conflicting Content-Length/Transfer-Encoding 400 (smuggling), header
 block over ``max_header_bytes`` 431, a head not complete within ``header_timeout``
-408 (slowloris), body over ``max_body_bytes`` 413.
+408 (slowloris). Request bodies are buffered for retries up to ``max_body_bytes``;
+beyond it an HTTP/1.1 body streams upstream (:class:`BodyRest`, not retried), an h2c
+one gets 413.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class WaypointSettings:
     idle_timeout: float = 60.0            # keep-alive between requests
     body_timeout: float = 30.0
     max_header_bytes: int = 60 * 1024     # Envoy max_request_headers_kb default 60
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024  # retry buffer per request (h2c: the cap)
     upstream_timeout: float = 15.0        # Envoy's default route timeout
     connect_timeout: float = 5.0
     max_downstream_streams: int = 4096
@@ -127,6 +129,9 @@ class HttpRequest:
     upgrade: str | None = None
     trailers: list[tuple[str, str]] = field(default_factory=list)
     authority: str = ""
+    # HTTP/1.1: the part of a body beyond ``max_body_bytes`` (``body`` holds the start),
+    # read from the client while it is sent upstream; such a request is never retried.
+    rest: BodyRest | None = None
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name]
@@ -148,6 +153,57 @@ class Answer(Exception):
         self.status = status
         self.body = body
         self.flag = flag
+
+
+class ClientBodyError(Exception):
+    """The client's streamed request body failed (malformed, too slow, reset)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BodyRest:
+    """The rest of an HTTP/1.1 request body that did not fit the retry buffer (Envoy
+    streams a body and buffers only what retries need): read from the client's h11
+    connection while it is written upstream, once. ``length`` is the client's
+    Content-Length (None: chunked); ``read`` counts the bytes delivered."""
+
+    def __init__(self, conn: h11.Connection, stream: HboneStream, settings: WaypointSettings,
+                 first: bytes, length: int | None) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._settings = settings
+        self._first = first
+        self.length = length
+        self.read = 0
+        self.used = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The remaining bytes as they arrive. Raises ClientBodyError (400: malformed
+        or ended early, 408: slower than ``body_timeout`` between reads)."""
+        if self.used:
+            raise ClientBodyError(500, "a streamed request body can be sent only once")
+        self.used = True
+        self.read += len(self._first)
+        yield self._first
+        while True:
+            try:
+                event = await _next_event(self._conn, self._stream, self._settings,
+                                          head=False)
+            except TimeoutError:
+                raise ClientBodyError(408, "request body timeout") from None
+            except h11.RemoteProtocolError as exc:
+                raise ClientBodyError(exc.error_status_hint or 400, str(exc)) from None
+            except HboneStreamError as exc:
+                raise ClientBodyError(400, f"client stream ended: {exc}") from None
+            if isinstance(event, h11.Data):
+                self.read += len(event.data)
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise ClientBodyError(400, "request body ended early")
 
 
 # ---- the HBONE listener -------------------------------------------------------------
@@ -436,8 +492,8 @@ async def process(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest
     if rule is not None:
         headers = rule.modifier.apply(headers)
     retry = rule.retry if rule is not None else routing.RetryPolicy()
-    if req.upgrade:
-        retry = routing.RetryPolicy(attempts=0)
+    if req.upgrade or req.rest is not None:
+        retry = routing.RetryPolicy(attempts=0)  # nothing to replay
     timeout = (rule.request_timeout if rule is not None and rule.request_timeout
                else inputs.settings.upstream_timeout)
     cluster_name = (f"{backend.namespace}/{backend.name}:{backend.port}" if backend
@@ -621,10 +677,20 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                 out_headers = [("host", authority), *[(k, v) for k, v in headers if k != "host"]]
                 if req.upgrade:
                     out_headers += [("connection", "upgrade"), ("upgrade", req.upgrade)]
+                elif req.rest is not None:
+                    out_headers.append(("content-length", str(req.rest.length))
+                                       if req.rest.length is not None
+                                       else ("transfer-encoding", "chunked"))
                 elif req.body or req.method in ("POST", "PUT", "PATCH"):
                     out_headers.append(("content-length", str(len(req.body))))
-                response = await h1.request(req.method, req.target, out_headers, req.body,
-                                            bool(req.upgrade))
+                try:
+                    response = await h1.request(
+                        req.method, req.target, out_headers, req.body, bool(req.upgrade),
+                        req.rest.chunks() if req.rest is not None else None)
+                except ClientBodyError as exc:
+                    h1.stream.abort()  # the upstream got a partial request
+                    raise Answer(exc.status, b"bad request body",
+                                 ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, str(exc)) from None
                 inner1 = response.body
 
                 async def body_then_pool() -> AsyncIterator[bytes]:
@@ -877,7 +943,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
             inputs.bodies.give(len(body))
         if not keep:
             return
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+        if h11.MUST_CLOSE in (conn.our_state, conn.their_state) or \
+                conn.their_state is not h11.DONE:
+            # (Not DONE: an answer before the client's whole body, e.g. a 403 to a
+            # streamed upload; the rest is read and dropped, bounded, then closed.)
             await linger_close(stream)
             return
         try:
@@ -894,12 +963,19 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
     :class:`BodyBudget`; the caller gives back ``len(body)``), then answer. True to
     keep the connection."""
     settings = inputs.settings
+    rest: BodyRest | None = None
     try:
         while True:
             ev = await _next_event(conn, stream, settings, head=False)
             if isinstance(ev, h11.Data):
                 if len(body) + len(ev.data) > settings.max_body_bytes:
-                    raise _TooBig
+                    if upgrade is not None:
+                        raise _TooBig
+                    # Beyond the retry buffer: the rest streams upstream (no retry).
+                    length = next((v for k, v in raw_headers if k == "content-length"), None)
+                    rest = BodyRest(conn, stream, settings, bytes(ev.data),
+                                    int(length) if length is not None else None)
+                    break
                 if not inputs.bodies.take(len(ev.data)):
                     await _send_raw(inputs, info, stream, 503,
                                     b"overloaded: too many buffered request bodies, "
@@ -926,7 +1002,7 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
                       [(k, v) for k, v in raw_headers
                        if k not in HOP_BY_HOP and k not in ("host", "content-length",
                                                              "expect")],
-                      bytes(body), False, upgrade, authority=authority)
+                      bytes(body), False, upgrade, authority=authority, rest=rest)
     return await _respond_http1(inputs, stream, info, conn, req)
 
 
@@ -1033,6 +1109,8 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
         if response is not None and response.upgraded is None:
             await response.close_body()
         if record is not None:
+            if req.rest is not None:
+                record.request_bytes += req.rest.read
             inputs.metrics.record(record)
 
 

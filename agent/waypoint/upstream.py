@@ -95,14 +95,22 @@ class Http1Upstream:
             return event  # type: ignore[return-value]
 
     async def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
-                      body: bytes, upgrade: bool) -> UpstreamResponse:
-        """Send a whole request; return when the response head arrived."""
+                      body: bytes, upgrade: bool,
+                      rest: AsyncIterator[bytes] | None = None) -> UpstreamResponse:
+        """Send a request, ``body`` then ``rest`` as it comes (the caller's ``headers``
+        frame it); return when the response head arrived. Exceptions of ``rest``
+        propagate (the connection is then unusable)."""
         out = self.conn.send(h11.Request(method=method, target=target, headers=list(headers)))
         if not upgrade:
             if body:
                 out += self.conn.send(h11.Data(data=body))
-            out += self.conn.send(h11.EndOfMessage())
+            if rest is None:
+                out += self.conn.send(h11.EndOfMessage())
         await self.stream.write(out)
+        if rest is not None and not upgrade:
+            async for chunk in rest:
+                await self.stream.write(self.conn.send(h11.Data(data=chunk)) or b"")
+            await self.stream.write(self.conn.send(h11.EndOfMessage()) or b"")
         while True:
             event = await self._next()
             if isinstance(event, h11.InformationalResponse):

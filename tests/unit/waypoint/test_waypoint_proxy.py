@@ -581,6 +581,84 @@ def test_broken_h2_gets_goaway_and_others_are_served(store: IdentityStore) -> No
     run_lab(store, body)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl (Debian) is installed by setup.sh")
+def test_uploads_beyond_the_retry_buffer_stream_through_with_curl(store: IdentityStore) -> None:
+    """Bodies over ``max_body_bytes`` are streamed to the app, not refused (413) nor
+    held whole: a 1 MiB upload through a 64 KiB buffer, with Content-Length and chunked;
+    the buffered bytes are given back, the request's bytes counted."""
+    settings = WaypointSettings(max_body_bytes=64 * 1024)
+
+    async def body(lab: Lab) -> None:
+        port = await lab.shim(WEB)
+        payload = bytes(range(256)) * 4096  # 1 MiB
+        for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+            rc, out = await sh("curl", "-sS", *extra, "--data-binary", "@-",
+                               f"http://127.0.0.1:{port}/up", stdin=payload)
+            assert rc == 0, out
+            assert json.loads(out)["body"].encode("latin-1") == payload
+        assert lab.inputs.bodies.used == 0
+        sizes = [v for labels, v in samples(lab, "istio_request_bytes_sum")
+                 if labels["response_code"] == "200"]
+        assert sizes == [2.0 * len(payload)]
+        # The connection stays usable after a streamed upload (keep-alive).
+        stream = await lab.open(WEB)
+        out = await http1(stream, b"POST /a HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n"
+                          b"\r\n" + b"z" * 100_000)
+        assert status_of(out) == 200 and json.loads(body_of(out))["body"] == "z" * 100_000
+        assert status_of(await http1(stream, GET)) == 200
+    run_lab(store, body, settings=settings)
+
+
+def test_a_streamed_body_is_not_retried_a_buffered_one_is(store: IdentityStore) -> None:
+    """Istio's default retries replay a buffered body; a body beyond the buffer went to
+    the app as it arrived and cannot be replayed: one try, its 503 answered."""
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        seen = lab.http_apps["web"].seen
+        small = await http1(await lab.open(WEB), b"POST /status/503 HTTP/1.1\r\nHost: w\r\n"
+                            b"Content-Length: 10\r\n\r\n" + b"s" * 10)
+        assert status_of(small) == 503
+        assert len([s for s in seen if s[1] == "/status/503"]) == 3
+        big = await http1(await lab.open(WEB), b"POST /status/503 HTTP/1.1\r\nHost: w\r\n"
+                          b"Content-Length: 5000\r\n\r\n" + b"b" * 5000)
+        assert status_of(big) == 503
+        assert len([s for s in seen if s[1] == "/status/503"]) == 4
+        assert all(b.requests == 0 and b.pending == 0 and b.retries == 0
+                   for _, b in lab.inputs.budgets)
+    run_lab(store, body, settings=settings)
+
+
+def test_a_denied_streamed_upload_gets_403_and_the_connection_closes(store: IdentityStore) -> None:
+    deny_post = policy({"action": "DENY", "rules": [{"to": [{"operation": {
+        "methods": ["POST"]}}]}]})
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        before = len(lab.http_apps["web"].seen)
+        out = await http1(await lab.open(WEB), b"POST /x HTTP/1.1\r\nHost: w\r\n"
+                          b"Content-Length: 50000\r\n\r\n" + b"d" * 50_000, expect_close=True)
+        assert status_of(out) == 403 and body_of(out) == b"RBAC: access denied"
+        assert len(lab.http_apps["web"].seen) == before  # nothing reached the app
+        assert lab.inputs.bodies.used == 0
+    run_lab(store, body, docs=with_docs(deny_post), settings=settings)
+
+
+def test_a_malformed_streamed_body_gets_400_and_others_are_served(store: IdentityStore) -> None:
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        out = await http1(await lab.open(WEB), b"POST /x HTTP/1.1\r\nHost: w\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"c" * 2000
+                          + b"\r\nzz\r\n", expect_close=True)
+        assert status_of(out) == 400
+        flags = [s[0]["response_flags"] for s in samples(lab, "istio_requests_total")]
+        assert flags == ["DPE"]
+        assert status_of(await http1(await lab.open(WEB), GET)) == 200
+        assert lab.inputs.bodies.used == 0
+    run_lab(store, body, settings=settings)
+
+
 def test_buffered_bodies_are_bounded_process_wide(store: IdentityStore) -> None:
     from agent.waypoint.limits import BodyBudget
 
