@@ -13,7 +13,8 @@ on 127.0.1.x / 127.0.2.x "pod" addresses, the load is Fortio (seed 004's tool).
 3. ``haproxy`` vs ``waypoint``: requests/s at max rate, 16 connections, for HAProxy
    (``nbthread 1``) proxying plain HTTP/1.1 to the same Fortio server, and for the
    waypoint path; the waypoint process's CPU (``/proc/<pid>/stat``) per 1,000
-   requests/s, next to Istio's published 0.25 vCPU.
+   requests/s, next to Istio's published 0.25 vCPU, with the access log on and off
+   (Istio's default), and the tunnel hops' and HAProxy's CPU per 1,000 requests/s.
 
 Every process started is stopped in ``finally``.
 """
@@ -185,7 +186,7 @@ def run(ctx: Context) -> None:
         for ns in NAMESPACES:
             hops += ["--dest", f"{POD_IP[ns]}={APP_PORT[ns]}={ns}/echo"]
 
-        def waypoints(shared: bool) -> list[subprocess.Popen[bytes]]:
+        def waypoints(shared: bool, access_log: bool = True) -> list[subprocess.Popen[bytes]]:
             cfg = work / ("shared" if shared else "dedicated")
             cfg.mkdir(exist_ok=True)
             (cfg / "docs.yaml").write_text(yaml.safe_dump_all(_docs(shared)))
@@ -195,7 +196,9 @@ def run(ctx: Context) -> None:
                     PY, "-m", "agent", "waypoint", "--name", "waypoint", "--namespace", ns,
                     "--model", str(work / "model.yaml"), "--config-dir", str(cfg),
                     "--ca-dir", str(work / "ca"), "--listen", f"127.0.0.1:{WP_PORT[ns]}",
-                    "--metrics-port", "0"], ready="waypoint serving"))
+                    "--metrics-port", "0",
+                    "--access-log" if access_log else "--no-access-log"],
+                    ready="waypoint serving"))
             return started
 
         def hops_for(shared: bool) -> subprocess.Popen[bytes]:
@@ -254,6 +257,18 @@ def run(ctx: Context) -> None:
             # process; what two HBONE legs cost in this Python stack.
             ctx.add(NAME, "waypoint_vcpu_per_krps", "both tunnel hops (one process)", 0,
                     hop_cpu / (wp["rps"] / 1000))
+        # The same without the access log (Istio's default install logs nothing).
+        for p in (*wps, hop):
+            procs.stop(p)
+        wps = waypoints(shared=False, access_log=False)
+        hop = hops_for(shared=False)
+        cpu0, t0 = _cpu_seconds(wps[0].pid), time.monotonic()
+        quiet = _summary(_fortio(url["ns-a"], 0, 16, seconds, work / "wp16q.json"))
+        cpu = (_cpu_seconds(wps[0].pid) - cpu0) / (time.monotonic() - t0)
+        ctx.add(NAME, "rps", "waypoint path, 16 conns, no access log", 0, quiet["rps"])
+        if quiet["rps"]:
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "waypoint process, no access log", 0,
+                    cpu / (quiet["rps"] / 1000), istio=ISTIO_VCPU_PER_KRPS)
         cfg = work / "haproxy.cfg"
         cfg.write_text(
             "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n"

@@ -380,6 +380,21 @@ class AccessLog:
         self.lines.append({"event": event, **fields})
 
 
+def test_access_log_off_counts_metrics_and_logs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.waypoint.telemetry as telemetry
+    recorder = AccessLog()
+    monkeypatch.setattr(telemetry, "access_log", recorder)
+    metrics = telemetry.WaypointMetrics(access_log=False)
+    record = telemetry.RequestRecord()
+    record.status = 200
+    metrics.record(record)
+    assert recorder.lines == []
+    assert [s.value for m in metrics.registry.collect() for s in m.samples
+            if s.name == "istio_requests_total"] == [1.0]
+    telemetry.WaypointMetrics().record(record)
+    assert [e["event"] for e in recorder.lines] == ["request"]
+
+
 def test_metrics_and_one_access_log_line_per_request(store: IdentityStore,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import agent.waypoint.telemetry as telemetry
