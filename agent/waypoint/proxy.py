@@ -20,13 +20,14 @@ Bad input gets a clear answer and only that stream/connection ends: malformed
 requests 400, conflicting Content-Length/Transfer-Encoding 400 (smuggling), header
 block over ``max_header_bytes`` 431, a head not complete within ``header_timeout``
 408 (slowloris). Request bodies are buffered for retries up to ``max_body_bytes``;
-beyond it an HTTP/1.1 body streams upstream (:class:`BodyRest`, not retried), an h2c
-one gets 413.
+beyond it the rest streams upstream, not retried (:class:`BodyRest` for HTTP/1.1,
+:class:`H2BodyRest` for h2c).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import http
@@ -78,7 +79,7 @@ class WaypointSettings:
     idle_timeout: float = 60.0            # keep-alive between requests
     body_timeout: float = 30.0
     max_header_bytes: int = 60 * 1024     # Envoy max_request_headers_kb default 60
-    max_body_bytes: int = 4 * 1024 * 1024  # retry buffer per request (h2c: the cap)
+    max_body_bytes: int = 4 * 1024 * 1024  # retry buffer per request; beyond: streamed
     upstream_timeout: float = 15.0        # Envoy's default route timeout
     connect_timeout: float = 5.0
     max_downstream_streams: int = 4096
@@ -131,7 +132,7 @@ class HttpRequest:
     authority: str = ""
     # HTTP/1.1: the part of a body beyond ``max_body_bytes`` (``body`` holds the start),
     # read from the client while it is sent upstream; such a request is never retried.
-    rest: BodyRest | None = None
+    rest: BodyRest | H2BodyRest | None = None
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name]
@@ -176,6 +177,7 @@ class BodyRest:
         self._settings = settings
         self._first = first
         self.length = length
+        self.trailers: list[tuple[str, str]] = []  # (HTTP/1.1 trailers are not forwarded)
         self.read = 0
         self.used = False
 
@@ -204,6 +206,72 @@ class BodyRest:
                 return
             else:
                 raise ClientBodyError(400, "request body ended early")
+
+
+class H2BodyRest:
+    """The rest of an h2c request body beyond the retry buffer: DATA frames queued by
+    the connection as they arrive and handed out once. Flow control is the bound: a
+    frame's bytes are acknowledged (window reopened) only when they are taken, so at
+    most one stream window (65,535 bytes) waits here. Trailers, if any, in
+    ``trailers`` once ``chunks()`` is exhausted."""
+
+    def __init__(self, owner: H2Downstream, stream_id: int, first: bytes) -> None:
+        self._owner = owner
+        self._stream_id = stream_id
+        self._first = first
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._ended = False
+        self._error: str | None = None
+        self.length: int | None = None
+        self.trailers: list[tuple[str, str]] = []
+        self.read = 0
+        self.used = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def feed(self, data: bytes, unacknowledged: int) -> None:
+        self._queue.append((data, unacknowledged))
+        self._ready.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    def fail(self, why: str) -> None:
+        self._error = why
+        self._ready.set()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Raises ClientBodyError (400: reset or connection gone, 408: stalled)."""
+        if self.used:
+            raise ClientBodyError(500, "a streamed request body can be sent only once")
+        self.used = True
+        self.read += len(self._first)
+        yield self._first
+        timeout = self._owner.inputs.settings.body_timeout
+        while True:
+            while not self._queue:
+                if self._error is not None:
+                    raise ClientBodyError(400, self._error)
+                if self._ended:
+                    return
+                self._ready.clear()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._ready.wait()
+                except TimeoutError:
+                    raise ClientBodyError(408, "request body timeout") from None
+            data, unacknowledged = self._queue.popleft()
+            if unacknowledged:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self._owner.conn.acknowledge_received_data(unacknowledged,
+                                                               self._stream_id)
+                await self._owner.flush()
+            self.read += len(data)
+            yield data
 
 
 # ---- the HBONE listener -------------------------------------------------------------
@@ -653,7 +721,15 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                         _done_connecting(inputs, key, connecting)
                 pseudo = [(":method", req.method), (":scheme", "http"),
                           (":authority", authority), (":path", req.target)]
-                response = await h2conn.request(pseudo + headers, req.body, req.trailers)
+                rest = req.rest
+                try:
+                    response = await h2conn.request(
+                        pseudo + headers, req.body, req.trailers,
+                        rest.chunks() if rest is not None else None,
+                        (lambda: rest.trailers) if rest is not None else None)
+                except ClientBodyError as exc:  # (request() reset the upstream stream)
+                    raise Answer(exc.status, b"bad request body",
+                                 ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, str(exc)) from None
                 inner = response.body
 
                 async def body_then_release() -> AsyncIterator[bytes]:
@@ -1136,6 +1212,8 @@ class H2Downstream:
         self.requests: dict[int, tuple[list[tuple[str, str]], bytearray,
                                        list[tuple[str, str]]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # Requests whose body outgrew the retry buffer: started, the rest streams.
+        self.rests: dict[int, H2BodyRest] = {}
         self.window = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self.resets = 0
@@ -1180,6 +1258,9 @@ class H2Downstream:
                 task.cancel()
             for stream_id in list(self.requests):
                 self._drop(stream_id)
+            for rest in self.rests.values():
+                rest.fail("client connection ended")
+            self.rests.clear()
             await linger_close(self.stream)
 
     def _check_frame_sizes(self, data: bytes) -> None:
@@ -1220,26 +1301,41 @@ class H2Downstream:
                 if event.stream_ended is not None:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
+                rest = self.rests.get(event.stream_id)
+                if rest is not None:  # acknowledged when the upstream side takes it
+                    rest.feed(event.data, event.flow_controlled_length)
+                    continue
                 entry = self.requests.get(event.stream_id)
                 self.conn.acknowledge_received_data(event.flow_controlled_length,
                                                     event.stream_id)
                 if entry is not None:
                     if len(entry[1]) + len(event.data) > self.inputs.settings.max_body_bytes:
-                        self._drop(event.stream_id)
-                        self._local(event.stream_id, 413, b"request body too large")
+                        # Beyond the retry buffer: start the request, stream the rest.
+                        self.rests[event.stream_id] = H2BodyRest(self, event.stream_id,
+                                                                 event.data)
+                        self._start(event.stream_id)
                     elif not self.inputs.bodies.take(len(event.data)):
                         self._drop(event.stream_id)
                         self._local(event.stream_id, 503, b"overloaded")
                     else:
                         entry[1].extend(event.data)
             elif isinstance(event, h2.events.TrailersReceived):
+                rest = self.rests.get(event.stream_id)
                 entry = self.requests.get(event.stream_id)
-                if entry is not None:
+                if rest is not None:
+                    rest.trailers = [(str(k), str(v)) for k, v in event.headers]
+                elif entry is not None:
                     entry[2].extend((str(k), str(v)) for k, v in event.headers)
             elif isinstance(event, h2.events.StreamEnded):
-                if event.stream_id in self.requests:
+                rest = self.rests.pop(event.stream_id, None)
+                if rest is not None:
+                    rest.end()
+                elif event.stream_id in self.requests:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
+                rest = self.rests.pop(event.stream_id, None)
+                if rest is not None:
+                    rest.fail("client reset the stream")
                 self._drop(event.stream_id)
                 self.reset_ids.add(event.stream_id)
                 self.resets += 1
@@ -1295,6 +1391,7 @@ class H2Downstream:
             return
         req = HttpRequest(pseudo.get(":method", "GET"), path, regular,
                           bytes(body), True, trailers=trailers,
+                          rest=self.rests.get(stream_id),
                           # RFC 9113 8.3.1: :authority, else a Host header.
                           authority=pseudo.get(":authority")
                           or next((v for k, v in regular if k == "host"), ""))
@@ -1348,6 +1445,15 @@ class H2Downstream:
         finally:
             if response is not None:
                 await response.close_body()
+            if req.rest is not None:
+                record.request_bytes += req.rest.read
+                if self.rests.pop(stream_id, None) is not None:
+                    # Answered before the client's upload ended (a 403, an error): stop
+                    # it (RFC 9113 8.1: RST_STREAM NO_ERROR after a complete response).
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+                    with contextlib.suppress(HboneStreamError):
+                        await self.flush()
             self.inputs.metrics.record(record)
 
     async def _send_data(self, stream_id: int, data: bytes, flush: bool = True) -> None:

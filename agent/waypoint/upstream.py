@@ -321,20 +321,33 @@ class H2Upstream:
                 await self.stream.write(data)
 
     async def request(self, headers: Sequence[tuple[str, str]], body: bytes,
-                      trailers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
-        """Send one request; return once its response head arrived. Raises
-        UpstreamProtocolError when the connection or the stream fails first."""
+                      trailers: Sequence[tuple[str, str]] = (),
+                      rest: AsyncIterator[bytes] | None = None,
+                      rest_trailers: Callable[[], Sequence[tuple[str, str]]] | None = None
+                      ) -> UpstreamResponse:
+        """Send one request: ``body``, then ``rest`` as it comes and the trailers
+        ``rest_trailers()`` gives after it (or ``trailers``); return once its response
+        head arrived. Raises UpstreamProtocolError when the connection or the stream
+        fails first; exceptions of ``rest`` propagate (this stream is reset)."""
         if not self.available:
             raise UpstreamProtocolError("upstream h2 connection not available")
         stream_id = self.conn.get_next_available_stream_id()
         queue: asyncio.Queue[h2.events.Event | None] = asyncio.Queue(maxsize=256)
         self._queues[stream_id] = queue
         try:
+            more = rest is not None
             self.conn.send_headers(stream_id, list(headers),
-                                   end_stream=not body and not trailers)
+                                   end_stream=not body and not trailers and not more)
             await self._flush()
             if body:
-                await self._send_body(stream_id, body, end=not trailers)
+                await self._send_body(stream_id, body, end=not trailers and not more)
+            if rest is not None:
+                async for chunk in rest:
+                    await self._send_body(stream_id, chunk, end=False)
+                trailers = rest_trailers() if rest_trailers is not None else ()
+                if not trailers:
+                    self.conn.end_stream(stream_id)
+                    await self._flush()
             if trailers:
                 self.conn.send_headers(stream_id, list(trailers), end_stream=True)
                 await self._flush()

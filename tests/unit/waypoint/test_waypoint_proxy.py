@@ -459,6 +459,40 @@ def test_grpc_client_through_h2c(store: IdentityStore) -> None:
     run_lab(store, body)
 
 
+def test_grpc_messages_beyond_the_retry_buffer_stream_through_h2c(store: IdentityStore) -> None:
+    """h2c bodies over ``max_body_bytes`` stream too (flow control bounds what waits:
+    200 KB through a 1,000-byte buffer needs the window reopened as the upstream
+    takes it); a denied one is answered and only its stream stopped."""
+    deny = policy({"action": "DENY", "rules": [{"when": [
+        {"key": "request.headers[x-deny]", "values": ["yes"]}]}]})
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        port = await lab.shim(f"{GRPC_VIP}:50051")
+        message = bytes(range(256)) * 800  # 200 KB
+
+        def call() -> tuple[bytes, grpc.StatusCode, bytes]:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                say = channel.unary_unary("/echo.Echo/Say")
+                ok = say(message, timeout=20)
+                try:
+                    say(message, timeout=20, metadata=[("x-deny", "yes")])
+                    denied = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    denied = exc.code()
+                return ok, denied, say(b"after", timeout=20)  # same connection
+
+        ok, denied, after = await asyncio.to_thread(call)
+        assert ok == b"echo:" + message
+        assert denied is grpc.StatusCode.PERMISSION_DENIED
+        assert after == b"echo:after"
+        assert lab.inputs.bodies.used == 0
+        sizes = sorted(v for labels, v in samples(lab, "istio_request_bytes_sum")
+                       if labels["response_code"] == "200")
+        assert sizes and sizes[-1] >= len(message)
+    run_lab(store, body, docs=with_docs(deny), settings=settings)
+
+
 def test_grpc_denied_by_policy(store: IdentityStore) -> None:
     docs = with_docs(policy({"action": "DENY", "rules": [{"to": [{"operation": {
         "paths": ["/echo.Echo/*"]}}]}]}))
