@@ -244,6 +244,13 @@ class H2BodyRest:
         self._error = why
         self._ready.set()
 
+    def discard(self) -> int:
+        """Drop what was not taken; returns its bytes not yet acknowledged (the caller
+        gives them back to the connection's window)."""
+        unacknowledged = sum(n for _, n in self._queue)
+        self._queue.clear()
+        return unacknowledged
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """Raises ClientBodyError (400: reset or connection gone, 408: stalled)."""
         if self.used:
@@ -1311,9 +1318,9 @@ class H2Downstream:
                 if entry is not None:
                     if len(entry[1]) + len(event.data) > self.inputs.settings.max_body_bytes:
                         # Beyond the retry buffer: start the request, stream the rest.
-                        self.rests[event.stream_id] = H2BodyRest(self, event.stream_id,
-                                                                 event.data)
-                        self._start(event.stream_id)
+                        rest = H2BodyRest(self, event.stream_id, event.data)
+                        self.rests[event.stream_id] = rest
+                        self._start(event.stream_id, rest)
                     elif not self.inputs.bodies.take(len(event.data)):
                         self._drop(event.stream_id)
                         self._local(event.stream_id, 503, b"overloaded")
@@ -1336,6 +1343,7 @@ class H2Downstream:
                 rest = self.rests.pop(event.stream_id, None)
                 if rest is not None:
                     rest.fail("client reset the stream")
+                    self._give_back(event.stream_id, rest)
                 self._drop(event.stream_id)
                 self.reset_ids.add(event.stream_id)
                 self.resets += 1
@@ -1360,12 +1368,12 @@ class H2Downstream:
             if body:
                 self.conn.send_data(stream_id, body, end_stream=True)
 
-    def _start(self, stream_id: int) -> None:
-        task = asyncio.ensure_future(self._handle(stream_id))
+    def _start(self, stream_id: int, rest: H2BodyRest | None = None) -> None:
+        task = asyncio.ensure_future(self._handle(stream_id, rest))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _handle(self, stream_id: int) -> None:
+    async def _handle(self, stream_id: int, rest: H2BodyRest | None) -> None:
         entry = self.requests.pop(stream_id, None)
         if entry is None:  # reset (and dropped) before we started: dial nothing
             return
@@ -1374,12 +1382,12 @@ class H2Downstream:
             self.inputs.bodies.give(len(body))
             return
         try:
-            await self._serve(stream_id, headers, body, trailers)
+            await self._serve(stream_id, headers, body, trailers, rest)
         finally:
             self.inputs.bodies.give(len(body))
 
     async def _serve(self, stream_id: int, headers: list[tuple[str, str]], body: bytearray,
-                     trailers: list[tuple[str, str]]) -> None:
+                     trailers: list[tuple[str, str]], rest: H2BodyRest | None) -> None:
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         # HTTP/2 allows ``te: trailers`` (gRPC requires it); other hop-by-hop go.
         regular = [(k, v) for k, v in headers if not k.startswith(":")
@@ -1387,11 +1395,13 @@ class H2Downstream:
         path = normalize_path(pseudo.get(":path", "/"))
         if path is None:
             self._local(stream_id, 400, b"bad :path")
+            if rest is not None:
+                self._stop_upload(stream_id, rest)
             await self.flush()
             return
         req = HttpRequest(pseudo.get(":method", "GET"), path, regular,
                           bytes(body), True, trailers=trailers,
-                          rest=self.rests.get(stream_id),
+                          rest=rest,
                           # RFC 9113 8.3.1: :authority, else a Host header.
                           authority=pseudo.get(":authority")
                           or next((v for k, v in regular if k == "host"), ""))
@@ -1445,16 +1455,27 @@ class H2Downstream:
         finally:
             if response is not None:
                 await response.close_body()
-            if req.rest is not None:
-                record.request_bytes += req.rest.read
-                if self.rests.pop(stream_id, None) is not None:
-                    # Answered before the client's upload ended (a 403, an error): stop
-                    # it (RFC 9113 8.1: RST_STREAM NO_ERROR after a complete response).
-                    with contextlib.suppress(h2.exceptions.ProtocolError):
-                        self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-                    with contextlib.suppress(HboneStreamError):
-                        await self.flush()
+            if rest is not None:
+                record.request_bytes += rest.read
+                self._stop_upload(stream_id, rest)
+                with contextlib.suppress(HboneStreamError):
+                    await self.flush()
             self.inputs.metrics.record(record)
+
+    def _stop_upload(self, stream_id: int, rest: H2BodyRest) -> None:
+        """The request is answered: give back the window of what it did not take, and
+        if the client's upload has not ended (a 403, an error), stop it (RFC 9113 8.1:
+        RST_STREAM NO_ERROR after a complete response)."""
+        self._give_back(stream_id, rest)
+        if self.rests.pop(stream_id, None) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _give_back(self, stream_id: int, rest: H2BodyRest) -> None:
+        unacknowledged = rest.discard()
+        if unacknowledged:  # (h2 credits the connection window for a closed stream too)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.acknowledge_received_data(unacknowledged, stream_id)
 
     async def _send_data(self, stream_id: int, data: bytes, flush: bool = True) -> None:
         """Queue ``data`` within the client's window; write it out unless ``flush`` is

@@ -474,23 +474,70 @@ def test_grpc_messages_beyond_the_retry_buffer_stream_through_h2c(store: Identit
         def call() -> tuple[bytes, grpc.StatusCode, bytes]:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 say = channel.unary_unary("/echo.Echo/Say")
+                # Over the buffer, yet all here (with its END_STREAM) at once.
+                assert say(b"m" * 3000, timeout=20) == b"echo:" + b"m" * 3000
                 ok = say(message, timeout=20)
                 try:
                     say(message, timeout=20, metadata=[("x-deny", "yes")])
                     denied = grpc.StatusCode.OK
                 except grpc.RpcError as exc:
                     denied = exc.code()
-                return ok, denied, say(b"after", timeout=20)  # same connection
+                for _ in range(3):  # what the denied ones left unread is given back
+                    with contextlib.suppress(grpc.RpcError):
+                        say(message, timeout=20, metadata=[("x-deny", "yes")])
+                return ok, denied, say(message, timeout=20)  # same connection
 
         ok, denied, after = await asyncio.to_thread(call)
         assert ok == b"echo:" + message
         assert denied is grpc.StatusCode.PERMISSION_DENIED
-        assert after == b"echo:after"
+        assert after == b"echo:" + message
         assert lab.inputs.bodies.used == 0
         sizes = sorted(v for labels, v in samples(lab, "istio_request_bytes_sum")
                        if labels["response_code"] == "200")
         assert sizes and sizes[-1] >= len(message)
     run_lab(store, body, docs=with_docs(deny), settings=settings)
+
+
+def test_a_denied_h2c_upload_gives_its_unread_window_back(store: IdentityStore) -> None:
+    """What a streamed upload had queued when it was answered (403) and stopped is
+    acknowledged: the client's connection window comes back, so the connection
+    does not stall for its other streams."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    deny = policy({"action": "DENY", "rules": [{"when": [
+        {"key": "request.headers[x-deny]", "values": ["yes"]}]}]})
+
+    async def body(lab: Lab) -> None:
+        stream = await lab.open(f"{GRPC_VIP}:50051")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"),
+                              (":authority", "grpc"), (":path", "/echo.Echo/Say"),
+                              ("content-type", "application/grpc"), ("x-deny", "yes")])
+        for _ in range(4):  # 60,000 of the 65,535 bytes of window, in one write
+            conn.send_data(1, b"u" * 15_000)
+        await stream.write(conn.data_to_send())
+        events: list[Any] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while conn.outbound_flow_control_window < 60_000 and loop.time() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                chunk = await asyncio.wait_for(stream.read(), 1)
+                if not chunk:
+                    break
+                events += conn.receive_data(chunk)
+                await stream.write(conn.data_to_send())
+        statuses = [dict(e.headers).get(b":status") for e in events
+                    if isinstance(e, h2.events.ResponseReceived)]
+        assert statuses == [b"403"], events
+        assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == 1
+                   and e.error_code == h2.errors.ErrorCodes.NO_ERROR for e in events)
+        assert conn.outbound_flow_control_window >= 60_000, events
+        assert len(lab.connects) == 0
+    run_lab(store, body, docs=with_docs(deny), settings=WaypointSettings(max_body_bytes=1000))
 
 
 def test_grpc_denied_by_policy(store: IdentityStore) -> None:
