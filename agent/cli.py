@@ -83,9 +83,11 @@ def tunnel(ctx: click.Context) -> None:
 @click.option("--check", is_flag=True,
               help="Print what the files bind and every problem, then exit (2 if any "
                    "policy fails closed); serve nothing.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One log line per request (Istio's default install has it off).")
 def waypoint(name: str, namespace: str, service_account: str | None, model_path: str,
              config_dir: str, ca_dir: str, listen: str, metrics_port: int,
-             check: bool) -> None:
+             check: bool, access_log: bool) -> None:
     """Run one waypoint (L7 proxy for the destinations bound to it)."""
     from pathlib import Path
 
@@ -99,7 +101,7 @@ def waypoint(name: str, namespace: str, service_account: str | None, model_path:
         raise SystemExit(code)
     run_waypoint(WaypointOptions(name, namespace, service_account or name, Path(model_path),
                                  Path(config_dir), Path(ca_dir), host.strip("[]") or "0.0.0.0",
-                                 int(port), metrics_port))
+                                 int(port), metrics_port, access_log=access_log))
 
 
 @main.group()

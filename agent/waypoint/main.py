@@ -43,6 +43,7 @@ class WaypointOptions:
     listen_port: int = 15008
     metrics_port: int = 15020
     reload_interval: float = 2.0
+    access_log: bool = True
 
 
 def load_state(opts: WaypointOptions) -> WaypointState:
@@ -103,7 +104,8 @@ async def serve(opts: WaypointOptions, stop: asyncio.Event | None = None) -> Non
     state = load_state(opts)
     inputs = WaypointInputs(identity, state,
                             HbonePool(store.client_context, trust_domain=store.trust_domain),
-                            WaypointMetrics(), WaypointSettings(), Budgets(), random.Random())
+                            WaypointMetrics(access_log=opts.access_log), WaypointSettings(),
+                            Budgets(), random.Random())
     server = WaypointServer(inputs, store.server_context(identity), store.trust_domain)
     host, port = await server.start(opts.listen_host, opts.listen_port)
     if opts.metrics_port:

@@ -19,13 +19,17 @@ decision before any upstream work; a ``ProxyInputs``-like bundle,
 Bad input gets a clear answer and only that stream/connection ends: malformed
 requests 400, conflicting Content-Length/Transfer-Encoding 400 (smuggling), header
 block over ``max_header_bytes`` 431, a head not complete within ``header_timeout``
-408 (slowloris), body over ``max_body_bytes`` 413.
+408 (slowloris). Request bodies are buffered for retries up to ``max_body_bytes``;
+beyond it the rest streams upstream, not retried (:class:`BodyRest` for HTTP/1.1,
+:class:`H2BodyRest` for h2c).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import http
 import ipaddress
 import random
@@ -48,7 +52,7 @@ from agent.hbone.server import HboneServerRequest, serve_hbone
 from agent.hbone.stream import HboneStream
 from agent.identity.spiffe import SpiffeId, parse_spiffe_id
 from agent.model.select import candidates, pick_address, pick_endpoint
-from agent.model.types import Service, Workload, lookup_port
+from agent.model.types import Endpoint, Service, Workload, lookup_port
 from agent.waypoint import authz, routing
 from agent.waypoint.config import AppProtocol, Destination, WaypointState, waypoint_workload
 from agent.waypoint.limits import BodyBudget, Budgets, ClusterBudget, ResponseFlag, Thresholds
@@ -75,7 +79,7 @@ class WaypointSettings:
     idle_timeout: float = 60.0            # keep-alive between requests
     body_timeout: float = 30.0
     max_header_bytes: int = 60 * 1024     # Envoy max_request_headers_kb default 60
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024  # retry buffer per request; beyond: streamed
     upstream_timeout: float = 15.0        # Envoy's default route timeout
     connect_timeout: float = 5.0
     max_downstream_streams: int = 4096
@@ -98,6 +102,7 @@ class WaypointInputs:
     idle: IdleConnections = field(default_factory=IdleConnections)
     h2: H2Connections = field(default_factory=H2Connections)
     bodies: BodyBudget = field(default_factory=BodyBudget)
+    memo: StateMemo = field(default_factory=lambda: StateMemo())
     hbone_port: int = 15008
     active_streams: int = 0
     # Where each endpoint's HBONE listener is (tests: several on loopback); default
@@ -125,6 +130,9 @@ class HttpRequest:
     upgrade: str | None = None
     trailers: list[tuple[str, str]] = field(default_factory=list)
     authority: str = ""
+    # HTTP/1.1: the part of a body beyond ``max_body_bytes`` (``body`` holds the start),
+    # read from the client while it is sent upstream; such a request is never retried.
+    rest: BodyRest | H2BodyRest | None = None
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name]
@@ -146,6 +154,131 @@ class Answer(Exception):
         self.status = status
         self.body = body
         self.flag = flag
+
+
+class ClientBodyError(Exception):
+    """The client's streamed request body failed (malformed, too slow, reset)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BodyRest:
+    """The rest of an HTTP/1.1 request body that did not fit the retry buffer (Envoy
+    streams a body and buffers only what retries need): read from the client's h11
+    connection while it is written upstream, once. ``length`` is the client's
+    Content-Length (None: chunked); ``read`` counts the bytes delivered."""
+
+    def __init__(self, conn: h11.Connection, stream: HboneStream, settings: WaypointSettings,
+                 first: bytes, length: int | None) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._settings = settings
+        self._first = first
+        self.length = length
+        self.trailers: list[tuple[str, str]] = []  # (HTTP/1.1 trailers are not forwarded)
+        self.read = 0
+        self.used = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The remaining bytes as they arrive. Raises ClientBodyError (400: malformed
+        or ended early, 408: slower than ``body_timeout`` between reads)."""
+        if self.used:
+            raise ClientBodyError(500, "a streamed request body can be sent only once")
+        self.used = True
+        self.read += len(self._first)
+        yield self._first
+        while True:
+            try:
+                event = await _next_event(self._conn, self._stream, self._settings,
+                                          head=False)
+            except TimeoutError:
+                raise ClientBodyError(408, "request body timeout") from None
+            except h11.RemoteProtocolError as exc:
+                raise ClientBodyError(exc.error_status_hint or 400, str(exc)) from None
+            except HboneStreamError as exc:
+                raise ClientBodyError(400, f"client stream ended: {exc}") from None
+            if isinstance(event, h11.Data):
+                self.read += len(event.data)
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise ClientBodyError(400, "request body ended early")
+
+
+class H2BodyRest:
+    """The rest of an h2c request body beyond the retry buffer: DATA frames queued by
+    the connection as they arrive and handed out once. Flow control is the bound: a
+    frame's bytes are acknowledged (window reopened) only when they are taken, so at
+    most one stream window (65,535 bytes) waits here. Trailers, if any, in
+    ``trailers`` once ``chunks()`` is exhausted."""
+
+    def __init__(self, owner: H2Downstream, stream_id: int, first: bytes) -> None:
+        self._owner = owner
+        self._stream_id = stream_id
+        self._first = first
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._ended = False
+        self._error: str | None = None
+        self.length: int | None = None
+        self.trailers: list[tuple[str, str]] = []
+        self.read = 0
+        self.used = False
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def feed(self, data: bytes, unacknowledged: int) -> None:
+        self._queue.append((data, unacknowledged))
+        self._ready.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    def fail(self, why: str) -> None:
+        self._error = why
+        self._ready.set()
+
+    def discard(self) -> int:
+        """Drop what was not taken; returns its bytes not yet acknowledged (the caller
+        gives them back to the connection's window)."""
+        unacknowledged = sum(n for _, n in self._queue)
+        self._queue.clear()
+        return unacknowledged
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Raises ClientBodyError (400: reset or connection gone, 408: stalled)."""
+        if self.used:
+            raise ClientBodyError(500, "a streamed request body can be sent only once")
+        self.used = True
+        self.read += len(self._first)
+        yield self._first
+        timeout = self._owner.inputs.settings.body_timeout
+        while True:
+            while not self._queue:
+                if self._error is not None:
+                    raise ClientBodyError(400, self._error)
+                if self._ended:
+                    return
+                self._ready.clear()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._ready.wait()
+                except TimeoutError:
+                    raise ClientBodyError(408, "request body timeout") from None
+            data, unacknowledged = self._queue.popleft()
+            if unacknowledged:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self._owner.conn.acknowledge_received_data(unacknowledged,
+                                                               self._stream_id)
+                await self._owner.flush()
+            self.read += len(data)
+            yield data
 
 
 # ---- the HBONE listener -------------------------------------------------------------
@@ -269,6 +402,64 @@ async def _pipe(a: HboneStream, b: HboneStream, a_first: bytes, b_first: bytes) 
 
 # ---- upstream selection ---------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Choice:
+    """One eligible endpoint of a service port, resolved once per state."""
+
+    endpoint: Endpoint
+    workload: Workload
+    address: str | None       # pick_address, as text (None: no usable address)
+    target: int               # the target port (0: none)
+    ips: frozenset[str]       # the workload's IPs, for "another host" on retries
+
+
+class StateMemo:
+    """What depends only on one :class:`WaypointState` (the state is replaced whole on
+    reload, never changed), computed on first use instead of per request: the eligible
+    endpoints of each service port and each workload's expected SPIFFE ID. Forgotten
+    when ``inputs.state`` is another object. Bounded by the state's size."""
+
+    def __init__(self) -> None:
+        self._state: WaypointState | None = None
+        self._choices: dict[tuple[str, str, int], list[_Choice]] = {}
+        self._identities: dict[str, SpiffeId | None] = {}
+
+    def _check(self, state: WaypointState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._choices = {}
+            self._identities = {}
+
+    def choices(self, state: WaypointState, service: Service, port: int) -> list[_Choice]:
+        self._check(state)
+        key = (service.namespace, service.name, port)
+        found = self._choices.get(key)
+        if found is None:
+            src = waypoint_workload(state.model, state.me.namespace)
+            options, _reason = candidates(state.model, src, service, port)
+            vip = service.vips[0].address if service.vips else None
+            found = []
+            for ep, wl in options:
+                address = pick_address(wl, vip if vip is not None else wl.workload_ips[0],
+                                       service)
+                target = lookup_port(ep.ports, port) or lookup_port(service.ports, port) or 0
+                found.append(_Choice(ep, wl, str(address) if address is not None else None,
+                                     target, frozenset(str(ip) for ip in wl.workload_ips)))
+            self._choices[key] = found
+        return found
+
+    def identity(self, state: WaypointState, workload: Workload,
+                 trust_domain: str) -> SpiffeId | None:
+        self._check(state)
+        uri = workload.identity(trust_domain)
+        if uri not in self._identities:
+            try:
+                self._identities[uri] = parse_spiffe_id(uri)
+            except ValueError:
+                self._identities[uri] = None  # the trust domain check still applies
+        return self._identities[uri]
+
+
 def choose_endpoint(inputs: WaypointInputs, dest: Destination, port: int,
                     tried: set[str], backend: routing.BackendRef | None = None
                     ) -> tuple[str, int, Workload]:
@@ -285,20 +476,17 @@ def choose_endpoint(inputs: WaypointInputs, dest: Destination, port: int,
     svc_port = backend.port if backend is not None and backend.port else port
     if service is None:
         raise Answer(500, b"backend service not found", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    src = waypoint_workload(state.model, state.me.namespace)
-    options, _reason = candidates(state.model, src, service, svc_port)
-    fresh = [(ep, wl) for ep, wl in options
-             if not any(str(ip) in tried for ip in wl.workload_ips)]
-    chosen = pick_endpoint(fresh or options, inputs.rng)
-    if chosen is None:
+    choices = inputs.memo.choices(state, service, svc_port)
+    if tried:
+        choices = [c for c in choices if not c.ips & tried] or choices
+    pairs = [(c.endpoint, c.workload) for c in choices]
+    picked = pick_endpoint(pairs, inputs.rng)
+    if picked is None:
         raise Answer(503, b"no healthy upstream", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    ep, wl = chosen
-    target = lookup_port(ep.ports, svc_port) or lookup_port(service.ports, svc_port)
-    original = service.vips[0].address if service.vips else wl.workload_ips[0]
-    address = pick_address(wl, original, service)
-    if address is None or not target:
+    chosen = next(c for c, pair in zip(choices, pairs, strict=True) if pair is picked)
+    if chosen.address is None or not chosen.target:
         raise Answer(503, b"no healthy upstream", ResponseFlag.NO_HEALTHY_UPSTREAM)
-    return str(address), target, wl
+    return chosen.address, chosen.target, chosen.workload
 
 
 def expected_identity(inputs: WaypointInputs, workload: Workload) -> SpiffeId | None:
@@ -306,10 +494,7 @@ def expected_identity(inputs: WaypointInputs, workload: Workload) -> SpiffeId | 
     answers with the destination workload's certificate), unless turned off."""
     if not inputs.settings.verify_upstream_identity:
         return None
-    try:
-        return parse_spiffe_id(workload.identity(inputs.pool.trust_domain))
-    except ValueError:
-        return None  # the trust domain check still applies
+    return inputs.memo.identity(inputs.state, workload, inputs.pool.trust_domain)
 
 
 async def open_upstream(inputs: WaypointInputs, address: str, port: int,
@@ -382,8 +567,8 @@ async def process(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest
     if rule is not None:
         headers = rule.modifier.apply(headers)
     retry = rule.retry if rule is not None else routing.RetryPolicy()
-    if req.upgrade:
-        retry = routing.RetryPolicy(attempts=0)
+    if req.upgrade or req.rest is not None:
+        retry = routing.RetryPolicy(attempts=0)  # nothing to replay
     timeout = (rule.request_timeout if rule is not None and rule.request_timeout
                else inputs.settings.upstream_timeout)
     cluster_name = (f"{backend.namespace}/{backend.name}:{backend.port}" if backend
@@ -391,10 +576,11 @@ async def process(inputs: WaypointInputs, info: DownstreamInfo, req: HttpRequest
                     else f"{info.dest_ip}:{dest.port}")
     budget = inputs.budgets.cluster(cluster_name)
     try:
-        return await asyncio.wait_for(
-            _with_retries(inputs, info, req, headers, backend, retry, budget, record),
-            timeout)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: no extra task per request.
+        async with asyncio.timeout(timeout):
+            return await _with_retries(inputs, info, req, headers, backend, retry, budget,
+                                       record)
+    except TimeoutError:
         raise Answer(504, b"upstream request timeout",
                      ResponseFlag.UPSTREAM_REQUEST_TIMEOUT) from None
 
@@ -542,7 +728,15 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                         _done_connecting(inputs, key, connecting)
                 pseudo = [(":method", req.method), (":scheme", "http"),
                           (":authority", authority), (":path", req.target)]
-                response = await h2conn.request(pseudo + headers, req.body, req.trailers)
+                rest = req.rest
+                try:
+                    response = await h2conn.request(
+                        pseudo + headers, req.body, req.trailers,
+                        rest.chunks() if rest is not None else None,
+                        (lambda: rest.trailers) if rest is not None else None)
+                except ClientBodyError as exc:  # (request() reset the upstream stream)
+                    raise Answer(exc.status, b"bad request body",
+                                 ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, str(exc)) from None
                 inner = response.body
 
                 async def body_then_release() -> AsyncIterator[bytes]:
@@ -566,10 +760,20 @@ async def _attempt(inputs: WaypointInputs, info: DownstreamInfo, req: HttpReques
                 out_headers = [("host", authority), *[(k, v) for k, v in headers if k != "host"]]
                 if req.upgrade:
                     out_headers += [("connection", "upgrade"), ("upgrade", req.upgrade)]
+                elif req.rest is not None:
+                    out_headers.append(("content-length", str(req.rest.length))
+                                       if req.rest.length is not None
+                                       else ("transfer-encoding", "chunked"))
                 elif req.body or req.method in ("POST", "PUT", "PATCH"):
                     out_headers.append(("content-length", str(len(req.body))))
-                response = await h1.request(req.method, req.target, out_headers, req.body,
-                                            bool(req.upgrade))
+                try:
+                    response = await h1.request(
+                        req.method, req.target, out_headers, req.body, bool(req.upgrade),
+                        req.rest.chunks() if req.rest is not None else None)
+                except ClientBodyError as exc:
+                    h1.stream.abort()  # the upstream got a partial request
+                    raise Answer(exc.status, b"bad request body",
+                                 ResponseFlag.DOWNSTREAM_PROTOCOL_ERROR, str(exc)) from None
                 inner1 = response.body
 
                 async def body_then_pool() -> AsyncIterator[bytes]:
@@ -643,7 +847,8 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
     first = b""
     try:
         while len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
-            chunk = await asyncio.wait_for(stream.read(READ_SIZE), settings.header_timeout)
+            async with asyncio.timeout(settings.header_timeout):
+                chunk = await stream.read(READ_SIZE)
             if not chunk:
                 break
             first += chunk
@@ -658,6 +863,7 @@ async def serve_http(inputs: WaypointInputs, stream: HboneStream,
         await serve_http1(inputs, stream, info, first)
 
 
+@functools.lru_cache(maxsize=128)
 def _reason(status: int) -> bytes:
     """The standard reason phrase (h11 sends none by default; Envoy sends it)."""
     try:
@@ -820,7 +1026,10 @@ async def serve_http1(inputs: WaypointInputs, stream: HboneStream, info: Downstr
             inputs.bodies.give(len(body))
         if not keep:
             return
-        if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+        if h11.MUST_CLOSE in (conn.our_state, conn.their_state) or \
+                conn.their_state is not h11.DONE:
+            # (Not DONE: an answer before the client's whole body, e.g. a 403 to a
+            # streamed upload; the rest is read and dropped, bounded, then closed.)
             await linger_close(stream)
             return
         try:
@@ -837,12 +1046,19 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
     :class:`BodyBudget`; the caller gives back ``len(body)``), then answer. True to
     keep the connection."""
     settings = inputs.settings
+    rest: BodyRest | None = None
     try:
         while True:
             ev = await _next_event(conn, stream, settings, head=False)
             if isinstance(ev, h11.Data):
                 if len(body) + len(ev.data) > settings.max_body_bytes:
-                    raise _TooBig
+                    if upgrade is not None:
+                        raise _TooBig
+                    # Beyond the retry buffer: the rest streams upstream (no retry).
+                    length = next((v for k, v in raw_headers if k == "content-length"), None)
+                    rest = BodyRest(conn, stream, settings, bytes(ev.data),
+                                    int(length) if length is not None else None)
+                    break
                 if not inputs.bodies.take(len(ev.data)):
                     await _send_raw(inputs, info, stream, 503,
                                     b"overloaded: too many buffered request bodies, "
@@ -869,7 +1085,7 @@ async def _body_and_respond(inputs: WaypointInputs, stream: HboneStream,
                       [(k, v) for k, v in raw_headers
                        if k not in HOP_BY_HOP and k not in ("host", "content-length",
                                                              "expect")],
-                      bytes(body), False, upgrade, authority=authority)
+                      bytes(body), False, upgrade, authority=authority, rest=rest)
     return await _respond_http1(inputs, stream, info, conn, req)
 
 
@@ -890,10 +1106,10 @@ async def _next_event(conn: h11.Connection, stream: HboneStream, settings: Waypo
         elif head and conn.trailing_data[0]:
             # The first byte of a head arrived: the slowloris clock starts now.
             deadline = min(deadline, loop.time() + settings.header_timeout)
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        if deadline <= loop.time():
             raise asyncio.TimeoutError
-        data = await asyncio.wait_for(stream.read(READ_SIZE), remaining)
+        async with asyncio.timeout_at(deadline):
+            data = await stream.read(READ_SIZE)
         conn.receive_data(data)
         if not data:
             return conn.next_event()  # type: ignore[return-value]
@@ -948,13 +1164,22 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
             await _pipe(stream, response.upgraded, bytes(leftover), response.leftover)
             return False
         headers = response_headers(response)
-        await stream.write(conn.send(h11.Response(status_code=response.status,
-                                                  headers=headers,
-                                                  reason=_reason(response.status))))
+        head = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                      reason=_reason(response.status)))
+        if response.complete:
+            # The body is here already: head, body and end in one write.
+            whole = bytearray(head or b"")
+            async for chunk in response.body:
+                record.response_bytes += len(chunk)
+                whole += conn.send(h11.Data(data=chunk)) or b""
+            whole += conn.send(h11.EndOfMessage()) or b""
+            await stream.write(whole)
+            return True
+        await stream.write(head or b"")
         async for chunk in response.body:
             record.response_bytes += len(chunk)
-            await stream.write(conn.send(h11.Data(data=chunk)))
-        await stream.write(conn.send(h11.EndOfMessage()))
+            await stream.write(conn.send(h11.Data(data=chunk)) or b"")
+        await stream.write(conn.send(h11.EndOfMessage()) or b"")
         return True
     except (HboneStreamError, h11.LocalProtocolError) as exc:
         record_flag = ResponseFlag.DOWNSTREAM_CONNECTION_TERMINATION.value
@@ -967,6 +1192,8 @@ async def _respond_http1(inputs: WaypointInputs, stream: HboneStream, info: Down
         if response is not None and response.upgraded is None:
             await response.close_body()
         if record is not None:
+            if req.rest is not None:
+                record.request_bytes += req.rest.read
             inputs.metrics.record(record)
 
 
@@ -992,6 +1219,8 @@ class H2Downstream:
         self.requests: dict[int, tuple[list[tuple[str, str]], bytearray,
                                        list[tuple[str, str]]]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # Requests whose body outgrew the retry buffer: started, the rest streams.
+        self.rests: dict[int, H2BodyRest] = {}
         self.window = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self.resets = 0
@@ -1011,8 +1240,8 @@ class H2Downstream:
         try:
             await self._feed(first)
             while True:
-                data = await asyncio.wait_for(self.stream.read(READ_SIZE),
-                                              self.inputs.settings.idle_timeout)
+                async with asyncio.timeout(self.inputs.settings.idle_timeout):
+                    data = await self.stream.read(READ_SIZE)
                 if not data:
                     break
                 await self._feed(data)
@@ -1036,6 +1265,9 @@ class H2Downstream:
                 task.cancel()
             for stream_id in list(self.requests):
                 self._drop(stream_id)
+            for rest in self.rests.values():
+                rest.fail("client connection ended")
+            self.rests.clear()
             await linger_close(self.stream)
 
     def _check_frame_sizes(self, data: bytes) -> None:
@@ -1076,26 +1308,42 @@ class H2Downstream:
                 if event.stream_ended is not None:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.DataReceived):
+                rest = self.rests.get(event.stream_id)
+                if rest is not None:  # acknowledged when the upstream side takes it
+                    rest.feed(event.data, event.flow_controlled_length)
+                    continue
                 entry = self.requests.get(event.stream_id)
                 self.conn.acknowledge_received_data(event.flow_controlled_length,
                                                     event.stream_id)
                 if entry is not None:
                     if len(entry[1]) + len(event.data) > self.inputs.settings.max_body_bytes:
-                        self._drop(event.stream_id)
-                        self._local(event.stream_id, 413, b"request body too large")
+                        # Beyond the retry buffer: start the request, stream the rest.
+                        rest = H2BodyRest(self, event.stream_id, event.data)
+                        self.rests[event.stream_id] = rest
+                        self._start(event.stream_id, rest)
                     elif not self.inputs.bodies.take(len(event.data)):
                         self._drop(event.stream_id)
                         self._local(event.stream_id, 503, b"overloaded")
                     else:
                         entry[1].extend(event.data)
             elif isinstance(event, h2.events.TrailersReceived):
+                rest = self.rests.get(event.stream_id)
                 entry = self.requests.get(event.stream_id)
-                if entry is not None:
+                if rest is not None:
+                    rest.trailers = [(str(k), str(v)) for k, v in event.headers]
+                elif entry is not None:
                     entry[2].extend((str(k), str(v)) for k, v in event.headers)
             elif isinstance(event, h2.events.StreamEnded):
-                if event.stream_id in self.requests:
+                rest = self.rests.pop(event.stream_id, None)
+                if rest is not None:
+                    rest.end()
+                elif event.stream_id in self.requests:
                     self._start(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
+                rest = self.rests.pop(event.stream_id, None)
+                if rest is not None:
+                    rest.fail("client reset the stream")
+                    self._give_back(event.stream_id, rest)
                 self._drop(event.stream_id)
                 self.reset_ids.add(event.stream_id)
                 self.resets += 1
@@ -1120,12 +1368,12 @@ class H2Downstream:
             if body:
                 self.conn.send_data(stream_id, body, end_stream=True)
 
-    def _start(self, stream_id: int) -> None:
-        task = asyncio.ensure_future(self._handle(stream_id))
+    def _start(self, stream_id: int, rest: H2BodyRest | None = None) -> None:
+        task = asyncio.ensure_future(self._handle(stream_id, rest))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _handle(self, stream_id: int) -> None:
+    async def _handle(self, stream_id: int, rest: H2BodyRest | None) -> None:
         entry = self.requests.pop(stream_id, None)
         if entry is None:  # reset (and dropped) before we started: dial nothing
             return
@@ -1134,12 +1382,12 @@ class H2Downstream:
             self.inputs.bodies.give(len(body))
             return
         try:
-            await self._serve(stream_id, headers, body, trailers)
+            await self._serve(stream_id, headers, body, trailers, rest)
         finally:
             self.inputs.bodies.give(len(body))
 
     async def _serve(self, stream_id: int, headers: list[tuple[str, str]], body: bytearray,
-                     trailers: list[tuple[str, str]]) -> None:
+                     trailers: list[tuple[str, str]], rest: H2BodyRest | None) -> None:
         pseudo = {k: v for k, v in headers if k.startswith(":")}
         # HTTP/2 allows ``te: trailers`` (gRPC requires it); other hop-by-hop go.
         regular = [(k, v) for k, v in headers if not k.startswith(":")
@@ -1147,10 +1395,13 @@ class H2Downstream:
         path = normalize_path(pseudo.get(":path", "/"))
         if path is None:
             self._local(stream_id, 400, b"bad :path")
+            if rest is not None:
+                self._stop_upload(stream_id, rest)
             await self.flush()
             return
         req = HttpRequest(pseudo.get(":method", "GET"), path, regular,
                           bytes(body), True, trailers=trailers,
+                          rest=rest,
                           # RFC 9113 8.3.1: :authority, else a Host header.
                           authority=pseudo.get(":authority")
                           or next((v for k, v in regular if k == "host"), ""))
@@ -1180,13 +1431,17 @@ class H2Downstream:
                 await self.flush()
                 return
             self.conn.send_headers(stream_id, out)
-            await self.flush()
+            # A body that is all here already goes out with the head, in one write
+            # (flushed early only when the client's window makes it wait).
+            eager = not response.complete
+            if eager:
+                await self.flush()
             if first is not None:
                 record.response_bytes += len(first)
-                await self._send_data(stream_id, first)
+                await self._send_data(stream_id, first, eager)
             async for chunk in body_iter:
                 record.response_bytes += len(chunk)
-                await self._send_data(stream_id, chunk)
+                await self._send_data(stream_id, chunk, eager)
             if response.trailers:
                 record.grpc_status = dict(response.trailers).get("grpc-status", "")
                 self.conn.send_headers(stream_id, response.trailers, end_stream=True)
@@ -1200,9 +1455,31 @@ class H2Downstream:
         finally:
             if response is not None:
                 await response.close_body()
+            if rest is not None:
+                record.request_bytes += rest.read
+                self._stop_upload(stream_id, rest)
+                with contextlib.suppress(HboneStreamError):
+                    await self.flush()
             self.inputs.metrics.record(record)
 
-    async def _send_data(self, stream_id: int, data: bytes) -> None:
+    def _stop_upload(self, stream_id: int, rest: H2BodyRest) -> None:
+        """The request is answered: give back the window of what it did not take, and
+        if the client's upload has not ended (a 403, an error), stop it (RFC 9113 8.1:
+        RST_STREAM NO_ERROR after a complete response)."""
+        self._give_back(stream_id, rest)
+        if self.rests.pop(stream_id, None) is not None:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _give_back(self, stream_id: int, rest: H2BodyRest) -> None:
+        unacknowledged = rest.discard()
+        if unacknowledged:  # (h2 credits the connection window for a closed stream too)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.acknowledge_received_data(unacknowledged, stream_id)
+
+    async def _send_data(self, stream_id: int, data: bytes, flush: bool = True) -> None:
+        """Queue ``data`` within the client's window; write it out unless ``flush`` is
+        False (the caller flushes), except before waiting for window."""
         view = memoryview(data)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.inputs.settings.body_timeout
@@ -1210,6 +1487,7 @@ class H2Downstream:
             window = min(self.conn.local_flow_control_window(stream_id),
                          self.conn.max_outbound_frame_size)
             if window <= 0:
+                await self.flush()
                 self.window.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -1220,4 +1498,5 @@ class H2Downstream:
             size = min(window, len(view))
             self.conn.send_data(stream_id, bytes(view[:size]))
             view = view[size:]
-            await self.flush()
+            if flush:
+                await self.flush()

@@ -74,8 +74,12 @@ class RequestRecord:
 class WaypointMetrics:
     """The four Istio HTTP metrics on their own registry (serve with prometheus_client)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 access_log: bool = True) -> None:
+        """``access_log``: write the per-request line (off: metrics only, as Istio's
+        default install, whose ``accessLogFile`` is empty)."""
         self.registry = registry or CollectorRegistry()
+        self.access_log = access_log
         self.requests = Counter("istio_requests_total", "Requests handled by the waypoint",
                                 LABEL_NAMES, registry=self.registry)
         self.duration = Histogram("istio_request_duration_milliseconds",
@@ -92,7 +96,8 @@ class WaypointMetrics:
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
 
     def record(self, r: RequestRecord) -> None:
-        """Count and log one finished request. Side effects: metrics, one log line."""
+        """Count and log one finished request. Side effects: metrics, one log line
+        (unless ``access_log`` is off)."""
         elapsed_ms = (time.monotonic() - r.started) * 1000.0
         labels = {
             "reporter": REPORTER,
@@ -131,6 +136,8 @@ class WaypointMetrics:
         duration.observe(elapsed_ms)
         request_bytes.observe(r.request_bytes)
         response_bytes.observe(r.response_bytes)
+        if not self.access_log:
+            return
         access_log.info(
             "request", start_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r._wall)),
             method=r.method, path=r.path, protocol=r.http_version, response_code=r.status,

@@ -49,6 +49,9 @@ class UpstreamResponse:
     # For a response whose body is never read (a retried 503, a client gone): closes
     # the upstream stream and returns the request budget. No-op once ``finished``.
     discard_hook: Callable[[], None] = lambda: None
+    # The whole body arrived with the head: iterating ``body`` waits on no I/O, so the
+    # downstream can send head, body and end in one write (one TLS record).
+    complete: bool = False
 
     def discard(self) -> None:
         if not self.finished:
@@ -92,14 +95,22 @@ class Http1Upstream:
             return event  # type: ignore[return-value]
 
     async def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
-                      body: bytes, upgrade: bool) -> UpstreamResponse:
-        """Send a whole request; return when the response head arrived."""
+                      body: bytes, upgrade: bool,
+                      rest: AsyncIterator[bytes] | None = None) -> UpstreamResponse:
+        """Send a request, ``body`` then ``rest`` as it comes (the caller's ``headers``
+        frame it); return when the response head arrived. Exceptions of ``rest``
+        propagate (the connection is then unusable)."""
         out = self.conn.send(h11.Request(method=method, target=target, headers=list(headers)))
         if not upgrade:
             if body:
                 out += self.conn.send(h11.Data(data=body))
-            out += self.conn.send(h11.EndOfMessage())
+            if rest is None:
+                out += self.conn.send(h11.EndOfMessage())
         await self.stream.write(out)
+        if rest is not None and not upgrade:
+            async for chunk in rest:
+                await self.stream.write(self.conn.send(h11.Data(data=chunk)) or b"")
+            await self.stream.write(self.conn.send(h11.EndOfMessage()) or b"")
         while True:
             event = await self._next()
             if isinstance(event, h11.InformationalResponse):
@@ -109,25 +120,52 @@ class Http1Upstream:
                                             upgraded=self.stream, leftover=bytes(leftover))
                 continue  # 100 Continue and friends: not forwarded
             if isinstance(event, h11.Response):
+                ready, complete = self._ready_body()
                 return UpstreamResponse(event.status_code, _decode(event.headers),
-                                        self._body())
+                                        self._body(ready, complete), complete=complete)
             if event is h11.PAUSED:
                 raise UpstreamProtocolError("upstream switched protocols unasked")
             raise UpstreamProtocolError(f"unexpected {type(event).__name__} before response")
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    def _ready_body(self) -> tuple[list[bytes], bool]:
+        """The body chunks already received (parsed without reading), and whether the
+        end of the message is among them. A parse error stops here: the body iterator
+        meets it again (h11 stays in ERROR) and raises UpstreamProtocolError."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError:
+                return chunks, False
+            if isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return chunks, True
+            else:  # NEED_DATA; ConnectionClosed / PAUSED are met again by _next
+                return chunks, False
+
+    async def _body(self, ready: list[bytes], complete: bool) -> AsyncIterator[bytes]:
+        for chunk in ready:
+            yield chunk
+        if complete:
+            self._end_of_message()
+            return
         while True:
             event = await self._next()
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                    self.conn.start_next_cycle()
+                self._end_of_message()
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 return
             else:
                 raise UpstreamProtocolError(f"unexpected {type(event).__name__} in body")
+
+
+    def _end_of_message(self) -> None:
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
+            self.conn.start_next_cycle()
 
 
 async def _empty() -> AsyncIterator[bytes]:
@@ -190,6 +228,8 @@ class H2Upstream:
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8", validate_inbound_headers=True))
         self._queues: dict[int, asyncio.Queue[h2.events.Event | None]] = {}
+        # Streams whose StreamEnded is already queued (see UpstreamResponse.complete).
+        self._ended: set[int] = set()
         self._window = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -248,6 +288,9 @@ class H2Upstream:
         queue = self._queues.get(stream_id)
         if queue is None:
             return
+        if isinstance(event, h2.events.StreamEnded):
+            # The response's end is queued: its reader will wait on no more I/O.
+            self._ended.add(stream_id)
         try:
             queue.put_nowait(event)
         except asyncio.QueueFull:
@@ -259,6 +302,7 @@ class H2Upstream:
     def _finish(self, stream_id: int) -> None:
         """Forget a request; reset it upstream unless it ended both ways."""
         self._queues.pop(stream_id, None)
+        self._ended.discard(stream_id)
         if self.closed:
             return
         with contextlib.suppress(Exception):
@@ -277,20 +321,33 @@ class H2Upstream:
                 await self.stream.write(data)
 
     async def request(self, headers: Sequence[tuple[str, str]], body: bytes,
-                      trailers: Sequence[tuple[str, str]] = ()) -> UpstreamResponse:
-        """Send one request; return once its response head arrived. Raises
-        UpstreamProtocolError when the connection or the stream fails first."""
+                      trailers: Sequence[tuple[str, str]] = (),
+                      rest: AsyncIterator[bytes] | None = None,
+                      rest_trailers: Callable[[], Sequence[tuple[str, str]]] | None = None
+                      ) -> UpstreamResponse:
+        """Send one request: ``body``, then ``rest`` as it comes and the trailers
+        ``rest_trailers()`` gives after it (or ``trailers``); return once its response
+        head arrived. Raises UpstreamProtocolError when the connection or the stream
+        fails first; exceptions of ``rest`` propagate (this stream is reset)."""
         if not self.available:
             raise UpstreamProtocolError("upstream h2 connection not available")
         stream_id = self.conn.get_next_available_stream_id()
         queue: asyncio.Queue[h2.events.Event | None] = asyncio.Queue(maxsize=256)
         self._queues[stream_id] = queue
         try:
+            more = rest is not None
             self.conn.send_headers(stream_id, list(headers),
-                                   end_stream=not body and not trailers)
+                                   end_stream=not body and not trailers and not more)
             await self._flush()
             if body:
-                await self._send_body(stream_id, body, end=not trailers)
+                await self._send_body(stream_id, body, end=not trailers and not more)
+            if rest is not None:
+                async for chunk in rest:
+                    await self._send_body(stream_id, chunk, end=False)
+                trailers = rest_trailers() if rest_trailers is not None else ()
+                if not trailers:
+                    self.conn.end_stream(stream_id)
+                    await self._flush()
             if trailers:
                 self.conn.send_headers(stream_id, list(trailers), end_stream=True)
                 await self._flush()
@@ -305,7 +362,7 @@ class H2Upstream:
                     if 100 <= status < 200:
                         continue
                     response = UpstreamResponse(status, [h for h in head if h[0] != ":status"],
-                                                _empty())
+                                                _empty(), complete=stream_id in self._ended)
                     response.body = self._body(stream_id, queue, response,
                                                event.stream_ended is not None)
                     response.discard_hook = lambda: self._finish(stream_id)

@@ -13,7 +13,8 @@ on 127.0.1.x / 127.0.2.x "pod" addresses, the load is Fortio (seed 004's tool).
 3. ``haproxy`` vs ``waypoint``: requests/s at max rate, 16 connections, for HAProxy
    (``nbthread 1``) proxying plain HTTP/1.1 to the same Fortio server, and for the
    waypoint path; the waypoint process's CPU (``/proc/<pid>/stat``) per 1,000
-   requests/s, next to Istio's published 0.25 vCPU.
+   requests/s, next to Istio's published 0.25 vCPU, with the access log on and off
+   (Istio's default), and the tunnel hops' and HAProxy's CPU per 1,000 requests/s.
 
 Every process started is stopped in ``finally``.
 """
@@ -185,7 +186,7 @@ def run(ctx: Context) -> None:
         for ns in NAMESPACES:
             hops += ["--dest", f"{POD_IP[ns]}={APP_PORT[ns]}={ns}/echo"]
 
-        def waypoints(shared: bool) -> list[subprocess.Popen[bytes]]:
+        def waypoints(shared: bool, access_log: bool = True) -> list[subprocess.Popen[bytes]]:
             cfg = work / ("shared" if shared else "dedicated")
             cfg.mkdir(exist_ok=True)
             (cfg / "docs.yaml").write_text(yaml.safe_dump_all(_docs(shared)))
@@ -195,7 +196,9 @@ def run(ctx: Context) -> None:
                     PY, "-m", "agent", "waypoint", "--name", "waypoint", "--namespace", ns,
                     "--model", str(work / "model.yaml"), "--config-dir", str(cfg),
                     "--ca-dir", str(work / "ca"), "--listen", f"127.0.0.1:{WP_PORT[ns]}",
-                    "--metrics-port", "0"], ready="waypoint serving"))
+                    "--metrics-port", "0",
+                    "--access-log" if access_log else "--no-access-log"],
+                    ready="waypoint serving"))
             return started
 
         def hops_for(shared: bool) -> subprocess.Popen[bytes]:
@@ -240,14 +243,32 @@ def run(ctx: Context) -> None:
             procs.stop(p)
         wps = waypoints(shared=False)
         hop = hops_for(shared=False)
-        cpu0, t0 = _cpu_seconds(wps[0].pid), time.monotonic()
+        cpu0, hop0, t0 = _cpu_seconds(wps[0].pid), _cpu_seconds(hop.pid), time.monotonic()
         wp = _summary(_fortio(url["ns-a"], 0, 16, seconds, work / "wp16.json"))
-        cpu = (_cpu_seconds(wps[0].pid) - cpu0) / (time.monotonic() - t0)
+        elapsed = time.monotonic() - t0
+        cpu = (_cpu_seconds(wps[0].pid) - cpu0) / elapsed
+        hop_cpu = (_cpu_seconds(hop.pid) - hop0) / elapsed
         ctx.add(NAME, "rps", "waypoint path, 16 conns", 0, wp["rps"])
         ctx.add(NAME, "p99_ms", "waypoint path, 16 conns", 0, wp["p99_ms"])
         if wp["rps"]:
             ctx.add(NAME, "waypoint_vcpu_per_krps", "waypoint process", 0, cpu / (wp["rps"] / 1000),
                     istio=ISTIO_VCPU_PER_KRPS)
+            # For scale: the bench's two node-tunnel hops (HBONE only, no HTTP) in one
+            # process; what two HBONE legs cost in this Python stack.
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "both tunnel hops (one process)", 0,
+                    hop_cpu / (wp["rps"] / 1000))
+        # The same without the access log (Istio's default install logs nothing).
+        for p in (*wps, hop):
+            procs.stop(p)
+        wps = waypoints(shared=False, access_log=False)
+        hop = hops_for(shared=False)
+        cpu0, t0 = _cpu_seconds(wps[0].pid), time.monotonic()
+        quiet = _summary(_fortio(url["ns-a"], 0, 16, seconds, work / "wp16q.json"))
+        cpu = (_cpu_seconds(wps[0].pid) - cpu0) / (time.monotonic() - t0)
+        ctx.add(NAME, "rps", "waypoint path, 16 conns, no access log", 0, quiet["rps"])
+        if quiet["rps"]:
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "waypoint process, no access log", 0,
+                    cpu / (quiet["rps"] / 1000), istio=ISTIO_VCPU_PER_KRPS)
         cfg = work / "haproxy.cfg"
         cfg.write_text(
             "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  mode http\n"
@@ -256,11 +277,17 @@ def run(ctx: Context) -> None:
             f"backend b\n  server s1 127.0.0.1:{APP_PORT['ns-a']}\n")
         ha = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
         time.sleep(1)
+        ha0, t0 = _cpu_seconds(ha.pid), time.monotonic()
         hp = _summary(_fortio(f"http://127.0.0.1:{HAPROXY_PORT}/echo", 0, 16, seconds,
                               work / "ha16.json"))
+        ha_cpu = (_cpu_seconds(ha.pid) - ha0) / (time.monotonic() - t0)
         procs.stop(ha)
         ctx.add(NAME, "rps", "haproxy 1 thread, 16 conns", 0, hp["rps"])
         ctx.add(NAME, "p99_ms", "haproxy 1 thread, 16 conns", 0, hp["p99_ms"])
+        if hp["rps"]:
+            # CPU per request depends less on what else the machine runs than req/s.
+            ctx.add(NAME, "waypoint_vcpu_per_krps", "haproxy 1 thread, 16 conns", 0,
+                    ha_cpu / (hp["rps"] / 1000))
         if hp["rps"]:
             ctx.note(NAME, f"waypoint/haproxy requests/s: {wp['rps'] / hp['rps']:.2f} "
                            "(target >= 0.5)")

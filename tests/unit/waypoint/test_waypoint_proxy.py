@@ -380,6 +380,21 @@ class AccessLog:
         self.lines.append({"event": event, **fields})
 
 
+def test_access_log_off_counts_metrics_and_logs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.waypoint.telemetry as telemetry
+    recorder = AccessLog()
+    monkeypatch.setattr(telemetry, "access_log", recorder)
+    metrics = telemetry.WaypointMetrics(access_log=False)
+    record = telemetry.RequestRecord()
+    record.status = 200
+    metrics.record(record)
+    assert recorder.lines == []
+    assert [s.value for m in metrics.registry.collect() for s in m.samples
+            if s.name == "istio_requests_total"] == [1.0]
+    telemetry.WaypointMetrics().record(record)
+    assert [e["event"] for e in recorder.lines] == ["request"]
+
+
 def test_metrics_and_one_access_log_line_per_request(store: IdentityStore,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import agent.waypoint.telemetry as telemetry
@@ -442,6 +457,87 @@ def test_grpc_client_through_h2c(store: IdentityStore) -> None:
         assert {s[0]["request_protocol"] for s in totals} == {"grpc"}
         assert lab.connects[0].authority == "10.10.1.1:50051"
     run_lab(store, body)
+
+
+def test_grpc_messages_beyond_the_retry_buffer_stream_through_h2c(store: IdentityStore) -> None:
+    """h2c bodies over ``max_body_bytes`` stream too (flow control bounds what waits:
+    200 KB through a 1,000-byte buffer needs the window reopened as the upstream
+    takes it); a denied one is answered and only its stream stopped."""
+    deny = policy({"action": "DENY", "rules": [{"when": [
+        {"key": "request.headers[x-deny]", "values": ["yes"]}]}]})
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        port = await lab.shim(f"{GRPC_VIP}:50051")
+        message = bytes(range(256)) * 800  # 200 KB
+
+        def call() -> tuple[bytes, grpc.StatusCode, bytes]:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                say = channel.unary_unary("/echo.Echo/Say")
+                # Over the buffer, yet all here (with its END_STREAM) at once.
+                assert say(b"m" * 3000, timeout=20) == b"echo:" + b"m" * 3000
+                ok = say(message, timeout=20)
+                try:
+                    say(message, timeout=20, metadata=[("x-deny", "yes")])
+                    denied = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    denied = exc.code()
+                for _ in range(3):  # what the denied ones left unread is given back
+                    with contextlib.suppress(grpc.RpcError):
+                        say(message, timeout=20, metadata=[("x-deny", "yes")])
+                return ok, denied, say(message, timeout=20)  # same connection
+
+        ok, denied, after = await asyncio.to_thread(call)
+        assert ok == b"echo:" + message
+        assert denied is grpc.StatusCode.PERMISSION_DENIED
+        assert after == b"echo:" + message
+        assert lab.inputs.bodies.used == 0
+        sizes = sorted(v for labels, v in samples(lab, "istio_request_bytes_sum")
+                       if labels["response_code"] == "200")
+        assert sizes and sizes[-1] >= len(message)
+    run_lab(store, body, docs=with_docs(deny), settings=settings)
+
+
+def test_a_denied_h2c_upload_gives_its_unread_window_back(store: IdentityStore) -> None:
+    """What a streamed upload had queued when it was answered (403) and stopped is
+    acknowledged: the client's connection window comes back, so the connection
+    does not stall for its other streams."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    deny = policy({"action": "DENY", "rules": [{"when": [
+        {"key": "request.headers[x-deny]", "values": ["yes"]}]}]})
+
+    async def body(lab: Lab) -> None:
+        stream = await lab.open(f"{GRPC_VIP}:50051")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "http"),
+                              (":authority", "grpc"), (":path", "/echo.Echo/Say"),
+                              ("content-type", "application/grpc"), ("x-deny", "yes")])
+        for _ in range(4):  # 60,000 of the 65,535 bytes of window, in one write
+            conn.send_data(1, b"u" * 15_000)
+        await stream.write(conn.data_to_send())
+        events: list[Any] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while conn.outbound_flow_control_window < 60_000 and loop.time() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError):
+                chunk = await asyncio.wait_for(stream.read(), 1)
+                if not chunk:
+                    break
+                events += conn.receive_data(chunk)
+                await stream.write(conn.data_to_send())
+        statuses = [dict(e.headers).get(b":status") for e in events
+                    if isinstance(e, h2.events.ResponseReceived)]
+        assert statuses == [b"403"], events
+        assert any(isinstance(e, h2.events.StreamReset) and e.stream_id == 1
+                   and e.error_code == h2.errors.ErrorCodes.NO_ERROR for e in events)
+        assert conn.outbound_flow_control_window >= 60_000, events
+        assert len(lab.connects) == 0
+    run_lab(store, body, docs=with_docs(deny), settings=WaypointSettings(max_body_bytes=1000))
 
 
 def test_grpc_denied_by_policy(store: IdentityStore) -> None:
@@ -579,6 +675,84 @@ def test_broken_h2_gets_goaway_and_others_are_served(store: IdentityStore) -> No
 
         assert await asyncio.to_thread(call) == b"echo:ok"
     run_lab(store, body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl (Debian) is installed by setup.sh")
+def test_uploads_beyond_the_retry_buffer_stream_through_with_curl(store: IdentityStore) -> None:
+    """Bodies over ``max_body_bytes`` are streamed to the app, not refused (413) nor
+    held whole: a 2 MiB upload through a 64 KiB buffer, with Content-Length and chunked;
+    the buffered bytes are given back, the request's bytes counted."""
+    settings = WaypointSettings(max_body_bytes=64 * 1024)
+
+    async def body(lab: Lab) -> None:
+        port = await lab.shim(WEB)
+        payload = bytes(range(256)) * 8192  # 2 MiB: curl sends "Expect: 100-continue"
+        for extra in ([], ["-H", "Transfer-Encoding: chunked"]):
+            rc, out = await sh("curl", "-sS", *extra, "--data-binary", "@-",
+                               f"http://127.0.0.1:{port}/up", stdin=payload)
+            assert rc == 0, out
+            assert json.loads(out)["body"].encode("latin-1") == payload
+        assert lab.inputs.bodies.used == 0
+        sizes = [v for labels, v in samples(lab, "istio_request_bytes_sum")
+                 if labels["response_code"] == "200"]
+        assert sizes == [2.0 * len(payload)]
+        # The connection stays usable after a streamed upload (keep-alive).
+        stream = await lab.open(WEB)
+        out = await http1(stream, b"POST /a HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n"
+                          b"\r\n" + b"z" * 100_000)
+        assert status_of(out) == 200 and json.loads(body_of(out))["body"] == "z" * 100_000
+        assert status_of(await http1(stream, GET)) == 200
+    run_lab(store, body, settings=settings)
+
+
+def test_a_streamed_body_is_not_retried_a_buffered_one_is(store: IdentityStore) -> None:
+    """Istio's default retries replay a buffered body; a body beyond the buffer went to
+    the app as it arrived and cannot be replayed: one try, its 503 answered."""
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        seen = lab.http_apps["web"].seen
+        small = await http1(await lab.open(WEB), b"POST /status/503 HTTP/1.1\r\nHost: w\r\n"
+                            b"Content-Length: 10\r\n\r\n" + b"s" * 10)
+        assert status_of(small) == 503
+        assert len([s for s in seen if s[1] == "/status/503"]) == 3
+        big = await http1(await lab.open(WEB), b"POST /status/503 HTTP/1.1\r\nHost: w\r\n"
+                          b"Content-Length: 5000\r\n\r\n" + b"b" * 5000)
+        assert status_of(big) == 503
+        assert len([s for s in seen if s[1] == "/status/503"]) == 4
+        assert all(b.requests == 0 and b.pending == 0 and b.retries == 0
+                   for _, b in lab.inputs.budgets)
+    run_lab(store, body, settings=settings)
+
+
+def test_a_denied_streamed_upload_gets_403_and_the_connection_closes(store: IdentityStore) -> None:
+    deny_post = policy({"action": "DENY", "rules": [{"to": [{"operation": {
+        "methods": ["POST"]}}]}]})
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        before = len(lab.http_apps["web"].seen)
+        out = await http1(await lab.open(WEB), b"POST /x HTTP/1.1\r\nHost: w\r\n"
+                          b"Content-Length: 50000\r\n\r\n" + b"d" * 50_000, expect_close=True)
+        assert status_of(out) == 403 and body_of(out) == b"RBAC: access denied"
+        assert len(lab.http_apps["web"].seen) == before  # nothing reached the app
+        assert lab.inputs.bodies.used == 0
+    run_lab(store, body, docs=with_docs(deny_post), settings=settings)
+
+
+def test_a_malformed_streamed_body_gets_400_and_others_are_served(store: IdentityStore) -> None:
+    settings = WaypointSettings(max_body_bytes=1000)
+
+    async def body(lab: Lab) -> None:
+        out = await http1(await lab.open(WEB), b"POST /x HTTP/1.1\r\nHost: w\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"c" * 2000
+                          + b"\r\nzz\r\n", expect_close=True)
+        assert status_of(out) == 400
+        flags = [s[0]["response_flags"] for s in samples(lab, "istio_requests_total")]
+        assert flags == ["DPE"]
+        assert status_of(await http1(await lab.open(WEB), GET)) == 200
+        assert lab.inputs.bodies.used == 0
+    run_lab(store, body, settings=settings)
 
 
 def test_buffered_bodies_are_bounded_process_wide(store: IdentityStore) -> None:
