@@ -175,9 +175,18 @@ def _cidr(value: Any, path: str) -> IPNetwork:
     text = _string(value, path)
     try:
         # Like istiod (netip.ParsePrefix): host bits may be set; a bare IP is a /32 or /128.
-        return ipaddress.ip_network(text, strict=False)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise _Invalid(path, f"{_shown(text)} is not a CIDR") from None
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and \
+            net.network_address.ipv4_mapped is not None:
+        # Addresses are compared in canonical form (agent/addr.py: IPv4-mapped IPv6 is
+        # IPv4, as ztunnel's to_canonical), so such a block could never match anything:
+        # a DENY written this way would deny nothing. Refuse it instead of ignoring it.
+        v4 = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
+        raise _Invalid(path, f"{_shown(text)} is an IPv4-mapped IPv6 CIDR, which never "
+                             f"matches (IPv4 sources are compared as IPv4); write {v4}")
+    return net
 
 
 def _cidrs(value: Any, path: str) -> tuple[IPNetwork, ...]:
