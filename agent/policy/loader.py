@@ -32,7 +32,6 @@ event loop of its own: the caller invokes :meth:`PolicyWatcher.poll` periodicall
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -41,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from agent.addr import parse_cidr
 from agent.identity.spiffe import SCHEME as SPIFFE_SCHEME
 from agent.policy.engine import FAIL_CLOSED_NAME, PolicySet, deny_all_stand_in
 from agent.policy.model import (
@@ -174,19 +174,9 @@ def _string_matches(value: Any, path: str, field: str) -> tuple[StringMatch, ...
 def _cidr(value: Any, path: str) -> IPNetwork:
     text = _string(value, path)
     try:
-        # Like istiod (netip.ParsePrefix): host bits may be set; a bare IP is a /32 or /128.
-        net = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise _Invalid(path, f"{_shown(text)} is not a CIDR") from None
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and \
-            net.network_address.ipv4_mapped is not None:
-        # Addresses are compared in canonical form (agent/addr.py: IPv4-mapped IPv6 is
-        # IPv4, as ztunnel's to_canonical), so such a block could never match anything:
-        # a DENY written this way would deny nothing. Refuse it instead of ignoring it.
-        v4 = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
-        raise _Invalid(path, f"{_shown(text)} is an IPv4-mapped IPv6 CIDR, which never "
-                             f"matches (IPv4 sources are compared as IPv4); write {v4}")
-    return net
+        return parse_cidr(text)
+    except ValueError as e:
+        raise _Invalid(path, f"{_shown(text)} {e}") from None
 
 
 def _cidrs(value: Any, path: str) -> tuple[IPNetwork, ...]:

@@ -34,13 +34,13 @@ on its target (:attr:`DocumentOutcome.FAIL_CLOSED`).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from agent.addr import parse_cidr, parse_ip
+
 HTTP_KINDS = frozenset({"host", "method", "path", "header"})
 
 DENIED_STATUS = 403
@@ -168,7 +168,7 @@ class Predicate:
             if text is None:
                 return False
             try:
-                return ipaddress.ip_address(text) in value
+                return parse_ip(text) in value
             except ValueError:
                 return False
         if k == "port":
@@ -303,9 +303,9 @@ def _strings(value: Any, where: str) -> list[str]:
 def _compile_value(kind: str, text: str, where: str, policy_namespace: str) -> Any:
     if kind in ("source_ip", "remote_ip", "destination_ip"):
         try:
-            return ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise PolicyInvalid(f"{where}: {text!r} is not an IP address or CIDR") from None
+            return parse_cidr(text)
+        except ValueError as e:
+            raise PolicyInvalid(f"{where}: {text!r} {e}") from None
     if kind == "port":
         if not text.isdigit() or not 0 <= int(text) <= 65535:
             raise PolicyInvalid(f"{where}: {text!r} is not a port number")

@@ -181,6 +181,12 @@ TABLE: list[tuple[str, list[dict[str, Any]], Request, Verdict]] = [
      [{"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/99"]}}]}]}],
      req(), D),
     ("unknown action fails closed", [{"action": "PERMIT", "rules": [{}]}], req(), D),
+    ("an IPv4-mapped CIDR in a DENY fails closed (it would never match: not 'denies nothing')",
+     [{"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["::ffff:10.0.0.0/104"]}}]}]}],
+     req(source_ip="10.0.0.9"), D),
+    ("an IPv4-mapped source address is compared as IPv4",
+     [{"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/24"]}}]}]}],
+     req(source_ip="::ffff:10.0.0.9"), A),
 ]
 
 
