@@ -1,4 +1,6 @@
-"""``python -m agent.kubelab [--port N] [--kubeconfig PATH]``: run the lab API server."""
+"""``python -m agent.kubelab [--host IP] [--port N] [--kubeconfig PATH] [--load FILE]``:
+run the lab API server (``meshagent lab up --kube`` runs it on node1's underlay
+address)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from agent.kubelab.server import LabApiServer
 def main() -> None:
     parser = argparse.ArgumentParser(description="the lab's Kubernetes API server "
                                      "(lab and tests only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on (plain HTTP, no authentication)")
     parser.add_argument("--port", type=int, default=6443)
     parser.add_argument("--kubeconfig", type=Path)
     parser.add_argument("--load", type=Path,
@@ -21,7 +25,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=10000,
                         help="watch events kept for resuming watches")
     args = parser.parse_args()
-    server = LabApiServer(port=args.port, history=args.history).start()
+    server = LabApiServer(port=args.port, history=args.history, host=args.host).start()
     if args.load:
         for obj in json.loads(args.load.read_text()):
             server.apply(obj)

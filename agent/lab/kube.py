@@ -1,0 +1,135 @@
+"""``lab up --kube``: the lab's Kubernetes API server and its objects.
+
+The lab API server (:mod:`agent.kubelab`, lab and tests only) runs as a process of
+node1 (like a control plane on the first node), listening on node1's underlay
+address, so every node's agent reaches it over the underlay. Before the agents start
+it is loaded with the lab as Kubernetes objects (:func:`lab_objects`): one Node per
+lab node, the pods' Namespaces (unlabelled: nothing is enrolled until someone runs
+``kubectl label namespace ... istio.io/dataplane-mode=ambient``), and one Pod per
+lab pod (``spec.nodeName``, its IPs in ``status.podIPs``, ``Running`` and ``Ready``);
+the plain pods (``nN-plain``) carry ``istio.io/dataplane-mode=none``.
+
+kubectl talks to it from node1's netns: :func:`kubectl_argv` (``meshagent lab exec
+node1 -- kubectl --kubeconfig <run dir>/kubeconfig ...`` does the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.k8s.rules import DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE
+from agent.lab import netlab
+from agent.lab.topology import LabPlan, PodPlan
+
+KUBE_ENV = "MESHAGENT_LAB_KUBE"  # "1": lab up --kube
+API_PORT = 6443
+PROCESS = "kubelab"
+READY_TIMEOUT_S = 30.0
+READY_LINE = "lab API server on"
+
+
+def kube_enabled() -> bool:
+    return os.environ.get(KUBE_ENV, "") in ("1", "true", "yes")
+
+
+def api_url(plan: LabPlan) -> str:
+    return f"http://{plan.nodes[0].underlay_ipv4}:{API_PORT}"
+
+
+def kubeconfig_path(plan: LabPlan) -> Path:
+    return Path(plan.run_dir) / "kubeconfig"
+
+
+def kubectl_argv(plan: LabPlan, *args: str) -> list[str]:
+    """``kubectl --kubeconfig <lab kubeconfig> ARGS`` run in node1's netns."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise netlab.LabError("kubectl is not installed: run scripts/setup.sh")
+    return netlab.nsenter_argv(plan.nodes[0].netns,
+                               [kubectl, "--kubeconfig", str(kubeconfig_path(plan)), *args])
+
+
+def _pod(pod: PodPlan) -> dict[str, Any]:
+    labels = {"app": pod.name}
+    if not pod.enroll:
+        labels[DATAPLANE_MODE_LABEL] = DATAPLANE_MODE_NONE
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": labels},
+        "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+                 "containers": [{"name": "app", "image": "registry.local/lab-app:1"}]},
+        "status": {"phase": "Running", "podIP": pod.ipv4,
+                   "podIPs": [{"ip": pod.ipv4}, {"ip": pod.ipv6}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def lab_objects(plan: LabPlan) -> list[dict[str, Any]]:
+    """The lab as Kubernetes objects (see the module docstring; pure)."""
+    nodes = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name},
+              "status": {"addresses": [{"type": "InternalIP", "address": n.underlay_ipv4}]}}
+             for n in plan.nodes]
+    namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                  for ns in sorted({p.namespace for p in plan.pods()})]
+    service_accounts = [{"apiVersion": "v1", "kind": "ServiceAccount",
+                         "metadata": {"name": sa, "namespace": ns}}
+                        for ns, sa in sorted({(p.namespace, p.service_account)
+                                              for p in plan.pods()})]
+    return [*nodes, *namespaces, *service_accounts, *(_pod(p) for p in plan.pods())]
+
+
+def write_kubeconfig(plan: LabPlan) -> Path:
+    """Side effects: writes ``<run dir>/kubeconfig`` (plain HTTP, no credentials)."""
+    path = kubeconfig_path(plan)
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": api_url(plan)}}],
+        "users": [{"name": "lab", "user": {}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": "lab"}}]}))
+    return path
+
+
+def start_api_server(plan: LabPlan, objects: list[dict[str, Any]] | None = None) -> int:
+    """Start the lab API server on node1 loaded with ``objects`` (default: the lab's)
+    and wait until it serves; return its pid.
+
+    Side effects: writes ``<run dir>/kubeconfig`` and ``<run dir>/kube-objects.json``,
+    starts process ``kubelab`` on node1 (stopped by ``lab down``)."""
+    load = Path(plan.run_dir) / "kube-objects.json"
+    load.write_text(json.dumps(lab_objects(plan) if objects is None else objects))
+    write_kubeconfig(plan)
+    node = plan.nodes[0]
+    log_path = Path(netlab.process_log_path(plan, node.name, PROCESS))
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    pid = netlab.start_node_process(
+        plan, node, PROCESS,
+        [sys.executable, "-m", "agent.kubelab", "--host", node.underlay_ipv4,
+         "--port", str(API_PORT), "--load", str(load)], {"PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            if READY_LINE.encode() in fh.read():
+                return pid
+        time.sleep(0.1)
+    raise netlab.LabError(f"the lab API server did not start within {READY_TIMEOUT_S:.0f}s; "
+                          f"see {log_path}")
+
+
+def node_env(plan: LabPlan, node_name: str) -> dict[str, str]:
+    """The agent's and tunnel's overrides in a kube lab: watch the lab API server; the
+    model comes from it (no files exchanged between nodes)."""
+    run = Path(plan.node_run_dir(node_name))
+    return {"MESHAGENT_K8S_ENABLED": "1",
+            "MESHAGENT_K8S_KUBECONFIG": str(kubeconfig_path(plan)),
+            "MESHAGENT_K8S_NODE_NAME": node_name,
+            "MESHAGENT_K8S_RECONCILE_SECONDS": "5",
+            "MESHAGENT_TUNNEL_PEER_WORKLOADS": "",
+            "MESHAGENT_TUNNEL_MODEL_FILE": str(run / "model.yaml")}
