@@ -22,6 +22,10 @@ def main() -> None:
     parser.add_argument("--kubeconfig", type=Path)
     parser.add_argument("--load", type=Path,
                         help="a JSON list of objects to create at start (validated)")
+    parser.add_argument("--state", type=Path,
+                        help="a file the objects are saved to on SIGTERM and restored from "
+                        "at start (uids and resourceVersions kept, like etcd across an API "
+                        "server restart)")
     parser.add_argument("--history", type=int, default=10000,
                         help="watch events kept for resuming watches")
     args = parser.parse_args()
@@ -29,6 +33,8 @@ def main() -> None:
     if args.load:
         for obj in json.loads(args.load.read_text()):
             server.apply(obj)
+    if args.state and args.state.exists():
+        server.restore(json.loads(args.state.read_text()))
     if args.kubeconfig:
         server.kubeconfig(args.kubeconfig)
     print(f"lab API server on {server.url}", flush=True)
@@ -36,6 +42,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
+    if args.state:
+        tmp = args.state.with_name(args.state.name + ".tmp")
+        tmp.write_text(json.dumps(server.call(server.store.dump)))
+        tmp.replace(args.state)
     server.stop()
 
 

@@ -438,6 +438,16 @@ class LabApiServer:
         result: dict[str, Any] = self.call(self.store.create, resource, ns, obj)
         return result
 
+    def restore(self, objects: list[dict[str, Any]]) -> None:
+        """Put back objects saved with ``store.dump`` (see :meth:`Store.restore`)."""
+        def run() -> None:
+            for obj in objects:
+                resource = next(r for r in RESOURCES if r.kind == obj["kind"]
+                                and r.group_version == obj["apiVersion"])
+                self.store.restore(resource, obj)
+            self.store.compact()
+        self.call(run)
+
     def resource(self, plural: str) -> Resource:
         return next(r for r in RESOURCES if r.plural == plural)
 

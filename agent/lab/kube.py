@@ -48,6 +48,11 @@ def kubeconfig_path(plan: LabPlan) -> Path:
     return Path(plan.run_dir) / "kubeconfig"
 
 
+def state_path(plan: LabPlan) -> Path:
+    """Where the API server keeps its objects while stopped (a restart restores them)."""
+    return Path(plan.run_dir) / "kube-state.json"
+
+
 def kubectl_argv(plan: LabPlan, *args: str) -> list[str]:
     """``kubectl --kubeconfig <lab kubeconfig> ARGS`` run in node1's netns."""
     kubectl = shutil.which("kubectl")
@@ -98,11 +103,13 @@ def write_kubeconfig(plan: LabPlan) -> Path:
 
 def start_api_server(plan: LabPlan, objects: list[dict[str, Any]] | None = None) -> int:
     """Start the lab API server on node1 loaded with ``objects`` (default: the lab's)
-    and wait until it serves; return its pid.
+    and wait until it serves; return its pid. Started again after a stop, it restores
+    the objects it saved (:func:`state_path`) instead.
 
     Side effects: writes ``<run dir>/kubeconfig`` and ``<run dir>/kube-objects.json``,
     starts process ``kubelab`` on node1 (stopped by ``lab down``)."""
     load = Path(plan.run_dir) / "kube-objects.json"
+    state = state_path(plan)
     load.write_text(json.dumps(lab_objects(plan) if objects is None else objects))
     write_kubeconfig(plan)
     node = plan.nodes[0]
@@ -111,7 +118,8 @@ def start_api_server(plan: LabPlan, objects: list[dict[str, Any]] | None = None)
     pid = netlab.start_node_process(
         plan, node, PROCESS,
         [sys.executable, "-m", "agent.kubelab", "--host", node.underlay_ipv4,
-         "--port", str(API_PORT), "--load", str(load)], {"PYTHONUNBUFFERED": "1"})
+         "--port", str(API_PORT), *(("--load", str(load)) if not state.exists() else ()),
+         "--state", str(state)], {"PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         with open(log_path, "rb") as fh:

@@ -104,7 +104,8 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
             _cni_pods_up(plan, agent_sockets=None)
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
-    Path(plan.run_dir, MODEL_FILENAME).write_text(model_to_yaml(lab_model(plan)))
+    if not kubernetes:  # in a kube lab each node's model comes from the API server
+        Path(plan.run_dir, MODEL_FILENAME).write_text(model_to_yaml(lab_model(plan)))
     if mode == "hbone":
         from agent.identity.ca import init_ca
 
