@@ -5,7 +5,8 @@ node1 (like a control plane on the first node), listening on node1's underlay
 address, so every node's agent reaches it over the underlay. Before the agents start
 it is loaded with the lab as Kubernetes objects (:func:`lab_objects`): one Node per
 lab node, the pods' Namespaces (unlabelled: nothing is enrolled until someone runs
-``kubectl label namespace ... istio.io/dataplane-mode=ambient``), and one Pod per
+``kubectl label namespace ... istio.io/dataplane-mode=ambient``; those named in
+$MESHAGENT_LAB_KUBE_AMBIENT are labelled from the start), and one Pod per
 lab pod (``spec.nodeName``, its IPs in ``status.podIPs``, ``Running`` and ``Ready``);
 the plain pods (``nN-plain``) carry ``istio.io/dataplane-mode=none``.
 
@@ -30,6 +31,8 @@ from agent.lab import netlab
 from agent.lab.topology import LabPlan, PodPlan
 
 KUBE_ENV = "MESHAGENT_LAB_KUBE"  # "1": lab up --kube
+# Namespaces registered already labelled istio.io/dataplane-mode=ambient (comma list).
+AMBIENT_ENV = "MESHAGENT_LAB_KUBE_AMBIENT"
 API_PORT = 6443
 PROCESS = "kubelab"
 READY_TIMEOUT_S = 30.0
@@ -81,7 +84,9 @@ def lab_objects(plan: LabPlan) -> list[dict[str, Any]]:
     nodes = [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name},
               "status": {"addresses": [{"type": "InternalIP", "address": n.underlay_ipv4}]}}
              for n in plan.nodes]
-    namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+    ambient = {n for n in os.environ.get(AMBIENT_ENV, "").split(",") if n}
+    namespaces = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": ns, "labels": {DATAPLANE_MODE_LABEL: "ambient"} if ns in ambient else {}}}
                   for ns in sorted({p.namespace for p in plan.pods()})]
     service_accounts = [{"apiVersion": "v1", "kind": "ServiceAccount",
                          "metadata": {"name": sa, "namespace": ns}}

@@ -210,3 +210,56 @@ def test_api_server_away_changes_nothing_and_is_caught_up_with(
     for ns in ("default", "team-b"):
         kubectl(lab, "label", "namespace", ns, "istio.io/dataplane-mode-")
     wait_enrolled(lab, {"node1": set(), "node2": set()})
+
+
+def test_cni_and_watch_agree_on_every_pod(tmp_path: Path) -> None:
+    """``lab up --kube --pods cni`` with ``default`` labelled from the start: the CNI
+    plugin asks the agent (pod_verdict) and enrolls n1-a/n2-a in ADD, before their first
+    packet; the watch then only annotates; for every pod the registry and the watch's
+    verdict agree. A pod the CNI passed through (team-b) is enrolled by the watch when
+    its namespace is labelled (its netns found from its IP)."""
+    env = {kube.KUBE_ENV: "1", kube.AMBIENT_ENV: "default"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with lab_up(LAB, tmp_path, "cni") as lab:
+            for k in env:
+                os.environ.pop(k)
+            for node in ("node1", "node2"):
+                log = Path(lab.run_dir) / node / "cni.log"
+                lines = [json.loads(line) for line in
+                         Path(cni_log(lab, node)).read_text().splitlines()]
+                n = node[-1]
+                assert any(e["event"] == "pod enrolled" and e.get("pod") == f"default/n{n}-a"
+                           for e in lines), log
+                assert any(e["event"].startswith("pod passed through: Istio")
+                           and e.get("pod") == f"team-b/n{n}-b" for e in lines), log
+
+            def agree() -> bool:
+                for node in ("node1", "node2"):
+                    status = lab.api(node, {"op": "status"})["kubernetes"]
+                    registry = set(enrolled(lab, node))
+                    for row in status["pods"]:
+                        if (row["pod"] in registry) != row["enrolled"] or \
+                                (row["verdict"] == "enroll") != row["enrolled"]:
+                            return False
+                return True
+            until("the CNI's enrollments and the watch's verdicts agree", agree, WAIT)
+            wait_enrolled(lab, {"node1": {"default/n1-a"}, "node2": {"default/n2-a"}})
+            until("n1-a is annotated",
+                  lambda: annotation(lab, "default", "n1-a") == "enabled" or None, WAIT)
+            kubectl(lab, "label", "namespace", "team-b", "istio.io/dataplane-mode=ambient")
+            wait_enrolled(lab, {"node1": {"default/n1-a", "team-b/n1-b"},
+                                "node2": {"default/n2-a", "team-b/n2-b"}})
+            until("the CNI's enrollments and the watch's verdicts agree", agree, WAIT)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def cni_log(lab: Lab, node: str) -> str:
+    from agent.lab.cnipods import plugin_log_path
+
+    return plugin_log_path(lab.plan, node)
