@@ -89,6 +89,10 @@ class NodeController:
         self.on_model = on_model
         self.model_dirty = False
         self.last: PassResult | None = None
+        # pod key -> (status patched, the pod's resourceVersion it was patched from):
+        # until the watch brings a newer version, that patch is on its way and is not
+        # sent again (every pod's event would otherwise re-send every pending patch).
+        self.annotating: dict[str, tuple[Any, str]] = {}
 
     async def handle(self, event: WatchEvent) -> PassResult | None:
         delta = self.cache.apply(event)
@@ -137,10 +141,18 @@ class NodeController:
             log.debug("left %s alone: %s", key, why.value)
         if self.annotator is not None and synced:
             now = await self.backend.enrolled()
-            for a in annotation_patches(self.cache.node_pods, set(now), self.node):
+            pods = self.cache.node_pods
+            self.annotating = {k: v for k, v in self.annotating.items() if k in pods}
+            for a in annotation_patches(pods, set(now), self.node):
+                key = f"{a.namespace}/{a.name}"
+                sent = (a.status, pods[key].meta.resource_version)
+                if self.annotating.get(key) == sent:
+                    continue
                 try:
                     await self.annotator.annotate(a)
+                    self.annotating[key] = sent
                 except Exception as e:
+                    self.annotating.pop(key, None)
                     failures.append(f"annotate {a.namespace}/{a.name}: {e}")
         for failure in failures:
             log.warning("%s; retried on the next pass", failure)
