@@ -143,6 +143,8 @@ def node_env(plan: LabPlan, node_name: str) -> dict[str, str]:
     return {"MESHAGENT_K8S_ENABLED": "1",
             "MESHAGENT_K8S_KUBECONFIG": str(kubeconfig_path(plan)),
             "MESHAGENT_K8S_NODE_NAME": node_name,
-            "MESHAGENT_K8S_RECONCILE_SECONDS": "5",
+            # a full pass every 5 s unless the caller's environment says otherwise
+            "MESHAGENT_K8S_RECONCILE_SECONDS": os.environ.get(
+                "MESHAGENT_K8S_RECONCILE_SECONDS", "5"),
             "MESHAGENT_TUNNEL_PEER_WORKLOADS": "",
             "MESHAGENT_TUNNEL_MODEL_FILE": str(run / "model.yaml")}

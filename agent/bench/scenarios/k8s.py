@@ -28,7 +28,10 @@ namespace bench istio.io/dataplane-mode=ambient`` to node1's agent listing all 1
 in ``pod_list`` (each enrolled by the daemon's pod_add transaction: netns found from
 the IP, BPF maps, tc filters, registry), and ``datapath_unlabel_to_unenrolled_s``
 back to none; ``kubectl_s`` is one kubectl run alone (its own start-up is part of the
-above), the anchor.
+above). The anchor, in the same lab: the same 100 pods enrolled by 100 direct
+``pod_add`` API calls (netns given, names the API server does not know, periodic
+passes off for the run so the watch leaves them alone) and removed by ``pod_del``
+(``anchor_pod_add_s`` / ``anchor_pod_del_s``).
 
 Run: ``.venv/bin/python -m agent.bench.scenarios.k8s`` (prints JSON), or as a
 scenario: ``scripts/bench.sh k8s``.
@@ -257,8 +260,12 @@ def measure_datapath(reps: int = 2, log_dir: Path | None = None) -> dict[str, An
     from agent.bench.labctl import BenchLab
     from agent.lab import kube
 
-    out: dict[str, Any] = {"label_s": [], "unlabel_s": [], "kubectl_s": []}
+    out: dict[str, Any] = {"label_s": [], "unlabel_s": [], "kubectl_s": [],
+                           "anchor_pod_add_s": [], "anchor_pod_del_s": []}
     os.environ[kube.KUBE_ENV] = "1"
+    # no periodic pass or relist during the run: the anchor's pods stay enrolled
+    os.environ["MESHAGENT_K8S_RECONCILE_SECONDS"] = "3600"
+    os.environ["MESHAGENT_K8S_RESYNC_SECONDS"] = "3600"
     try:
         with BenchLab("plain", log_dir or Path(tempfile.mkdtemp())) as bench:
             assert bench.plan is not None
@@ -297,12 +304,25 @@ def measure_datapath(reps: int = 2, log_dir: Path | None = None) -> dict[str, An
                                                    f"{DATAPATH_TIMEOUT_S:.0f}s")
                             time.sleep(0.01)
                         out[key].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    for i, (netns, _, _) in enumerate(pods):
+                        client.call(sock, {"op": "pod_add", "netns": f"/run/netns/{netns}",
+                                           "name": f"anchor-{i:03d}", "namespace": "bench"},
+                                    timeout=30)
+                    out["anchor_pod_add_s"].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    for i in range(len(pods)):
+                        client.call(sock, {"op": "pod_del", "name": f"anchor-{i:03d}",
+                                           "namespace": "bench"}, timeout=30)
+                    out["anchor_pod_del_s"].append(time.perf_counter() - t)
             finally:
                 subprocess.run(["ip", "-batch", "-"], text=True, timeout=300,
                                input="".join(f"netns del {n}\n" for n, _, _ in pods),
                                capture_output=True)
     finally:
-        os.environ.pop(kube.KUBE_ENV, None)
+        for key in (kube.KUBE_ENV, "MESHAGENT_K8S_RECONCILE_SECONDS",
+                    "MESHAGENT_K8S_RESYNC_SECONDS"):
+            os.environ.pop(key, None)
     return out
 
 
@@ -311,6 +331,8 @@ def run(ctx: Any) -> None:
     datapath = measure_datapath(reps=ctx.params.reps)
     for key, metric in (("label_s", "datapath_label_to_enrolled_s"),
                         ("unlabel_s", "datapath_unlabel_to_unenrolled_s"),
+                        ("anchor_pod_add_s", "anchor_100_pod_add_s"),
+                        ("anchor_pod_del_s", "anchor_100_pod_del_s"),
                         ("kubectl_s", "kubectl_s")):
         for i, seconds in enumerate(datapath[key]):
             ctx.add(NAME, metric, "100 veth pods", i, seconds)
