@@ -383,10 +383,7 @@ class Agent:
             loop.add_reader(self.address_watch.fileno(), self._on_address_events)
             # Whatever changed since start() read the addresses is queued on the socket.
             self._on_address_events()
-        if self.cfg.k8s.enabled:
-            from agent.k8s.nodeagent import KubernetesNode
-
-            self.kubernetes = KubernetesNode(self)
+        if self.kubernetes is not None:
             self.kubernetes.start()
         async with server:
             await stop.wait()
@@ -450,5 +447,9 @@ def _listening_ports() -> list[int]:
 
 def run(cfg: Config) -> None:
     agent = Agent(cfg)
+    if cfg.k8s.enabled:  # before any change: credentials that cannot be loaded stop us here
+        from agent.k8s.nodeagent import KubernetesNode
+
+        agent.kubernetes = KubernetesNode(agent)
     agent.kernel.submit(agent.start).result()
     asyncio.run(agent.serve())

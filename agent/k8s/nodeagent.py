@@ -64,6 +64,10 @@ class EnrollFailed(RuntimeError):
     """The daemon refused an enrollment the watch asked for (rolled back)."""
 
 
+class KubernetesConfigError(RuntimeError):
+    """The API server's address or credentials cannot be loaded; says what to do."""
+
+
 class KubernetesUnavailable(RuntimeError):
     """The API server could not answer; ``code`` is the agent API's error code."""
 
@@ -158,12 +162,20 @@ class PodVerdict:
 
 
 def api_client(kubeconfig: str, pool: int) -> client.ApiClient:
-    """Side effects: reads the kubeconfig (or the service account's token and CA)."""
+    """Side effects: reads the kubeconfig (or the service account's token and CA).
+    Raises :class:`KubernetesConfigError`."""
     configuration = client.Configuration()
-    if kubeconfig:
-        kube_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    else:
-        kube_config.load_incluster_config(client_configuration=configuration)
+    try:
+        if kubeconfig:
+            kube_config.load_kube_config(config_file=kubeconfig,
+                                         client_configuration=configuration)
+        else:
+            kube_config.load_incluster_config(client_configuration=configuration)
+    except (kube_config.ConfigException, OSError, ValueError) as e:
+        where = f"k8s.kubeconfig={kubeconfig!r}" if kubeconfig else "in-cluster credentials"
+        raise KubernetesConfigError(
+            f"cannot use {where}: {e}. Point k8s.kubeconfig at a readable kubeconfig, run "
+            "in a pod with a service account, or set k8s.enabled = false") from e
     configuration.connection_pool_maxsize = pool  # one streaming watch per target
     return client.ApiClient(configuration)
 

@@ -11,6 +11,9 @@ controller builds the cluster model from it. Measured:
 - ``model_traced_mb``: memory tracemalloc attributes to the conversion alone (the
   Model and its indexes, transient peaks excluded);
 - ``model_build_s``: one conversion (10,000 pods, 2,000 Services);
+- ``model_yaml_write_s`` / ``model_yaml_read_s``: that model as the ztunnel
+  local-config YAML the agent writes to ``tunnel.model_file``, and read back as the
+  tunnel does on each change (``model_yaml_mb``: its size);
 - ``sync_s``: from starting the watch to every kind listed;
 - ``label_to_enroll_ms``: from sending the namespace label patch (what ``kubectl
   label namespace bench istio.io/dataplane-mode=ambient`` sends) to the controller
@@ -154,7 +157,15 @@ async def _measure(url: str, reps: int, node_pods: int = PODS // NODES) -> dict[
         out["model_rss_mb"] = _rss_mb() - rss0
         out["workloads"] = len(converted.model.workloads)
         out["services"] = len(converted.model.services)
-        del converted
+        from agent.model.loader import load_model_text, model_to_yaml
+        t1 = time.monotonic()
+        text = model_to_yaml(converted.model)  # what the agent writes for the tunnel
+        out["model_yaml_write_s"] = time.monotonic() - t1
+        out["model_yaml_mb"] = len(text) / 2**20
+        t1 = time.monotonic()
+        load_model_text(text)  # what the tunnel does with it on every change
+        out["model_yaml_read_s"] = time.monotonic() - t1
+        del converted, text
         gc.collect()
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -337,7 +348,8 @@ def run(ctx: Any) -> None:
         for i, seconds in enumerate(datapath[key]):
             ctx.add(NAME, metric, "100 veth pods", i, seconds)
     result = measure(reps=ctx.params.reps)
-    for metric in ("model_rss_mb", "model_traced_mb", "model_build_s", "sync_s"):
+    for metric in ("model_rss_mb", "model_traced_mb", "model_build_s", "sync_s",
+                   "model_yaml_write_s", "model_yaml_read_s"):
         ctx.add(NAME, metric, "10k pods, 2k services", 0, result[metric])
     for i, ms in enumerate(result["label_to_enroll_ms"]):
         ctx.add(NAME, "label_to_enroll_ms", "100 pods", i, ms)
