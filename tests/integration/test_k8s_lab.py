@@ -81,8 +81,9 @@ def annotation(lab: Lab, namespace: str, pod: str) -> str | None:
 def wait_enrolled(lab: Lab, want: dict[str, set[str]]) -> None:
     """Each node's registry holds exactly ``want[node]`` (namespace/name)."""
     for node, keys in want.items():
-        until(f"{node} enrolls exactly {sorted(keys)}",
-              lambda n=node, k=keys: set(enrolled(lab, n)) == k or None, WAIT)
+        def exact(n: str = node, k: set[str] = keys) -> bool:
+            return set(enrolled(lab, n)) == k
+        until(f"{node} enrolls exactly {sorted(keys)}", exact, WAIT)
 
 
 def echo(lab: Lab, src: str, dst_ip: str) -> dict[str, Any]:

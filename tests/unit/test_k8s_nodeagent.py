@@ -57,7 +57,7 @@ def test_k8s_config_section() -> None:
            "MESHAGENT_K8S_NODE_NAME": "node7"}
     cfg = from_mapping({}, env)
     assert cfg.k8s.enabled and not cfg.k8s.model and cfg.k8s.node_name == "node7"
-    with pytest.raises(ConfigError, match="tunnel.model_file"):
+    with pytest.raises(ConfigError, match=r"tunnel\.model_file"):
         from_mapping({"k8s": {"enabled": True}})
     with pytest.raises(ConfigError, match="unknown key"):
         from_mapping({"k8s": {"enable": True}})
