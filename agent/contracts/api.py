@@ -37,6 +37,7 @@ _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9A-Z.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _IFNAME = re.compile(r"^[^/\s:]{1,15}$")
+_UID = re.compile(r"^[A-Za-z0-9-]{0,64}$")  # Kubernetes metadata.uid (a UUID)
 
 
 class ErrorCode(str, enum.Enum):
@@ -182,6 +183,8 @@ def parse_request(raw: Any) -> Request:
                 _check_name(key, args[key], _DNS_LABEL)
         if args.get("name") is not None:
             _check_name("name", args["name"], _DNS_SUBDOMAIN)
+        if not _UID.match(args.get("uid", "")):
+            raise RequestError(f"uid={args['uid']!r} is not a Kubernetes uid (a UUID)")
         labels = args.get("labels", {})
         for k, v in labels.items():
             if not isinstance(v, str) or not _LABEL_KEY.match(k) or not _LABEL_VALUE.match(v):

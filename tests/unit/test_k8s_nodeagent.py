@@ -73,6 +73,10 @@ def test_pod_verdict_request() -> None:
     with pytest.raises(RequestError, match="not a valid Kubernetes name"):
         parse_request({"op": "pod_verdict", "name": "Web_0"})
     assert ErrorCode.parse("kubernetes_unavailable") is ErrorCode.KUBERNETES_UNAVAILABLE
+    with pytest.raises(RequestError, match="not a Kubernetes uid"):
+        parse_request({"op": "pod_add", "netns": "p", "uid": "x" * 65})
+    with pytest.raises(RequestError, match="not a Kubernetes uid"):
+        parse_request({"op": "pod_add", "netns": "p", "uid": "a b"})
 
 
 def test_the_kube_labs_objects_are_valid_kubernetes(monkeypatch: pytest.MonkeyPatch) -> None:
