@@ -92,3 +92,22 @@ def test_the_kube_labs_objects_are_valid_kubernetes(monkeypatch: pytest.MonkeyPa
     assert plain["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
     pod = next(o for o in objs if o["metadata"]["name"] == "n2-a")
     assert pod["spec"]["nodeName"] == "node2" and pod["status"]["podIP"] == "10.244.2.10"
+
+
+def test_a_version_1_state_keeps_its_pods_dns_as_the_node_decides(tmp_path) -> None:
+    """Version 1 wrote dns_capture true for "did not opt out": read as the node's
+    default (None), never as an opt-in that would capture DNS the node does not."""
+    import json
+
+    from agent.state import STATE_VERSION, load_state
+
+    pod = {"name": "a", "namespace": "default", "service_account": "default",
+           "netns": "/run/netns/a", "ifname": "eth0", "host_ifindex": 5,
+           "host_ifname": "va", "addresses": ["10.0.0.5"]}
+    (tmp_path / "state.json").write_text(json.dumps({"version": 1, "node": {}, "pods": [
+        {**pod, "dns_capture": True},
+        {**pod, "name": "b", "netns": "/run/netns/b", "host_ifindex": 6,
+         "addresses": ["10.0.0.6"], "dns_capture": False}]}))
+    pods = {p.name: p for p in load_state(str(tmp_path)).registry}
+    assert pods["a"].dns_capture is None and pods["b"].dns_capture is False
+    assert STATE_VERSION == 2
