@@ -8,7 +8,9 @@ lab node, the pods' Namespaces (unlabelled: nothing is enrolled until someone ru
 ``kubectl label namespace ... istio.io/dataplane-mode=ambient``; those named in
 $MESHAGENT_LAB_KUBE_AMBIENT are labelled from the start), and one Pod per
 lab pod (``spec.nodeName``, its IPs in ``status.podIPs``, ``Running`` and ``Ready``);
-the plain pods (``nN-plain``) carry ``istio.io/dataplane-mode=none``.
+the plain pods (``nN-plain``) carry ``istio.io/dataplane-mode=none``; and Service
+``web.team-b`` (VIPs 10.96.1.10, fd00:96::1:10, port 80 -> 8080) with EndpointSlices
+of the ``b`` pods.
 
 kubectl talks to it from node1's netns: :func:`kubectl_argv` (``meshagent lab exec
 node1 -- kubectl --kubeconfig <run dir>/kubeconfig ...`` does the same).
@@ -37,6 +39,12 @@ API_PORT = 6443
 PROCESS = "kubelab"
 READY_TIMEOUT_S = 30.0
 READY_LINE = "lab API server on"
+# A Service with an EndpointSlice, so the model from the API has one: team-b's pods
+# ("b" of every node) behind a VIP, port 80 -> 8080.
+SERVICE_NAME, SERVICE_NAMESPACE = "web", "team-b"
+SERVICE_HOSTNAME = f"{SERVICE_NAME}.{SERVICE_NAMESPACE}.svc.cluster.local"
+SERVICE_VIPS = ("10.96.1.10", "fd00:96::1:10")
+SERVICE_PORT, SERVICE_TARGET_PORT = 80, 8080
 
 
 def kube_enabled() -> bool:
@@ -92,7 +100,30 @@ def lab_objects(plan: LabPlan) -> list[dict[str, Any]]:
                          "metadata": {"name": sa, "namespace": ns}}
                         for ns, sa in sorted({(p.namespace, p.service_account)
                                               for p in plan.pods()})]
-    return [*nodes, *namespaces, *service_accounts, *(_pod(p) for p in plan.pods())]
+    backends = [p for p in plan.pods() if p.namespace == SERVICE_NAMESPACE]
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": SERVICE_NAME, "namespace": SERVICE_NAMESPACE},
+        # no selector: the lab's EndpointSlices below are managed by hand
+        "spec": {"clusterIP": SERVICE_VIPS[0], "clusterIPs": list(SERVICE_VIPS),
+                 "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                 "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP",
+                            "targetPort": SERVICE_TARGET_PORT}]}}
+    slices = [{
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": f"{SERVICE_NAME}-{family.lower()}",
+                     "namespace": SERVICE_NAMESPACE,
+                     "labels": {"kubernetes.io/service-name": SERVICE_NAME,
+                                "endpointslice.kubernetes.io/managed-by": "meshagent-lab"}},
+        "addressType": family,
+        "ports": [{"name": "http", "port": SERVICE_TARGET_PORT, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [p.ipv4 if family == "IPv4" else p.ipv6],
+                       "conditions": {"ready": True}, "nodeName": p.node,
+                       "targetRef": {"kind": "Pod", "name": p.name,
+                                     "namespace": p.namespace}} for p in backends]}
+        for family in ("IPv4", "IPv6")] if backends else []
+    return [*nodes, *namespaces, *service_accounts, *(_pod(p) for p in plan.pods()),
+            *([service] if backends else []), *slices]
 
 
 def write_kubeconfig(plan: LabPlan) -> Path:

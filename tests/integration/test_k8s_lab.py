@@ -8,7 +8,8 @@ kubectl, decide.
   pods in the kernel on both nodes (registry, our tc filter on the host veth, the
   ``ambient.istio.io/redirection`` annotation), and cross-node traffic goes over HBONE
   with each tunnel's model learned from the API server only (no peer files, no shared
-  model file);
+  model file), including the Service ``web.team-b`` (VIP, v4 and v6) from its
+  Service and EndpointSlices;
 * a pod labelled ``istio.io/dataplane-mode=none`` is unenrolled (filter gone,
   annotation removed); removing the namespace label unenrolls the rest;
 * ``ambient.istio.io/dns-capture``: "false" opts out, "true" in, anything else is
@@ -21,11 +22,13 @@ Behaviour only, never timings; every wait is bounded (10 s); the lab is removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,14 @@ def wait_enrolled(lab: Lab, want: dict[str, set[str]]) -> None:
         until(f"{node} enrolls exactly {sorted(keys)}", exact, WAIT)
 
 
+def log_events(lab: Lab, node: str) -> list[dict[str, Any]]:
+    out = []
+    for line in lab.tunnel_log(node).read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 def echo(lab: Lab, src: str, dst_ip: str) -> dict[str, Any]:
     out = run_in(lab.ns(src), [*program("echo_client"), dst_ip, str(ECHO_PORT), "k8s"])
     result: dict[str, Any] = json.loads(out.stdout)
@@ -126,9 +137,14 @@ def test_namespace_label_enrolls_pods_and_hbone_uses_the_api_model(
     assert env["MESHAGENT_TUNNEL_MODEL_FILE"] == str(lab.node_dir("node1") / "model.yaml")
     assert not (Path(lab.run_dir) / "model.yaml").exists()
     a2 = lab.pod("n2-a")
+    model = lab.node_dir("node1") / "model.yaml"
     until("node1's model (from the API) has n2-a as HBONE",
-          lambda: "protocol: HBONE\n  node: node2" in
-          (lab.node_dir("node1") / "model.yaml").read_text() or None, WAIT)
+          lambda: "protocol: HBONE\n  node: node2" in model.read_text() or None, WAIT)
+    written = model.stat().st_mtime
+    until("node1's tunnel loaded that model", lambda: any(
+        e.get("event") == "model loaded" and e.get("path") == str(model)
+        and datetime.fromisoformat(e["timestamp"]).timestamp() >= written - 0.001
+        for e in log_events(lab, "node1")) or None, WAIT)
     result = echo(lab, "n1-a", a2.ipv4)
     assert result["echo_ok"] and result["peer"] == lab.pod("n1-a").ipv4, result
     dst = f"{a2.ipv4}:{ECHO_PORT}"
@@ -138,6 +154,22 @@ def test_namespace_label_enrolls_pods_and_hbone_uses_the_api_model(
     assert (out["direction"], out["path"], out["result"]) == ("outbound", "hbone", "ok"), out
     inb = tunnel_entries(lab, "node2", dst)[-1]
     assert (inb["direction"], inb["path"]) == ("inbound", "hbone"), inb
+
+    # ... and every Service: web.team-b's VIP from the API's Service + EndpointSlices
+    for pod in ("n1-b", "n2-b"):
+        lab.background.start(lab.ns(pod), f"web-{pod}",
+                             [*program("peer_echo_server"), str(kube.SERVICE_TARGET_PORT)],
+                             ready_line="ready")
+    for vip in (kube.SERVICE_VIPS[0], f"[{kube.SERVICE_VIPS[1]}]"):
+        proc = run_in(lab.ns("n1-a"), [*program("echo_client"), vip.strip("[]"),
+                                        str(kube.SERVICE_PORT), "svc"])
+        result = json.loads(proc.stdout)
+        assert result["echo_ok"], result
+    until("node1's tunnel logged connections to the Service",
+          lambda: [e for e in (json.loads(line) for line in
+                               lab.tunnel_log("node1").read_text().splitlines()
+                               if kube.SERVICE_HOSTNAME in line)
+                   if e.get("service") == kube.SERVICE_HOSTNAME] or None, WAIT)
 
     status = lab.api("node1", {"op": "status"})["kubernetes"]
     assert status["synced"] and status["node"] == "node1"
