@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -94,6 +95,7 @@ class NodeController:
         # sent again (every pod's event would otherwise re-send every pending patch).
         self.annotating: dict[str, tuple[Any, str]] = {}
         self.publishing: asyncio.Task[None] | None = None
+        self.publish_seconds = 0.0  # how long the last model took to build and hand over
 
     async def handle(self, event: WatchEvent) -> PassResult | None:
         delta = self.cache.apply(event)
@@ -198,11 +200,13 @@ class NodeController:
 
     async def _publish(self, snapshot: tuple[list[Any], ...]) -> None:
         assert self.on_model is not None
+        started = time.monotonic()
         try:
             converted, policies = await asyncio.to_thread(self._build, *snapshot)
             result = self.on_model(converted, policies)
             if asyncio.iscoroutine(result):
                 await result
+            self.publish_seconds = time.monotonic() - started
         except Exception:
             log.exception("publishing the cluster model failed; retried on the next change")
             self.model_dirty = True
@@ -234,7 +238,9 @@ class NodeController:
                     next_full = loop.time() + full_every
                 if loop.time() >= next_model:
                     await self._publish_model()
-                    next_model = loop.time() + model_every
+                    # never more than half the time publishing: with 10,000 pods one
+                    # model costs seconds of CPU (and the GIL) that enrollment shares
+                    next_model = loop.time() + max(model_every, 2 * self.publish_seconds)
         finally:
             stopped.cancel()
             if self.publishing is not None:  # a hand-over under way finishes
