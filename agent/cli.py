@@ -126,19 +126,20 @@ def _parse_labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--service-account", default="default", show_default=True)
 @click.option("--name", default=None, help="Pod name (default: the netns name).")
 @click.option("--label", "labels", multiple=True, help="Pod label k=v (repeatable).")
-@click.option("--dns-capture/--no-dns-capture", default=True, show_default=True,
-              help="Send the pod's DNS to the tunnel's DNS proxy (when the node captures "
-                   "DNS; Istio: annotation ambient.istio.io/dns-capture).")
+@click.option("--dns-capture/--no-dns-capture", default=None,
+              help="Send the pod's DNS to the tunnel's DNS proxy, or never (default: as "
+                   "the node's datapath.dns_capture; Istio: annotation "
+                   "ambient.istio.io/dns-capture).")
 @click.pass_context
 def pod_add(ctx: click.Context, netns: str, ifname: str, namespace: str,
             service_account: str, name: str | None, labels: tuple[str, ...],
-            dns_capture: bool) -> None:
+            dns_capture: bool | None) -> None:
     """Enroll a pod: its TCP traffic is captured into the tunnel."""
     request: dict[str, Any] = {
         "op": "pod_add", "netns": netns, "ifname": ifname, "namespace": namespace,
         "service_account": service_account, "name": name, "labels": _parse_labels(labels)}
-    if not dns_capture:
-        request["dns_capture"] = False
+    if dns_capture is not None:
+        request["dns_capture"] = dns_capture
     pod_json = _call(ctx, request)
     click.echo(f"enrolled {pod_json['namespace']}/{pod_json['name']} "
                f"(veth {pod_json['host_ifname']}, {', '.join(pod_json['addresses'])})")

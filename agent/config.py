@@ -108,10 +108,32 @@ class TunnelConfig:
 
 
 @dataclass(frozen=True)
+class K8sConfig:
+    """Kubernetes (``[k8s]``): enroll this node's pods by Istio's labels and build the
+    cluster model from the API server (agent.k8s; README "Kubernetes")."""
+
+    enabled: bool = False
+    # A kubeconfig file; "" = in-cluster credentials (the DaemonSet's service account).
+    kubeconfig: str = ""
+    # This node's name as the API server knows it ("" = $NODE_NAME, else the host name).
+    node_name: str = ""
+    # Namespaces whose pods are never enrolled (Istio CNI's excludeNamespaces).
+    exclude_namespaces: tuple[str, ...] = ("kube-system",)
+    # Build the whole cluster's model (workloads, Services, AuthorizationPolicies) from
+    # the API and write it to tunnel.model_file and tunnel.policy_dir.
+    model: bool = True
+    # A full relist of every watch this often, even when the watches are healthy.
+    resync_seconds: float = 300.0
+    # A full enrollment pass (plan from the cache against the registry) this often.
+    reconcile_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     datapath: DatapathConfig = field(default_factory=DatapathConfig)
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
 
     def validate(self) -> Config:
         """Raise ConfigError for values that would break the node; return self."""
@@ -160,6 +182,12 @@ class Config:
                 f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")
         if t.mode not in ("hbone", "plain"):
             raise ConfigError(f"tunnel.mode={t.mode!r}: use 'hbone' or 'plain'")
+        k = self.k8s
+        if k.enabled and k.model and not t.model_file:
+            raise ConfigError("k8s.model needs tunnel.model_file (where the agent writes the "
+                              "cluster model for the tunnel), or set k8s.model = false")
+        if k.resync_seconds <= 0 or k.reconcile_seconds <= 0:
+            raise ConfigError("k8s.resync_seconds and k8s.reconcile_seconds must be > 0")
         return self
 
 
@@ -187,7 +215,7 @@ def resolver_address(text: str) -> tuple[str, int]:
 
 
 _SECTIONS: dict[str, type] = {"agent": AgentConfig, "datapath": DatapathConfig,
-                              "tunnel": TunnelConfig}
+                              "tunnel": TunnelConfig, "k8s": K8sConfig}
 
 
 def _coerce(section: str, key: str, declared: Any, value: Any) -> Any:

@@ -6,7 +6,10 @@ write the datapath settings, node addresses and exclusions into the maps;
 re-enroll the pods from state whose netns and veth still exist (filters are
 replaced atomically, so traffic never runs without one) and forget the rest;
 then serve the API on a root-only UNIX socket and keep the node-address map
-in step with the node (:mod:`agent.netns.addrwatch`).
+in step with the node (:mod:`agent.netns.addrwatch`). With ``[k8s] enabled``,
+also watch the API server (:mod:`agent.k8s.nodeagent`): this node's pods are
+enrolled and unenrolled by Istio's labels through the same ``pod_add``/``pod_del``
+transaction as API requests, and the cluster model is written for the tunnel.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -41,13 +44,16 @@ from agent.datapath.programs import (
     compile_programs,
     remove_stale_pins,
 )
-from agent.enrollment import Enroller, EnrollmentError, pod_flags
+from agent.enrollment import Enroller, EnrollmentError, captures_dns, pod_flags
 from agent.netns.addrwatch import AddressChanges, AddressWatch
 from agent.netns.node import TunnelDevice, setup_node, verify_node
 from agent.netns.veth import PodNetworkError, find_host_veth, node_addresses
 from agent.registry import Registry, RegistryError
 from agent.state import AgentState, load_state, save_state
 from agent.telemetry.metrics import AgentMetrics, MetricsServer, serve_metrics
+
+if TYPE_CHECKING:
+    from agent.k8s.nodeagent import KubernetesNode
 
 log = structlog.get_logger("agent.daemon")
 MAX_REQUEST_BYTES = 64 * 1024
@@ -74,6 +80,7 @@ class Agent:
         self.metrics_registry = CollectorRegistry()
         self.metrics = AgentMetrics(self.metrics_registry, self._datapath_counters)
         self.metrics_server: MetricsServer | None = None
+        self.kubernetes: KubernetesNode | None = None
 
     def _datapath_counters(self) -> dict[str, dict[str, Any]]:
         """Per-pod datapath counters for the metrics scrape (runs on the HTTP thread)."""
@@ -104,7 +111,9 @@ class Agent:
             tunnel_mac=self.tunnel_device.mac, outbound_port=t.outbound_port,
             inbound_port=t.inbound_port, hbone_port=t.hbone_port,
             redirect_mark=d.redirect_mark,
-            dns_port=t.dns_port if d.dns_capture else 0))
+            # Set whenever the tunnel has a DNS proxy: a pod may opt in on a node
+            # that does not capture by default (only MA_POD_F_DNS pods are captured).
+            dns_port=t.dns_port))
         # Subscribe before the first read: a change in between is not lost.
         self.address_watch = AddressWatch()
         self.maps.set_node_addresses(node_addresses())
@@ -155,7 +164,7 @@ class Agent:
                     "host_ifname": veth.ifname, "addresses": list(veth.pod_addresses),
                     "created_clsact": pod.created_clsact or created})
                 self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(
-                    veth, self.cfg.datapath.dns_capture and pod.dns_capture))
+                    veth, captures_dns(self.cfg.datapath.dns_capture, pod.dns_capture)))
                 self.enroller.attach_filters(ipr, pod.host_ifindex)
                 self.state.registry.add(pod)
             except (attach.AttachError, RegistryError, OSError) as exc:
@@ -274,6 +283,12 @@ class Agent:
         return out
 
     def status(self) -> dict[str, Any]:
+        kubernetes = None
+        if self.kubernetes is not None:
+            from agent.k8s.reconcile import Enrolled
+
+            kubernetes = self.kubernetes.status(
+                {p.key: Enrolled(p.key, p.uid) for p in self.state.registry})
         return {
             "version": __version__,
             "uptime_seconds": round(time.time() - self.started_at, 1),
@@ -285,6 +300,7 @@ class Agent:
             "listeners": _listening_ports(),
             "tc_priority": self.cfg.agent.tc_priority,
             **_tunnel_status(Path(self.cfg.agent.state_dir) / TUNNEL_STATUS_FILE),
+            "kubernetes": kubernetes,
         }
 
     async def _client(self, reader: asyncio.StreamReader,
@@ -310,14 +326,39 @@ class Agent:
                         response = Response.failure(ErrorCode.BAD_REQUEST,
                                                     f"request is not JSON: {exc}").to_json()
                     else:
-                        loop = asyncio.get_running_loop()
-                        response = await loop.run_in_executor(self.kernel, self.handle, raw)
+                        if isinstance(raw, dict) and raw.get("op") == "pod_verdict":
+                            response = await self._pod_verdict(raw)
+                        else:
+                            loop = asyncio.get_running_loop()
+                            response = await loop.run_in_executor(self.kernel, self.handle, raw)
             writer.write(json.dumps(response).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError) as exc:
             log.info("api client dropped", error=str(exc))
         finally:
             writer.close()
+
+    async def _pod_verdict(self, raw: Any) -> dict[str, Any]:
+        """``pod_verdict``: answered on the event loop from the watch's cache (no
+        kernel work, so it never waits behind enrollments); never raises."""
+        from agent.k8s.nodeagent import KubernetesUnavailable
+
+        try:
+            req = schema.parse_request(raw)
+            assert isinstance(req, schema.PodVerdict)
+            if self.kubernetes is None:
+                return Response.failure(ErrorCode.NOT_KUBERNETES, "this agent does not watch "
+                                        "Kubernetes: set [k8s] enabled = true, or configure "
+                                        "meshagent-cni without \"kubernetes\": true").to_json()
+            answer = await self.kubernetes.pod_verdict(req.namespace, req.name)
+        except schema.RequestError as exc:
+            return Response.failure(exc.code, str(exc)).to_json()
+        except KubernetesUnavailable as exc:
+            return Response.failure(exc.code, str(exc)).to_json()
+        except Exception as exc:
+            log.exception("pod_verdict failed", request=raw)
+            return Response.failure(ErrorCode.INTERNAL, f"internal error: {exc}").to_json()
+        return Response.success(answer.to_json()).to_json()
 
     async def serve(self) -> None:
         if self.cfg.agent.metrics_port:
@@ -342,8 +383,12 @@ class Agent:
             loop.add_reader(self.address_watch.fileno(), self._on_address_events)
             # Whatever changed since start() read the addresses is queued on the socket.
             self._on_address_events()
+        if self.kubernetes is not None:
+            self.kubernetes.start()
         async with server:
             await stop.wait()
+        if self.kubernetes is not None:
+            await self.kubernetes.stop()
         if self.address_watch is not None:
             loop.remove_reader(self.address_watch.fileno())
             self.address_watch.close()
@@ -402,5 +447,9 @@ def _listening_ports() -> list[int]:
 
 def run(cfg: Config) -> None:
     agent = Agent(cfg)
+    if cfg.k8s.enabled:  # before any change: credentials that cannot be loaded stop us here
+        from agent.k8s.nodeagent import KubernetesNode
+
+        agent.kubernetes = KubernetesNode(agent)
     agent.kernel.submit(agent.start).result()
     asyncio.run(agent.serve())

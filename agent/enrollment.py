@@ -28,6 +28,12 @@ log = structlog.get_logger("agent.enrollment")
 
 
 
+def captures_dns(node_default: bool, pod_choice: bool | None) -> bool:
+    """Whether a pod's DNS is captured: its own choice if it made one, else the node's
+    (istio cni/pkg/nodeagent/net.go: PodDNSEnabled / PodDNSDisabled / PodDNSUnset)."""
+    return node_default if pod_choice is None else pod_choice
+
+
 def pod_flags(veth: HostVeth, dns_capture: bool = False) -> int:
     """struct ma_pod_info flags for a pod on ``veth`` (bpf/lib/common.h);
     ``dns_capture``: the node captures DNS and the pod did not opt out."""
@@ -102,7 +108,7 @@ class Enroller:
                   service_account=req.service_account, netns=path, ifname=req.ifname,
                   host_ifindex=veth.ifindex, host_ifname=veth.ifname,
                   addresses=veth.pod_addresses, labels=dict(req.labels),
-                  dns_capture=req.dns_capture)
+                  dns_capture=req.dns_capture, uid=req.uid)
         self.registry.check_conflicts(pod)
 
         undo: list[Callable[[], object]] = []  # return values are ignored
@@ -114,7 +120,7 @@ class Enroller:
             added = self.maps.add_node_addresses(link_addresses(self.rtnl, pod.host_ifindex))
             undo.append(lambda: self.maps.remove_node_addresses(added))
             self.maps.add_pod(pod.host_ifindex, pod.addresses, pod_flags(
-                veth, self.cfg.datapath.dns_capture and pod.dns_capture))
+                veth, captures_dns(self.cfg.datapath.dns_capture, pod.dns_capture)))
             undo.append(lambda: self.maps.remove_pod(pod.host_ifindex, pod.addresses))
             created = attach.ensure_clsact(ipr, pod.host_ifindex, self.rtnl)
             if created:

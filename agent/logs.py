@@ -26,3 +26,14 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # The modules on the standard library's logging (agent.k8s) log the same way.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name,
+                                               structlog.processors.add_log_level,
+                                               structlog.processors.TimeStamper(
+                                                   fmt="iso", utc=True)]))
+    stdlib = logging.getLogger("meshagent")
+    stdlib.handlers = [handler]
+    stdlib.setLevel(logging.getLevelNamesMapping().get(level.upper(), logging.INFO))
+    stdlib.propagate = False

@@ -38,8 +38,11 @@ class Pod:
     labels: Mapping[str, str] = field(default_factory=dict)
     # Whether enrolling this pod created the clsact qdisc on its veth.
     created_clsact: bool = False
-    # False: the pod opted out of DNS capture.
-    dns_capture: bool = True
+    # None: DNS captured as the node's datapath.dns_capture says; True/False: the
+    # pod's own choice (Istio's ambient.istio.io/dns-capture annotation).
+    dns_capture: bool | None = None
+    # metadata.uid of the Kubernetes pod ("" when not enrolled from the API).
+    uid: str = ""
 
     @property
     def key(self) -> str:
@@ -53,7 +56,7 @@ class Pod:
                 "ifname": self.ifname, "host_ifindex": self.host_ifindex,
                 "host_ifname": self.host_ifname, "addresses": list(self.addresses),
                 "labels": dict(self.labels), "created_clsact": self.created_clsact,
-                "dns_capture": self.dns_capture}
+                "dns_capture": self.dns_capture, "uid": self.uid}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Pod:

@@ -20,7 +20,9 @@ from agent.contracts.files import WORKLOADS_FILE, workloads_document
 from agent.netns.node import NodeState
 from agent.registry import Registry
 
-STATE_VERSION = 1
+# 2: a pod's dns_capture is its own choice (true/false) or null (the node's default);
+# version 1 wrote true for "did not opt out", read as null.
+STATE_VERSION = 2
 STATE_FILE = "state.json"
 
 
@@ -39,9 +41,14 @@ class AgentState:
         document that is not a state file of a version this agent knows."""
         if not isinstance(data, dict) or "version" not in data:
             raise ValueError(f"{source}: not an agent state file (no version)")
-        document_version(data, source=source, what="agent state", supported=STATE_VERSION)
+        version = document_version(data, source=source, what="agent state",
+                                   supported=STATE_VERSION)
+        pods = data.get("pods", [])
+        if version == 1 and isinstance(pods, list):
+            pods = [{**p, "dns_capture": None if p.get("dns_capture", True) else False}
+                    if isinstance(p, dict) else p for p in pods]
         return cls(node=NodeState.from_json(data.get("node", {})),
-                   registry=Registry.from_json(data.get("pods", [])))
+                   registry=Registry.from_json(pods))
 
 
 def write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:

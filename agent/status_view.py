@@ -48,6 +48,9 @@ def status_view(data: dict[str, Any], console: Console | None = None) -> None:
     else:
         console.print("tunnel: no status yet (is 'meshagent tunnel' running?)")
     pods_table(data["pods"], console)
+    kube = data.get("kubernetes")
+    if kube:
+        kubernetes_view(kube, console)
     for pod in data["pods"]:
         for f in pod.get("shadowed_by") or []:
             if "error" in f:
@@ -62,3 +65,23 @@ def status_view(data: dict[str, Any], console: Console | None = None) -> None:
                 "action ok/drop) skips our program and this pod's traffic is not captured. "
                 "Give it a higher priority number, or have it return TC_ACT_UNSPEC for "
                 "traffic it does not own.")
+
+
+def kubernetes_view(kube: dict[str, Any], console: Console) -> None:
+    """The ``kubernetes`` block: the API server, each watch, and this node's pods with
+    Istio's verdict on each."""
+    console.print(f"kubernetes: node {kube['node']} on {kube['server']}, "
+                  f"{'synced' if kube['synced'] else 'NOT synced (nothing is changed)'}, "
+                  f"{kube['models_written']} models written")
+    for kind, facts in kube["watches"].items():
+        if facts["failure"]:
+            console.print(f"  [yellow]watch {kind}: {facts['failure']}[/yellow]")
+    table = Table(title=f"kubernetes pods on this node ({len(kube['pods'])})")
+    for col in ("pod", "ips", "enrolled", "verdict"):
+        table.add_column(col)
+    for pod in kube["pods"]:
+        table.add_row(pod["pod"], " ".join(pod["ips"]), "yes" if pod["enrolled"] else "no",
+                      pod["verdict"] or "-")
+    console.print(table)
+    for failure in kube["last_failures"]:
+        console.print(f"  [yellow]{failure}[/yellow]")

@@ -1,26 +1,29 @@
 #!/usr/bin/env bash
 # One command from a fresh node to pods talking through the mesh:
-#   sudo scripts/demo.sh [--keep] [--mode hbone|plain] [--pods cni|veth]
+#   sudo scripts/demo.sh [--keep] [--mode hbone|plain] [--pods cni|veth] [--kube]
 # Sets the node up, builds a two-node lab in network namespaces, starts an
 # agent and a tunnel per node, creates the pods through the CNI path (the
 # reference ptp + host-local plugins with meshagent-cni chained after them,
 # invoked as a container runtime does), sends real traffic (curl, iperf3)
 # between them and shows that it went through the tunnels. Tears the lab down
-# at the end unless --keep is given.
+# at the end unless --keep is given. --kube: the Kubernetes demo instead (the lab's
+# API server; kubectl label enrolls a namespace, then opts one pod out).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEEP=0
+KUBE=0
 MODE="${MESHAGENT_LAB_MODE:-hbone}"
 PODS="${MESHAGENT_LAB_PODS:-cni}"
 PREFIX="${MESHAGENT_DEMO_PREFIX:-demo}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --keep) KEEP=1 ;;
+    --kube) KUBE=1 ;;
     --mode) MODE="$2"; shift ;;
     --mode=*) MODE="${1#--mode=}" ;;
     --pods) PODS="$2"; shift ;;
     --pods=*) PODS="${1#--pods=}" ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -41,6 +44,67 @@ cleanup() {
 }
 "$MA" lab down --prefix "$PREFIX" >/dev/null 2>&1 || true
 trap cleanup EXIT
+
+# --- Kubernetes (issue 15): enrollment by Istio's labels, the model from the API -----
+kube_demo() {
+  echo "== lab up --kube (tunnel mode: $MODE, pods via: $PODS): the lab API server on node1"
+  "$MA" lab up --prefix "$PREFIX" --pods "$PODS" --kube
+  local kubectl=(nsenter "--net=/run/netns/$PREFIX-node1" -- kubectl --kubeconfig "$RUN/kubeconfig")
+  local n1=(env MESHAGENT_AGENT_SOCKET="$RUN/node1/agent.sock" MESHAGENT_CONFIG="$RUN/config.toml" COLUMNS=120)
+  local n2=(env MESHAGENT_AGENT_SOCKET="$RUN/node2/agent.sock" MESHAGENT_CONFIG="$RUN/config.toml" COLUMNS=120)
+  echo; echo "== kubectl get pods -A (registered by lab up; nothing enrolled yet)"
+  "${kubectl[@]}" get pods -A -o wide
+  wait_pods() {  # wait_pods NODE N: until NODE's agent has N enrolled pods (<= 10 s)
+    for _ in $(seq 100); do
+      [ "$(env MESHAGENT_AGENT_SOCKET="$RUN/$1/agent.sock" "$MA" pod list --json | \
+           python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" = "$2" ] && return 0
+      sleep 0.1
+    done
+    echo "  (node $1 did not reach $2 enrolled pods within 10 s)"
+  }
+  echo; echo "== kubectl label namespace default istio.io/dataplane-mode=ambient"
+  "${kubectl[@]}" label namespace default istio.io/dataplane-mode=ambient
+  wait_pods node1 1; wait_pods node2 1
+  echo; echo "== node1: meshagent status (its kubernetes block: every pod on the node, Istio's verdict)"
+  "${n1[@]}" "$MA" status
+  echo; echo "== ambient.istio.io/redirection, as the agents annotated the pods"
+  "${kubectl[@]}" get pods -A -o 'custom-columns=POD:.metadata.name,NODE:.spec.nodeName,REDIRECTION:.metadata.annotations.ambient\.istio\.io/redirection'
+  local n2a; n2a=$("${kubectl[@]}" get pod n2-a -o jsonpath='{.status.podIP}')
+  bg_in_pod n2-a python3 -m http.server 8080 --bind ::
+  for _ in $(seq 50); do inpod n2-a sh -c 'ss -ltn | grep -q ":8080 "' && break; sleep 0.1; done
+  echo; echo "== curl n1-a -> n2-a ($n2a), both enrolled by the label"
+  show "n1-a -> n2-a" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$n2a:8080/")"
+  tunnel_lines
+  echo; echo "== kubectl label pod n2-a istio.io/dataplane-mode=none (opt out)"
+  "${kubectl[@]}" label pod n2-a istio.io/dataplane-mode=none
+  wait_pods node2 0
+  "${n2[@]}" "$MA" status | sed -n '/kubernetes:/,$p'
+  show "n1-a -> n2-a (n2-a opted out)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$n2a:8080/")"
+  tunnel_lines
+}
+tunnel_lines() {  # the tunnels' access log: connections to port 8080
+  python3 - "$RUN" <<'PY'
+import json, pathlib, sys
+run = pathlib.Path(sys.argv[1])
+for node in sorted(p.name for p in run.iterdir() if p.is_dir()):
+    log = run / node / "tunnel.log"
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "connection closed" and e.get("dst", "").endswith(":8080"):
+            print(f"  {node}: {e['direction']:8} {e['path']:11} {e['src']:>22} -> {e['dst']:<20} "
+                  f"{e.get('src_identity', '')} {e['result']}")
+PY
+}
+inpod() { local pod="$1"; shift; "$MA" lab exec --prefix "$PREFIX" "$pod" -- "$@"; }
+bg_in_pod() { local pod="$1"; shift; nsenter --net="/run/netns/$PREFIX-$pod" -- "$@" >/dev/null 2>&1 & }
+show() { printf '  %-44s %s\n' "$1" "$2"; }
+if [ "$KUBE" -eq 1 ]; then
+  kube_demo
+  exit 0
+fi
 
 echo "== lab up (tunnel mode: $MODE, pods via: $PODS)"
 "$MA" lab up --prefix "$PREFIX" --pods "$PODS"

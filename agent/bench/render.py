@@ -57,6 +57,13 @@ LAYOUT: dict[str, Layout] = {
                         ("rps", "p99_ms", "vcpu_per_krps_n1", "vcpu_per_krps_n2",
                          "vcpu_per_krps_sum", "rss_mb_n1", "rss_mb_n2"),
                         None, "resources"),
+    "k8s": Layout("Kubernetes: kubectl label → pods enrolled in the datapath; the model at "
+                  "10k pods",
+                  ("datapath_label_to_enrolled_s", "anchor_100_pod_add_s",
+                   "datapath_unlabel_to_unenrolled_s", "anchor_100_pod_del_s", "kubectl_s",
+                   "label_to_enroll_ms", "sync_s", "model_build_s", "model_rss_mb",
+                   "model_traced_mb", "model_yaml_write_s", "model_yaml_read_s"),
+                  ("100 veth pods", "10k pods, 2k services", "100 pods")),
     # Its own plot (waypoint_models.png) is drawn by the scenario.
     "waypoint": Layout("Waypoints: deployment models (seed 004, scaled) and HAProxy",
                        ("rps", "avg_ms", "p50_ms", "p90_ms", "p99_ms", "error_pct",

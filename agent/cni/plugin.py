@@ -4,8 +4,11 @@ A container runtime executes it after the interface plugin (ptp, bridge, ...)
 with the CNI environment and the network configuration (including
 ``prevResult``) on stdin:
 
-* ADD - if the pod's Kubernetes namespace is enrolled, ask the agent over its
-  API socket to enroll the pod (``pod_add``); print prevResult unchanged. If
+* ADD - if the pod's Kubernetes namespace is enrolled (with ``"kubernetes": true``:
+  if the agent's ``pod_verdict`` says so by Istio's labels, from its watch or one
+  fetch of the pod, as istio cni/pkg/plugin/plugin.go asks the API server in
+  CmdAdd), ask the agent over its API socket to enroll the pod (``pod_add``)
+  before the pod's first packet; print prevResult unchanged. If
   the agent is unreachable: fail closed with code 11 (the runtime retries), or
   with ``fail_open`` pass the pod through unenrolled and log it.
 * DEL - idempotent: if the agent lists the pod as enrolled, remove it
@@ -91,14 +94,18 @@ def _add(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> st
     """ADD. Side effects: at most pod_add (+ pod_list, pod_del of a stale entry) calls."""
     result = spec.add_result(conf)
     plugin = conf.plugin
-    request = spec.pod_add_request(env, plugin)
-    if request is None:
+    sock, timeout = plugin.agent_socket, plugin.timeout_seconds
+    request = None if plugin.kubernetes else spec.pod_add_request(env, plugin)
+    if request is None and not plugin.kubernetes:
         run.log("info", "pod passed through: namespace not enrolled",
                 enrolled_namespaces=list(plugin.enrolled_namespaces))
         return spec.dumps(result)
-    key = f"{request['namespace']}/{request['name']}"
-    sock, timeout = plugin.agent_socket, plugin.timeout_seconds
     try:
+        if request is None:
+            request = _kubernetes_request(env, call, sock, timeout, run)
+            if request is None:
+                return spec.dumps(result)
+        key = f"{request['namespace']}/{request['name']}"
         try:
             pod = call(sock, request, timeout)
         except client.AgentError as exc:
@@ -121,17 +128,50 @@ def _add(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> st
     except client.AgentUnavailable as exc:
         if plugin.fail_open:
             run.log("warning", "agent unavailable: pod passed through UNENROLLED (fail_open)",
-                    pod=key, error=str(exc))
+                    pod=_key(env), error=str(exc))
             return spec.dumps(result)
         raise _unavailable(exc, sock) from exc
     except client.AgentError as exc:
-        raise CniError(spec.ERR_AGENT_REFUSED, f"meshagent agent refused to enroll pod {key}",
+        if exc.code is ErrorCode.KUBERNETES_UNAVAILABLE:
+            if plugin.fail_open:
+                run.log("warning", "API server unavailable: pod passed through UNENROLLED "
+                        "(fail_open)", pod=_key(env), error=str(exc))
+                return spec.dumps(result)
+            raise CniError(spec.ERR_TRY_AGAIN_LATER, "the agent cannot judge the pod now",
+                           f"{exc}. The runtime retries") from exc
+        raise CniError(spec.ERR_AGENT_REFUSED,
+                       f"meshagent agent refused to enroll pod {_key(env)}",
                        f"{exc}. Check 'meshagent pod list' and the agent's log on this node"
                        ) from exc
     run.log("info", "pod enrolled", pod=key, service_account=request["service_account"],
             host_ifname=pod.get("host_ifname") if isinstance(pod, dict) else None,
             addresses=pod.get("addresses") if isinstance(pod, dict) else None)
     return spec.dumps(result)
+
+
+def _key(env: spec.CniEnv) -> str:
+    identity = env.pod_identity()
+    return "/".join(identity) if identity else "?"
+
+
+def _kubernetes_request(env: spec.CniEnv, call: AgentCall, sock: str, timeout: float,
+                        run: _Run) -> dict[str, Any] | None:
+    """Ask the agent whether Istio's rules enroll the pod; its ``pod_add`` if they do.
+    Side effects: one pod_verdict call."""
+    identity = env.pod_identity()
+    if identity is None:
+        raise CniError(spec.ERR_INVALID_ENV, "CNI_ARGS lacks K8S_POD_NAMESPACE/K8S_POD_NAME",
+                       "the runtime must pass the Kubernetes pod's identity")
+    namespace, name = identity
+    verdict = call(sock, spec.pod_verdict_request(namespace, name), timeout)
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("enroll"), bool):
+        raise CniError(spec.ERR_AGENT_REFUSED, "meshagent agent sent an invalid pod_verdict",
+                       "the agent and meshagent-cni must be the same release")
+    if not verdict["enroll"]:
+        run.log("info", "pod passed through: Istio's rules do not enroll it",
+                pod=f"{namespace}/{name}", verdict=verdict.get("verdict"))
+        return None
+    return spec.kubernetes_pod_add_request(env, verdict)
 
 
 def _del(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> str:
@@ -180,9 +220,20 @@ def _check(env: spec.CniEnv, conf: spec.NetConf, call: AgentCall, run: _Run) -> 
     assert identity is not None  # parse_env guarantees it for CHECK
     namespace, name = identity
     key = f"{namespace}/{name}"
-    if not conf.plugin.enrolls(namespace):
-        return ""
     sock = conf.plugin.agent_socket
+    if conf.plugin.kubernetes:
+        try:
+            if _kubernetes_request(env, call, sock, conf.plugin.timeout_seconds, run) is None:
+                return ""
+        except (client.AgentUnavailable, client.AgentError) as exc:
+            if conf.plugin.fail_open:
+                run.log("warning", "agent cannot judge the pod on CHECK: passed (fail_open)",
+                        pod=key, error=str(exc))
+                return ""
+            raise CniError(spec.ERR_TRY_AGAIN_LATER, "meshagent agent cannot judge the pod",
+                           f"{exc}; check the agent's log") from exc
+    elif not conf.plugin.enrolls(namespace):
+        return ""
     try:
         pods = call(sock, {"op": "pod_list"}, conf.plugin.timeout_seconds)
     except client.AgentUnavailable as exc:

@@ -207,6 +207,9 @@ class PluginConfig:
     fail_open: bool = False
     timeout_seconds: float = DEFAULT_TIMEOUT_S
     log_file: str = DEFAULT_LOG_FILE
+    # True: the agent watches Kubernetes and judges each pod by Istio's labels
+    # (``pod_verdict``); enrolled_namespaces and service_account* are not used.
+    kubernetes: bool = False
 
     def enrolls(self, namespace: str) -> bool:
         """Whether pods in Kubernetes ``namespace`` join the mesh."""
@@ -331,9 +334,13 @@ def parse_plugin_config(section: Any) -> PluginConfig:
             or not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT_S):
         raise _config_error(f"{where}.timeout_seconds={timeout!r} must be a number in "
                             f"(0, {MAX_TIMEOUT_S:.0f}]")
+    kubernetes = section.get("kubernetes", False)
+    if not isinstance(kubernetes, bool):
+        raise _config_error(f"{where}.kubernetes must be true or false")
     return PluginConfig(agent_socket=socket_path, enrolled_namespaces=enrolled,
                         service_account=sa, service_account_patterns=tuple(patterns),
-                        fail_open=fail_open, timeout_seconds=float(timeout), log_file=log_file)
+                        fail_open=fail_open, timeout_seconds=float(timeout), log_file=log_file,
+                        kubernetes=kubernetes)
 
 
 def parse_config(data: bytes | str) -> NetConf:
@@ -404,6 +411,25 @@ def pod_add_request(env: CniEnv, plugin: PluginConfig) -> dict[str, Any] | None:
         return None
     return {"op": "pod_add", "netns": env.netns, "ifname": env.ifname, "name": name,
             "namespace": namespace, "service_account": plugin.service_account_for(name)}
+
+
+def pod_verdict_request(namespace: str, name: str) -> dict[str, Any]:
+    return {"op": "pod_verdict", "namespace": namespace, "name": name}
+
+
+def kubernetes_pod_add_request(env: CniEnv, verdict: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pod_add`` for a pod the agent's ``pod_verdict`` said to enroll: identity,
+    labels, uid and DNS choice as the API server has them."""
+    identity = env.pod_identity()
+    assert identity is not None
+    namespace, name = identity
+    request: dict[str, Any] = {
+        "op": "pod_add", "netns": env.netns, "ifname": env.ifname, "name": name,
+        "namespace": namespace, "service_account": verdict["service_account"],
+        "labels": dict(verdict["labels"]), "uid": verdict["uid"]}
+    if verdict.get("dns_capture") is not None:
+        request["dns_capture"] = verdict["dns_capture"]
+    return request
 
 
 def pod_del_request(namespace: str, name: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The agent serves it on a root-only UNIX socket: one JSON request per
 connection, one line, answered by one JSON line.
 
 * Requests (:func:`parse_request`): ``{"op": "pod_add"|"pod_del"|"pod_list"|
-  "status", ...}``; wrong types and unknown fields are refused with a message
+  "pod_verdict"|"status", ...}``; wrong types and unknown fields are refused with a message
   that names the field, before anything touches the kernel. A request may
   carry ``"version"`` (absent means 1); a newer one than :data:`API_VERSION`
   is refused with :attr:`ErrorCode.UNSUPPORTED_VERSION`.
@@ -37,6 +37,7 @@ _DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^([a-z0-9A-Z.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _IFNAME = re.compile(r"^[^/\s:]{1,15}$")
+_UID = re.compile(r"^[A-Za-z0-9-]{0,64}$")  # Kubernetes metadata.uid (a UUID)
 
 
 class ErrorCode(str, enum.Enum):
@@ -53,6 +54,8 @@ class ErrorCode(str, enum.Enum):
     CONFLICT = "conflict"  # its netns, veth or an address belongs to another enrolled pod
     KERNEL = "kernel"  # a kernel step failed; everything was rolled back
     INTERNAL = "internal"  # a bug in the agent: see its log
+    NOT_KUBERNETES = "not_kubernetes"  # pod_verdict to an agent without [k8s] enabled
+    KUBERNETES_UNAVAILABLE = "kubernetes_unavailable"  # the API server could not answer
     UNKNOWN = "unknown"  # a code this client does not know, or none (an older agent)
 
     @classmethod
@@ -79,8 +82,11 @@ class PodAdd:
     service_account: str = "default"
     name: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
-    # False: the pod's DNS is never captured (Istio's ambient.istio.io/dns-capture: "false").
-    dns_capture: bool = True
+    # Istio's ambient.istio.io/dns-capture: None (absent) follows the node's
+    # datapath.dns_capture, True captures the pod's DNS, False never does.
+    dns_capture: bool | None = None
+    # The Kubernetes pod's metadata.uid, when it came from the API ("" otherwise).
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,20 +102,30 @@ class PodList:
 
 
 @dataclass(frozen=True)
+class PodVerdict:
+    """Should this node enroll the Kubernetes pod ``namespace/name`` (Istio's rules,
+    answered from the agent's watch, or one fetch of the pod)? Asked by meshagent-cni."""
+
+    name: str
+    namespace: str = "default"
+
+
+@dataclass(frozen=True)
 class Status:
     pass
 
 
-Request = PodAdd | PodDel | PodList | Status
+Request = PodAdd | PodDel | PodList | PodVerdict | Status
 
 _OPS: dict[str, type] = {"pod_add": PodAdd, "pod_del": PodDel, "pod_list": PodList,
-                         "status": Status}
+                         "pod_verdict": PodVerdict, "status": Status}
 _FIELDS: dict[type, dict[str, tuple[type, ...]]] = {
     PodAdd: {"netns": (str,), "ifname": (str,), "namespace": (str,),
              "service_account": (str,), "name": (str, type(None)), "labels": (dict,),
-             "dns_capture": (bool,)},
+             "dns_capture": (bool, type(None)), "uid": (str,)},
     PodDel: {"netns": (str, type(None)), "name": (str, type(None)), "namespace": (str,)},
     PodList: {},
+    PodVerdict: {"name": (str,), "namespace": (str,)},
     Status: {},
 }
 
@@ -167,10 +183,17 @@ def parse_request(raw: Any) -> Request:
                 _check_name(key, args[key], _DNS_LABEL)
         if args.get("name") is not None:
             _check_name("name", args["name"], _DNS_SUBDOMAIN)
+        if not _UID.match(args.get("uid", "")):
+            raise RequestError(f"uid={args['uid']!r} is not a Kubernetes uid (a UUID)")
         labels = args.get("labels", {})
         for k, v in labels.items():
             if not isinstance(v, str) or not _LABEL_KEY.match(k) or not _LABEL_VALUE.match(v):
                 raise RequestError(f"label {k!r}={v!r} is not a valid Kubernetes label")
+    if cls is PodVerdict:
+        if "name" not in args:
+            raise RequestError("pod_verdict needs name (and namespace)")
+        _check_name("name", args["name"], _DNS_SUBDOMAIN)
+        _check_name("namespace", args.get("namespace", "default"), _DNS_LABEL)
     if cls is PodDel and not args.get("netns") and not args.get("name"):
         raise RequestError("pod_del needs netns or name")
     request: Request = cls(**args)
@@ -240,7 +263,8 @@ class PodInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     created_clsact: bool = False
     counters: Mapping[str, Any] | None = None
-    dns_capture: bool = True  # False: the pod opted out of DNS capture
+    dns_capture: bool | None = None  # None: the node's default; False: opted out
+    uid: str = ""
 
     @property
     def key(self) -> str:
@@ -253,7 +277,7 @@ class PodInfo:
             "ifname": self.ifname, "host_ifindex": self.host_ifindex,
             "host_ifname": self.host_ifname, "addresses": list(self.addresses),
             "labels": dict(self.labels), "created_clsact": self.created_clsact,
-            "dns_capture": self.dns_capture}
+            "dns_capture": self.dns_capture, "uid": self.uid}
         if self.counters is not None:
             out["counters"] = dict(self.counters)
         return out
@@ -283,8 +307,9 @@ class PodInfo:
                                            what=what, default=False),
                    counters=field_of(data, "counters", (dict, type(None)), source=source,
                                      what=what, default=None),
-                   dns_capture=field_of(data, "dns_capture", bool, source=source, what=what,
-                                        default=True))
+                   dns_capture=field_of(data, "dns_capture", (bool, type(None)),
+                                        source=source, what=what, default=None),
+                   uid=field_of(data, "uid", str, source=source, what=what, default=""))
 
 
 def pod_list(result: Any, source: str = "pod_list result") -> list[PodInfo]:

@@ -7,6 +7,10 @@
   the cluster model and policy set (pure);
 - :mod:`agent.k8s.watch` -- list+watch with the official client in a thread, feeding
   an asyncio queue; :mod:`agent.k8s.cache` -- the last seen objects;
+- :mod:`agent.k8s.nodeagent` -- what the daemon runs: client, watches, controller,
+  enrollment through the daemon's transaction, the tunnel's model and policy files,
+  the CNI plugin's ``pod_verdict``; :mod:`agent.k8s.podnetns` -- a pod's netns from
+  its IP;
 - :mod:`agent.k8s.cni_install` -- the CNI conflist install step;
 - ``agent/k8s/manifests/`` -- the DaemonSet and RBAC.
 """

@@ -5,7 +5,7 @@ keeps the :class:`~agent.k8s.cache.ClusterCache`, and after each change runs the
 pure :func:`agent.k8s.reconcile.plan` for the pods it touched (a namespace label
 change: every pod of that namespace on this node), then a full plan periodically.
 It enrolls and unenrolls through an :class:`EnrollmentBackend` (the daemon's
-enrollment transaction, see docs in /work/notes/h9-k8s.md for the wiring), then
+enrollment transaction: :class:`agent.k8s.nodeagent.DaemonBackend`), then
 patches ``ambient.istio.io/redirection`` through an :class:`Annotator`. The cluster
 model and policy set are rebuilt (debounced) when a model kind changes and handed to
 ``on_model``.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -89,6 +90,12 @@ class NodeController:
         self.on_model = on_model
         self.model_dirty = False
         self.last: PassResult | None = None
+        # pod key -> (status patched, the pod's resourceVersion it was patched from):
+        # until the watch brings a newer version, that patch is on its way and is not
+        # sent again (every pod's event would otherwise re-send every pending patch).
+        self.annotating: dict[str, tuple[Any, str]] = {}
+        self.publishing: asyncio.Task[None] | None = None
+        self.publish_seconds = 0.0  # how long the last model took to build and hand over
 
     async def handle(self, event: WatchEvent) -> PassResult | None:
         delta = self.cache.apply(event)
@@ -137,10 +144,18 @@ class NodeController:
             log.debug("left %s alone: %s", key, why.value)
         if self.annotator is not None and synced:
             now = await self.backend.enrolled()
-            for a in annotation_patches(self.cache.node_pods, set(now), self.node):
+            pods = self.cache.node_pods
+            self.annotating = {k: v for k, v in self.annotating.items() if k in pods}
+            for a in annotation_patches(pods, set(now), self.node):
+                key = f"{a.namespace}/{a.name}"
+                sent = (a.status, pods[key].meta.resource_version)
+                if self.annotating.get(key) == sent:
+                    continue
                 try:
                     await self.annotator.annotate(a)
+                    self.annotating[key] = sent
                 except Exception as e:
+                    self.annotating.pop(key, None)
                     failures.append(f"annotate {a.namespace}/{a.name}: {e}")
         for failure in failures:
             log.warning("%s; retried on the next pass", failure)
@@ -148,10 +163,21 @@ class NodeController:
         return self.last
 
     def build_model(self) -> tuple[Converted, PolicySet]:
-        converted = convert(self.cache.raw[Kind.PODS].values(),
-                            self.cache.raw[Kind.SERVICES].values(),
-                            self.cache.raw[Kind.ENDPOINT_SLICES].values())
-        policies, results = convert_policies(self.cache.raw[Kind.AUTHORIZATION_POLICIES].values())
+        return self._build(*self._snapshot())
+
+    def _snapshot(self) -> tuple[list[Any], ...]:
+        """The model kinds' objects as lists (taken on the loop: the cache is not
+        changed while they are copied; the objects themselves are never mutated)."""
+        raw = self.cache.raw
+        return (list(raw[Kind.PODS].values()), list(raw[Kind.SERVICES].values()),
+                list(raw[Kind.ENDPOINT_SLICES].values()),
+                list(raw[Kind.AUTHORIZATION_POLICIES].values()))
+
+    @staticmethod
+    def _build(pods: list[Any], services: list[Any], slices: list[Any],
+               authz: list[Any]) -> tuple[Converted, PolicySet]:
+        converted = convert(pods, services, slices)
+        policies, results = convert_policies(authz)
         for r in results:
             if r.issues:
                 log.warning("%s", r)
@@ -160,15 +186,30 @@ class NodeController:
         return converted, policies
 
     async def _publish_model(self) -> None:
+        """Start building and handing over the model, in the background: with 10,000
+        pods that takes seconds, and enrollment must not wait for it. One at a time;
+        changes meanwhile leave the model dirty for the next tick."""
         if not self.model_dirty or self.on_model is None:
             return
         if not self.cache.is_synced(*MODEL_KINDS):
             return  # a model from a partial list would drop workloads: wait
+        if self.publishing is not None and not self.publishing.done():
+            return
         self.model_dirty = False
-        converted, policies = self.build_model()
-        result = self.on_model(converted, policies)
-        if asyncio.iscoroutine(result):
-            await result
+        self.publishing = asyncio.create_task(self._publish(self._snapshot()))
+
+    async def _publish(self, snapshot: tuple[list[Any], ...]) -> None:
+        assert self.on_model is not None
+        started = time.monotonic()
+        try:
+            converted, policies = await asyncio.to_thread(self._build, *snapshot)
+            result = self.on_model(converted, policies)
+            if asyncio.iscoroutine(result):
+                await result
+            self.publish_seconds = time.monotonic() - started
+        except Exception:
+            log.exception("publishing the cluster model failed; retried on the next change")
+            self.model_dirty = True
 
     async def run(self, watch: ClusterWatch, full_every: float = 30.0,
                   model_every: float = 1.0, stop: asyncio.Event | None = None) -> None:
@@ -197,9 +238,14 @@ class NodeController:
                     next_full = loop.time() + full_every
                 if loop.time() >= next_model:
                     await self._publish_model()
-                    next_model = loop.time() + model_every
+                    # never more than half the time publishing: with 10,000 pods one
+                    # model costs seconds of CPU (and the GIL) that enrollment shares
+                    next_model = loop.time() + max(model_every, 2 * self.publish_seconds)
         finally:
             stopped.cancel()
+            if self.publishing is not None:  # a hand-over under way finishes
+                with contextlib.suppress(Exception):
+                    await self.publishing
 
 
 def node_facts(cache: ClusterCache) -> dict[str, Any]:

@@ -179,7 +179,7 @@ def convert(pods: Iterable[Any], services: Iterable[Any], slices: Iterable[Any],
                                            "consistent; it is empty"))
 
 
-def _policy_document(obj: Any) -> Any:
+def policy_document(obj: Any) -> Any:
     """The policy as a file would hold it: server-set metadata dropped."""
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         return obj
@@ -197,7 +197,7 @@ def convert_policies(objs: Iterable[Any], root_namespace: str = DEFAULT_ROOT_NAM
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         label = "api:" + (f"{meta.get('namespace')}/{meta.get('name')}"
                           if isinstance(meta, dict) else "(unreadable)")
-        results.append(judge_document(_policy_document(obj), label, 1, root_namespace))
+        results.append(judge_document(policy_document(obj), label, 1, root_namespace))
     policies = [r.policy for r in results if r.policy is not None]
     try:
         return PolicySet(policies, root_namespace), tuple(results)

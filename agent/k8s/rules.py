@@ -218,3 +218,24 @@ def redirection_patch(status: RedirectionStatus | None) -> dict[str, object]:
     ``annotationPendingPatch`` / ``annotationRemovePatch``)."""
     value = None if status is None else status.value
     return {"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}}
+
+
+DNS_CAPTURE_ANNOTATION = "ambient.istio.io/dns-capture"
+# Go's strconv.ParseBool, which istio's CheckBooleanAnnotation uses.
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def dns_capture_choice(annotations: Mapping[str, str]) -> bool | None:
+    """The pod's own DNS-capture choice from ``ambient.istio.io/dns-capture``: True
+    (captured even where the node does not capture by default), False (never), or None
+    (absent or not a boolean: the node's default). istio cni/pkg/nodeagent/net.go
+    (``PodDNSEnabled`` / ``PodDNSDisabled`` / ``PodDNSUnset``) and
+    cni/pkg/util/podutil.go ``CheckBooleanAnnotation`` (a value ParseBool rejects is
+    warned about and ignored)."""
+    value = annotations.get(DNS_CAPTURE_ANNOTATION)
+    if value in _GO_TRUE:
+        return True
+    if value in _GO_FALSE:
+        return False
+    return None

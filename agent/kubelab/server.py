@@ -348,14 +348,16 @@ def make_app(store: Store, faults: Faults, bookmark_interval: float = 1.0) -> tu
 
 
 class LabApiServer:
-    """The lab API server on 127.0.0.1 in a thread of its own (tests, the bench).
+    """The lab API server (on 127.0.0.1 unless ``host`` says otherwise) in a thread of
+    its own (tests, the bench, ``python -m agent.kubelab``).
 
     ``with LabApiServer() as server: server.url`` ...; ``server.call(fn, *args)`` runs
     ``fn`` on the server's loop (store access is single-threaded there).
     """
 
     def __init__(self, port: int = 0, history: int = 1000,
-                 bookmark_interval: float = 1.0) -> None:
+                 bookmark_interval: float = 1.0, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.store = Store(history)
         self.faults = Faults()
         self.port = port
@@ -366,7 +368,7 @@ class LabApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> LabApiServer:
         ready = threading.Event()
@@ -403,12 +405,12 @@ class LabApiServer:
         app, api = make_app(self.store, self.faults, self.bookmark_interval)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        api.address = f"127.0.0.1:{self.port}"
+        api.address = f"{self.host}:{self.port}"
 
     async def _stop(self) -> None:
         if self._runner is not None:
@@ -435,6 +437,16 @@ class LabApiServer:
         ns = obj.get("metadata", {}).get("namespace", "default") if resource.namespaced else ""
         result: dict[str, Any] = self.call(self.store.create, resource, ns, obj)
         return result
+
+    def restore(self, objects: list[dict[str, Any]]) -> None:
+        """Put back objects saved with ``store.dump`` (see :meth:`Store.restore`)."""
+        def run() -> None:
+            for obj in objects:
+                resource = next(r for r in RESOURCES if r.kind == obj["kind"]
+                                and r.group_version == obj["apiVersion"])
+                self.store.restore(resource, obj)
+            self.store.compact()
+        self.call(run)
 
     def resource(self, plural: str) -> Resource:
         return next(r for r in RESOURCES if r.plural == plural)

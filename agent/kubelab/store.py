@@ -103,6 +103,20 @@ class Store:
         self.objects.setdefault(resource, {})[key] = obj
         self._emit(resource, "MODIFIED" if old else "ADDED", obj, old)
 
+    def restore(self, resource: Resource, obj: dict[str, Any]) -> None:
+        """Put back an object saved by :meth:`dump` (uid and resourceVersion kept, as
+        etcd keeps them across an API server restart); validated. Call
+        :meth:`compact` after the last one, so older watches get 410 and relist."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", "") if resource.namespaced else "", meta.get("name", ""))
+        self._validated(resource, obj)
+        self.objects.setdefault(resource, {})[key] = copy.deepcopy(obj)
+        self.rv = max(self.rv, int(meta.get("resourceVersion") or 0))
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every stored object (for :meth:`restore`)."""
+        return [copy.deepcopy(obj) for objs in self.objects.values() for obj in objs.values()]
+
     def compact(self) -> None:
         """Forget the history (as etcd compaction): older watches get 410 Expired."""
         self.history.clear()

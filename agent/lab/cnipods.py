@@ -106,19 +106,23 @@ def build_conflist(plan: LabPlan, node: NodePlan, agent_socket: str | None) -> d
     }
     plugins: list[dict[str, Any]] = [primary]
     if agent_socket is not None:
+        from agent.lab.kube import kube_enabled
+
         patterns = [{"pod_name_pattern": p.name, "service_account": p.service_account}
                     for p in node.pods]
-        plugins.append({
-            "type": PLUGIN_NAME,
-            "meshagent": {
-                "agent_socket": agent_socket,
-                "enrolled_namespaces": sorted({p.namespace for p in plan.pods() if p.enroll}),
-                "service_account_patterns": patterns,
-                "fail_open": False,
-                "timeout_seconds": 20,
-                "log_file": plugin_log_path(plan, node.name),
-            },
-        })
+        section: dict[str, Any] = {
+            "agent_socket": agent_socket,
+            "enrolled_namespaces": sorted({p.namespace for p in plan.pods() if p.enroll}),
+            "service_account_patterns": patterns,
+            "fail_open": False,
+            "timeout_seconds": 20,
+            "log_file": plugin_log_path(plan, node.name),
+        }
+        if kube_enabled():  # lab up --kube: the agent judges each pod by Istio's labels
+            section = {k: section[k] for k in ("agent_socket", "fail_open",
+                                               "timeout_seconds", "log_file")}
+            section["kubernetes"] = True
+        plugins.append({"type": PLUGIN_NAME, "meshagent": section})
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
 
 

@@ -15,6 +15,7 @@ Try it without the main CLI: ``python -m agent.lab.commands up``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -72,11 +73,23 @@ def build_lab_group(after_topology: netlab.AfterTopology | None = None) -> click
         "meshagent-cni like a container runtime; cni-bridge: the same with the bridge "
         "plugin and br_netfilter on (env MESHAGENT_LAB_PODS).",
     )
+    @click.option(
+        "--kube",
+        is_flag=True,
+        envvar="MESHAGENT_LAB_KUBE",
+        help="Start the lab's Kubernetes API server with the lab's nodes and pods; the "
+        "agents watch it and enroll pods by Istio's labels (env MESHAGENT_LAB_KUBE=1).",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Print every step.")
     def up_cmd(
-        prefix: str, nodes: int, pods_per_node: int, pod_network: str, verbose: bool
+        prefix: str, nodes: int, pods_per_node: int, pod_network: str, kube: bool,
+        verbose: bool
     ) -> None:
         """Create the lab (fails if one with PREFIX exists; all or nothing)."""
+        if kube:
+            from agent.lab.kube import KUBE_ENV
+
+            os.environ[KUBE_ENV] = "1"  # read by the mesh hook (agent.lab.mesh)
         if pod_network in CNI_POD_NETWORKS and after_topology is None:
             raise click.UsageError(
                 f"--pods {pod_network} needs the mesh hook that runs the CNI plugins: "

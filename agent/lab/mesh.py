@@ -89,21 +89,34 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
     Side effects: writes the lab config file and model file, creates the lab's mesh CA (HBONE
     mode), starts two processes per node, and enrolls pods (attaching tc
     filters in node namespaces). ``lab down`` undoes all of it.
+
+    With $MESHAGENT_LAB_KUBE=1 (``lab up --kube``): first the lab API server
+    (:mod:`agent.lab.kube`), then the agents watch it; pods are enrolled by their
+    namespace's labels (none at first), not by the lab, and each node's model comes
+    from the API server instead of the lab's model file and the peers' files.
     """
     mode = lab_mode(mode)
+    from agent.lab import kube
+
+    kubernetes = kube.kube_enabled()
     if mode == "none":
         if plan.uses_cni:
             _cni_pods_up(plan, agent_sockets=None)
         return
     Path(plan.run_dir, "config.toml").write_text("# meshagent lab: all defaults, env overrides\n")
-    Path(plan.run_dir, MODEL_FILENAME).write_text(model_to_yaml(lab_model(plan)))
+    if not kubernetes:  # in a kube lab each node's model comes from the API server
+        Path(plan.run_dir, MODEL_FILENAME).write_text(model_to_yaml(lab_model(plan)))
     if mode == "hbone":
         from agent.identity.ca import init_ca
 
         init_ca(str(Path(plan.run_dir) / "ca"))
     exe = [sys.executable, "-m", "agent"]
+    if kubernetes:
+        kube.start_api_server(plan)
     for node in plan.nodes:
         env = node_env(plan, node, mode)
+        if kubernetes:
+            env.update(kube.node_env(plan, node.name))
         netlab.start_node_process(plan, node, "agent", [*exe, "run"], env)
         netlab.start_node_process(plan, node, "tunnel", [*exe, "tunnel"], env)
     for node in plan.nodes:
@@ -115,8 +128,8 @@ def start_mesh(plan: LabPlan, mode: str | None = None) -> None:
         _wait(f"tunnel on {node.name}",
               lambda s=sock: 15001 in client.call(s, {"op": "status"}, timeout=5)["listeners"],
               tunnel_log)
-        if plan.uses_cni:
-            continue  # meshagent-cni enrolls them: _cni_pods_up below
+        if plan.uses_cni or kubernetes:
+            continue  # meshagent-cni (_cni_pods_up below) or the agent's watch enrolls them
         for pod in node.pods:
             if pod.enroll:
                 client.call(sock, {"op": "pod_add", "netns": pod.netns, "name": pod.name,

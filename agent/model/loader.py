@@ -124,9 +124,10 @@ class _Invalid(Exception):
         self.problem = problem
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently;
-    serde_yaml refuses them)."""
+class _UniqueKeyLoader(yaml.CSafeLoader):
+    """SafeLoader (libyaml's parser: a 10,000-pod model from the API server is megabytes)
+    that refuses duplicate mapping keys (PyYAML keeps the last silently; serde_yaml
+    refuses them)."""
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
@@ -590,7 +591,7 @@ def model_to_yaml(model: Model) -> str:
     if model.foreign_policies:
         doc["policies"] = list(model.foreign_policies)
     doc["services"] = [service_to_yaml(s) for s in model.services]
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    return yaml.dump(doc, Dumper=yaml.CSafeDumper, sort_keys=False, default_flow_style=False)
 
 
 # -- watching -------------------------------------------------------------------

@@ -141,3 +141,50 @@ def test_server_gone_changes_nothing(kubelab, kubeconfig):
             api.close()
 
     asyncio.run(scenario())
+
+
+class CountingAnnotator(ApiAnnotator):
+    def __init__(self, api) -> None:
+        super().__init__(api)
+        self.patches: list[str] = []
+
+    async def annotate(self, action) -> None:
+        self.patches.append(f"{action.namespace}/{action.name}")
+        await super().annotate(action)
+
+
+def test_each_pod_is_annotated_once_not_once_per_event(kubelab, kubeconfig, kubectl):
+    """Every pod's annotation event runs a pass; a patch already sent for the version
+    the cache holds is not sent again (it once was: O(pods²) patches, seconds per label)."""
+    kubelab.apply(namespace("many"))
+    count = 30
+    for i in range(count):
+        kubelab.apply(pod(f"p-{i}", namespace="many", ip=f"10.3.0.{i + 1}"))
+
+    async def scenario() -> list[str]:
+        api = config.new_client_from_config(str(kubeconfig))
+        backend = FakeBackend()
+        annotator = CountingAnnotator(api)
+        controller = NodeController("n1", backend, annotator)
+        watch = ClusterWatch(api, targets("n1", model=False), watch_timeout=5)
+        watch.start(asyncio.get_running_loop())
+        stop = asyncio.Event()
+        task = asyncio.create_task(controller.run(watch, full_every=60, stop=stop))
+        try:
+            await until(lambda: controller.cache.is_synced(*[t.kind for t in watch.targets]),
+                        "synced")
+            await asyncio.to_thread(kubectl, "label", "namespace", "many",
+                                    "istio.io/dataplane-mode=ambient")
+            await until(lambda: all(
+                p.meta.annotations.get("ambient.istio.io/redirection") == "enabled"
+                for p in controller.cache.node_pods.values()), "all annotated")
+            await asyncio.sleep(0.5)  # the last events' passes
+            return list(annotator.patches)
+        finally:
+            stop.set()
+            await task
+            await asyncio.to_thread(watch.stop)
+            api.close()
+
+    patches = asyncio.run(scenario())
+    assert sorted(patches) == sorted(f"many/p-{i}" for i in range(count))

@@ -543,3 +543,75 @@ def test_plugin_refuses_a_pod_list_that_breaks_the_contract() -> None:
     err = json.loads(out.stdout)
     assert out.exit_code == 1 and err["code"] == spec.ERR_AGENT_REFUSED
     assert "same release" in err["details"]
+
+
+# -- "kubernetes": true: the agent judges the pod by Istio's labels ------------------
+
+
+class KubeAgent(FakeAgent):
+    """A fake agent that also answers pod_verdict (as agent/daemon.py's _pod_verdict)."""
+
+    def __init__(self, verdict: dict[str, Any] | None = None,
+                 verdict_error: ErrorCode | None = None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.verdict, self.verdict_error = verdict, verdict_error
+
+    def __call__(self, sock: str, request: dict[str, Any], timeout: float) -> Any:
+        if request["op"] == "pod_verdict":
+            self.requests.append(request)
+            if self.verdict_error is not None:
+                raise client.AgentError("the API server is unreachable", self.verdict_error)
+            return self.verdict
+        return super().__call__(sock, request, timeout)
+
+
+ENROLL = {"enroll": True, "verdict": "enroll", "service_account": "web-sa", "uid": "u-1",
+          "labels": {"app": "web"}, "dns_capture": False}
+
+
+def test_plugin_kubernetes_add_enrolls_what_the_agent_says_with_the_apis_identity() -> None:
+    agent = KubeAgent(ENROLL)
+    out = run(env(), conf(kubernetes=True), agent)
+    assert out.exit_code == 0 and json.loads(out.stdout) == PREV
+    assert agent.ops() == ["pod_verdict", "pod_add"]
+    assert agent.requests[0] == {"op": "pod_verdict", "namespace": "shop", "name": "web-0"}
+    add = agent.requests[1]
+    assert (add["service_account"], add["uid"], add["labels"], add["dns_capture"]) == (
+        "web-sa", "u-1", {"app": "web"}, False)
+    assert add["netns"] == NETNS
+
+
+def test_plugin_kubernetes_add_passes_through_what_istios_rules_leave_out() -> None:
+    agent = KubeAgent({**ENROLL, "enroll": False, "verdict": "the pod opted out"})
+    out = run(env(), conf(kubernetes=True, enrolled_namespaces=["shop"]), agent)
+    assert out.exit_code == 0 and json.loads(out.stdout) == PREV
+    assert agent.ops() == ["pod_verdict"]  # enrolled_namespaces is not used
+    assert any("Istio" in r["event"] for r in out.log)
+
+
+def test_plugin_kubernetes_api_unreachable_fails_closed_or_open() -> None:
+    agent = KubeAgent(verdict_error=ErrorCode.KUBERNETES_UNAVAILABLE)
+    out = run(env(), conf(kubernetes=True), agent)
+    assert out.exit_code == 1 and json.loads(out.stdout)["code"] == spec.ERR_TRY_AGAIN_LATER
+    assert agent.ops() == ["pod_verdict"]
+    out = run(env(), conf(kubernetes=True, fail_open=True), agent)
+    assert out.exit_code == 0 and json.loads(out.stdout) == PREV
+
+
+def test_plugin_kubernetes_agent_without_k8s_is_refused() -> None:
+    out = run(env(), conf(kubernetes=True), KubeAgent(verdict_error=ErrorCode.NOT_KUBERNETES))
+    assert out.exit_code == 1 and json.loads(out.stdout)["code"] == spec.ERR_AGENT_REFUSED
+
+
+def test_plugin_kubernetes_check_asks_the_agent() -> None:
+    agent = KubeAgent({**ENROLL, "enroll": False})
+    out = run(env("CHECK"), conf(kubernetes=True), agent)
+    assert out.exit_code == 0 and agent.ops() == ["pod_verdict"]
+    agent = KubeAgent(ENROLL)
+    out = run(env("CHECK"), conf(kubernetes=True), agent)
+    assert out.exit_code == 1 and json.loads(out.stdout)["code"] == spec.ERR_NOT_ENROLLED
+
+
+def test_plugin_kubernetes_flag_must_be_a_boolean() -> None:
+    out = run(env(), conf(kubernetes="yes"), KubeAgent(ENROLL))
+    assert out.exit_code == 1 and json.loads(out.stdout)["code"] == spec.ERR_INVALID_CONFIG

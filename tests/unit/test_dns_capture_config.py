@@ -18,7 +18,7 @@ from agent.dns.captured import (
 def test_pod_add_dns_capture_opt_out() -> None:
     req = parse_request({"op": "pod_add", "netns": "p1", "dns_capture": False})
     assert isinstance(req, PodAdd) and req.dns_capture is False
-    assert parse_request({"op": "pod_add", "netns": "p1"}).dns_capture is True  # type: ignore[union-attr]
+    assert parse_request({"op": "pod_add", "netns": "p1"}).dns_capture is None  # type: ignore[union-attr]
     with pytest.raises(RequestError, match="dns_capture must be bool"):
         parse_request({"op": "pod_add", "netns": "p1", "dns_capture": "false"})
     with pytest.raises(RequestError, match="labels must be dict"):  # bools stay refused elsewhere

@@ -131,3 +131,34 @@ def test_redirection_annotation_values_and_patches():
         "metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}
     assert redirection_patch(None) == {
         "metadata": {"annotations": {"ambient.istio.io/redirection": None}}}
+
+
+# istio cni/pkg/nodeagent/net_test.go (overrideTests): "true" -> PodDNSEnabled, absent ->
+# PodDNSUnset, "false" -> PodDNSDisabled, "tweedledum" -> PodDNSUnset; the other spellings
+# are what Go's strconv.ParseBool (CheckBooleanAnnotation) accepts or rejects.
+@pytest.mark.parametrize("annotations, want", [
+    ({"ambient.istio.io/dns-capture": "true"}, True),
+    ({}, None),
+    ({"ambient.istio.io/dns-capture": "false"}, False),
+    ({"ambient.istio.io/dns-capture": "tweedledum"}, None),
+    ({"ambient.istio.io/dns-capture": "1"}, True),
+    ({"ambient.istio.io/dns-capture": "F"}, False),
+    ({"ambient.istio.io/dns-capture": "TRUE"}, True),
+    ({"ambient.istio.io/dns-capture": "yes"}, None),
+    ({"ambient.istio.io/dns-capture": " true"}, None),
+    ({"ambient.istio.io/dns-capture": ""}, None),
+    ({"ambient.istio.io/dns-capture": "tRUE"}, None),
+])
+def test_dns_capture_annotation_follows_istio(annotations, want):
+    from agent.k8s.rules import dns_capture_choice
+
+    assert dns_capture_choice(annotations) is want
+
+
+@pytest.mark.parametrize("node, pod, want", [
+    (False, None, False), (True, None, True), (False, True, True), (True, False, False),
+    (True, True, True), (False, False, False)])
+def test_a_pods_dns_choice_wins_over_the_node_default(node, pod, want):
+    from agent.enrollment import captures_dns
+
+    assert captures_dns(node, pod) is want

@@ -5,4 +5,4 @@ brought up before returning or raising."""
 
 from __future__ import annotations
 
-ORDER = ("hbone", "redirect", "scale", "enroll", "resources", "services", "waypoint")
+ORDER = ("hbone", "redirect", "scale", "enroll", "resources", "services", "waypoint", "k8s")
