@@ -66,8 +66,10 @@ from agent.model.types import (
     PortMap,
     Service,
     ServiceBinding,
+    UnresolvedBinding,
     Visibility,
     Workload,
+    is_unresolved_hostname,
 )
 
 # Field names as ztunnel's serde derives them (camelCase of the Rust field names).
@@ -297,6 +299,13 @@ def parse_gateway(value: Any, path: str) -> GatewayAddress | None:
                                       "namespace/hostname") from None
         _namespace(destination.namespace, dest_path)
         _hostname(destination.hostname, dest_path)
+        if is_unresolved_hostname(destination.hostname):
+            try:  # our fail-closed marker (types.py UnresolvedBinding): strictly ours
+                UnresolvedBinding.parse_hostname(destination.hostname)
+            except ValueError as exc:
+                raise _Invalid(dest_path, f"{exc}; write it with meshagent's feed "
+                                          "(agent/waypoint/config.py assign_waypoints)"
+                               ) from None
     port = _int(data["hboneMtlsPort"], f"{path}.hboneMtlsPort", 1, 65535, "HBONE port")
     return GatewayAddress(destination, port)
 
@@ -417,6 +426,9 @@ def parse_service(value: Any, path: str) -> Service:
     if not ports:
         raise _Invalid(f"{path}.ports", "a service needs at least one port")
     families = data.get("ipFamilies")
+    if isinstance(data["hostname"], str) and is_unresolved_hostname(data["hostname"]):
+        _raise(f"{path}.hostname", "names under waypoint-unresolved.invalid are reserved "
+                                   "for unresolved waypoint bindings; pick another hostname")
     return Service(
         name=_string(data["name"], f"{path}.name") or _raise(f"{path}.name", "must not be empty"),
         namespace=_namespace(data["namespace"], f"{path}.namespace"),
