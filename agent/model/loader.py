@@ -20,6 +20,9 @@ Stricter than ztunnel, on purpose (never half-understood, never widened):
   ``cidrVips``, application tunnels, native tunnels, hostname-only workloads, and
   ztunnel-format ``policies`` (enforcing none of them would open access: write
   AuthorizationPolicy YAML under ``tunnel.policy_dir`` instead);
+- a ``waypoint`` under ``waypoint-unresolved.invalid`` (our fail-closed marker for a
+  binding the feed could not work out, types.py ``UnresolvedBinding``) must decode,
+  and no Service may take a hostname there;
 - a uid is required and unique, VIPs are unique across services and never a workload
   address, ports are 1..65535 (a service's target port may be 0: "per endpoint", how
   Istio sends a named targetPort), duplicate YAML keys are refused.

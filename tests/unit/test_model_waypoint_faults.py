@@ -54,7 +54,9 @@ def _model() -> Model:
         Workload("c//v1/Pod/front/api-1", "api-1", "front",
                  (ipaddress.ip_address("10.0.0.2"),)),
         Workload("c//v1/Pod/front/client", "client", "front",
-                 (ipaddress.ip_address("10.0.0.3"),))]
+                 (ipaddress.ip_address("10.0.0.3"),)),
+        Workload("c//v1/Pod/apps/waypoint-0", "waypoint-0", "apps",
+                 (ipaddress.ip_address("10.0.0.9"),))]
     return Model.build(workloads, services)
 
 
@@ -92,6 +94,8 @@ def _docs() -> list[dict[str, Any]]:
         _doc("Service", "opt", "apps", **{USE: "none"}),
         _doc("Service", "api", "front", **{USE: "shared", USE_NS: "infra"}),
         _doc("Pod", "web-1", "apps", app="web"),
+        _doc("Pod", "waypoint-0", "apps",
+             **{"gateway.networking.k8s.io/gateway-name": "waypoint"}),
     ]
 
 
@@ -113,7 +117,8 @@ def _summary(docs: list[Any]) -> dict[str, str]:
 
 
 GOOD = {"web": "apps/waypoint", "own": "apps/hot", "opt": "-", "api": "infra/shared",
-        "plain": "-", "web-1": "apps/waypoint", "api-1": "-", "client": "-"}
+        "plain": "-", "web-1": "apps/waypoint", "api-1": "-", "client": "-",
+        "waypoint-0": "-"}
 
 
 def test_valid_documents_bind_as_before() -> None:
@@ -162,9 +167,11 @@ CASES: list[tuple[str, int, tuple[Any, ...], Any, dict[str, str]]] = [
      {"own": "Service ?/own: metadata"}),
     ("pod use-waypoint-namespace bad", POD_WEB, (*LABELS, USE_NS), "a.b",
      {"web-1": "Pod apps/web-1: metadata.labels[istio.io/use-waypoint-namespace]"}),
+    # Its own pod too: we cannot tell whether that is a waypoint instance.
     ("gateway waypoint-for unsupported", GW_WP, (*LABELS, FOR), "bogus",
      {"web": "Gateway apps/waypoint: metadata.labels[istio.io/waypoint-for]",
-      "web-1": "Gateway apps/waypoint: metadata.labels[istio.io/waypoint-for]"}),
+      "web-1": "Gateway apps/waypoint: metadata.labels[istio.io/waypoint-for]",
+      "waypoint-0": "Gateway apps/waypoint: metadata.labels[istio.io/waypoint-for]"}),
     ("gateway allowedRoutes from unsupported", GW_SHARED, (*ROUTES, "from"), "Everyone",
      {"api": "Gateway infra/shared: spec.listeners[].allowedRoutes"}),
     ("gateway Selector without a selector", GW_SHARED, (*ROUTES, "selector"), _DELETE,
@@ -174,10 +181,12 @@ CASES: list[tuple[str, int, tuple[Any, ...], Any, dict[str, str]]] = [
      {"api": "Gateway infra/shared: spec.listeners[].allowedRoutes"}),
     ("gateway listeners not a list", GW_WP, ("spec", "listeners"), "mesh",
      {"web": "Gateway apps/waypoint: spec.listeners",
-      "web-1": "Gateway apps/waypoint: spec.listeners"}),
+      "web-1": "Gateway apps/waypoint: spec.listeners",
+      "waypoint-0": "Gateway apps/waypoint: spec.listeners"}),
     # A Gateway with no namespace could be any namespace's "waypoint".
     ("gateway without a namespace", GW_WP, ("metadata", "namespace"), _DELETE,
-     {"web": "Gateway ?/waypoint: metadata", "web-1": "Gateway ?/waypoint: metadata"}),
+     {"web": "Gateway ?/waypoint: metadata", "web-1": "Gateway ?/waypoint: metadata",
+      "waypoint-0": "Gateway ?/waypoint: metadata"}),
     # hot takes its traffic type from the class; waypoint has its own label.
     ("gatewayclass waypoint-for unsupported", GWC, (*LABELS, FOR), "everything",
      {"own": "GatewayClass istio-waypoint: metadata.labels[istio.io/waypoint-for]"}),
