@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from agent.model.loader import ModelLoadError, load_model_file
-from agent.model.types import HealthStatus, Model, Service
+from agent.model.types import HealthStatus, Model, Service, UnresolvedBinding
 
 EXIT_VALID = 0
 EXIT_INVALID = 2
@@ -77,11 +77,16 @@ def warnings(model: Model) -> list[str]:
             "in the file (never selected)" for s, ep in model.dangling_endpoints()]
     out += [f"service {s.key()} has no endpoints: connections to its VIPs are reset"
             for s in model.services if not model.endpoints(s)]
-    out += [f"{what} uses waypoint {g}, which names no workload: its connections are "
-            "refused (fail closed)"
-            for what, g in [*((f"service {s.key()}", s.waypoint) for s in model.services),
-                            *((f"workload {w.uid}", w.waypoint) for w in model.workloads)]
-            if g is not None and not model.waypoint_instances(g)]
+    bound = [*((f"service {s.key()}", s.waypoint) for s in model.services),
+             *((f"workload {w.uid}", w.waypoint) for w in model.workloads)]
+    for what, g in bound:
+        fault = UnresolvedBinding.of(g)
+        if fault is not None:
+            out.append(f"{what} has an unresolved waypoint binding ({fault} could not be "
+                       "read): its connections are refused (fail closed)")
+        elif g is not None and not model.waypoint_instances(g):
+            out.append(f"{what} uses waypoint {g}, which names no workload: its "
+                       "connections are refused (fail closed)")
     return out
 
 

@@ -20,6 +20,9 @@ Stricter than ztunnel, on purpose (never half-understood, never widened):
   ``cidrVips``, application tunnels, native tunnels, hostname-only workloads, and
   ztunnel-format ``policies`` (enforcing none of them would open access: write
   AuthorizationPolicy YAML under ``tunnel.policy_dir`` instead);
+- a ``waypoint`` under ``waypoint-unresolved.invalid`` (our fail-closed marker for a
+  binding the feed could not work out, types.py ``UnresolvedBinding``) must decode,
+  and no Service may take a hostname there;
 - a uid is required and unique, VIPs are unique across services and never a workload
   address, ports are 1..65535 (a service's target port may be 0: "per endpoint", how
   Istio sends a named targetPort), duplicate YAML keys are refused.
@@ -66,8 +69,10 @@ from agent.model.types import (
     PortMap,
     Service,
     ServiceBinding,
+    UnresolvedBinding,
     Visibility,
     Workload,
+    is_unresolved_hostname,
 )
 
 # Field names as ztunnel's serde derives them (camelCase of the Rust field names).
@@ -298,6 +303,13 @@ def parse_gateway(value: Any, path: str) -> GatewayAddress | None:
                                       "namespace/hostname") from None
         _namespace(destination.namespace, dest_path)
         _hostname(destination.hostname, dest_path)
+        if is_unresolved_hostname(destination.hostname):
+            try:  # our fail-closed marker (types.py UnresolvedBinding): strictly ours
+                UnresolvedBinding.parse_hostname(destination.hostname)
+            except ValueError as exc:
+                raise _Invalid(dest_path, f"{exc}; write it with meshagent's feed "
+                                          "(agent/waypoint/config.py assign_waypoints)"
+                               ) from None
     port = _int(data["hboneMtlsPort"], f"{path}.hboneMtlsPort", 1, 65535, "HBONE port")
     return GatewayAddress(destination, port)
 
@@ -418,6 +430,9 @@ def parse_service(value: Any, path: str) -> Service:
     if not ports:
         raise _Invalid(f"{path}.ports", "a service needs at least one port")
     families = data.get("ipFamilies")
+    if isinstance(data["hostname"], str) and is_unresolved_hostname(data["hostname"]):
+        _raise(f"{path}.hostname", "names under waypoint-unresolved.invalid are reserved "
+                                   "for unresolved waypoint bindings; pick another hostname")
     return Service(
         name=_string(data["name"], f"{path}.name") or _raise(f"{path}.name", "must not be empty"),
         namespace=_namespace(data["namespace"], f"{path}.namespace"),

@@ -50,6 +50,7 @@ from agent.model.types import (
     Model,
     NetworkAddress,
     Service,
+    UnresolvedBinding,
     Workload,
     lookup_port,
 )
@@ -280,10 +281,14 @@ class WaypointOutcome(Enum):
     WAYPOINT = "waypoint"            # send it to the waypoint
     MISSING = "waypoint_missing"     # the waypoint names nothing (fail closed)
     LOOP = "waypoint_loop"           # the waypoint would send it back to a waypoint
+    # The binding could not be worked out (a binding document could not be read:
+    # types.py UnresolvedBinding): fail closed.
+    UNRESOLVED = "waypoint_unresolved"
 
     @property
     def fails_closed(self) -> bool:
-        return self in (WaypointOutcome.MISSING, WaypointOutcome.LOOP)
+        return self in (WaypointOutcome.MISSING, WaypointOutcome.LOOP,
+                        WaypointOutcome.UNRESOLVED)
 
 
 @dataclass(frozen=True)
@@ -357,7 +362,9 @@ def resolve_waypoint(model: Model, src: Workload, dst_ip: IPAddress | str, dst_p
     which trusts istiod, the service case also lets the waypoint's own traffic through
     (it is never captured here, but would loop if it were), and a waypoint that names
     nothing (``UnknownWaypoint``) or whose instance is the destination itself or has a
-    waypoint of its own is reported (MISSING, LOOP) so the caller fails closed."""
+    waypoint of its own is reported (MISSING, LOOP), and an unresolved binding
+    (:class:`~agent.model.types.UnresolvedBinding`) as UNRESOLVED, so the caller fails
+    closed."""
     ip = ipaddress.ip_address(dst_ip)
     original = (ip, dst_port)
     source_ip = ipaddress.ip_address(src_ip) if src_ip is not None else None
@@ -371,6 +378,13 @@ def resolve_waypoint(model: Model, src: Workload, dst_ip: IPAddress | str, dst_p
         gateway = workload.waypoint if workload is not None else None
     if gateway is None:
         return WaypointHop(WaypointOutcome.NOT_BOUND, original, service, workload)
+    fault = UnresolvedBinding.of(gateway)
+    if fault is not None:
+        what = (f"service {service.key()}" if service is not None
+                else f"workload {workload.uid}" if workload is not None else str(target))
+        return WaypointHop(WaypointOutcome.UNRESOLVED, original, service, workload, gateway,
+                           reason=f"the waypoint binding of {what} is unresolved: {fault} "
+                                  "could not be read")
     if source_ip is not None and is_from_waypoint(model, gateway, src_identity, source_ip,
                                                   trust_domain):
         return WaypointHop(WaypointOutcome.FROM_WAYPOINT, original, service, workload,

@@ -16,6 +16,7 @@ and two services with one ``namespace/hostname``, naming each offender by its pa
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -180,6 +181,156 @@ class GatewayAddress:
 
     def __str__(self) -> str:
         return f"{self.destination}:{self.hbone_mtls_port}"
+
+
+# -- unresolved bindings (our extension, carried in ztunnel's own field) -------------
+
+# RFC 6761 reserves ``.invalid``: no name under it ever resolves, so a ``GatewayAddress``
+# naming a host there is an unknown waypoint to any reader (ztunnel fails such traffic
+# as ``UnknownWaypoint``); meshagent's tunnel also decodes it to say which document
+# could not be read.
+UNRESOLVED_WAYPOINT_DOMAIN = "waypoint-unresolved.invalid"
+UNKNOWN_PART = "_"  # a namespace or name that is unknown or does not apply
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class BindingDocument(Enum):
+    """The kind of a binding document (its DNS-label spelling in the marker)."""
+
+    NAMESPACE = "namespace"
+    SERVICE = "service"
+    POD = "pod"
+    GATEWAY = "gateway"
+    GATEWAY_CLASS = "gatewayclass"
+    UNKNOWN = "document"  # no kind, not a mapping, an unreadable file
+
+    @property
+    def title(self) -> str:
+        return _DOCUMENT_TITLES[self]
+
+
+_DOCUMENT_TITLES = {
+    BindingDocument.NAMESPACE: "Namespace", BindingDocument.SERVICE: "Service",
+    BindingDocument.POD: "Pod", BindingDocument.GATEWAY: "Gateway",
+    BindingDocument.GATEWAY_CLASS: "GatewayClass",
+    BindingDocument.UNKNOWN: "a document of unknown kind"}
+
+
+class BindingField(Enum):
+    """The part of a binding document that could not be read."""
+
+    DOCUMENT = "document"
+    METADATA = "metadata"
+    LABELS = "labels"
+    USE_WAYPOINT = "use-waypoint"
+    USE_WAYPOINT_NAMESPACE = "use-waypoint-namespace"
+    WAYPOINT_FOR = "waypoint-for"
+    SPEC = "spec"
+    PORTS = "ports"
+    LISTENERS = "listeners"
+    ALLOWED_ROUTES = "allowed-routes"
+    GATEWAY_CLASS = "gateway-class"
+
+    @property
+    def path(self) -> str:
+        """The field as written in the document."""
+        return _FIELD_PATHS[self]
+
+
+_FIELD_PATHS = {
+    BindingField.DOCUMENT: "(the whole document)", BindingField.METADATA: "metadata",
+    BindingField.LABELS: "metadata.labels",
+    BindingField.USE_WAYPOINT: "metadata.labels[istio.io/use-waypoint]",
+    BindingField.USE_WAYPOINT_NAMESPACE: "metadata.labels[istio.io/use-waypoint-namespace]",
+    BindingField.WAYPOINT_FOR: "metadata.labels[istio.io/waypoint-for]",
+    BindingField.SPEC: "spec", BindingField.PORTS: "spec.ports",
+    BindingField.LISTENERS: "spec.listeners",
+    BindingField.ALLOWED_ROUTES: "spec.listeners[].allowedRoutes",
+    BindingField.GATEWAY_CLASS: "spec.gatewayClassName"}
+
+
+@dataclass(frozen=True)
+class UnresolvedBinding:
+    """A target whose waypoint binding we could not work out, because a document that
+    could bind it cannot be read: it must fail closed (never go direct).
+
+    Our extension, carried without a field of our own: :meth:`gateway` is a
+    ``GatewayAddress`` to ``<target namespace>/<field>.<kind>.<namespace>.<name>.``
+    :data:`UNRESOLVED_WAYPOINT_DOMAIN` (``_`` for a namespace or name that is unknown
+    or does not apply). A name that is not a DNS name, or too long for one, is
+    written ``_``. ``namespace``/``name`` are ``""`` when unknown."""
+
+    kind: BindingDocument
+    field: BindingField
+    namespace: str = ""
+    name: str = ""
+
+    def __str__(self) -> str:
+        if self.kind is BindingDocument.UNKNOWN:
+            what = self.kind.title
+        elif self.namespace or self.kind not in (BindingDocument.NAMESPACE,
+                                                 BindingDocument.GATEWAY_CLASS):
+            what = f"{self.kind.title} {self.namespace or '?'}/{self.name or '?'}"
+        else:
+            what = f"{self.kind.title} {self.name or '?'}"
+        return f"{what}: {self.field.path}"
+
+    def hostname(self) -> str:
+        def part(text: str) -> str:
+            return text if text and _DNS_NAME.match(text) else UNKNOWN_PART
+
+        namespace = part(self.namespace) if len(self.namespace) <= 63 else UNKNOWN_PART
+        host = ".".join((self.field.value, self.kind.value, namespace, part(self.name),
+                         UNRESOLVED_WAYPOINT_DOMAIN))
+        if len(host) > 253:
+            host = ".".join((self.field.value, self.kind.value, namespace, UNKNOWN_PART,
+                             UNRESOLVED_WAYPOINT_DOMAIN))
+        return host
+
+    def gateway(self, target_namespace: str) -> GatewayAddress:
+        return GatewayAddress(NamespacedHostname(target_namespace, self.hostname()))
+
+    @classmethod
+    def parse_hostname(cls, hostname: str) -> UnresolvedBinding:
+        """The marker from a hostname under :data:`UNRESOLVED_WAYPOINT_DOMAIN`;
+        ValueError when it is not one."""
+        head, dot, _ = hostname.lower().partition("." + UNRESOLVED_WAYPOINT_DOMAIN)
+        if not dot or hostname.lower() != f"{head}.{UNRESOLVED_WAYPOINT_DOMAIN}":
+            raise ValueError(f"{hostname!r} is not under {UNRESOLVED_WAYPOINT_DOMAIN}")
+        parts = head.split(".")
+        if len(parts) < 4:
+            raise ValueError(f"{hostname!r}: an unresolved binding is "
+                             f"<field>.<kind>.<namespace>.<name>.{UNRESOLVED_WAYPOINT_DOMAIN}")
+        field_, kind, namespace, name = parts[0], parts[1], parts[2], ".".join(parts[3:])
+        try:
+            fault = cls(BindingDocument(kind), BindingField(field_),
+                        "" if namespace == UNKNOWN_PART else namespace,
+                        "" if name == UNKNOWN_PART else name)
+        except ValueError:
+            raise ValueError(
+                f"{hostname!r}: unknown kind {kind!r} or field {field_!r} (kinds: "
+                f"{', '.join(k.value for k in BindingDocument)}; fields: "
+                f"{', '.join(f.value for f in BindingField)})") from None
+        if fault.hostname() != hostname.lower():
+            raise ValueError(f"{hostname!r} is not an unresolved binding as meshagent "
+                             f"writes it (expected {fault.hostname()!r})")
+        return fault
+
+    @classmethod
+    def of(cls, gateway: GatewayAddress | None) -> UnresolvedBinding | None:
+        """The marker a waypoint address carries, or None for a real waypoint."""
+        if gateway is None or not isinstance(gateway.destination, NamespacedHostname) \
+                or not is_unresolved_hostname(gateway.destination.hostname):
+            return None
+        try:
+            return cls.parse_hostname(gateway.destination.hostname)
+        except ValueError:
+            # The loader refuses these; one built in code still fails closed.
+            return cls(BindingDocument.UNKNOWN, BindingField.DOCUMENT)
+
+
+def is_unresolved_hostname(hostname: str) -> bool:
+    return hostname.lower().endswith("." + UNRESOLVED_WAYPOINT_DOMAIN)
 
 
 @dataclass(frozen=True)

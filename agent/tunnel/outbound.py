@@ -29,8 +29,10 @@ carries the connection:
   instance's ``IP:15008`` with ``:authority`` the original ``VIP:port`` /
   ``podIP:port``, presenting the source pod's certificate and expecting the
   waypoint's SPIFFE ID; metrics name the waypoint as the destination workload and
-  the service the client asked for. A waypoint that names nothing, or a loop, is
-  refused (``no_waypoint``, ``waypoint_loop``): never sent direct.
+  the service the client asked for. A waypoint that names nothing, a loop, or a
+  binding the feed could not work out (a binding document it could not read) is
+  refused (``no_waypoint``, ``waypoint_loop``, ``waypoint_unresolved``): never sent
+  direct.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ async def _to_waypoint(inputs: ProxyInputs, pipeline: Pipeline, rec: ConnectionR
     if hop.outcome is WaypointOutcome.MISSING:
         pipeline.refuse(rec, downstream, Outcome.NO_WAYPOINT,
                         f"{hop.reason}: refused, never sent direct (fail closed)")
+        return
+    if hop.outcome is WaypointOutcome.UNRESOLVED:
+        pipeline.refuse(rec, downstream, Outcome.WAYPOINT_UNRESOLVED,
+                        f"{hop.reason}: refused, never sent direct (fail closed); fix that "
+                        "document")
         return
     if hop.outcome is WaypointOutcome.LOOP:
         pipeline.refuse(rec, downstream, Outcome.WAYPOINT_LOOP,

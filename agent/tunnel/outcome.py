@@ -70,6 +70,10 @@ class Outcome(Enum):
     # send it to a waypoint again: refused, never sent direct (fail closed).
     NO_WAYPOINT = ("no_waypoint", "CONNECT")
     WAYPOINT_LOOP = ("waypoint_loop", "CONNECT")
+    # The destination's waypoint binding could not be worked out (a binding document
+    # could not be read, agent/model/types.py UnresolvedBinding): refused, never sent
+    # direct. The flag is the one ztunnel gives the unknown waypoint it would see.
+    WAYPOINT_UNRESOLVED = ("waypoint_unresolved", "CONNECT")
 
     def __init__(self, result: str, response_flag: str) -> None:
         if response_flag not in RESPONSE_FLAGS:
@@ -91,4 +95,5 @@ class Outcome(Enum):
 
 
 _REFUSALS = frozenset({Outcome.DENIED, Outcome.REFUSED, Outcome.IDENTITY_ERROR,
-                       Outcome.TLS_FAILED, Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP})
+                       Outcome.TLS_FAILED, Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP,
+                       Outcome.WAYPOINT_UNRESOLVED})

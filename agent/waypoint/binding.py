@@ -24,6 +24,17 @@ Follows istio/istio ``pilot/pkg/serviceregistry/ambient/waypoints.go``
   to *loops*: a waypoint pod labelled with ``istio.io/use-waypoint`` itself (directly
   or through a chain of waypoints) is refused with :attr:`BindingOutcome.LOOP`
   (Istio ignores the label).
+
+Fail closed (our rule, not Istio's): a binding document we cannot read (a
+:class:`Fault`: malformed or unsupported ``istio.io/use-waypoint``,
+``istio.io/use-waypoint-namespace``, ``istio.io/waypoint-for``, ``allowedRoutes``, or a
+document the feed rejects) makes every target it could bind
+:attr:`BindingOutcome.UNRESOLVED`, never "not bound": a broken Service or Pod
+document its object; a broken Namespace document the objects that would inherit from
+it (and those whose waypoint admits namespaces by ``Selector``); a broken Gateway
+(or its GatewayClass, when the Gateway has no ``waypoint-for`` of its own) every
+object naming it; an unreadable file everything. A document without a name (or
+namespace) covers every object of its kind (in its namespace).
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from agent.model.types import BindingDocument, UnresolvedBinding
 
 USE_WAYPOINT = "istio.io/use-waypoint"
 USE_WAYPOINT_NAMESPACE = "istio.io/use-waypoint-namespace"
@@ -66,11 +79,14 @@ class BindingOutcome(enum.Enum):
     ATTACHMENT_DENIED = "attachment_denied"  # ReportWaypointAttachmentDenied
     UNSUPPORTED_TRAFFIC = "unsupported_traffic_type"  # ReportWaypointUnsupportedTrafficType
     LOOP = "loop"
+    UNRESOLVED = "waypoint_unresolved"     # a document that could bind it is unreadable
 
     @property
     def fails_closed(self) -> bool:
-        """Traffic the node tunnel must refuse (bound, but to nothing usable)."""
-        return self in (BindingOutcome.WAYPOINT_MISSING, BindingOutcome.LOOP)
+        """Traffic the node tunnel must refuse (bound, but to nothing usable, or we
+        cannot tell what it is bound to)."""
+        return self in (BindingOutcome.WAYPOINT_MISSING, BindingOutcome.LOOP,
+                        BindingOutcome.UNRESOLVED)
 
 
 @dataclass(frozen=True)
@@ -130,11 +146,38 @@ class Object:
 
 
 @dataclass(frozen=True)
+class Fault:
+    """A binding document that cannot be read and the objects it could bind:
+    ``target`` documents named ``namespace``/``name`` (``""``: any). ``cause`` is the
+    document and field at fault (for a Gateway whose GatewayClass is broken, the
+    class); ``problem`` says what is wrong with it."""
+
+    target: BindingDocument
+    namespace: str
+    name: str
+    cause: UnresolvedBinding
+    problem: str
+
+    @classmethod
+    def of(cls, cause: UnresolvedBinding, problem: str) -> Fault:
+        return cls(cause.kind, cause.namespace, cause.name, cause, problem)
+
+    def covers(self, kind: BindingDocument, namespace: str, name: str) -> bool:
+        """Whether the document could be ``kind`` ``namespace/name`` (a Namespace's
+        ``namespace`` is "")."""
+        if self.target is BindingDocument.UNKNOWN:
+            return True
+        return (self.target is kind and (not self.namespace or self.namespace == namespace)
+                and (not self.name or self.name == name))
+
+
+@dataclass(frozen=True)
 class Binding:
     outcome: BindingOutcome
     waypoint: Waypoint | None = None
     named: str | None = None  # namespace/name the labels asked for
     reason: str = ""
+    fault: Fault | None = None  # why it is UNRESOLVED
 
     @property
     def bound(self) -> bool:
@@ -166,9 +209,27 @@ def waypoint_traffic(gateway_labels: Mapping[str, str],
 class Bindings:
     """Resolve bindings over the known namespaces, waypoints and waypoint instances."""
 
-    def __init__(self, namespaces: Sequence[Object], waypoints: Sequence[Waypoint]) -> None:
+    def __init__(self, namespaces: Sequence[Object], waypoints: Sequence[Waypoint],
+                 faults: Sequence[Fault] = ()) -> None:
         self.namespaces = {n.name: n for n in namespaces}
         self.waypoints = {w.key: w for w in waypoints}
+        self.faults = tuple(faults)
+
+    def _unresolved(self, kind: BindingDocument, namespace: str, name: str,
+                    named: str | None = None) -> Binding | None:
+        """UNRESOLVED when a broken document could be ``kind namespace/name``."""
+        for fault in self.faults:
+            if fault.covers(kind, namespace, name):
+                return Binding(BindingOutcome.UNRESOLVED, named=named, fault=fault,
+                               reason=f"{fault.cause} cannot be read ({fault.problem})")
+        return None
+
+    def _namespace_unresolved(self, namespace: str) -> Binding | None:
+        return self._unresolved(BindingDocument.NAMESPACE, "", namespace)
+
+    def _waypoint_unresolved(self, named: str) -> Binding | None:
+        namespace, _, name = named.partition("/")
+        return self._unresolved(BindingDocument.GATEWAY, namespace, name, named)
 
     def _namespace_labels(self, namespace: str) -> Mapping[str, str]:
         ns = self.namespaces.get(namespace)
@@ -180,13 +241,23 @@ class Bindings:
         if is_none:
             return Binding(BindingOutcome.OPTED_OUT, reason=f"{USE_WAYPOINT}: none")
         if named is None:
+            unknown = self._namespace_unresolved(obj.namespace)
+            if unknown is not None:
+                return unknown
             named, _ = use_waypoint(self._namespace_labels(obj.namespace), obj.namespace)
             if named is None:
                 return Binding(BindingOutcome.NOT_BOUND)
+        unknown = self._waypoint_unresolved(named)
+        if unknown is not None:
+            return unknown
         waypoint = self.waypoints.get(named)
         if waypoint is None:
             return Binding(BindingOutcome.WAYPOINT_MISSING, named=named,
                            reason=f"waypoint {named} does not exist (not ready)")
+        if waypoint.allowed_from is FromNamespaces.SELECTOR:
+            unknown = self._namespace_unresolved(obj.namespace)  # its labels are unknown
+            if unknown is not None:
+                return unknown
         if not waypoint.allows_attachment_from(obj.namespace,
                                                self._namespace_labels(obj.namespace)):
             return Binding(BindingOutcome.ATTACHMENT_DENIED, waypoint, named,
@@ -202,7 +273,10 @@ class Bindings:
         return self.waypoints.get(f"{obj.namespace}/{name}")
 
     def for_service(self, service: Object) -> Binding:
-        """``fetchWaypointForService`` (+ loop detection)."""
+        """``fetchWaypointForService`` (+ loop detection, + fail closed)."""
+        unknown = self._unresolved(BindingDocument.SERVICE, service.namespace, service.name)
+        if unknown is not None:
+            return unknown
         if service.labels.get(MANAGED_LABEL) == MESH_CONTROLLER:
             return Binding(BindingOutcome.NOT_BOUND, reason="a waypoint's own service")
         binding = self._for_target(service)
@@ -218,7 +292,14 @@ class Bindings:
     def for_workload(self, pod: Object) -> Binding:
         """``fetchWaypointForWorkload`` (+ loop detection). A waypoint's own pod never
         inherits its namespace's waypoint (workloads.go: ``fetchWaypointForInstance``
-        comes first and an instance gets no waypoint); one labelled itself is a loop."""
+        comes first and an instance gets no waypoint); one labelled itself is a loop.
+        A pod of a Gateway we cannot read is unresolved (is it an instance or not?)."""
+        unknown = self._unresolved(BindingDocument.POD, pod.namespace, pod.name)
+        gateway_name = pod.labels.get(GATEWAY_NAME_LABEL)
+        if unknown is None and gateway_name is not None:
+            unknown = self._waypoint_unresolved(f"{pod.namespace}/{gateway_name}")
+        if unknown is not None:
+            return unknown
         if self._instance_of(pod) is not None and USE_WAYPOINT not in pod.labels:
             return Binding(BindingOutcome.NOT_BOUND, reason="a waypoint's own pod")
         binding = self._for_target(pod)
@@ -248,8 +329,14 @@ class Bindings:
                                "waypoint binding loop: " + " -> ".join([*seen, current.key]))
             seen.append(current.key)
             # The next hop: the waypoint's own namespace label (how its pods would bind).
+            unknown = self._namespace_unresolved(current.namespace)
+            if unknown is not None:
+                return unknown
             named, _ = use_waypoint(self._namespace_labels(current.namespace),
                                     current.namespace)
+            unknown = self._waypoint_unresolved(named) if named else None
+            if unknown is not None:
+                return unknown
             current = self.waypoints.get(named) if named else None
         return Binding(BindingOutcome.LOOP, binding.waypoint, binding.named,
                        f"a waypoint instance ({own.key}) may not itself use a waypoint")

@@ -15,13 +15,15 @@ destinations are bound to *this* waypoint, with their protocol, routes and polic
 Workload's ``waypoint``, ztunnel's ``GatewayAddress``) for the node tunnels.
 Anything unreadable is reported (``problems``) and never widens: an unreadable
 ``AuthorizationPolicy`` fails closed (agent/waypoint/authz.py); an unreadable route
-serves nothing; an unreadable binding document binds nothing.
+serves nothing; an unreadable binding document binds nothing at the waypoint and
+makes what it could bind fail closed at the node tunnels (binding.py ``Fault``).
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +32,14 @@ from typing import Any
 import yaml
 
 from agent.model.types import (
+    BindingDocument,
+    BindingField,
     GatewayAddress,
     Model,
     NamespacedHostname,
     NetworkAddress,
     Service,
+    UnresolvedBinding,
     Workload,
 )
 from agent.waypoint import authz, binding, routing
@@ -139,8 +144,10 @@ def read_documents(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 docs.append(doc)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             problems.append(f"{path}: {exc}")
-            # We cannot know whether it held a DENY: fail closed for everything.
+            # We cannot know whether it held a DENY, or a binding: fail closed for
+            # everything.
             docs.append({"kind": "AuthorizationPolicy", "unreadable": str(path)})
+            docs.append({"kind": UNREADABLE_KIND, "source": str(path)})
     return docs, problems
 
 
@@ -176,6 +183,8 @@ def _gateway(doc: Mapping[str, Any], class_labels: Mapping[str, str]) -> binding
                             allowed, selector)
 
 
+# Stands in for a file read_documents could not read (it could have held any binding).
+UNREADABLE_KIND = "meshagent.io/Unreadable"
 _BINDING_KINDS = ("Namespace", "Service", "Pod", "Gateway", "GatewayClass")
 _KNOWN_KINDS = (*_BINDING_KINDS, "HTTPRoute", "AuthorizationPolicy")
 
@@ -185,37 +194,75 @@ def _str_map(value: Any) -> bool:
                                            for k, v in value.items())
 
 
-def binding_doc_problem(doc: dict[str, Any]) -> str | None:
+_WAYPOINT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+_NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DOCUMENT_KINDS = {"Namespace": BindingDocument.NAMESPACE, "Service": BindingDocument.SERVICE,
+                   "Pod": BindingDocument.POD, "Gateway": BindingDocument.GATEWAY,
+                   "GatewayClass": BindingDocument.GATEWAY_CLASS}
+
+
+def _label_problem(kind: str, labels: Mapping[str, str]) -> tuple[BindingField, str] | None:
+    """A binding label whose value we cannot honour (it would otherwise be ignored or
+    read as something narrower, and its targets sent direct)."""
+    if kind in ("Namespace", "Service", "Pod"):
+        value = labels.get(binding.USE_WAYPOINT)
+        if value is not None and value != "none" and not _WAYPOINT_NAME.match(value):
+            return BindingField.USE_WAYPOINT, (
+                f"{value!r} is neither 'none' nor a waypoint name (a lower-case DNS name)")
+        value = labels.get(binding.USE_WAYPOINT_NAMESPACE)
+        if value is not None and not _NAMESPACE_NAME.match(value):
+            return BindingField.USE_WAYPOINT_NAMESPACE, f"{value!r} is not a namespace name"
+    if kind in ("Gateway", "GatewayClass"):
+        value = labels.get(binding.WAYPOINT_FOR)
+        if value is not None and value not in {t.value for t in binding.TrafficType}:
+            return BindingField.WAYPOINT_FOR, (
+                f"{value!r} is not one of {', '.join(t.value for t in binding.TrafficType)}")
+    return None
+
+
+def binding_doc_problem(doc: dict[str, Any]) -> tuple[BindingField, str] | None:
     """Why a Namespace/Service/Pod/Gateway/GatewayClass document cannot be read (the
-    fields binding uses), or None."""
+    fields binding uses), as the field at fault and the problem; or None."""
     meta = doc.get("metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) \
             or not meta["name"]:
-        return "metadata.name: required"
+        return BindingField.METADATA, "metadata.name: required"
     if doc["kind"] not in ("Namespace", "GatewayClass") and (
             not isinstance(meta.get("namespace"), str) or not meta["namespace"]):
-        return "metadata.namespace: required"
+        return BindingField.METADATA, "metadata.namespace: required"
     if "labels" in meta and not _str_map(meta["labels"]):
-        return "metadata.labels: must map strings to strings"
+        return BindingField.LABELS, "metadata.labels: must map strings to strings"
+    label = _label_problem(doc["kind"], meta.get("labels") or {})
+    if label is not None:
+        return label
     spec = doc.get("spec", {})
     if not isinstance(spec, dict):
-        return "spec: must be a mapping"
+        return BindingField.SPEC, "spec: must be a mapping"
     if doc["kind"] == "Service":
         ports = spec.get("ports", [])
         if not isinstance(ports, list) or not all(
                 isinstance(p, dict) and isinstance(p.get("port"), int)
                 and isinstance(p.get("name", ""), str)
                 and isinstance(p.get("appProtocol", ""), str) for p in ports):
-            return "spec.ports: each needs an integer port (name, appProtocol: strings)"
+            return BindingField.PORTS, ("spec.ports: each needs an integer port (name, "
+                                        "appProtocol: strings)")
     if doc["kind"] == "Gateway":
         listeners = spec.get("listeners", [])
         if not isinstance(listeners, list) or not all(isinstance(x, dict) for x in listeners):
-            return "spec.listeners: must be a list of mappings"
+            return BindingField.LISTENERS, "spec.listeners: must be a list of mappings"
         for i, x in enumerate(listeners):
+            where = f"spec.listeners[{i}].allowedRoutes.namespaces"
             routes = x.get("allowedRoutes", {})
             ns = routes.get("namespaces", {}) if isinstance(routes, dict) else None
             if not isinstance(ns, dict):
-                return f"spec.listeners[{i}].allowedRoutes.namespaces: must be a mapping"
+                return BindingField.ALLOWED_ROUTES, f"{where}: must be a mapping"
+            allowed = ns.get("from", "Same")
+            if allowed not in {f.value for f in binding.FromNamespaces}:
+                return BindingField.ALLOWED_ROUTES, (
+                    f"{where}.from: {allowed!r} is not one of "
+                    f"{', '.join(f.value for f in binding.FromNamespaces)}")
+            if allowed == binding.FromNamespaces.SELECTOR.value and "selector" not in ns:
+                return BindingField.ALLOWED_ROUTES, f"{where}.selector: required by Selector"
             sel = ns.get("selector", {})
             if not isinstance(sel, dict) or not _str_map(sel.get("matchLabels", {})) or \
                     not isinstance(sel.get("matchExpressions", []), list) or not all(
@@ -223,10 +270,22 @@ def binding_doc_problem(doc: dict[str, Any]) -> str | None:
                         and e.get("operator") in ("In", "NotIn", "Exists", "DoesNotExist")
                         and isinstance(e.get("values", []), list)
                         for e in sel.get("matchExpressions", [])):
-                return f"spec.listeners[{i}].allowedRoutes.namespaces.selector: invalid"
+                return BindingField.ALLOWED_ROUTES, f"{where}.selector: invalid"
         if not isinstance(spec.get("gatewayClassName", ""), str):
-            return "spec.gatewayClassName: must be a string"
+            return BindingField.GATEWAY_CLASS, "spec.gatewayClassName: must be a string"
     return None
+
+
+def _fault(kind: str, doc: Mapping[str, Any], where: BindingField, problem: str
+           ) -> binding.Fault:
+    raw = doc.get("metadata")
+    meta: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+    name, ns = meta.get("name"), meta.get("namespace")
+    cluster_scoped = kind in ("Namespace", "GatewayClass")
+    return binding.Fault.of(UnresolvedBinding(
+        _DOCUMENT_KINDS[kind], where,
+        "" if cluster_scoped or not isinstance(ns, str) else ns,
+        name if isinstance(name, str) else ""), problem)
 
 
 @dataclass
@@ -234,8 +293,7 @@ class _Documents:
     """The documents sorted by kind, with the broken binding documents set aside."""
 
     by_kind: dict[str, list[dict[str, Any]]]
-    broken_ns: set[str]
-    broken: set[tuple[str, str, str]]
+    faults: list[binding.Fault]
     issues: list[str]
     waypoints: list[binding.Waypoint]
     bindings: binding.Bindings
@@ -247,45 +305,53 @@ class _Documents:
                 return meta[2]
         return {}
 
-    def is_broken(self, kind: str, namespace: str, name: str) -> bool:
-        return namespace in self.broken_ns or (kind, namespace, name) in self.broken
-
 
 def _sort_documents(docs: Iterable[Any], problems: Iterable[str]) -> _Documents:
     issues = list(problems)
     by_kind: dict[str, list[dict[str, Any]]] = {}
-    broken_ns: set[str] = set()
-    broken: set[tuple[str, str, str]] = set()
+    faults: list[binding.Fault] = []
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
             issues.append(f"document {i}: not a mapping (ignored)")
             continue
         kind = str(doc.get("kind"))
+        if kind == UNREADABLE_KIND:
+            faults.append(binding.Fault.of(
+                UnresolvedBinding(BindingDocument.UNKNOWN, BindingField.DOCUMENT),
+                f"{doc.get('source')} cannot be read"))
+            issues.append(f"{doc.get('source')}: unreadable, so every service and workload "
+                          "fails closed (waypoint_unresolved)")
+            continue
         if kind not in _KNOWN_KINDS:
             issues.append(f"document {i}: kind {kind!r} is not used by the waypoint (ignored)")
             continue
         if kind in _BINDING_KINDS:
             problem = binding_doc_problem(doc)
             if problem is not None:
-                raw_meta = doc.get("metadata")
-                meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-                name, ns = str(meta.get("name", "?")), str(meta.get("namespace", "?"))
-                issues.append(f"{kind} {ns}/{name}: {problem}: binds nothing")
-                if kind == "Namespace":
-                    broken_ns.add(name)
-                else:
-                    broken.add((kind, ns, name))
+                fault = _fault(kind, doc, *problem)
+                faults.append(fault)
+                issues.append(f"{fault.cause}: {problem[1]}: binds nothing, and what it "
+                              "could bind fails closed (waypoint_unresolved)")
                 continue
         by_kind.setdefault(kind, []).append(doc)
     classes = {(_meta(d)[1]): _meta(d)[2] for d in by_kind.get("GatewayClass", [])}
+    class_faults = [f for f in faults if f.target is BindingDocument.GATEWAY_CLASS]
     waypoints = []
     for d in by_kind.get("Gateway", []):
         class_name = (d.get("spec") or {}).get("gatewayClassName", "istio-waypoint")
+        namespace, name, labels = _meta(d)
+        broken_class = next((f for f in class_faults
+                             if f.covers(BindingDocument.GATEWAY_CLASS, "", class_name)), None)
+        if broken_class is not None and binding.WAYPOINT_FOR not in labels:
+            # Its traffic type would come from a class we cannot read.
+            faults.append(binding.Fault(BindingDocument.GATEWAY, namespace, name,
+                                        broken_class.cause, broken_class.problem))
+            continue
         waypoints.append(_gateway(d, classes.get(class_name, {})))
     namespaces = [binding.Object(_meta(d)[1], _meta(d)[1], _meta(d)[2])
                   for d in by_kind.get("Namespace", [])]
-    return _Documents(by_kind, broken_ns, broken, issues, waypoints,
-                      binding.Bindings(namespaces, waypoints))
+    return _Documents(by_kind, faults, issues, waypoints,
+                      binding.Bindings(namespaces, waypoints, faults))
 
 
 def waypoint_hostname(key: str, domain: str = "cluster.local") -> NamespacedHostname:
@@ -295,11 +361,16 @@ def waypoint_hostname(key: str, domain: str = "cluster.local") -> NamespacedHost
     return NamespacedHostname(namespace, f"{name}.{namespace}.svc.{domain}")
 
 
-def _gateway_address(b: binding.Binding, domain: str) -> GatewayAddress | None:
+def _gateway_address(b: binding.Binding, target_namespace: str,
+                     domain: str) -> GatewayAddress | None:
     """What the node tunnel gets for a binding: the waypoint's Service for a bound
     target and for one that must fail closed (a missing waypoint names a Service
-    nobody has; a loop is detected by the tunnel), nothing otherwise (as istiod, which
-    reports attachment-denied and unsupported-traffic in status and sends no waypoint)."""
+    nobody has; a loop is detected by the tunnel; an unresolved binding names the
+    document at fault under ``waypoint-unresolved.invalid``, types.py
+    ``UnresolvedBinding``), nothing otherwise (as istiod, which reports
+    attachment-denied and unsupported-traffic in status and sends no waypoint)."""
+    if b.fault is not None:
+        return b.fault.cause.gateway(target_namespace)
     if b.named is None or not (b.bound or b.outcome.fails_closed):
         return None
     return GatewayAddress(waypoint_hostname(b.named, domain), HBONE_PORT)
@@ -310,21 +381,21 @@ def assign_waypoints(model: Model, docs: Iterable[Any], problems: Iterable[str] 
     """The model with every Service's and Workload's ``waypoint`` set as istiod would
     (binding.py's rules over the Namespace/Service/Pod/Gateway documents), and the
     problems found (bad documents, refused bindings). What a lab or Kubernetes feed
-    calls before writing the model for the node tunnels. A broken document binds
-    nothing (as :func:`build_state`); the previous ``waypoint`` values are replaced."""
+    calls before writing the model for the node tunnels. What a broken document could
+    bind fails closed: its targets get an unresolved waypoint (binding.py
+    :class:`~agent.waypoint.binding.Fault`), which the tunnel refuses; the previous
+    ``waypoint`` values are replaced."""
     sorted_docs = _sort_documents(docs, problems)
     issues = sorted_docs.issues
     quiet = (binding.BindingOutcome.NOT_BOUND, binding.BindingOutcome.OPTED_OUT)
 
     def waypoint_of(kind: str, namespace: str, name: str) -> GatewayAddress | None:
-        if sorted_docs.is_broken(kind, namespace, name):
-            return None
         target = binding.Object(namespace, name, sorted_docs.labels(kind, namespace, name))
         b = (sorted_docs.bindings.for_service(target) if kind == "Service"
              else sorted_docs.bindings.for_workload(target))
         if b.reason and not b.bound and b.outcome not in quiet:
             issues.append(f"{kind} {namespace}/{name}: {b.outcome.value}: {b.reason}")
-        return _gateway_address(b, domain)
+        return _gateway_address(b, namespace, domain)
 
     services = [replace(s, waypoint=waypoint_of("Service", s.namespace, s.name))
                 for s in model.services]
@@ -336,12 +407,10 @@ def assign_waypoints(model: Model, docs: Iterable[Any], problems: Iterable[str] 
 def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
                 problems: Iterable[str] = ()) -> WaypointState:
     """Bind the model's services and workloads; compile routes and policies. Never
-    raises for bad documents: each is reported in ``problems`` and binds nothing (a
-    broken Service or Pod is not bound, a broken Namespace binds none of its objects,
-    a broken Gateway is no waypoint)."""
+    raises for bad documents: each is reported in ``problems`` and binds nothing here
+    (what it could bind is unresolved: not ours; the node tunnels refuse it)."""
     sorted_docs = _sort_documents(docs, problems)
     issues, by_kind = sorted_docs.issues, sorted_docs.by_kind
-    broken_ns, broken = sorted_docs.broken_ns, sorted_docs.broken
     waypoints, bindings = sorted_docs.waypoints, sorted_docs.bindings
     mine = next((w for w in waypoints if (w.namespace, w.name) == me), None)
     if mine is None:
@@ -354,8 +423,6 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
     bound_workloads: dict[str, Workload] = {}
     refused: dict[str, binding.Binding] = {}
     for svc in model.services:
-        if svc.namespace in broken_ns or ("Service", svc.namespace, svc.name) in broken:
-            continue
         doc = svc_docs.get((svc.namespace, svc.name), {})
         labels = _meta(doc)[2] if doc else {}
         b = bindings.for_service(binding.Object(svc.namespace, svc.name, labels))
@@ -372,8 +439,6 @@ def build_state(model: Model, docs: Iterable[Any], me: tuple[str, str],
             for vip in svc.vips:
                 destinations[(str(vip.address), port)] = Destination(proto, port, service=svc)
     for wl in model.workloads:
-        if wl.namespace in broken_ns or ("Pod", wl.namespace, wl.name) in broken:
-            continue
         doc = pod_docs.get((wl.namespace, wl.name), {})
         labels = _meta(doc)[2] if doc else {}
         b = bindings.for_workload(binding.Object(wl.namespace, wl.name, labels))

@@ -29,7 +29,7 @@ def test_every_outcome_carries_a_ztunnel_flag() -> None:
     assert [o for o in Outcome if o.opened] == [Outcome.OK, Outcome.RESET]
     assert {o for o in Outcome if o.policy_decision == "deny"} == {
         Outcome.DENIED, Outcome.REFUSED, Outcome.IDENTITY_ERROR, Outcome.TLS_FAILED,
-        Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP}
+        Outcome.NO_WAYPOINT, Outcome.WAYPOINT_LOOP, Outcome.WAYPOINT_UNRESOLVED}
     assert [p.value for p in TunnelPath if p.mtls] == ["hbone", "hbone-local", "waypoint"]
 
 
