@@ -13,6 +13,7 @@ pub mod control;
 pub mod guard;
 pub mod relay;
 pub mod server;
+pub mod sockets;
 pub mod spiffe;
 pub mod tls;
 
