@@ -25,7 +25,7 @@ from typing import Any
 
 import hpack
 import pytest
-from hbone_peers import LOOPBACK, hbone_server
+from hbone_peers import LOOPBACK, hbone_server, rss_kb
 from hyperframe.frame import (
     ContinuationFrame,
     Frame,
@@ -86,10 +86,7 @@ class FloodServer:
         return int(self.backend.address.rpartition(":")[2])
 
     def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return rss_kb(self.pid)
 
 
 @contextlib.asynccontextmanager
