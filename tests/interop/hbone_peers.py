@@ -38,10 +38,15 @@ class HboneServerProcess:
 
     def rss_kb(self) -> int:
         """The server process's resident set size, from /proc."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        return rss_kb(self.pid)
+
+
+def rss_kb(pid: int) -> int:
+    """A process's resident set size (KiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 @contextlib.asynccontextmanager

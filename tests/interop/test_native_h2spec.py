@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from hbone_peers import mtls_bridge
 from test_h2spec import (
     EXCLUDED,
@@ -40,28 +39,12 @@ NATIVE_EXCLUDED: dict[tuple[str, str], str] = {
         "Frames over the advertised 1 MiB do get GOAWAY FRAME_SIZE_ERROR (src/guard.rs).",
 }
 
-# Cases that pass or fail on a race in the native server, a KNOWN DEFECT (not a
-# CONNECT-only exemption): after GOAWAY FRAME_SIZE_ERROR the server drops the
-# connection at once, without a lingering close, so while h2spec's oversized DATA
-# frame is still arriving the kernel answers with RST, which can reach h2spec before
-# it has read the GOAWAY ("connection reset by peer"). The GOAWAY itself is right.
-# Fix: drain the socket after the GOAWAY before closing (docs/native-datapath.md).
-NATIVE_RACY: frozenset[tuple[str, str]] = frozenset({
-    ("http2/4.2", "Sends a large size DATA frame that exceeds the SETTINGS_MAX_FRAME_SIZE"),
-})
-
-
 def unexpected(outcomes: dict[tuple[str, str], str]) -> dict[tuple[str, str], str]:
     return {k: v for k, v in outcomes.items()
             if v != "passed" and k not in EXCLUDED and k not in NATIVE_EXCLUDED
-            and not (k in NATIVE_RACY and "FRAME_SIZE_ERROR" in v)
             and not (v == "skipped" and k in SKIPPED_BY_H2SPEC)}
 
 
-@pytest.mark.xfail(
-    reason=("known defect: no lingering close after a GOAWAY, so an RST can overtake it "
-            "(docs/native-datapath.md); not yet the production path"),
-    strict=False)
 def test_h2spec_against_native_server(tmp_path: Path) -> None:
     binary = h2spec_binary()
     store = IdentityStore(init_ca(tmp_path / "ca", TRUST_DOMAIN))

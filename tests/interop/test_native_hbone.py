@@ -728,13 +728,6 @@ def test_rapid_reset_never_dials(store: IdentityStore, tmp_path: Path) -> None:
     run(main())
 
 
-LINGERING_CLOSE_DEFECT = pytest.mark.xfail(
-    reason=("known defect: no lingering close after a GOAWAY, so an RST can overtake it "
-            "(docs/native-datapath.md); not yet the production path"),
-    strict=False)
-
-
-@LINGERING_CLOSE_DEFECT
 def test_ping_flood_goaway(store: IdentityStore, tmp_path: Path) -> None:
     async def main() -> None:
         async with target() as dest, native_server(store, tmp_path, dest) as dp:
@@ -800,7 +793,6 @@ def test_streams_over_the_limit_refused(store: IdentityStore, tmp_path: Path) ->
     run(main())
 
 
-@LINGERING_CLOSE_DEFECT
 def test_continuation_flood_goaway(store: IdentityStore, tmp_path: Path) -> None:
     """A header block that never ends (HEADERS then endless CONTINUATION) is cut off with
     GOAWAY ENHANCE_YOUR_CALM long before it could grow large (issue 11 #6); the native

@@ -75,9 +75,13 @@ class NativeDatapath:
     """One ``meshagent-datapath`` process. Side effects: starts a process (binds its
     listeners); :meth:`stop` (or leaving the ``async with``) ends it."""
 
-    def __init__(self, config: DatapathConfig, binary: Path | None = None) -> None:
+    def __init__(self, config: DatapathConfig, binary: Path | None = None,
+                 netns: str | None = None) -> None:
+        """``netns``: run the process in that named network namespace (``ip netns
+        exec``), as the node's datapath runs in the node's."""
         self.config = config
         self.binary = binary
+        self.netns = netns
         self.ready: Ready | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
@@ -101,8 +105,9 @@ class NativeDatapath:
 
     async def start(self, timeout: float = 10.0) -> Ready:
         binary = self.binary or binary_path()
+        prefix = ("ip", "netns", "exec", self.netns) if self.netns else ()
         self._proc = await asyncio.create_subprocess_exec(
-            str(binary), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            *prefix, str(binary), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, limit=1 << 20)
         assert self._proc.stdin is not None
         self._proc.stdin.write(self.config.to_json().encode() + b"\n")

@@ -33,16 +33,22 @@ class InboundListener:
     key: str
     destinations: Sequence[str] = ()  # empty: only the connection's own address
     allowed_peers: Sequence[str] = ()  # SPIFFE URIs; empty: the whole trust domain
+    # IP_TRANSPARENT listener; each destination dialed from the client's address.
+    transparent: bool = False
 
 
 @dataclass(frozen=True)
 class OutboundListener:
-    """Plain TCP in, a CONNECT stream to ``authority`` via the HBONE ``peer`` out."""
+    """Plain TCP in, a CONNECT stream to ``authority`` via the HBONE ``peer`` out.
+
+    ``transparent``: an IP_TRANSPARENT listener for redirected traffic (15001); then
+    ``authority`` is None and each connection's original destination is used, and the
+    HBONE connection is made from the client's own address."""
 
     name: str
     listen: str
     peer: str
-    authority: str
+    authority: str | None
     cert: str
     key: str
     peer_identities: Sequence[str] = ()
@@ -50,6 +56,7 @@ class OutboundListener:
     forwarded_for: bool = True
     pool_idle_ms: int | None = None  # None: 60 s, as the Python pool
     keepalive_ms: int | None = None  # None: PING every 30 s, answered within 10 s
+    transparent: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class DatapathConfig:
     # "per_core": a single-threaded runtime per worker, SO_REUSEPORT listeners and a pool
     # each (a connection stays on one thread); "multi_thread": one work-stealing runtime.
     runtime: str = "per_core"
+    mark: int | None = None  # SO_MARK on every socket the datapath opens
 
     def to_json(self) -> str:
         """The configuration message: one line, no newline inside."""
@@ -71,14 +79,17 @@ class DatapathConfig:
             "roots": self.roots,
             "workers": self.workers,
             "runtime": self.runtime,
+            "mark": self.mark,
             "inbound": [{"name": i.name, "listen": i.listen, "cert": i.cert, "key": i.key,
                          "destinations": list(i.destinations),
-                         "allowed_peers": list(i.allowed_peers)} for i in self.inbound],
+                         "allowed_peers": list(i.allowed_peers),
+                         "transparent": i.transparent} for i in self.inbound],
             "outbound": [{"name": o.name, "listen": o.listen, "peer": o.peer,
                           "authority": o.authority, "cert": o.cert, "key": o.key,
                           "peer_identities": list(o.peer_identities),
                           "baggage": o.baggage, "forwarded_for": o.forwarded_for,
-                          "pool_idle_ms": o.pool_idle_ms, "keepalive_ms": o.keepalive_ms}
+                          "pool_idle_ms": o.pool_idle_ms, "keepalive_ms": o.keepalive_ms,
+                          "transparent": o.transparent}
                          for o in self.outbound],
         }, separators=(",", ":"))
 

@@ -2,13 +2,15 @@
 //! connection to the destination's HBONE peer.
 //!
 //! As ztunnel src/proxy/pool.rs and src/proxy/h2/client.rs: connections are pooled per
-//! (peer address, identity presented, identity expected); a stream goes on the pooled
+//! [`WorkloadKey`] (source address, identity presented, peer address, identities
+//! expected: ztunnel's `WorkloadKey`); a stream goes on the pooled
 //! connection with the fewest streams that still has room (the peer's
 //! MAX_CONCURRENT_STREAMS, at most ours), otherwise a new connection is made; broken
 //! connections are dropped from the pool. Each connection is driven by its own task,
 //! so many connections spread over all runtime workers.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ use crate::config::OutboundListener;
 use crate::control::{emit, ConnectionEvent, Direction, Event, Outcome};
 use crate::relay::{abort_tcp, relay, Counts};
 use crate::settings::*;
+use crate::sockets::SocketOptions;
 use crate::tls;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,11 +73,26 @@ impl Default for PoolTimers {
 /// Streams on one pooled connection are capped at this (the Python pool's limit).
 const MAX_STREAMS_PER_CONNECTION: usize = MAX_CONCURRENT_STREAMS as usize;
 
+/// What a pooled connection is shared by: streams from the same source address (the
+/// outer connection is bound to it on a transparent listener; None otherwise), under the
+/// same presented identity, to the same peer, expecting the same identities. ztunnel
+/// src/proxy/pool.rs `WorkloadKey` (src, src_id, dst, dst_id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadKey {
+    pub src: Option<IpAddr>,
+    pub src_id: Arc<str>,
+    pub dst: SocketAddr,
+    pub dst_id: Arc<[String]>,
+}
+
 pub struct Pool {
     peer: SocketAddr,
     connector: TlsConnector,
-    conns: Mutex<Vec<Pooled>>,
+    conns: Mutex<HashMap<WorkloadKey, Vec<Pooled>>>,
     timers: PoolTimers,
+    sockets: SocketOptions,
+    src_id: Arc<str>,
+    dst_id: Arc<[String]>,
 }
 
 /// A claimed stream slot; gives the slot back when dropped.
@@ -86,15 +104,23 @@ impl Drop for Slot {
 }
 
 impl Pool {
-    pub fn new(peer: SocketAddr, connector: TlsConnector, timers: PoolTimers) -> Self {
-        Pool { peer, connector, conns: Mutex::new(Vec::new()), timers }
+    /// A pool to `peer`, presenting `src_id` (the connector's certificate) and
+    /// expecting `dst_id` (empty: any identity of the trust domain).
+    pub fn new(peer: SocketAddr, connector: TlsConnector, timers: PoolTimers, sockets: SocketOptions, src_id: &str, dst_id: &[String]) -> Self {
+        Pool { peer, connector, conns: Mutex::new(HashMap::new()), timers, sockets, src_id: src_id.into(), dst_id: dst_id.into() }
     }
 
-    async fn connect(&self) -> Result<Pooled, String> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.peer))
+    /// The key of a stream from `src` (None: the outer connection's source is ours).
+    pub fn key(&self, src: Option<IpAddr>) -> WorkloadKey {
+        WorkloadKey { src, src_id: self.src_id.clone(), dst: self.peer, dst_id: self.dst_id.clone() }
+    }
+
+    async fn connect(&self, key: &WorkloadKey) -> Result<Pooled, String> {
+        let from = key.src.map(|ip| format!(" from {ip}")).unwrap_or_default();
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.sockets.dial(self.peer, key.src))
             .await
-            .map_err(|_| format!("connect {}: timed out", self.peer))?
-            .map_err(|e| format!("connect {}: {e}", self.peer))?;
+            .map_err(|_| format!("connect {}{from}: timed out", self.peer))?
+            .map_err(|e| format!("connect {}{from}: {e}", self.peer))?;
         let _ = tcp.set_nodelay(true);
         // The name is never checked (SPIFFE verifier); rustls needs one for the API.
         let name = ServerName::IpAddress(self.peer.ip().into());
@@ -150,10 +176,14 @@ impl Pool {
         Ok(Pooled { send, active, alive })
     }
 
-    /// A ready sender and a claimed slot on a pooled (or new) connection.
-    pub async fn checkout(&self) -> Result<(SendRequest<Bytes>, Slot), String> {
-        let mut conns = self.conns.lock().await;
-        conns.retain(|c| c.alive.load(Ordering::Acquire));
+    /// A ready sender and a claimed slot on a pooled (or new) connection for `key`.
+    pub async fn checkout(&self, key: WorkloadKey) -> Result<(SendRequest<Bytes>, Slot), String> {
+        let mut all = self.conns.lock().await;
+        all.retain(|_, conns| {
+            conns.retain(|c| c.alive.load(Ordering::Acquire));
+            !conns.is_empty()
+        });
+        let conns = all.entry(key.clone()).or_default();
         let claim = |a: &AtomicUsize| a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS_PER_CONNECTION).then_some(n + 1)).is_ok();
         let mut candidates: Vec<&Pooled> = conns.iter().filter(|c| c.send.current_max_send_streams() > c.active.load(Ordering::Acquire)).collect();
         candidates.sort_by_key(|c| c.active.load(Ordering::Acquire));
@@ -167,14 +197,14 @@ impl Pool {
         let (send, active) = match picked {
             Some(p) => p,
             None => {
-                let c = self.connect().await?;
+                let c = self.connect(&key).await?;
                 c.active.fetch_add(1, Ordering::AcqRel);
                 let pair = (c.send.clone(), c.active.clone());
                 conns.push(c);
                 pair
             }
         };
-        drop(conns);
+        drop(all);
         let slot = Slot(active);
         let send = send.ready().await.map_err(|e| format!("HBONE connection to {} not usable: {e}", self.peer))?;
         Ok((send, slot))
@@ -214,13 +244,19 @@ pub fn new_traceparent() -> String {
 async fn handle(tcp: TcpStream, client: SocketAddr, outbound: Arc<Outbound>) {
     let started = Instant::now();
     let cfg = &outbound.cfg;
+    // Transparent: the original destination (TPROXY keeps it as our local address),
+    // and the outer connection from the client's own address.
+    let (authority, source) = match (cfg.transparent, cfg.authority) {
+        (false, Some(a)) => (Ok(a), None),
+        _ => (tcp.local_addr().map_err(|e| format!("original destination: {e}")), Some(client.ip())),
+    };
     let traceparent = new_traceparent();
     let forwarded = cfg.forwarded_for.then(|| format_forwarded_for(&client.ip()));
     let mut event = ConnectionEvent {
         direction: Direction::Outbound,
         listener: cfg.name.clone(),
         src: client.to_string(),
-        dst: format_authority(&cfg.authority),
+        dst: authority.as_ref().map(format_authority).unwrap_or_default(),
         peer_identity: None,
         outcome: Outcome::ConnectFailed,
         status: 0,
@@ -236,7 +272,15 @@ async fn handle(tcp: TcpStream, client: SocketAddr, outbound: Arc<Outbound>) {
         event.duration_us = started.elapsed().as_micros() as u64;
         emit(Event::Connection(event));
     };
-    let (mut send, _slot) = match outbound.pool.checkout().await {
+    let authority = match authority {
+        Ok(a) => a,
+        Err(e) => {
+            event.reason = Some(e);
+            abort_tcp(&tcp);
+            return finish(event);
+        }
+    };
+    let (mut send, _slot) = match outbound.pool.checkout(outbound.pool.key(source)).await {
         Ok(x) => x,
         Err(e) => {
             event.reason = Some(e);
@@ -244,7 +288,7 @@ async fn handle(tcp: TcpStream, client: SocketAddr, outbound: Arc<Outbound>) {
             return finish(event);
         }
     };
-    let mut req = Request::builder().method(Method::CONNECT).uri(format_authority(&cfg.authority));
+    let mut req = Request::builder().method(Method::CONNECT).uri(format_authority(&authority));
     if let Some(f) = &forwarded {
         req = req.header("forwarded", f);
     }

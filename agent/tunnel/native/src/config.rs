@@ -21,6 +21,10 @@ pub struct Config {
     /// How the workers share the work (default: per_core).
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// `SO_MARK` on every socket the datapath opens (listeners, HBONE connections,
+    /// dials), so the node's redirect rules leave the datapath's own traffic alone.
+    #[serde(default)]
+    pub mark: Option<u32>,
     #[serde(default)]
     pub inbound: Vec<InboundListener>,
     #[serde(default)]
@@ -55,6 +59,11 @@ pub struct InboundListener {
     /// Peer identities allowed to connect (empty: any identity of the trust domain).
     #[serde(default)]
     pub allowed_peers: Vec<String>,
+    /// `IP_TRANSPARENT` listener (connections redirected to it keep their original
+    /// destination), and each destination is dialed from the client's address (the
+    /// HBONE peer's, which is the source pod's), as ztunnel's inbound does.
+    #[serde(default)]
+    pub transparent: bool,
 }
 
 /// A plain TCP listener whose connections become CONNECT streams to an HBONE peer.
@@ -65,8 +74,15 @@ pub struct OutboundListener {
     pub listen: SocketAddr,
     /// The HBONE peer (ip:15008).
     pub peer: SocketAddr,
-    /// `:authority` of the CONNECT: the destination behind the peer.
-    pub authority: SocketAddr,
+    /// `:authority` of the CONNECT: the destination behind the peer. Absent exactly
+    /// when `transparent`: then each connection's original destination.
+    #[serde(default)]
+    pub authority: Option<SocketAddr>,
+    /// `IP_TRANSPARENT` listener for redirected pod traffic (15001): the `:authority`
+    /// is the accepted socket's original destination (`getsockname()`), and the outer
+    /// HBONE connection is bound to the client's (source pod's) address.
+    #[serde(default)]
+    pub transparent: bool,
     pub cert: PathBuf,
     pub key: PathBuf,
     /// SPIFFE IDs the peer may present (empty: any identity of the trust domain).
@@ -100,6 +116,44 @@ impl Config {
                 cfg.version
             ));
         }
+        for l in &cfg.outbound {
+            match (l.transparent, l.authority) {
+                (true, Some(a)) => return Err(format!("outbound {}: a transparent listener takes each connection's original destination; remove \"authority\" ({a})", l.name)),
+                (false, None) => return Err(format!("outbound {}: \"authority\" is required unless the listener is transparent", l.name)),
+                _ => {}
+            }
+        }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#""version":1,"trust_domain":"cluster.local","roots":"/r""#;
+
+    fn outbound(extra: &str) -> String {
+        format!(r#"{{{BASE},"mark":1336,"outbound":[{{"name":"o","listen":"0.0.0.0:15001","peer":"10.0.0.2:15008","cert":"c","key":"k"{extra}}}]}}"#)
+    }
+
+    #[test]
+    fn transparent_fields() {
+        let cfg = Config::parse(&outbound(r#","transparent":true"#)).unwrap();
+        assert_eq!(cfg.mark, Some(1336));
+        assert!(cfg.outbound[0].transparent && cfg.outbound[0].authority.is_none());
+        assert!(Config::parse(&outbound(r#","authority":"10.1.1.1:80""#)).unwrap().outbound[0].authority.is_some());
+    }
+
+    #[test]
+    fn authority_exactly_when_not_transparent() {
+        assert!(Config::parse(&outbound("")).unwrap_err().contains("required unless"));
+        assert!(Config::parse(&outbound(r#","transparent":true,"authority":"10.1.1.1:80""#)).unwrap_err().contains("remove"));
+    }
+
+    #[test]
+    fn unknown_fields_still_refused() {
+        assert!(Config::parse(&outbound(r#","transparent":true,"tproxy":true"#)).unwrap_err().contains("unknown field"));
+        assert!(Config::parse(&format!(r#"{{{BASE},"marks":1}}"#)).unwrap_err().contains("unknown field"));
     }
 }

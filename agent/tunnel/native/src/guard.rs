@@ -12,6 +12,7 @@
 //! [`CONTROL_WINDOW`] (Go x/net/http2 bounds queued control frames at 10,000; the
 //! Python implementation `agent/hbone/connection.py` uses the same number).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +21,19 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 pub const CLIENT_PREFACE_LEN: usize = 24;
 pub const FRAME_HEADER_LEN: usize = 9;
 pub const MAX_CONTROL_FRAMES_PER_WINDOW: u32 = 10_000;
 pub const CONTROL_WINDOW: Duration = Duration::from_secs(10);
+/// Lingering close: after our side of the transport is shut down (GOAWAY sent, then
+/// close_notify and FIN), input is read and discarded for at most this long or this
+/// many bytes, or until the peer's EOF, so that unread input does not make the kernel
+/// answer with an RST that overtakes the GOAWAY at the peer. The Python server's
+/// bounds (`agent/hbone/session.py` `GOAWAY_LINGER_SECONDS`, `GOAWAY_LINGER_BYTES`).
+pub const LINGER_TIME: Duration = Duration::from_secs(1);
+pub const LINGER_BYTES: usize = 4 * 1024 * 1024;
 
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
@@ -142,15 +151,44 @@ impl Tripwire {
 
 /// An I/O wrapper that feeds every received byte to a [`FrameGuard`]. After a
 /// violation it delivers no more input (the connection task then sends GOAWAY).
+/// Its shutdown is a lingering close (see [`LINGER_TIME`]): h2 shuts the transport
+/// down after its GOAWAY (its own error GOAWAY, or the one the guard asked for), and
+/// the shutdown completes only once the peer's EOF, the deadline or the byte bound is
+/// reached.
 pub struct GuardedIo<T> {
     inner: T,
     guard: FrameGuard,
     wire: Tripwire,
+    linger: Option<Linger>,
+}
+
+struct Linger {
+    deadline: Pin<Box<Sleep>>,
+    discarded: usize,
 }
 
 impl<T> GuardedIo<T> {
     pub fn new(inner: T, wire: Tripwire) -> Self {
-        GuardedIo { inner, guard: FrameGuard::new(CLIENT_PREFACE_LEN), wire }
+        GuardedIo { inner, guard: FrameGuard::new(CLIENT_PREFACE_LEN), wire, linger: None }
+    }
+}
+
+impl<T: AsyncRead + Unpin> GuardedIo<T> {
+    /// Read and discard until EOF, a read error, the deadline or [`LINGER_BYTES`].
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let linger = self.linger.get_or_insert_with(|| Linger { deadline: Box::pin(tokio::time::sleep(LINGER_TIME)), discarded: 0 });
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            if linger.deadline.as_mut().poll(cx).is_ready() || linger.discarded >= LINGER_BYTES {
+                return Poll::Ready(());
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => linger.discarded += buf.filled().len(),
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -173,7 +211,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -187,7 +225,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if this.linger.is_none() {
+            // Our GOAWAY (flushed by h2 before it shuts down), close_notify, FIN.
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+        }
+        std::task::ready!(this.poll_linger(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -252,5 +296,57 @@ mod size_tests {
         assert_eq!(violation_code(&v.0), h2::Reason::FRAME_SIZE_ERROR);
         let ok = [0x10, 0x00, 0x00, 0x0, 0x0, 0, 0, 0, 1]; // exactly 1 MiB
         assert!(FrameGuard::new(0).feed(&ok, Instant::now()).is_none());
+    }
+}
+
+#[cfg(test)]
+mod linger_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer still sending when we shut down: its bytes are read (not left to make the
+    /// kernel reset the connection), it sees our EOF, and the shutdown completes at its
+    /// EOF.
+    #[tokio::test]
+    async fn shutdown_reads_until_the_peer_closes() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mut io = GuardedIo::new(ours, Tripwire::default());
+        let (mut their_rd, mut their_wr) = tokio::io::split(theirs);
+        let peer = tokio::spawn(async move {
+            // 1 MiB through a 64 KiB pipe: completes only if we keep reading.
+            their_wr.write_all(&vec![0u8; 1024 * 1024]).await.unwrap();
+            let mut rest = Vec::new();
+            their_rd.read_to_end(&mut rest).await.unwrap(); // our EOF arrives
+            their_wr.shutdown().await.unwrap();
+        });
+        io.shutdown().await.unwrap();
+        peer.await.unwrap();
+        assert!(io.linger.as_ref().map(|l| l.discarded) == Some(1024 * 1024));
+    }
+
+    /// A peer that neither closes nor sends: the shutdown still completes (deadline).
+    #[tokio::test]
+    async fn shutdown_is_bounded_when_the_peer_stays() {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        let mut io = GuardedIo::new(ours, Tripwire::default());
+        let done = tokio::time::timeout(LINGER_TIME * 5, io.shutdown()).await;
+        assert!(matches!(done, Ok(Ok(()))));
+    }
+
+    /// A peer that sends without end: the byte bound ends the linger.
+    #[tokio::test]
+    async fn shutdown_is_bounded_in_bytes() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let mut io = GuardedIo::new(ours, Tripwire::default());
+        let (_their_rd, mut their_wr) = tokio::io::split(theirs);
+        let flood = tokio::spawn(async move {
+            let chunk = vec![0u8; 64 * 1024];
+            while their_wr.write_all(&chunk).await.is_ok() {}
+        });
+        io.shutdown().await.unwrap();
+        let discarded = io.linger.as_ref().map(|l| l.discarded).unwrap();
+        assert!(discarded >= LINGER_BYTES || io.linger.as_mut().unwrap().deadline.is_elapsed());
+        drop(io);
+        flood.await.unwrap();
     }
 }

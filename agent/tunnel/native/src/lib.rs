@@ -14,6 +14,7 @@ pub mod guard;
 pub mod policy;
 pub mod relay;
 pub mod server;
+pub mod sockets;
 pub mod spiffe;
 pub mod tls;
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use meshagent_datapath::config::{Config, InboundListener, OutboundListener, RuntimeKind};
 use meshagent_datapath::control::{self, emit, Event};
+use meshagent_datapath::sockets::SocketOptions;
 use meshagent_datapath::spiffe::parse_spiffe_id;
 use meshagent_datapath::{client, server, tls};
 
@@ -40,7 +41,8 @@ fn read_config_line() -> String {
 /// Everything a worker needs, built once: TLS configs are shared, pools are per worker.
 struct Plan {
     inbound: Vec<(InboundListener, tokio_rustls::TlsAcceptor)>,
-    outbound: Vec<(OutboundListener, tokio_rustls::TlsConnector, client::PoolTimers)>,
+    outbound: Vec<(OutboundListener, tokio_rustls::TlsConnector, client::PoolTimers, String)>,
+    sockets: SocketOptions,
 }
 
 fn plan(cfg: &Config) -> Plan {
@@ -54,6 +56,7 @@ fn plan(cfg: &Config) -> Plan {
     let mut outbound = Vec::new();
     for l in &cfg.outbound {
         let identity = tls::WorkloadIdentity::load(&l.cert, &l.key).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
+        let src_id = tls::peer_identity(Some(&identity.chain)).map(|id| id.to_string()).unwrap_or_else(|| fail(format!("outbound {}: {} has no SPIFFE identity", l.name, l.cert.display())));
         let expected = l.peer_identities.iter().map(|s| parse_spiffe_id(s)).collect::<Result<Vec<_>, _>>().unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let cc = tls::client_config(identity, roots.clone(), &cfg.trust_domain, expected).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let mut timers = client::PoolTimers::default();
@@ -63,24 +66,17 @@ fn plan(cfg: &Config) -> Plan {
         if let Some(ms) = l.keepalive_ms {
             timers.keepalive_interval = Duration::from_millis(ms.max(1));
         }
-        outbound.push((l.clone(), tokio_rustls::TlsConnector::from(Arc::new(cc)), timers));
+        outbound.push((l.clone(), tokio_rustls::TlsConnector::from(Arc::new(cc)), timers, src_id));
     }
-    Plan { inbound, outbound }
+    Plan { inbound, outbound, sockets: SocketOptions { mark: cfg.mark } }
 }
 
 /// `copies` listening sockets on `addr` (SO_REUSEPORT; the first decides a port 0).
-fn bind(addr: SocketAddr, copies: usize, what: &str) -> Vec<std::net::TcpListener> {
+fn bind(sockets: &SocketOptions, addr: SocketAddr, transparent: bool, copies: usize, what: &str) -> Vec<std::net::TcpListener> {
     let mut out = Vec::new();
     let mut addr = addr;
     for _ in 0..copies {
-        let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
-            .unwrap_or_else(|e| fail(format!("{what}: socket: {e}")));
-        let _ = sock.set_reuse_address(true);
-        sock.set_reuse_port(true).unwrap_or_else(|e| fail(format!("{what}: SO_REUSEPORT: {e}")));
-        sock.bind(&addr.into()).unwrap_or_else(|e| fail(format!("{what}: bind {addr}: {e}")));
-        sock.listen(1024).unwrap_or_else(|e| fail(format!("{what}: listen: {e}")));
-        sock.set_nonblocking(true).unwrap_or_else(|e| fail(format!("{what}: {e}")));
-        let listener: std::net::TcpListener = sock.into();
+        let listener = sockets.listener(addr, transparent).unwrap_or_else(|e| fail(format!("{what}: {e}")));
         if addr.port() == 0 {
             addr = listener.local_addr().unwrap_or_else(|e| fail(format!("{what}: {e}")));
         }
@@ -93,12 +89,12 @@ fn bind(addr: SocketAddr, copies: usize, what: &str) -> Vec<std::net::TcpListene
 fn spawn_listeners(plan: &Plan, inbound: Vec<std::net::TcpListener>, outbound: Vec<std::net::TcpListener>) {
     for ((l, acceptor), sock) in plan.inbound.iter().zip(inbound) {
         let listener = tokio::net::TcpListener::from_std(sock).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
-        let inbound = Arc::new(server::Inbound { cfg: Arc::new(l.clone()), acceptor: acceptor.clone() });
+        let inbound = Arc::new(server::Inbound { cfg: Arc::new(l.clone()), acceptor: acceptor.clone(), sockets: plan.sockets });
         tokio::spawn(server::serve(listener, inbound));
     }
-    for ((l, connector, timers), sock) in plan.outbound.iter().zip(outbound) {
+    for ((l, connector, timers, src_id), sock) in plan.outbound.iter().zip(outbound) {
         let listener = tokio::net::TcpListener::from_std(sock).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
-        let pool = client::Pool::new(l.peer, connector.clone(), *timers);
+        let pool = client::Pool::new(l.peer, connector.clone(), *timers, plan.sockets, src_id, &l.peer_identities);
         tokio::spawn(client::serve(listener, Arc::new(client::Outbound { cfg: l.clone(), pool })));
     }
 }
@@ -127,14 +123,14 @@ fn main() {
     let mut inbound: Vec<Vec<std::net::TcpListener>> = (0..copies).map(|_| Vec::new()).collect();
     let mut outbound: Vec<Vec<std::net::TcpListener>> = (0..copies).map(|_| Vec::new()).collect();
     for (l, _) in &plan.inbound {
-        let socks = bind(l.listen, copies, &format!("inbound {}", l.name));
+        let socks = bind(&plan.sockets, l.listen, l.transparent, copies, &format!("inbound {}", l.name));
         bound.insert(l.name.clone(), socks[0].local_addr().map(|a| a.to_string()).unwrap_or_default());
         for (i, s) in socks.into_iter().enumerate() {
             inbound[i].push(s);
         }
     }
-    for (l, _, _) in &plan.outbound {
-        let socks = bind(l.listen, copies, &format!("outbound {}", l.name));
+    for (l, _, _, _) in &plan.outbound {
+        let socks = bind(&plan.sockets, l.listen, l.transparent, copies, &format!("outbound {}", l.name));
         bound.insert(l.name.clone(), socks[0].local_addr().map(|a| a.to_string()).unwrap_or_default());
         for (i, s) in socks.into_iter().enumerate() {
             outbound[i].push(s);

@@ -22,6 +22,7 @@ use crate::control::{emit, ConnectionEvent, Direction, Event, Outcome};
 use crate::guard::{GuardedIo, Tripwire};
 use crate::relay::{relay, Counts};
 use crate::settings::*;
+use crate::sockets::SocketOptions;
 use crate::spiffe::SpiffeId;
 use crate::tls;
 
@@ -31,6 +32,7 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Inbound {
     pub cfg: Arc<InboundListener>,
     pub acceptor: TlsAcceptor,
+    pub sockets: SocketOptions,
 }
 
 pub fn h2_server_builder() -> h2::server::Builder {
@@ -82,12 +84,11 @@ pub async fn serve_connection(tcp: TcpStream, peer: SocketAddr, inbound: Arc<Inb
     if !inbound.cfg.allowed_peers.is_empty() && !inbound.cfg.allowed_peers.contains(&peer_id.to_string()) {
         return Err(format!("peer {peer_id} is not allowed on this listener"));
     }
-    let cfg = inbound.cfg.clone();
-    serve_h2(tls, peer, local, peer_id, cfg).await
+    serve_h2(tls, peer, local, peer_id, inbound.cfg.clone(), inbound.sockets).await
 }
 
 /// HTTP/2 over an established (TLS) transport: the part the fuzz test drives directly.
-pub async fn serve_h2<T>(io: T, peer: SocketAddr, local: SocketAddr, peer_id: SpiffeId, cfg: Arc<InboundListener>) -> Result<(), String>
+pub async fn serve_h2<T>(io: T, peer: SocketAddr, local: SocketAddr, peer_id: SpiffeId, cfg: Arc<InboundListener>, sockets: SocketOptions) -> Result<(), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -109,7 +110,7 @@ where
         .await;
         match next {
             Some(Ok((req, respond))) => {
-                tokio::spawn(handle_stream(req, respond, peer, local, peer_id.clone(), cfg.clone()));
+                tokio::spawn(handle_stream(req, respond, peer, local, peer_id.clone(), cfg.clone(), sockets));
             }
             Some(Err(e)) => {
                 return match wire.tripped() {
@@ -149,7 +150,7 @@ pub fn check_request(method: &Method, authority: Option<&str>, has_protocol: boo
     Ok(target)
 }
 
-async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer: SocketAddr, local: SocketAddr, peer_id: Arc<SpiffeId>, cfg: Arc<InboundListener>) {
+async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, peer: SocketAddr, local: SocketAddr, peer_id: Arc<SpiffeId>, cfg: Arc<InboundListener>, sockets: SocketOptions) {
     let started = Instant::now();
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let has_protocol = req.extensions().get::<h2::ext::Protocol>().is_some();
@@ -187,7 +188,8 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
     let dialed = tokio::select! {
         biased;
         _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
-        r = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(target)) => Some(r),
+        // Transparent: from the client's address (the HBONE peer's: the source pod's).
+        r = tokio::time::timeout(DIAL_TIMEOUT, sockets.dial(target, cfg.transparent.then(|| peer.ip()))) => Some(r),
     };
     let tcp = match dialed {
         None => {

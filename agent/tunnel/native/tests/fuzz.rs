@@ -13,6 +13,7 @@ use meshagent_datapath::authority::{format_authority, parse_authority};
 use meshagent_datapath::config::InboundListener;
 use meshagent_datapath::guard::{FrameGuard, CLIENT_PREFACE_LEN};
 use meshagent_datapath::server::serve_h2;
+use meshagent_datapath::sockets::SocketOptions;
 use meshagent_datapath::spiffe::SpiffeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -209,6 +210,7 @@ fn fuzz_h2_server() {
         key: "-".into(),
         destinations: vec!["127.0.0.1:1".parse().unwrap()],
         allowed_peers: vec![],
+        transparent: false,
     });
     let peer_id = SpiffeId { trust_domain: "cluster.local".into(), namespace: "fuzz".into(), service_account: "fuzz".into() };
     let started = Instant::now();
@@ -226,7 +228,7 @@ fn fuzz_h2_server() {
             let (client, server) = tokio::io::duplex(64 * 1024);
             let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
             let local: SocketAddr = "127.0.0.1:15008".parse().unwrap();
-            let srv = tokio::spawn(serve_h2(server, peer, local, peer_id, cfg));
+            let srv = tokio::spawn(serve_h2(server, peer, local, peer_id, cfg, SocketOptions::default()));
             let (mut rd, mut wr) = tokio::io::split(client);
             let writer = tokio::spawn(async move {
                 let _ = wr.write_all(&input).await;
