@@ -46,6 +46,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet, Raw
 
 from agent.datapath.drop_reasons import DropReason
+from agent.datapath.testrun import RunResult
 
 pytestmark = pytest.mark.privileged
 
@@ -69,7 +70,8 @@ def _inner_v4(src: str, dst: str) -> Packet:
     return IP(src=src, dst=dst) / _syn()
 
 
-def run(dp: Harness, direction: str, build: Build, v6: bool = False) -> tuple[Packet, object]:
+def run(dp: Harness, direction: str, build: Build,
+        v6: bool = False) -> tuple[Packet, RunResult]:
     pod, remote = (POD_V6, REMOTE_V6) if v6 else (POD_V4, REMOTE_V4)
     if direction == "from_pod":
         frame = build(from_pod_eth(), pod, remote)

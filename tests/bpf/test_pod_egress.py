@@ -7,6 +7,8 @@ mock that records the socket in ma_test_assigned.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from bpf_harness import (
     AF_INET,
@@ -232,7 +234,7 @@ def test_address_of_another_pod_is_accepted_from_that_pods_veth(dp: Harness) -> 
 
 # -- malformed and fragments ---------------------------------------------------
 
-def _v4(**fields: object) -> Packet:
+def _v4(**fields: Any) -> Packet:
     return from_pod_eth() / IP(src=POD_V4, dst=REMOTE_V4, **fields)
 
 

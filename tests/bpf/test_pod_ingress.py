@@ -8,6 +8,7 @@ verdict and the rewritten frame without performing the redirect.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from bpf_harness import (
@@ -151,7 +152,7 @@ def test_listener_on_the_port_does_not_own_a_segment(dp: Harness) -> None:
     assert_untouched(dp, dp.to_pod(frame), frame)
 
 
-def _v4(**fields: object) -> Packet:
+def _v4(**fields: Any) -> Packet:
     return to_pod_eth() / IP(src=REMOTE_V4, dst=POD_V4, **fields)
 
 

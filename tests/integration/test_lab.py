@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
 LAB = LabSpec(letter="t", mode=None)
 REPO = Path(__file__).resolve().parents[2]
-PORT = 18080  # programs/lab_echo_server.py
+PORT = 18080  # programs/peer_echo_server.py --name
 
 
 def _ip_netns_list() -> str:
@@ -59,7 +59,7 @@ def plan(prefix: str) -> LabPlan:
 
 @contextlib.contextmanager
 def _server(plan: LabPlan, pod: str, count: int) -> Iterator[subprocess.Popen[str]]:
-    argv = [*program("lab_echo_server"), pod, str(PORT), str(count)]
+    argv = [*program("peer_echo_server"), str(PORT), "--name", pod, "--count", str(count)]
     with spawned(plan.pod(pod).netns, argv) as proc:
         line = read_line(proc, 10)
         assert line, "echo server did not start within 10 s"

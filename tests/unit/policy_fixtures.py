@@ -31,6 +31,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Sequence
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,8 @@ def loader_cases() -> list[Json]:
     import test_policy_loader as loader
 
     good = loader.ALLOW_SLEEP.replace("allow-sleep", "good")
-    connections = [connection_json(ConnectionRequest("10.0.0.5", identity, "10.1.0.7", 8080,
-                                                     workload))
+    connections = [connection_json(ConnectionRequest(ip_address("10.0.0.5"), identity,
+                                                     ip_address("10.1.0.7"), 8080, workload))
                    for identity, workload in ((loader.OTHER, loader.HTTPBIN),
                                               (loader.SLEEP, loader.HTTPBIN),
                                               (None, loader.BAR))]
@@ -197,8 +198,9 @@ SLEEP = "spiffe://cluster.local/ns/foo/sa/sleep"
 def _conn(src_ip: str | None = "10.0.0.5", identity: str | None = SLEEP,
           dst_ip: str = "10.1.0.7", port: int = 8080,
           workload: WorkloadRef = HTTPBIN) -> Json:
-    return connection_json(ConnectionRequest(src_ip, identity, dst_ip, port, workload),
-                           src_ip=src_ip)
+    source = None if src_ip is None else ip_address(src_ip)
+    return connection_json(ConnectionRequest(source, identity, ip_address(dst_ip), port,
+                                             workload), src_ip=src_ip)
 
 
 # (name, documents, [(connection, expected allowed)]): cases the native engine must get

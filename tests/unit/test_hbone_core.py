@@ -297,6 +297,7 @@ def test_oversized_frame_refused_at_its_header() -> None:
     # A DATA frame header announcing 8 MiB; only the header is sent.
     header = (8 * 1024 * 1024).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
     events = core.receive_data(header)
+    assert isinstance(events[0], ConnectionTerminated), events
     assert events[0].error_code == errors.FRAME_SIZE_ERROR
     goaway = [f for f in parse_frames(core.data_to_send()) if isinstance(f, GoAwayFrame)]
     assert goaway[0].error_code == errors.FRAME_SIZE_ERROR

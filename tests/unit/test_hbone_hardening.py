@@ -6,6 +6,8 @@ is flooding, and then with GOAWAY ENHANCE_YOUR_CALM.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import h2.config
 import h2.connection
 import h2.events
@@ -28,6 +30,7 @@ from agent.hbone.config import HboneSettings
 from agent.hbone.connection import HboneServerConnection
 from agent.hbone.events import (
     ConnectionTerminated,
+    HboneEvent,
     RequestRefused,
     StreamEnded,
     StreamRequest,
@@ -35,6 +38,7 @@ from agent.hbone.events import (
 )
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+E = TypeVar("E")
 
 
 def frames_of(data: bytes) -> list[Frame]:
@@ -77,6 +81,14 @@ def rst(stream_id: int, code: int = errors.CANCEL) -> bytes:
     return frame.serialize()
 
 
+def only(events: list[HboneEvent], kind: type[E]) -> E:
+    """The one event in ``events``, which must be a ``kind``."""
+    assert [type(e) for e in events] == [kind], events
+    event = events[0]
+    assert isinstance(event, kind)
+    return event
+
+
 def goaways(core: HboneServerConnection) -> list[GoAwayFrame]:
     return [f for f in frames_of(core.data_to_send()) if isinstance(f, GoAwayFrame)]
 
@@ -105,8 +117,7 @@ def test_bad_authority_with_end_stream_is_answered_on_its_stream_alone() -> None
     for stream_id, authority in ((1, "example.com"), (3, "10.0.0.7"), (5, "[::1]:0")):
         events = core.receive_data(headers_frame(encoder, stream_id, connect(authority),
                                                  end_stream=True))
-        assert [type(e) for e in events] == [RequestRefused], events
-        assert events[0].status == 400
+        assert only(events, RequestRefused).status == 400
     assert not goaways(core)
     assert core.receive_data(headers_frame(encoder, 7, connect())) == [
         StreamRequest(7, "10.0.0.7:8080", ())]
@@ -129,8 +140,7 @@ def test_malformed_request_is_reset_on_its_stream_alone() -> None:
     for n, headers in enumerate(malformed):
         stream_id = 2 * n + 1
         events = core.receive_data(headers_frame(encoder, stream_id, headers))
-        assert [(type(e), e.error_code) for e in events] == [
-            (RequestRefused, errors.PROTOCOL_ERROR)], events
+        assert only(events, RequestRefused).error_code == errors.PROTOCOL_ERROR
     out = frames_of(core.data_to_send())
     assert not [f for f in out if isinstance(f, GoAwayFrame)]
     assert [f.error_code for f in out if isinstance(f, RstStreamFrame)] == [
@@ -212,8 +222,7 @@ def test_continuation_flood_is_refused_at_the_frame_header() -> None:
     cont = ContinuationFrame(1)
     cont.data = b"\x00" * 16_000
     events = core.receive_data(cont.serialize()[:9])
-    assert [type(e) for e in events] == [ConnectionTerminated]
-    assert events[0].error_code == errors.ENHANCE_YOUR_CALM
+    assert only(events, ConnectionTerminated).error_code == errors.ENHANCE_YOUR_CALM
     away = goaways(core)
     assert away and away[0].error_code == errors.ENHANCE_YOUR_CALM
 
@@ -363,5 +372,4 @@ def test_header_block_just_under_the_guard_that_decodes_over_the_limit() -> None
     frame.data = block
     frame.flags.add("END_HEADERS")
     events = core.receive_data(frame.serialize())
-    assert [type(e) for e in events] == [ConnectionTerminated]
-    assert events[0].error_code == errors.ENHANCE_YOUR_CALM
+    assert only(events, ConnectionTerminated).error_code == errors.ENHANCE_YOUR_CALM

@@ -49,8 +49,9 @@ def policy(name: str = "p", namespace: str = "foo", **fields: Any):
 
 def request(identity: str | None = SLEEP, *, src_ip: str = "10.0.0.5", dst_ip: str = "10.1.0.7",
             port: int = 8080, workload: WorkloadRef = HTTPBIN) -> ConnectionRequest:
-    return ConnectionRequest(src_ip=src_ip, src_identity=identity, dst_ip=dst_ip,
-                             dst_port=port, dst_workload=workload)
+    return ConnectionRequest(src_ip=ipaddress.ip_address(src_ip), src_identity=identity,
+                             dst_ip=ipaddress.ip_address(dst_ip), dst_port=port,
+                             dst_workload=workload)
 
 
 def allowed(policies: list, req: ConnectionRequest, root: str = "istio-system") -> bool:
@@ -261,7 +262,7 @@ def test_dry_run_allow_that_would_deny() -> None:
 
 
 def test_unknown_source_ip_never_matches_ip_blocks() -> None:
-    req = ConnectionRequest(None, SLEEP, "10.1.0.7", 8080, HTTPBIN)
+    req = ConnectionRequest(None, SLEEP, ipaddress.ip_address("10.1.0.7"), 8080, HTTPBIN)
     assert not allowed([policy(rules=from_source(ipBlocks=["0.0.0.0/0"]))], req)
     assert allowed([policy(rules=from_source(notIpBlocks=["0.0.0.0/0"]))], req)
 

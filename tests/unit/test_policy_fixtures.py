@@ -58,7 +58,7 @@ def test_fixture_cases_decide_so_in_the_python_engine(path: Any) -> None:
 
 def walk_lists(value: Any) -> list[Any]:
     """``value`` and every list and dict inside it."""
-    found = []
+    found: list[Any] = []
     if isinstance(value, dict):
         found.append(value)
         for item in value.values():

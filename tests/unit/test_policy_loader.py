@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,8 @@ def test_loads_multi_document_files(tmp_path: Path) -> None:
     legacy = next(p for p in policies.policies if p.name == "deny-legacy")
     assert legacy.dry_run and legacy.origin == "deny.yml document 2"
     decision = policies.evaluate(ConnectionRequest(
-        "10.0.0.5", "spiffe://cluster.local/ns/foo/sa/sleep", "10.1.0.7", 8080, HTTPBIN))
+        ip_address("10.0.0.5"), "spiffe://cluster.local/ns/foo/sa/sleep",
+        ip_address("10.1.0.7"), 8080, HTTPBIN))
     assert decision.allowed and decision.policy == "foo/allow-sleep"
 
 
@@ -116,7 +118,7 @@ BAR = WorkloadRef("web", "bar", {"app": "web"})
 def allowed(policies: PolicySet, identity: str | None = SLEEP,
             workload: WorkloadRef = HTTPBIN, port: int = 8080) -> bool:
     return policies.evaluate(ConnectionRequest(
-        "10.0.0.5", identity, "10.1.0.7", port, workload)).allowed
+        ip_address("10.0.0.5"), identity, ip_address("10.1.0.7"), port, workload)).allowed
 
 
 # Documents Istio's validation webhook rejects (ValidateAuthorizationPolicy,
@@ -387,7 +389,8 @@ def test_kubectl_metadata_is_tolerated(tmp_path: Path) -> None:
         "  ownerReferences: []\n  annotations: {kubectl.kubernetes.io/last-applied: '{}', "
         "istio.io/dry-run: 'False'}\n"))
     _, (result,) = judged(tmp_path, "k.yaml")
-    assert result.outcome is DocumentOutcome.ACCEPTED and not result.policy.dry_run
+    assert result.outcome is DocumentOutcome.ACCEPTED
+    assert result.policy is not None and not result.policy.dry_run
 
 
 def bump(path: Path, text: str) -> None:
@@ -517,8 +520,9 @@ def test_tunnel_denies_until_its_first_policy_read(tmp_path: Path) -> None:
     pod = WorkloadRef(name="httpbin", namespace="foo", labels={"app": "httpbin"})
 
     def decide() -> bool:
-        request = ConnectionRequest(src_ip="10.0.0.5", src_identity=SLEEP, dst_ip="10.1.0.7",
-                                    dst_port=8080, dst_workload=pod)
+        request = ConnectionRequest(src_ip=ip_address("10.0.0.5"), src_identity=SLEEP,
+                                    dst_ip=ip_address("10.1.0.7"), dst_port=8080,
+                                    dst_workload=pod)
         return gate.evaluate(request).allowed
 
     assert not decide()

@@ -21,6 +21,7 @@ docs/policy.md renders the same cases as a table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -44,7 +45,7 @@ OTHER_NS_DEST = WorkloadRef("dest2", "ns2", {"app": "dest"})
 
 def conn(identity: str | None, src: str, dst: str, port: int,
          workload: WorkloadRef = DEST) -> ConnectionRequest:
-    return ConnectionRequest(src, identity, dst, port, workload)
+    return ConnectionRequest(ip_address(src), identity, ip_address(dst), port, workload)
 
 
 # rbac.rs tests::plaintext_conn / tls_conn / tls_conn_alt.

@@ -260,9 +260,10 @@ def test_unsupported_fields_are_named() -> None:
 
 def test_garbage_documents_never_widen() -> None:
     allow_get = doc({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}, name="good")
-    for garbage in (None, 3, "x", [], {"kind": "AuthorizationPolicy"},
-                    doc({"rules": "all"}, name="g1"), doc({"action": "ALLOW", "rules": [[]]},
-                                                          name="g2")):
+    garbage_documents: list[Any] = [
+        None, 3, "x", [], {"kind": "AuthorizationPolicy"}, doc({"rules": "all"}, name="g1"),
+        doc({"action": "ALLOW", "rules": [[]]}, name="g2")]
+    for garbage in garbage_documents:
         policies, _ = compile_documents([allow_get, garbage])
         assert evaluate(policies, SCOPE, req("POST")).verdict is D
 

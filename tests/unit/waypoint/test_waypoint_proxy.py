@@ -26,6 +26,7 @@ from waypoint_lab import (
     WEB_VIP,
     Lab,
     body_of,
+    echo_say,
     http1,
     lab_model,
     start_lab,
@@ -440,7 +441,7 @@ def test_grpc_client_through_h2c(store: IdentityStore) -> None:
 
         def call() -> tuple[bytes, grpc.StatusCode]:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                say = channel.unary_unary("/echo.Echo/Say")
+                say = echo_say(channel)
                 ok = say(b"hi", timeout=10)
                 try:
                     say(b"fail", timeout=10)
@@ -473,18 +474,18 @@ def test_grpc_messages_beyond_the_retry_buffer_stream_through_h2c(store: Identit
 
         def call() -> tuple[bytes, grpc.StatusCode, bytes]:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                say = channel.unary_unary("/echo.Echo/Say")
+                say = echo_say(channel)
                 # Over the buffer, yet all here (with its END_STREAM) at once.
                 assert say(b"m" * 3000, timeout=20) == b"echo:" + b"m" * 3000
                 ok = say(message, timeout=20)
                 try:
-                    say(message, timeout=20, metadata=[("x-deny", "yes")])
+                    say(message, timeout=20, metadata=(("x-deny", "yes"),))
                     denied = grpc.StatusCode.OK
                 except grpc.RpcError as exc:
                     denied = exc.code()
                 for _ in range(3):  # what the denied ones left unread is given back
                     with contextlib.suppress(grpc.RpcError):
-                        say(message, timeout=20, metadata=[("x-deny", "yes")])
+                        say(message, timeout=20, metadata=(("x-deny", "yes"),))
                 return ok, denied, say(message, timeout=20)  # same connection
 
         ok, denied, after = await asyncio.to_thread(call)
@@ -550,7 +551,7 @@ def test_grpc_denied_by_policy(store: IdentityStore) -> None:
         def call() -> grpc.StatusCode:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 try:
-                    channel.unary_unary("/echo.Echo/Say")(b"hi", timeout=10)
+                    echo_say(channel)(b"hi", timeout=10)
                 except grpc.RpcError as exc:
                     return exc.code()
             return grpc.StatusCode.OK
@@ -600,8 +601,8 @@ def test_workload_addressed_traffic_needs_a_workload_waypoint(store: IdentitySto
         # opt-1's service opted out, but the pod inherits the namespace binding.
         assert status_of(await http1(await lab.open("10.10.4.1:8080"), GET)) == 200
         # A port of a bound workload that no Service declares is ours too, as TCP.
-        assert lab.inputs.state.destination("10.10.2.1", 9999) is not None
-        assert lab.inputs.state.destination("10.10.2.1", 9999).protocol.value == "tcp"
+        undeclared = lab.inputs.state.destination("10.10.2.1", 9999)
+        assert undeclared is not None and undeclared.protocol.value == "tcp"
     run_lab(store, body, docs=docs)
 
 
@@ -671,7 +672,7 @@ def test_broken_h2_gets_goaway_and_others_are_served(store: IdentityStore) -> No
 
         def call() -> bytes:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return bytes(channel.unary_unary("/echo.Echo/Say")(b"ok", timeout=10))
+                return bytes(echo_say(channel)(b"ok", timeout=10))
 
         assert await asyncio.to_thread(call) == b"echo:ok"
     run_lab(store, body)
@@ -698,9 +699,9 @@ def test_uploads_beyond_the_retry_buffer_stream_through_with_curl(store: Identit
         assert sizes == [2.0 * len(payload)]
         # The connection stays usable after a streamed upload (keep-alive).
         stream = await lab.open(WEB)
-        out = await http1(stream, b"POST /a HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n"
-                          b"\r\n" + b"z" * 100_000)
-        assert status_of(out) == 200 and json.loads(body_of(out))["body"] == "z" * 100_000
+        reply = await http1(stream, b"POST /a HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n"
+                            b"\r\n" + b"z" * 100_000)
+        assert status_of(reply) == 200 and json.loads(body_of(reply))["body"] == "z" * 100_000
         assert status_of(await http1(stream, GET)) == 200
     run_lab(store, body, settings=settings)
 
@@ -771,7 +772,7 @@ def test_buffered_bodies_are_bounded_process_wide(store: IdentityStore) -> None:
 
         def call() -> bytes:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return bytes(channel.unary_unary("/echo.Echo/Say")(b"z" * 100, timeout=10))
+                return bytes(echo_say(channel)(b"z" * 100, timeout=10))
 
         assert await asyncio.to_thread(call) == b"echo:" + b"z" * 100
         assert lab.inputs.bodies.used == 0

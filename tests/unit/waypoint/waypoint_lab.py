@@ -132,6 +132,11 @@ def grpc_server() -> tuple[grpc.Server, int]:
     return server, port
 
 
+def echo_say(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable[bytes, bytes]:
+    """The client of ``grpc_server``'s /echo.Echo/Say on ``channel`` (bytes, no codec)."""
+    return channel.unary_unary("/echo.Echo/Say")
+
+
 async def raw_upgrade_server() -> tuple[asyncio.base_events.Server, int]:
     """Answers any request head with 101 and then echoes bytes (a WebSocket stand-in)."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

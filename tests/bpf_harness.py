@@ -12,6 +12,10 @@ Test network (one netns, ``ma-bpft-<hex>``):
     vc <-> vd veth: vc is OTHER_POD's host-side veth
     matun     the agent-owned tunnel device (tunnel_ifindex; a veth, its peer unused,
               because the test kernel may lack the dummy driver)
+
+It lives in tests/, not tests/bpf/: mypy names tests/bpf's files ``bpf.*`` (to tell
+its conftest from tests/integration's, see ``[tool.mypy]`` in pyproject.toml), and
+finds this module as ``bpf_harness`` here, where pytest imports it from too.
 """
 
 from __future__ import annotations
@@ -244,22 +248,22 @@ class Harness:
         return self.maps.counters()
 
     # -- programs --------------------------------------------------------
-    def run(self, function: str, frame: Ether | bytes, *, ifindex: int,
+    def run(self, function: str, frame: Packet | bytes, *, ifindex: int,
             mark: int = 0) -> testrun.RunResult:
         return testrun.run(self.programs.fds[function], bytes(frame), ifindex=ifindex,
                            mark=mark)
 
-    def from_pod(self, frame: Ether | bytes, *, ifindex: int | None = None,
+    def from_pod(self, frame: Packet | bytes, *, ifindex: int | None = None,
                  mark: int = 0) -> testrun.RunResult:
         return self.run(FROM_POD, frame, mark=mark,
                         ifindex=self.net.pod_ifindex if ifindex is None else ifindex)
 
-    def to_pod(self, frame: Ether | bytes, *, ifindex: int | None = None,
+    def to_pod(self, frame: Packet | bytes, *, ifindex: int | None = None,
                mark: int = 0) -> testrun.RunResult:
         return self.run(TO_POD, frame, mark=mark,
                         ifindex=self.net.pod_ifindex if ifindex is None else ifindex)
 
-    def tunnel(self, frame: Ether | bytes, *, mark: int = 0) -> testrun.RunResult:
+    def tunnel(self, frame: Packet | bytes, *, mark: int = 0) -> testrun.RunResult:
         return self.run(TUNNEL_DEV_INGRESS, frame, ifindex=self.net.tunnel_ifindex, mark=mark)
 
     # -- sockets (created in the test netns, closed by close()) -----------
