@@ -25,7 +25,6 @@ Behaviour only, never timings; every wait is bounded; the lab is removed afterwa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -35,11 +34,13 @@ from typing import Any
 import pytest
 import yaml
 from labkit import (
+    CurlResult,
     Lab,
     LabSpec,
     closed_records,
+    curl,
     diagnose,
-    lab_up,
+    kube_lab_up,
     log_events,
     mark,
     program,
@@ -57,7 +58,6 @@ LAB = LabSpec(letter="g", mode="hbone")
 WAIT = 15.0
 WAYPOINT = waypoints.WaypointPod("team-b", "waypoint", "node1", traffic="service")
 WAYPOINT_HOST = "waypoint.team-b.svc.cluster.local"
-WEB = f"http://{kube.SERVICE_VIPS[0]}:{kube.SERVICE_PORT}/"
 SERVERS = ("n1-b", "n2-b")
 
 
@@ -125,15 +125,9 @@ def model_loaded(lab: Lab, node: str, bound: bool) -> None:
         for e in log_events(lab, node)) or None, WAIT)
 
 
-def http(lab: Lab, pod: str, url: str, method: str = "GET") -> tuple[int, str]:
-    out = run_in(lab.ns(pod), ["curl", "-sS", "-m", "5", "-X", method, "-o", "-",
-                               "-w", "\n%{http_code}", url], timeout=20)
-    body, _, code = out.stdout.rpartition("\n")
-    return (int(code) if code.isdigit() else 0), body
-
-
-def peer(body: str) -> str:
-    return dict(w.split("=", 1) for w in body.split() if "=" in w).get("peer", "")
+def web(lab: Lab, method: str = "GET") -> CurlResult:
+    """Real curl from the enrolled n1-a to Service web.team-b's VIP."""
+    return curl(lab.ns("n1-a"), kube.SERVICE_VIPS[0], kube.SERVICE_PORT, method=method)
 
 
 def requests_seen(lab: Lab, netns: str, code: str) -> float:
@@ -148,16 +142,8 @@ def requests_seen(lab: Lab, netns: str, code: str) -> float:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    old = os.environ.get(kube.KUBE_ENV)
-    os.environ[kube.KUBE_ENV] = "1"
-    try:
-        with lab_up(LAB, tmp_path_factory.mktemp("lab-k8s-wp")) as lab:
-            os.environ.pop(kube.KUBE_ENV)
-            yield lab
-    finally:
-        os.environ.pop(kube.KUBE_ENV, None)
-        if old is not None:
-            os.environ[kube.KUBE_ENV] = old
+    with kube_lab_up(LAB, tmp_path_factory.mktemp("lab-k8s-wp")) as lab:
+        yield lab
 
 
 def test_namespace_label_binds_the_waypoint_from_the_api_and_unlabel_goes_direct(
@@ -191,11 +177,11 @@ def test_namespace_label_binds_the_waypoint_from_the_api_and_unlabel_goes_direct
                              config)
 
     since = mark(lab)
-    status, body = http(lab, "n1-a", WEB)
-    assert status == 200, f"{status} {body}\n{diagnose(lab)}"
-    assert peer(body) == wp_pod.ipv4  # the server was reached from the waypoint
-    status, body = http(lab, "n1-a", WEB, "POST")
-    assert (status, body.strip()) == (403, "RBAC: access denied")
+    got = web(lab)
+    assert got.status == 200, f"{got}\n{diagnose(lab)}"
+    assert got.server_view()["peer"] == wp_pod.ipv4  # reached from the waypoint
+    got = web(lab, "POST")
+    assert (got.status, got.body.strip()) == (403, "RBAC: access denied")
     record = until("node1's outbound record to web", lambda: next(
         (r for r in closed_records(lab, "node1", since, direction="outbound")
          if r.get("original_dst") == f"{kube.SERVICE_VIPS[0]}:{kube.SERVICE_PORT}"), None),
@@ -217,9 +203,9 @@ def test_namespace_label_binds_the_waypoint_from_the_api_and_unlabel_goes_direct
     for node in ("node1", "node2"):
         model_loaded(lab, node, bound=False)
     since = mark(lab)
-    status, body = http(lab, "n1-a", WEB, "POST")
-    assert status == 200, f"{status} {body}\n{diagnose(lab)}"
-    assert peer(body) == lab.pod("n1-a").ipv4  # straight from the client's tunnel
+    got = web(lab, "POST")
+    assert got.status == 200, f"{got}\n{diagnose(lab)}"
+    assert got.server_view()["peer"] == lab.pod("n1-a").ipv4  # straight from the client
     record = until("node1's outbound record to web", lambda: next(
         (r for r in closed_records(lab, "node1", since, direction="outbound")
          if r.get("original_dst") == f"{kube.SERVICE_VIPS[0]}:{kube.SERVICE_PORT}"), None),

@@ -11,7 +11,7 @@ import asyncio
 import json
 from typing import Any
 
-from kube_helpers import namespace, pod
+from kube_helpers import namespace, pod, until
 from kubernetes import config
 
 from agent.k8s.controller import NodeController
@@ -92,16 +92,6 @@ class NoBackend:
 
     async def unenroll(self, key: str) -> None:
         raise AssertionError("nothing is enrolled here")
-
-
-async def until(check: Any, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _run(kubeconfig: Any, scenario: Any) -> None:
