@@ -8,7 +8,13 @@ It enrolls and unenrolls through an :class:`EnrollmentBackend` (the daemon's
 enrollment transaction: :class:`agent.k8s.nodeagent.DaemonBackend`), then
 patches ``ambient.istio.io/redirection`` through an :class:`Annotator`. The cluster
 model and policy set are rebuilt (debounced) when a model kind changes and handed to
-``on_model``.
+``on_model``, with every Service's and Workload's waypoint set by
+:func:`agent.waypoint.config.assign_waypoints` over the API's Namespaces, Services,
+Pods, Gateways and GatewayClasses (the lab's feed calls the same function). Where the
+Gateway API CRDs are not installed (404) the model is published without waypoint
+bindings (the watch says what to do and retries); until the Gateways are listed or
+known absent it is not published at all (a model without the bindings would send
+traffic around its waypoint's L7 policy).
 
 Side effects: only through the backend, the annotator and ``on_model``. A failed
 action is logged and retried on the next pass (the plan is recomputed from the
@@ -34,11 +40,18 @@ from agent.k8s.reconcile import Annotate, Enrolled, Plan, annotation_patches, pl
 from agent.k8s.rules import redirection_patch
 from agent.k8s.watch import ClusterWatch, Kind, WatchEvent
 from agent.policy.engine import PolicySet
+from agent.waypoint.config import assign_waypoints
 
 log = logging.getLogger("meshagent.k8s")
 
 MODEL_KINDS = frozenset({Kind.PODS, Kind.SERVICES, Kind.ENDPOINT_SLICES,
                          Kind.AUTHORIZATION_POLICIES})
+# Optional (a CRD): the model waits for them to be listed or known absent (404).
+GATEWAY_KINDS = frozenset({Kind.GATEWAYS, Kind.GATEWAY_CLASSES})
+# What waypoint binding reads, as the document kind assign_waypoints expects
+# (list responses carry no kind on their items).
+BINDING_KINDS = {Kind.NAMESPACES: "Namespace", Kind.SERVICES: "Service", Kind.PODS: "Pod",
+                 Kind.GATEWAYS: "Gateway", Kind.GATEWAY_CLASSES: "GatewayClass"}
 
 
 class EnrollmentBackend(Protocol):
@@ -101,8 +114,12 @@ class NodeController:
         delta = self.cache.apply(event)
         for problem in delta.problems:
             log.warning("%s", problem)
-        if delta.kind in MODEL_KINDS and not delta.empty:
+        if delta.kind in (MODEL_KINDS | GATEWAY_KINDS) and not delta.empty:
             self.model_dirty = True
+        if delta.kind is Kind.NAMESPACES and delta.namespaces:
+            self.model_dirty = True  # istio.io/use-waypoint on a namespace
+        if delta.kind in GATEWAY_KINDS and self.gateway_api_absent(delta.kind):
+            self.model_dirty = True  # publish without waypoint bindings
         if delta.kind not in (Kind.NODE_PODS, Kind.NAMESPACES) or delta.empty:
             return None
         return await self.reconcile(delta)
@@ -162,21 +179,42 @@ class NodeController:
         self.last = PassResult(p, failures)
         return self.last
 
+    def gateway_api_absent(self, kind: Kind) -> bool:
+        """Never listed, and the server said 404: the CRD is not installed."""
+        failure = self.cache.failures.get(kind)
+        return kind not in self.cache.synced and failure is not None and failure.code == 404
+
+    def model_ready(self) -> bool:
+        """Every model kind listed, and each Gateway API kind listed or absent."""
+        return self.cache.is_synced(*MODEL_KINDS) and all(
+            self.cache.is_synced(k) or self.gateway_api_absent(k) for k in GATEWAY_KINDS)
+
     def build_model(self) -> tuple[Converted, PolicySet]:
         return self._build(*self._snapshot())
 
-    def _snapshot(self) -> tuple[list[Any], ...]:
+    def _snapshot(self) -> tuple[list[Any], list[Any], list[Any], list[Any],
+                                 list[dict[str, Any]] | None]:
         """The model kinds' objects as lists (taken on the loop: the cache is not
-        changed while they are copied; the objects themselves are never mutated)."""
+        changed while they are copied; the objects themselves are never mutated), and
+        the binding documents (None: no Gateway API, no waypoint bindings)."""
         raw = self.cache.raw
+        docs = None
+        if self.cache.is_synced(Kind.GATEWAYS):
+            docs = [{**obj, "kind": kind} for k, kind in BINDING_KINDS.items()
+                    for obj in raw[k].values()]
         return (list(raw[Kind.PODS].values()), list(raw[Kind.SERVICES].values()),
                 list(raw[Kind.ENDPOINT_SLICES].values()),
-                list(raw[Kind.AUTHORIZATION_POLICIES].values()))
+                list(raw[Kind.AUTHORIZATION_POLICIES].values()), docs)
 
     @staticmethod
     def _build(pods: list[Any], services: list[Any], slices: list[Any],
-               authz: list[Any]) -> tuple[Converted, PolicySet]:
+               authz: list[Any], binding_docs: list[dict[str, Any]] | None
+               ) -> tuple[Converted, PolicySet]:
         converted = convert(pods, services, slices)
+        if binding_docs is not None:
+            model, issues = assign_waypoints(converted.model, binding_docs)
+            converted = Converted(model, (*converted.problems,
+                                          *(f"waypoint binding: {i}" for i in issues)))
         policies, results = convert_policies(authz)
         for r in results:
             if r.issues:
@@ -191,14 +229,14 @@ class NodeController:
         changes meanwhile leave the model dirty for the next tick."""
         if not self.model_dirty or self.on_model is None:
             return
-        if not self.cache.is_synced(*MODEL_KINDS):
-            return  # a model from a partial list would drop workloads: wait
+        if not self.model_ready():
+            return  # a model from a partial list would drop workloads or bindings: wait
         if self.publishing is not None and not self.publishing.done():
             return
         self.model_dirty = False
         self.publishing = asyncio.create_task(self._publish(self._snapshot()))
 
-    async def _publish(self, snapshot: tuple[list[Any], ...]) -> None:
+    async def _publish(self, snapshot: tuple[Any, ...]) -> None:
         assert self.on_model is not None
         started = time.monotonic()
         try:

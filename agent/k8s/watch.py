@@ -68,7 +68,10 @@ class Kind(enum.Enum):
     ENDPOINT_SLICES = "endpointslices"
     AUTHORIZATION_POLICIES = "authorizationpolicies"
     GATEWAYS = "gateways"
-    HTTP_ROUTES = "httproutes"
+    GATEWAY_CLASSES = "gatewayclasses"
+
+
+GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,13 @@ class Target:
         return self.group or "core"
 
 
-def targets(node: str, model: bool = True, gateway_api: bool = False) -> list[Target]:
+def targets(node: str, model: bool = True) -> list[Target]:
     """What the agent watches: this node's pods (enrollment), namespaces, and for the
-    cluster model every pod, Services, EndpointSlices, AuthorizationPolicies and
-    (when the waypoint work lands) Gateway API Gateways and HTTPRoutes."""
+    cluster model every pod, Services, EndpointSlices, AuthorizationPolicies and the
+    Gateway API objects waypoint binding reads (Gateways, GatewayClasses: their
+    ``istio.io/waypoint-for`` and listeners' ``allowedRoutes``). The Gateway API is a
+    CRD a cluster may not have: those watches are optional (404 retried slowly).
+    HTTPRoutes are not watched: only the waypoint uses them, and it reads its own."""
     out = [Target(Kind.NODE_PODS, "", "v1", "pods", f"spec.nodeName={node}"),
            Target(Kind.NAMESPACES, "", "v1", "namespaces")]
     if model:
@@ -97,11 +103,9 @@ def targets(node: str, model: bool = True, gateway_api: bool = False) -> list[Ta
                 Target(Kind.SERVICES, "", "v1", "services"),
                 Target(Kind.ENDPOINT_SLICES, "discovery.k8s.io", "v1", "endpointslices"),
                 Target(Kind.AUTHORIZATION_POLICIES, "security.istio.io", "v1",
-                       "authorizationpolicies")]
-    if gateway_api:
-        out += [Target(Kind.GATEWAYS, "gateway.networking.k8s.io", "v1", "gateways",
-                       optional=True),
-                Target(Kind.HTTP_ROUTES, "gateway.networking.k8s.io", "v1", "httproutes",
+                       "authorizationpolicies"),
+                Target(Kind.GATEWAYS, GATEWAY_API_GROUP, "v1", "gateways", optional=True),
+                Target(Kind.GATEWAY_CLASSES, GATEWAY_API_GROUP, "v1", "gatewayclasses",
                        optional=True)]
     return out
 
@@ -185,7 +189,9 @@ def explain(target: Target, code: int | None, reason: str) -> str:
     if code == 401:
         return f"{what}: unauthorized ({reason}); check the kubeconfig or the token mount"
     if code == 404:
-        hint = ("the CRD is not installed (optional: nothing to do unless you use it)"
+        hint = ("the CRD is not installed (optional: the model carries no waypoint "
+                "bindings until it is; install the Gateway API CRDs (standard channel, "
+                "v1) to use waypoints)"
                 if target.optional else "the API server does not serve it: install the CRD "
                 "(Istio's for security.istio.io) or upgrade the cluster")
         return f"{what}: not found; {hint}"

@@ -56,6 +56,8 @@ RESOURCES: tuple[Resource, ...] = (
              status=True, builtin=False),
     Resource("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", True,
              status=True, builtin=False),
+    Resource("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", False,
+             ("gc",), status=True, builtin=False),
 )
 
 BY_PATH: dict[tuple[str, str, str], Resource] = {

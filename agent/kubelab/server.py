@@ -40,6 +40,8 @@ class Faults:
     expire_watches: int = 0
     # every request gets 503 (a flapping server)
     unavailable: bool = False
+    # API groups whose CRDs are "not installed": left out of discovery, every path 404
+    missing_groups: set[str] = field(default_factory=set)
     # counters for tests
     watches: int = 0
     lists: int = 0
@@ -74,7 +76,7 @@ class Api:
                 {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v}
                                          for v in vs],
                  "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}}
-                for g, vs in groups().items()]})
+                for g, vs in groups().items() if g not in self.faults.missing_groups]})
         if path == ["api", "v1"] or (len(path) == 3 and path[0] == "apis"):
             group, version = ("", "v1") if path[0] == "api" else (path[1], path[2])
             gv = f"{group}/{version}" if group else version
@@ -125,6 +127,9 @@ class Api:
             return _error(ApiError(503, "ServiceUnavailable", "the lab server is unavailable "
                                    "(injected fault)"))
         path = [p for p in request.path.split("/") if p]
+        if len(path) >= 2 and path[0] == "apis" and path[1] in self.faults.missing_groups:
+            return _error(ApiError(404, "NotFound", "the server could not find the requested "
+                                   "resource (injected fault: CRD not installed)"))
         found = self.discovery(path) if request.method == "GET" else None
         if found is not None:
             return found

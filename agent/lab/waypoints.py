@@ -285,17 +285,43 @@ def _listening(netns_name: str, port: int) -> bool:
     return out.returncode == 0 and bool(out.stdout.strip())
 
 
-def _start(plan: LabPlan, wp: WaypointPod, pod: PodPlan) -> int:
+def _start(plan: LabPlan, wp: WaypointPod, pod: PodPlan, model_file: Path,
+           config: Path) -> int:
     """Start ``meshagent waypoint`` in the pod's netns (log and pid file in the
     node's run directory: ``lab down`` stops it)."""
     run = Path(plan.run_dir)
     argv = [sys.executable, "-m", "agent", "waypoint", "--name", wp.name,
             "--namespace", wp.namespace, "--service-account", wp.name,
-            "--model", str(run / MODEL_FILENAME), "--config-dir", str(config_dir(plan)),
+            "--model", str(model_file), "--config-dir", str(config),
             "--ca-dir", str(run / "ca"), "--metrics-port", str(wp.metrics_port)]
     return netlab.start_node_process(plan, wp.node, wp.process, argv,
                                      {"MESHAGENT_LOG_JSON": "1", "PYTHONUNBUFFERED": "1"},
                                      in_netns=pod.netns)
+
+
+def _wait_listening(plan: LabPlan, wp: WaypointPod, pod: PodPlan, pid: int) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not _listening(pod.netns, HBONE_PORT):
+        if time.monotonic() > deadline or not netlab.process_alive(pid):
+            log = Path(plan.node_run_dir(wp.node)) / f"{wp.process}.log"
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise netlab.LabError(f"waypoint {wp.key} did not listen on {HBONE_PORT} "
+                                  f"within {READY_TIMEOUT_S:.0f}s; {log}:\n{tail}")
+        time.sleep(POLL_S)
+
+
+def start_waypoint(plan: LabPlan, wp: WaypointPod, pod: PodPlan, model_file: Path,
+                   config: Path) -> int:
+    """Start one waypoint in its pod (built already: :func:`netlab.add_extra_pod`)
+    reading ``model_file`` and the documents in ``config``, and wait until it listens
+    on 15008; return its pid. For a lab whose model comes from elsewhere (``lab up
+    --kube``: the node agent writes it from the API server).
+
+    Side effects: one process (``lab down`` stops it). Raises :class:`netlab.LabError`
+    with its log when it does not come up."""
+    pid = _start(plan, wp, pod, model_file, config)
+    _wait_listening(plan, wp, pod, pid)
+    return pid
 
 
 def start_waypoints(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO
@@ -319,14 +345,8 @@ def start_waypoints(plan: LabPlan, waypoints: Sequence[WaypointPod] = SCENARIO
     write_files(plan, waypoints)
     for wp, pod in pods:
         netlab.add_extra_pod(plan, plan.node(wp.node), pod)
-    pids = {wp.key: _start(plan, wp, pod) for wp, pod in pods}
+    model_file = Path(plan.run_dir) / MODEL_FILENAME
+    pids = {wp.key: _start(plan, wp, pod, model_file, config_dir(plan)) for wp, pod in pods}
     for wp, pod in pods:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not _listening(pod.netns, HBONE_PORT):
-            if time.monotonic() > deadline or not netlab.process_alive(pids[wp.key]):
-                log = Path(plan.node_run_dir(wp.node)) / f"{wp.process}.log"
-                tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
-                raise netlab.LabError(f"waypoint {wp.key} did not listen on {HBONE_PORT} "
-                                      f"within {READY_TIMEOUT_S:.0f}s; {log}:\n{tail}")
-            time.sleep(POLL_S)
+        _wait_listening(plan, wp, pod, pids[wp.key])
     return pods

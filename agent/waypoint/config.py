@@ -297,13 +297,16 @@ class _Documents:
     issues: list[str]
     waypoints: list[binding.Waypoint]
     bindings: binding.Bindings
+    _labels: dict[tuple[str, str, str], dict[str, str]] | None = None
 
     def labels(self, kind: str, namespace: str, name: str) -> dict[str, str]:
-        for d in self.by_kind.get(kind, []):
-            meta = _meta(d)
-            if meta[:2] == (namespace, name):
-                return meta[2]
-        return {}
+        if self._labels is None:  # indexed once: a 10,000-pod cluster is looked up per pod
+            self._labels = {}
+            for k, docs in self.by_kind.items():
+                for d in docs:
+                    ns, n, labels = _meta(d)
+                    self._labels.setdefault((k, ns, n), labels)
+        return self._labels.get((kind, namespace, name), {})
 
 
 def _sort_documents(docs: Iterable[Any], problems: Iterable[str]) -> _Documents:

@@ -465,6 +465,24 @@ def lab_up(
             f"its logs are in {logdir / 'run'}")
 
 
+@contextlib.contextmanager
+def kube_lab_up(spec: LabSpec, logdir: Path) -> Iterator[Lab]:
+    """:func:`lab_up` with ``--kube`` (the lab API server; the agents watch it); the
+    caller's environment is restored before the lab is used."""
+    from agent.lab import kube
+
+    old = os.environ.get(kube.KUBE_ENV)
+    os.environ[kube.KUBE_ENV] = "1"
+    try:
+        with lab_up(spec, logdir) as lab:
+            os.environ.pop(kube.KUBE_ENV)
+            yield lab
+    finally:
+        os.environ.pop(kube.KUBE_ENV, None)
+        if old is not None:
+            os.environ[kube.KUBE_ENV] = old
+
+
 def _pods_as_built(plan: LabPlan) -> dict[str, PodPlan]:
     """Every pod of ``plan`` with the addresses and host veth the kernel has
     (they differ from the plan where CNI plugins chose them)."""
@@ -647,13 +665,14 @@ class CurlResult:
         return dict(w.split("=", 1) for w in self.body.split() if "=" in w)
 
 
-def curl(ns: str, host: str, port: int, timeout: float = 5) -> CurlResult:
-    """Real ``curl`` GET http://host:port/ from netns ``ns``."""
+def curl(ns: str, host: str, port: int, timeout: float = 5, method: str = "GET"
+         ) -> CurlResult:
+    """Real ``curl`` ``method`` (default GET) http://host:port/ from netns ``ns``."""
     h = f"[{host}]" if ":" in host else host
     out = run_in(
         ns,
         [
-            "curl", "-sS", "-g", "-m", str(timeout), "-o", "-",
+            "curl", "-sS", "-g", "-m", str(timeout), "-X", method, "-o", "-",
             "-w", "\n%{http_code} %{local_ip} %{local_port}", f"http://{h}:{port}/",
         ],
         timeout=timeout + 10,

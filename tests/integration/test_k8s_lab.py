@@ -33,7 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from labkit import TC_HANDLE, TC_PREF, Lab, LabSpec, lab_up, program, run_in, running, until
+from labkit import (
+    TC_HANDLE,
+    TC_PREF,
+    Lab,
+    LabSpec,
+    kube_lab_up,
+    lab_up,
+    program,
+    run_in,
+    running,
+    until,
+)
 
 from agent.lab import kube
 
@@ -46,16 +57,8 @@ WAIT = 10.0
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    old = os.environ.get(kube.KUBE_ENV)
-    os.environ[kube.KUBE_ENV] = "1"
-    try:
-        with lab_up(LAB, tmp_path_factory.mktemp("lab-k8s")) as lab:
-            os.environ.pop(kube.KUBE_ENV)
-            yield lab
-    finally:
-        os.environ.pop(kube.KUBE_ENV, None)
-        if old is not None:
-            os.environ[kube.KUBE_ENV] = old
+    with kube_lab_up(LAB, tmp_path_factory.mktemp("lab-k8s")) as lab:
+        yield lab
 
 
 def kubectl(lab: Lab, *args: str) -> str:

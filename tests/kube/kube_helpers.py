@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 KUBECTL = shutil.which("kubectl")
@@ -24,3 +26,14 @@ def pod(name: str, namespace: str = "default", node: str = "n1",
 def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "labels": labels or {}}}
+
+
+async def until(check: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` on the running loop until true; at most ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,7 +9,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 
-from kube_helpers import namespace, pod
+from kube_helpers import namespace, pod, until
 from kubernetes import config
 
 from agent.k8s.controller import ApiAnnotator, NodeController
@@ -39,16 +39,6 @@ class FakeBackend:
     async def unenroll(self, key: str) -> None:
         self.calls.append(("unenroll", key))
         self.pods.pop(key, None)
-
-
-async def until(check, what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def annotation(kubectl, name: str, ns: str = "apps") -> str | None:

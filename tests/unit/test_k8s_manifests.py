@@ -45,7 +45,7 @@ def test_cluster_role_is_least_privilege():
                                    ("discovery.k8s.io", "endpointslices"),
                                    ("security.istio.io", "authorizationpolicies"),
                                    ("gateway.networking.k8s.io", "gateways"),
-                                   ("gateway.networking.k8s.io", "httproutes")]
+                                   ("gateway.networking.k8s.io", "gatewayclasses")]
             for v in read} | {("", "pods/status", "patch")}
     assert grants == want
     assert not any("*" in x for g in grants for x in g)
