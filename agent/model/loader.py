@@ -1,5 +1,10 @@
 """Read and write the cluster model in ztunnel's local-config YAML (pure, plus file I/O).
 
+Two spellings of one format: block YAML for people (:func:`model_to_yaml`) and the
+JSON spelling the agent writes at cluster scale (:func:`model_to_json_yaml`, one flow
+mapping the stdlib ``json`` reads); :func:`load_model_text` reads either, with the
+same checks and the same messages.
+
 The format is what ztunnel reads from ``LOCAL_XDS_PATH``: istio/ztunnel src/xds.rs ::
 ``LocalConfig`` (``workloads``, ``policies``, ``services``), whose workloads are
 ``LocalWorkload`` (a flattened src/state/workload.rs :: ``Workload`` plus a
@@ -36,6 +41,7 @@ in force when the new one is bad or the file is gone.
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import json
 import os
@@ -540,7 +546,7 @@ _YAML_READS_OTHERWISE = re.compile(
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
-class _NotJsonSubset(Exception):
+class NotJsonSubset(Exception):
     """The document is not in the JSON subset; read it as YAML."""
 
 
@@ -551,29 +557,29 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[Any, Any]:
         typed: Any = int(key) if key[:1] in "-0123456789" and _BARE_INT.fullmatch(key) \
             else key
         if typed in result:  # the YAML parser names the duplicate with its position
-            raise _NotJsonSubset
+            raise NotJsonSubset
         result[typed] = value
     return result
 
 
 def _not_json_subset(_text: str) -> Any:
-    raise _NotJsonSubset
+    raise NotJsonSubset
 
 
 def parse_json_subset(text: str) -> Any:
     """A document in the JSON spelling -> the data YAML reads from it; raise
-    :class:`_NotJsonSubset` for anything outside that spelling (pure).
+    :class:`NotJsonSubset` for anything outside that spelling (pure).
 
     Quoting the bare integer keys can only break a string it lands in, never change
     one: the string would end right before a digit, which JSON refuses."""
     if (not text.lstrip(" \t\r\n").startswith("{") or _QUOTED_INT_KEY.search(text)
             or _YAML_READS_OTHERWISE.search(text) or _ESCAPED_SURROGATE.search(text)):
-        raise _NotJsonSubset
+        raise NotJsonSubset
     try:
         return json.loads(_BARE_INT_KEY.sub(r'\1"\2"\3', text), object_pairs_hook=_object,
                           parse_float=_not_json_subset, parse_constant=_not_json_subset)
     except ValueError:  # json.JSONDecodeError included
-        raise _NotJsonSubset from None
+        raise NotJsonSubset from None
 
 
 def load_model_text(text: str, file_label: str = "<model>", *,
@@ -582,7 +588,7 @@ def load_model_text(text: str, file_label: str = "<model>", *,
     see :func:`model_to_json_yaml`) -> Model; raise :class:`ModelLoadError`."""
     try:
         data = parse_json_subset(text)
-    except _NotJsonSubset:
+    except NotJsonSubset:
         data = _load_yaml(text, file_label)
     return parse_model(data, file_label, allow_foreign_policies=allow_foreign_policies)
 
@@ -598,16 +604,19 @@ def _load_yaml(text: str, file_label: str) -> Any:
             from None
 
 
+def _read_model_file(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(str(path), [ModelIssue("", f"cannot read the file: {error}")]) \
+            from None
+
+
 def load_model_file(path: str | os.PathLike[str], *,
                     allow_foreign_policies: bool = False) -> Model:
     """Read and parse a model file; raise :class:`ModelLoadError` (I/O errors included)."""
-    label = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelLoadError(label, [ModelIssue("", f"cannot read the file: {error}")]) \
-            from None
-    return load_model_text(text, label, allow_foreign_policies=allow_foreign_policies)
+    return load_model_text(_read_model_file(path), str(path),
+                           allow_foreign_policies=allow_foreign_policies)
 
 
 # -- writing ------------------------------------------------------------------
@@ -719,16 +728,22 @@ def _emit(value: Any, out: list[str]) -> None:
         out.append(_json_string(value))
 
 
+def to_json_yaml(doc: Any) -> str:
+    """Data (mappings with string or integer keys, lists, strings, integers, booleans,
+    null) in the JSON spelling: what :func:`parse_json_subset` and YAML read alike."""
+    out: list[str] = []
+    _emit(doc, out)
+    out.append("\n")
+    # Characters YAML reads otherwise than JSON occur only inside strings: escape them.
+    return _YAML_READS_OTHERWISE.sub(_escape_for_yaml, "".join(out))
+
+
 def model_to_json_yaml(model: Model) -> str:
     """The model as ztunnel local-config in the JSON spelling (one YAML flow mapping in
     JSON syntax, port maps with bare integer keys; see the section above
     :func:`parse_json_subset`): what the agent writes for the tunnels, read back
     without a YAML parser."""
-    out: list[str] = []
-    _emit(_document(model), out)
-    out.append("\n")
-    # Characters YAML reads otherwise than JSON occur only inside strings: escape them.
-    return _YAML_READS_OTHERWISE.sub(_escape_for_yaml, "".join(out))
+    return to_json_yaml(_document(model))
 
 
 # -- watching -------------------------------------------------------------------
@@ -756,7 +771,8 @@ class ModelWatcher:
     """Holds the model in force and reloads it from ``path`` when the file changes.
 
     No thread or loop of its own: call :meth:`poll` periodically. Until a first good
-    load, ``model`` is the empty model. ``generation`` counts accepted models.
+    load, ``model`` is the empty model. ``generation`` counts accepted models. A file
+    rewritten with the text of the model in force (same SHA-256) is not parsed again.
     Side effects: reads the file (stat on every poll, a full read when it changed).
     """
 
@@ -768,6 +784,7 @@ class ModelWatcher:
         self.generation = 0
         self.error: ModelLoadError | None = None
         self._fingerprint: Fingerprint | None = None
+        self._digest: bytes | None = None  # of the text of the model in force
         self._seen_missing = False
 
     def poll(self) -> ReloadOutcome:
@@ -780,12 +797,18 @@ class ModelWatcher:
             return ReloadOutcome.UNCHANGED
         self._fingerprint = fingerprint
         try:
-            model = load_model_file(self.path,
+            text = _read_model_file(self.path)
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if digest == self._digest:
+                self.error = None  # the file holds the model in force again
+                return ReloadOutcome.UNCHANGED
+            model = load_model_text(text, self.path,
                                     allow_foreign_policies=self.allow_foreign_policies)
         except ModelLoadError as error:
             self.error = error
             return ReloadOutcome.REJECTED
         self.model = model
+        self._digest = digest
         self.error = None
         self.generation += 1
         return ReloadOutcome.LOADED
