@@ -36,7 +36,7 @@ import pytest
 from labkit import TC_HANDLE, TC_PREF, Lab, LabSpec, lab_up, program, run_in, running, until
 
 from agent.lab import kube
-from agent.model.loader import load_model_file
+from agent.model.loader import load_model_text
 from agent.model.types import InboundProtocol
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
@@ -143,7 +143,7 @@ def test_namespace_label_enrolls_pods_and_hbone_uses_the_api_model(
     until("node1's model (from the API) has n2-a as HBONE",
           lambda: any(w.name == "n2-a" and w.node == "node2"
                       and w.protocol is InboundProtocol.HBONE
-                      for w in load_model_file(model).workloads) or None, WAIT)
+                      for w in load_model_text(model.read_text()).workloads) or None, WAIT)
     written = model.stat().st_mtime
     until("node1's tunnel loaded that model", lambda: any(
         e.get("event") == "model loaded" and e.get("path") == str(model)
