@@ -11,7 +11,8 @@
   transaction of :mod:`agent.enrollment`), after finding the pod's netns from its IP
   (:mod:`agent.k8s.podnetns`);
 - :class:`~agent.k8s.controller.ApiAnnotator`: ``ambient.istio.io/redirection``;
-- :meth:`KubernetesNode.write_model`: the cluster model as ztunnel local-config YAML
+- :meth:`KubernetesNode.write_model`: the cluster model as ztunnel local-config (its
+  JSON spelling)
   to ``tunnel.model_file`` and the AuthorizationPolicies to
   ``<tunnel.policy_dir>/kubernetes-api.yaml``, each replaced atomically, which the
   tunnel already watches;
@@ -48,7 +49,8 @@ from agent.k8s.podnetns import PodNetnsLocator
 from agent.k8s.reconcile import Enrolled, plan
 from agent.k8s.rules import dns_capture_choice, verdict
 from agent.k8s.watch import ClusterWatch, Kind, targets
-from agent.model.loader import model_to_yaml
+from agent.model.loader import model_to_json_yaml
+from agent.model.types import Model
 from agent.policy.engine import PolicySet
 
 if TYPE_CHECKING:
@@ -200,6 +202,7 @@ class KubernetesNode:
         self.stop_event = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self._written: dict[Path, str] = {}
+        self._model_written: Model | None = None  # the model the model file holds
         self.models_written = 0
 
     def start(self) -> None:
@@ -224,7 +227,10 @@ class KubernetesNode:
 
     async def write_model(self, converted: Converted, _policies: PolicySet) -> None:
         """Side effects: rewrites ``tunnel.model_file`` and the policy file when their
-        text changed (atomically; see :func:`write_text_atomic`)."""
+        text changed (atomically; see :func:`write_text_atomic`). The model is written
+        in local-config's JSON spelling (:func:`~agent.model.loader.model_to_json_yaml`:
+        at 10,000 pods a fraction of the time block YAML takes to write and to read),
+        and not rendered again while it equals the one last written."""
         policies = [policy_document(o) for _k, o in
                     sorted(self.controller.cache.raw[Kind.AUTHORIZATION_POLICIES].items())]
         model = converted.model
@@ -232,12 +238,14 @@ class KubernetesNode:
         def render_and_write() -> None:
             files = {self.policy_file: "# AuthorizationPolicies from the API server "
                      "(written by meshagent)\n" + yaml.safe_dump_all(policies, sort_keys=False)}
-            if self.model_file is not None:
-                files[self.model_file] = model_to_yaml(model)
+            if self.model_file is not None and model != self._model_written:
+                files[self.model_file] = model_to_json_yaml(model)
             for path, text in files.items():
                 if self._written.get(path) != text:
                     write_text_atomic(path, text)
                     self._written[path] = text
+            if self.model_file is not None:
+                self._model_written = model
         await asyncio.to_thread(render_and_write)
         self.models_written += 1
 

@@ -13,6 +13,7 @@ from agent.model.loader import (
     ReloadOutcome,
     load_model_file,
     load_model_text,
+    model_to_json_yaml,
     model_to_yaml,
 )
 from agent.model.merge import MergeConflict, merge_local_workloads, workload_from_enrollment
@@ -55,6 +56,7 @@ __all__ = [
     "load_model_file",
     "load_model_text",
     "merge_local_workloads",
+    "model_to_json_yaml",
     "model_to_yaml",
     "resolve_outbound",
     "service_labels",

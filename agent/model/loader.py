@@ -1,5 +1,10 @@
 """Read and write the cluster model in ztunnel's local-config YAML (pure, plus file I/O).
 
+Two spellings of one format: block YAML for people (:func:`model_to_yaml`) and the
+JSON spelling the agent writes at cluster scale (:func:`model_to_json_yaml`, one flow
+mapping the stdlib ``json`` reads); :func:`load_model_text` reads either, with the
+same checks and the same messages.
+
 The format is what ztunnel reads from ``LOCAL_XDS_PATH``: istio/ztunnel src/xds.rs ::
 ``LocalConfig`` (``workloads``, ``policies``, ``services``), whose workloads are
 ``LocalWorkload`` (a flattened src/state/workload.rs :: ``Workload`` plus a
@@ -38,7 +43,10 @@ in force when the new one is bad or the file is gone.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -212,13 +220,19 @@ def _int(value: Any, path: str, low: int, high: int, what: str) -> int:
     return value
 
 
+@functools.cache
+def _members(cls: type[E]) -> Mapping[str, E]:
+    return {member.value: member for member in cls}
+
+
 def _enum(cls: type[E], value: Any, path: str) -> E:
+    if isinstance(value, str):
+        member = _members(cls).get(value)
+        if member is not None:
+            return member
     names = ", ".join(str(m.value) for m in cls)
     if not isinstance(value, str):
         raise _Invalid(path, f"must be one of {names}, not {_type_name(value)}")
-    for member in cls:
-        if member.value == value:
-            return member
     raise _Invalid(path, f"{value!r} is not one of {names}")
 
 
@@ -231,9 +245,23 @@ def _ip(value: Any, path: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         raise _Invalid(path, f"{value!r} is not an IP address") from None
 
 
+# A cluster has far fewer namespaces and service hostnames than references to them:
+# each distinct string is checked once (pure functions of the text, bounded caches).
+@functools.lru_cache(maxsize=8192)
+def _is_namespace(text: str) -> bool:
+    return _DNS_LABEL.match(text) is not None
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_hostname(text: str) -> bool:
+    labels = text.split(".")
+    return bool(text) and len(text) <= 253 and all(
+        _HOST_LABEL.match(label) for label in labels) and "*" not in labels[1:]
+
+
 def _namespace(value: Any, path: str) -> str:
     text = _string(value, path)
-    if not _DNS_LABEL.match(text):
+    if not _is_namespace(text):
         raise _Invalid(path, f"{text!r} is not a namespace (a DNS label: lower-case "
                              "letters, digits and '-', at most 63)")
     return text
@@ -241,9 +269,7 @@ def _namespace(value: Any, path: str) -> str:
 
 def _hostname(value: Any, path: str) -> str:
     text = _string(value, path)
-    labels = text.split(".")
-    if (not text or len(text) > 253 or not all(_HOST_LABEL.match(label) for label in labels)
-            or "*" in labels[1:]):
+    if not _is_hostname(text):
         raise _Invalid(path, f"{text!r} is not a hostname (DNS labels separated by '.', "
                              "'*' only as the first label)")
     return text
@@ -508,30 +534,104 @@ def parse_model(data: Any, file_label: str, *, allow_foreign_policies: bool = Fa
         raise ModelLoadError(file_label, invalid.issues) from None
 
 
+# -- the JSON spelling ----------------------------------------------------------
+#
+# YAML is a superset of JSON, but serde_yaml (0.9, src/de.rs :: deserialize_u64 and
+# is_plain_or_tagged_literal_scalar) reads a ``u16`` only from a plain scalar, so the
+# port maps (``HashMap<u16, u16>``) need bare integer keys, which strict JSON cannot
+# spell (``{"80": 8080}`` is refused by ztunnel and here alike). The compact spelling
+# is therefore one YAML flow mapping in JSON syntax whose only extension is bare
+# integer keys: ``{"ports": {80: 8080}}``. It is parsed with the stdlib ``json``
+# (after marking every key as string or integer, so neither is taken for the other);
+# a document outside that subset -- comments, bare words, floats, duplicate keys,
+# characters YAML treats differently from JSON -- is parsed as YAML, so it reads as
+# ztunnel reads it and every error is reported exactly as in the block spelling.
+
+# A bare integer key, as the writer spells it (another spelling, such as 010, which
+# YAML 1.1 reads as octal, is left as it is and fails the JSON parse).
+_BARE_INT_KEY = re.compile(r"([{,]\s*)(-?(?:0|[1-9][0-9]*))(\s*:)")
+_BARE_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+# A quoted key that reads as an integer once quoted bare keys are in (also matches in
+# string values that contain such text: then the document is read as YAML, never wrongly).
+_QUOTED_INT_KEY = re.compile(r'"-?[0-9]+"\s*:')
+# What YAML reads otherwise than JSON: non-printable characters (yaml.reader), YAML 1.1
+# line breaks, a byte order mark, and escaped surrogates (libyaml refuses them).
+_YAML_READS_OTHERWISE = re.compile(
+    yaml.reader.Reader.NON_PRINTABLE.pattern + "|[\x85\u2028\u2029\ufeff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+class NotJsonSubset(Exception):
+    """The document is not in the JSON subset; read it as YAML."""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[Any, Any]:
+    result: dict[Any, Any] = {}
+    for key, value in pairs:
+        # After _QUOTED_INT_KEY found none, an integer-looking key was a bare one.
+        typed: Any = int(key) if key[:1] in "-0123456789" and _BARE_INT.fullmatch(key) \
+            else key
+        if typed in result:  # the YAML parser names the duplicate with its position
+            raise NotJsonSubset
+        result[typed] = value
+    return result
+
+
+def _not_json_subset(_text: str) -> Any:
+    raise NotJsonSubset
+
+
+def parse_json_subset(text: str) -> Any:
+    """A document in the JSON spelling -> the data YAML reads from it; raise
+    :class:`NotJsonSubset` for anything outside that spelling (pure).
+
+    Quoting the bare integer keys can only break a string it lands in, never change
+    one: the string would end right before a digit, which JSON refuses."""
+    if (not text.lstrip(" \t\r\n").startswith("{") or _QUOTED_INT_KEY.search(text)
+            or _YAML_READS_OTHERWISE.search(text) or _ESCAPED_SURROGATE.search(text)):
+        raise NotJsonSubset
+    try:
+        return json.loads(_BARE_INT_KEY.sub(r'\1"\2"\3', text), object_pairs_hook=_object,
+                          parse_float=_not_json_subset, parse_constant=_not_json_subset)
+    except ValueError:  # json.JSONDecodeError included
+        raise NotJsonSubset from None
+
+
 def load_model_text(text: str, file_label: str = "<model>", *,
                     allow_foreign_policies: bool = False) -> Model:
-    """YAML text -> Model; raise :class:`ModelLoadError`."""
+    """YAML text (either spelling: block YAML, or the JSON spelling the agent writes,
+    see :func:`model_to_json_yaml`) -> Model; raise :class:`ModelLoadError`."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        data = parse_json_subset(text)
+    except NotJsonSubset:
+        data = _load_yaml(text, file_label)
+    return parse_model(data, file_label, allow_foreign_policies=allow_foreign_policies)
+
+
+def _load_yaml(text: str, file_label: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ModelLoadError(file_label, [ModelIssue(where, f"not valid YAML: {problem}")]) \
             from None
-    return parse_model(data, file_label, allow_foreign_policies=allow_foreign_policies)
+
+
+def _read_model_file(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(str(path), [ModelIssue("", f"cannot read the file: {error}")]) \
+            from None
 
 
 def load_model_file(path: str | os.PathLike[str], *,
                     allow_foreign_policies: bool = False) -> Model:
     """Read and parse a model file; raise :class:`ModelLoadError` (I/O errors included)."""
-    label = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelLoadError(label, [ModelIssue("", f"cannot read the file: {error}")]) \
-            from None
-    return load_model_text(text, label, allow_foreign_policies=allow_foreign_policies)
+    return load_model_text(_read_model_file(path), str(path),
+                           allow_foreign_policies=allow_foreign_policies)
 
 
 # -- writing ------------------------------------------------------------------
@@ -600,13 +700,65 @@ def service_to_yaml(s: Service) -> dict[str, Any]:
     return out
 
 
-def model_to_yaml(model: Model) -> str:
-    """The model as ztunnel local-config YAML (LOCAL_XDS_PATH)."""
+def _document(model: Model) -> dict[str, Any]:
     doc: dict[str, Any] = {"workloads": [workload_to_yaml(w) for w in model.workloads]}
     if model.foreign_policies:
         doc["policies"] = list(model.foreign_policies)
     doc["services"] = [service_to_yaml(s) for s in model.services]
-    return yaml.dump(doc, Dumper=yaml.CSafeDumper, sort_keys=False, default_flow_style=False)
+    return doc
+
+
+def model_to_yaml(model: Model) -> str:
+    """The model as ztunnel local-config YAML (LOCAL_XDS_PATH), block style: for people."""
+    return yaml.dump(_document(model), Dumper=yaml.CSafeDumper, sort_keys=False,
+                     default_flow_style=False)
+
+
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _escape_for_yaml(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _emit(value: Any, out: list[str]) -> None:
+    if isinstance(value, dict):
+        out.append("{")
+        for i, (key, item) in enumerate(value.items()):
+            if i:
+                out.append(",")
+            # int keys bare (serde_yaml reads u16 only from plain scalars), str quoted;
+            # after a plain key YAML needs ": " (80:8080 is one plain scalar)
+            out.append(f"{key}: " if type(key) is int else f"{_json_string(key)}:")
+            _emit(item, out)
+        out.append("}")
+    elif isinstance(value, list):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _emit(item, out)
+        out.append("]")
+    else:
+        out.append(_json_string(value))
+
+
+def to_json_yaml(doc: Any) -> str:
+    """Data (mappings with string or integer keys, lists, strings, integers, booleans,
+    null) in the JSON spelling: what :func:`parse_json_subset` and YAML read alike."""
+    out: list[str] = []
+    _emit(doc, out)
+    out.append("\n")
+    # Characters YAML reads otherwise than JSON occur only inside strings: escape them.
+    return _YAML_READS_OTHERWISE.sub(_escape_for_yaml, "".join(out))
+
+
+def model_to_json_yaml(model: Model) -> str:
+    """The model as ztunnel local-config in the JSON spelling (one YAML flow mapping in
+    JSON syntax, port maps with bare integer keys; see the section above
+    :func:`parse_json_subset`): what the agent writes for the tunnels, read back
+    without a YAML parser."""
+    return to_json_yaml(_document(model))
 
 
 # -- watching -------------------------------------------------------------------
@@ -634,7 +786,8 @@ class ModelWatcher:
     """Holds the model in force and reloads it from ``path`` when the file changes.
 
     No thread or loop of its own: call :meth:`poll` periodically. Until a first good
-    load, ``model`` is the empty model. ``generation`` counts accepted models.
+    load, ``model`` is the empty model. ``generation`` counts accepted models. A file
+    rewritten with the text of the model in force (same SHA-256) is not parsed again.
     Side effects: reads the file (stat on every poll, a full read when it changed).
     """
 
@@ -646,6 +799,7 @@ class ModelWatcher:
         self.generation = 0
         self.error: ModelLoadError | None = None
         self._fingerprint: Fingerprint | None = None
+        self._digest: bytes | None = None  # of the text of the model in force
         self._seen_missing = False
 
     def poll(self) -> ReloadOutcome:
@@ -658,12 +812,18 @@ class ModelWatcher:
             return ReloadOutcome.UNCHANGED
         self._fingerprint = fingerprint
         try:
-            model = load_model_file(self.path,
+            text = _read_model_file(self.path)
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            if digest == self._digest:
+                self.error = None  # the file holds the model in force again
+                return ReloadOutcome.UNCHANGED
+            model = load_model_text(text, self.path,
                                     allow_foreign_policies=self.allow_foreign_policies)
         except ModelLoadError as error:
             self.error = error
             return ReloadOutcome.REJECTED
         self.model = model
+        self._digest = digest
         self.error = None
         self.generation += 1
         return ReloadOutcome.LOADED

@@ -521,30 +521,34 @@ class Model:
         wls, svcs = tuple(workloads), tuple(services)
         issues: list[ModelIssue] = []
         by_uid: dict[str, Workload] = {}
-        uid_path: dict[str, str] = {}
+        uid_index: dict[str, int] = {}
         by_addr: dict[NetworkAddress, Workload] = {}
-        addr_path: dict[NetworkAddress, str] = {}
+        addr_index: dict[NetworkAddress, int] = {}  # paths are formatted only for issues
+
+        def addr_path(na: NetworkAddress) -> str:
+            return f"workloads[{addr_index[na]}] ({by_addr[na].uid})"
+
         for i, w in enumerate(wls):
-            path = f"workloads[{i}]"
             if w.uid in by_uid:
-                issues.append(ModelIssue(f"{path}.uid",
-                                         f"uid {w.uid!r} is already used by {uid_path[w.uid]}",
-                                         f"workload {w.uid}"))
+                issues.append(ModelIssue(f"workloads[{i}].uid",
+                                         f"uid {w.uid!r} is already used by "
+                                         f"workloads[{uid_index[w.uid]}]", f"workload {w.uid}"))
             else:
                 by_uid[w.uid] = w
-                uid_path[w.uid] = path
+                uid_index[w.uid] = i
             if w.network_mode is NetworkMode.HOST_NETWORK:
                 continue
             for j, na in enumerate(w.network_addresses()):
                 if na in by_addr:
                     issues.append(ModelIssue(
-                        f"{path}.workloadIps[{j}]",
+                        f"workloads[{i}].workloadIps[{j}]",
                         f"address {na.address} (network {na.network!r}) is already "
-                        f"{addr_path[na]}'s; only HostNetwork workloads may share one",
+                        f"{addr_path(na)}'s; only HostNetwork workloads may share one",
                         f"workload {w.uid}"))
                 else:
                     by_addr[na] = w
-                    addr_path[na] = f"{path} ({w.uid})"
+                    addr_index[na] = i
+
         by_vip: dict[NetworkAddress, tuple[Service, ...]] = {}
         vip_path: dict[NetworkAddress, str] = {}
         by_host: dict[str, tuple[Service, ...]] = {}
@@ -569,7 +573,7 @@ class Model:
                 if vip in by_addr:
                     issues.append(ModelIssue(
                         f"{path}.vips[{j}]",
-                        f"VIP {vip} is also the address of {addr_path[vip]}",
+                        f"VIP {vip} is also the address of {addr_path(vip)}",
                         f"service {s.key()}"))
                     continue
                 vip_path[vip] = f"{path} ({s.key()})"

@@ -47,6 +47,8 @@ from labkit import (
 )
 
 from agent.lab import kube
+from agent.model.loader import load_model_text
+from agent.model.types import InboundProtocol
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(300)]
 
@@ -142,7 +144,9 @@ def test_namespace_label_enrolls_pods_and_hbone_uses_the_api_model(
     a2 = lab.pod("n2-a")
     model = lab.node_dir("node1") / "model.yaml"
     until("node1's model (from the API) has n2-a as HBONE",
-          lambda: "protocol: HBONE\n  node: node2" in model.read_text() or None, WAIT)
+          lambda: any(w.name == "n2-a" and w.node == "node2"
+                      and w.protocol is InboundProtocol.HBONE
+                      for w in load_model_text(model.read_text()).workloads) or None, WAIT)
     written = model.stat().st_mtime
     until("node1's tunnel loaded that model", lambda: any(
         e.get("event") == "model loaded" and e.get("path") == str(model)
