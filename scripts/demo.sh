@@ -122,9 +122,6 @@ for node in json.load(sys.stdin)["nodes"]:
 }
 N2A=$(addr n2-a v4); N2A6=$(addr n2-a v6); N1B=$(addr n1-b v4)
 
-inpod() { local pod="$1"; shift; "$MA" lab exec --prefix "$PREFIX" "$pod" -- "$@"; }
-bg_in_pod() { local pod="$1"; shift; nsenter --net="/run/netns/$PREFIX-$pod" -- "$@" >/dev/null 2>&1 & }
-
 echo; echo "== servers: HTTP on :8080 and iperf3 in n2-a and n1-b"
 bg_in_pod n2-a python3 -m http.server 8080 --bind ::
 bg_in_pod n1-b python3 -m http.server 8080 --bind ::
@@ -135,7 +132,6 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 
-show() { printf '  %-44s %s\n' "$1" "$2"; }
 echo; echo "== curl between pods"
 show "n1-a -> n2-a (cross-node, IPv4)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://$N2A:8080/")"
 show "n1-a -> n2-a (cross-node, IPv6)" "$(inpod n1-a curl -s -m 5 -o /dev/null -w 'HTTP %{http_code}' "http://[$N2A6]:8080/")"
