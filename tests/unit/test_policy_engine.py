@@ -26,9 +26,9 @@ DB = WorkloadRef("db", "foo", {"app": "db"})
 BAR_APP = WorkloadRef("app", "bar", {"app": "httpbin"})
 
 
-def policy(name: str = "p", namespace: str = "foo", *, action: str | None = None,
-           selector: dict[str, str] | None = None, rules: Any = ..., dry_run: bool = False,
-           spec: dict[str, Any] | None = None):
+def document(name: str = "p", namespace: str = "foo", *, action: str | None = None,
+             selector: dict[str, str] | None = None, rules: Any = ..., dry_run: bool = False,
+             spec: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = dict(spec or {})
     if action is not None:
         body["action"] = action
@@ -39,8 +39,12 @@ def policy(name: str = "p", namespace: str = "foo", *, action: str | None = None
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if dry_run:
         metadata["annotations"] = {"istio.io/dry-run": "true"}
-    return parse_policy({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-                         "metadata": metadata, "spec": body})
+    return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": metadata, "spec": body}
+
+
+def policy(name: str = "p", namespace: str = "foo", **fields: Any):
+    return parse_policy(document(name, namespace, **fields))
 
 
 def request(identity: str | None = SLEEP, *, src_ip: str = "10.0.0.5", dst_ip: str = "10.1.0.7",
@@ -57,162 +61,163 @@ def from_source(**source: Any) -> list[dict[str, Any]]:
     return [{"from": [{"source": source}]}]
 
 
-# (description, policies, request, expected allowed) drawn from Istio's documentation.
+# (description, documents, request, expected allowed) drawn from Istio's documentation.
+# Also exported as fixtures for the native evaluator (tests/unit/policy_fixtures.py).
 CASES = [
     ("no policies: allow", [], request(), True),
-    ("allow-nothing (spec: {})", [policy(spec={})], request(), False),
-    ("allow-nothing (rules: [])", [policy(rules=[])], request(), False),
-    ("allow-all (rules: [{}])", [policy(rules=[{}])], request(None), True),
+    ("allow-nothing (spec: {})", [document(spec={})], request(), False),
+    ("allow-nothing (rules: [])", [document(rules=[])], request(), False),
+    ("allow-all (rules: [{}])", [document(rules=[{}])], request(None), True),
     ("deny-all (DENY rules: [{}])",
-     [policy(action="DENY", rules=[{}]), policy("allow", rules=[{}])], request(), False),
-    ("DENY without rules matches nothing", [policy(action="DENY", spec={})], request(), True),
+     [document(action="DENY", rules=[{}]), document("allow", rules=[{}])], request(), False),
+    ("DENY without rules matches nothing", [document(action="DENY", spec={})], request(), True),
     ("policy in another namespace does not apply",
-     [policy(namespace="bar", spec={})], request(), True),
+     [document(namespace="bar", spec={})], request(), True),
     ("root namespace policy applies mesh-wide",
-     [policy(namespace="istio-system", spec={})], request(workload=BAR_APP), False),
-    ("custom root namespace", [policy(namespace="mesh-root", spec={})], request(), True),
-    ("selector matches labels", [policy(selector={"app": "httpbin"}, spec={})], request(), False),
+     [document(namespace="istio-system", spec={})], request(workload=BAR_APP), False),
+    ("custom root namespace", [document(namespace="mesh-root", spec={})], request(), True),
+    ("selector matches labels", [document(selector={"app": "httpbin"}, spec={})], request(), False),
     ("selector does not match other workload",
-     [policy(selector={"app": "httpbin"}, spec={})], request(workload=DB), True),
+     [document(selector={"app": "httpbin"}, spec={})], request(workload=DB), True),
     ("selector needs every label",
-     [policy(selector={"app": "httpbin", "version": "v2"}, spec={})], request(), True),
+     [document(selector={"app": "httpbin", "version": "v2"}, spec={})], request(), True),
     ("root-namespace selector matches in every namespace",
-     [policy(namespace="istio-system", selector={"app": "httpbin"}, spec={})],
+     [document(namespace="istio-system", selector={"app": "httpbin"}, spec={})],
      request(workload=BAR_APP), False),
     ("non-root selector stays in its namespace",
-     [policy(namespace="foo", selector={"app": "httpbin"}, spec={})],
+     [document(namespace="foo", selector={"app": "httpbin"}, spec={})],
      request(workload=BAR_APP), True),
-    ("exact principal allows", [policy(rules=from_source(
+    ("exact principal allows", [document(rules=from_source(
         principals=["cluster.local/ns/foo/sa/sleep"]))], request(), True),
-    ("exact principal rejects other", [policy(rules=from_source(
+    ("exact principal rejects other", [document(rules=from_source(
         principals=["cluster.local/ns/foo/sa/sleep"]))], request(OTHER), False),
-    ("principal prefix wildcard", [policy(rules=from_source(
+    ("principal prefix wildcard", [document(rules=from_source(
         principals=["cluster.local/ns/foo/*"]))], request(), True),
-    ("principal suffix wildcard", [policy(rules=from_source(
+    ("principal suffix wildcard", [document(rules=from_source(
         principals=["*/sa/sleep"]))], request(), True),
-    ("principal suffix wildcard mismatch", [policy(rules=from_source(
+    ("principal suffix wildcard mismatch", [document(rules=from_source(
         principals=["*/sa/sleep"]))], request(OTHER), False),
-    ("principal '*' requires any identity", [policy(rules=from_source(
+    ("principal '*' requires any identity", [document(rules=from_source(
         principals=["*"]))], request(None), False),
-    ("plaintext never matches principals", [policy(rules=from_source(
+    ("plaintext never matches principals", [document(rules=from_source(
         principals=["*"]))], request(None), False),
-    ("notPrincipals excludes", [policy(rules=from_source(
+    ("notPrincipals excludes", [document(rules=from_source(
         notPrincipals=["cluster.local/ns/foo/sa/sleep"]))], request(), False),
-    ("notPrincipals admits others", [policy(rules=from_source(
+    ("notPrincipals admits others", [document(rules=from_source(
         notPrincipals=["cluster.local/ns/foo/sa/sleep"]))], request(OTHER), True),
     ("DENY notPrincipals '*' denies plaintext (require mTLS)",
-     [policy(action="DENY", rules=from_source(notPrincipals=["*"]))], request(None), False),
+     [document(action="DENY", rules=from_source(notPrincipals=["*"]))], request(None), False),
     ("DENY notPrincipals '*' lets mTLS through",
-     [policy(action="DENY", rules=from_source(notPrincipals=["*"]))], request(), True),
-    ("namespaces from SPIFFE ID", [policy(rules=from_source(namespaces=["foo"]))],
+     [document(action="DENY", rules=from_source(notPrincipals=["*"]))], request(), True),
+    ("namespaces from SPIFFE ID", [document(rules=from_source(namespaces=["foo"]))],
      request(), True),
-    ("namespaces mismatch", [policy(rules=from_source(namespaces=["foo"]))],
+    ("namespaces mismatch", [document(rules=from_source(namespaces=["foo"]))],
      request(OTHER), False),
-    ("plaintext has no namespace", [policy(rules=from_source(namespaces=["*"]))],
+    ("plaintext has no namespace", [document(rules=from_source(namespaces=["*"]))],
      request(None), False),
-    ("notNamespaces", [policy(rules=from_source(notNamespaces=["bar"]))],
+    ("notNamespaces", [document(rules=from_source(notNamespaces=["bar"]))],
      request(OTHER), False),
-    ("serviceAccounts ns/sa", [policy(rules=from_source(serviceAccounts=["foo/sleep"]))],
+    ("serviceAccounts ns/sa", [document(rules=from_source(serviceAccounts=["foo/sleep"]))],
      request(), True),
     ("serviceAccounts bare name uses policy namespace",
-     [policy(rules=from_source(serviceAccounts=["sleep"]))], request(), True),
+     [document(rules=from_source(serviceAccounts=["sleep"]))], request(), True),
     ("serviceAccounts bare name is not another namespace",
-     [policy(namespace="istio-system", rules=from_source(serviceAccounts=["sleep"]))],
+     [document(namespace="istio-system", rules=from_source(serviceAccounts=["sleep"]))],
      request(), False),
     ("serviceAccounts never match plaintext",
-     [policy(rules=from_source(serviceAccounts=["foo/sleep"]))], request(None), False),
-    ("notServiceAccounts", [policy(rules=from_source(notServiceAccounts=["foo/sleep"]))],
+     [document(rules=from_source(serviceAccounts=["foo/sleep"]))], request(None), False),
+    ("notServiceAccounts", [document(rules=from_source(notServiceAccounts=["foo/sleep"]))],
      request(), False),
-    ("ipBlocks match", [policy(rules=from_source(ipBlocks=["10.0.0.0/16"]))],
+    ("ipBlocks match", [document(rules=from_source(ipBlocks=["10.0.0.0/16"]))],
      request(None), True),
-    ("ipBlocks bare IP", [policy(rules=from_source(ipBlocks=["10.0.0.5"]))], request(), True),
-    ("ipBlocks mismatch", [policy(rules=from_source(ipBlocks=["192.168.0.0/16"]))],
+    ("ipBlocks bare IP", [document(rules=from_source(ipBlocks=["10.0.0.5"]))], request(), True),
+    ("ipBlocks mismatch", [document(rules=from_source(ipBlocks=["192.168.0.0/16"]))],
      request(), False),
-    ("ipBlocks IPv4-mapped source", [policy(rules=from_source(ipBlocks=["10.0.0.0/8"]))],
+    ("ipBlocks IPv4-mapped source", [document(rules=from_source(ipBlocks=["10.0.0.0/8"]))],
      request(src_ip="::ffff:10.0.0.5"), True),
-    ("notIpBlocks", [policy(rules=from_source(ipBlocks=["10.0.0.0/8"],
+    ("notIpBlocks", [document(rules=from_source(ipBlocks=["10.0.0.0/8"],
                                               notIpBlocks=["10.0.0.0/24"]))], request(), False),
-    ("ports", [policy(rules=[{"to": [{"operation": {"ports": ["8080"]}}]}])], request(), True),
-    ("ports mismatch", [policy(rules=[{"to": [{"operation": {"ports": ["9090"]}}]}])],
+    ("ports", [document(rules=[{"to": [{"operation": {"ports": ["8080"]}}]}])], request(), True),
+    ("ports mismatch", [document(rules=[{"to": [{"operation": {"ports": ["9090"]}}]}])],
      request(), False),
-    ("notPorts", [policy(rules=[{"to": [{"operation": {"notPorts": [8080]}}]}])],
+    ("notPorts", [document(rules=[{"to": [{"operation": {"notPorts": [8080]}}]}])],
      request(), False),
-    ("from AND to", [policy(rules=[{"from": [{"source": {"namespaces": ["foo"]}}],
+    ("from AND to", [document(rules=[{"from": [{"source": {"namespaces": ["foo"]}}],
                                     "to": [{"operation": {"ports": ["9090"]}}]}])],
      request(), False),
-    ("from entries are ORed", [policy(rules=[{"from": [
+    ("from entries are ORed", [document(rules=[{"from": [
         {"source": {"namespaces": ["nope"]}}, {"source": {"namespaces": ["foo"]}}]}])],
      request(), True),
-    ("fields in one source are ANDed", [policy(rules=from_source(
+    ("fields in one source are ANDed", [document(rules=from_source(
         namespaces=["foo"], ipBlocks=["192.168.0.0/16"]))], request(), False),
-    ("rules are ORed", [policy(rules=[{"to": [{"operation": {"ports": ["1"]}}]},
+    ("rules are ORed", [document(rules=[{"to": [{"operation": {"ports": ["1"]}}]},
                                       {"to": [{"operation": {"ports": ["8080"]}}]}])],
      request(), True),
-    ("when destination.ip", [policy(rules=[{"when": [
+    ("when destination.ip", [document(rules=[{"when": [
         {"key": "destination.ip", "values": ["10.1.0.0/24"]}]}])], request(), True),
-    ("when destination.ip notValues", [policy(rules=[{"when": [
+    ("when destination.ip notValues", [document(rules=[{"when": [
         {"key": "destination.ip", "notValues": ["10.1.0.7"]}]}])], request(), False),
-    ("when source.ip", [policy(rules=[{"when": [
+    ("when source.ip", [document(rules=[{"when": [
         {"key": "source.ip", "values": ["10.0.0.5/32"]}]}])], request(), True),
-    ("when destination.port", [policy(rules=[{"when": [
+    ("when destination.port", [document(rules=[{"when": [
         {"key": "destination.port", "values": ["8080"]}]}])], request(), True),
-    ("when source.namespace", [policy(rules=[{"when": [
+    ("when source.namespace", [document(rules=[{"when": [
         {"key": "source.namespace", "values": ["bar"]}]}])], request(), False),
-    ("when source.principal", [policy(rules=[{"when": [
+    ("when source.principal", [document(rules=[{"when": [
         {"key": "source.principal", "values": ["cluster.local/ns/foo/*"]}]}])],
      request(), True),
-    ("when conditions are ANDed", [policy(rules=[{"when": [
+    ("when conditions are ANDed", [document(rules=[{"when": [
         {"key": "destination.port", "values": ["8080"]},
         {"key": "source.ip", "values": ["192.168.0.1"]}]}])], request(), False),
     ("DENY wins over ALLOW",
-     [policy("allow", rules=[{}]), policy("deny", action="DENY",
+     [document("allow", rules=[{}]), document("deny", action="DENY",
                                           rules=from_source(namespaces=["foo"]))],
      request(), False),
     ("mesh DENY wins over namespace ALLOW",
-     [policy("allow", rules=[{}]),
-      policy("deny", namespace="istio-system", action="DENY", rules=[{}])], request(), False),
+     [document("allow", rules=[{}]),
+      document("deny", namespace="istio-system", action="DENY", rules=[{}])], request(), False),
     ("any matching ALLOW suffices",
-     [policy("a", rules=from_source(namespaces=["nope"])),
-      policy("b", rules=from_source(namespaces=["foo"]))], request(), True),
+     [document("a", rules=from_source(namespaces=["nope"])),
+      document("b", rules=from_source(namespaces=["foo"]))], request(), True),
     ("ALLOW elsewhere does not restrict this workload",
-     [policy(selector={"app": "db"}, spec={})], request(), True),
+     [document(selector={"app": "db"}, spec={})], request(), True),
     ("ALLOW rule with HTTP methods never matches at L4",
-     [policy(rules=[{"to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}]}])],
+     [document(rules=[{"to": [{"operation": {"methods": ["GET"], "ports": ["8080"]}}]}])],
      request(), False),
     ("ALLOW: only the L7 rule is dropped, other rules still match",
-     [policy(rules=[{"to": [{"operation": {"paths": ["/x"]}}]}, {}])], request(), True),
+     [document(rules=[{"to": [{"operation": {"paths": ["/x"]}}]}, {}])], request(), True),
     ("ALLOW rule with requestPrincipals never matches",
-     [policy(rules=from_source(requestPrincipals=["*"], namespaces=["foo"]))],
+     [document(rules=from_source(requestPrincipals=["*"], namespaces=["foo"]))],
      request(), False),
     ("ALLOW rule with L7 when never matches",
-     [policy(rules=[{"when": [{"key": "request.headers[x]", "values": ["1"]}]}])],
+     [document(rules=[{"when": [{"key": "request.headers[x]", "values": ["1"]}]}])],
      request(), False),
     # ztunnel skips the empty match istiod leaves (rbac.rs Authorization::matches,
     # `mg.is_empty() => continue`): the DENY has no effect at L4 (was: deny-all).
     ("DENY with only HTTP methods matches nothing (emptied match skipped)",
-     [policy(action="DENY", rules=[{"to": [{"operation": {"methods": ["DELETE"]}}]}])],
+     [document(action="DENY", rules=[{"to": [{"operation": {"methods": ["DELETE"]}}]}])],
      request(), True),
     ("DENY with methods + ports is enforced on ports",
-     [policy(action="DENY", rules=[{"to": [{"operation": {"methods": ["GET"],
+     [document(action="DENY", rules=[{"to": [{"operation": {"methods": ["GET"],
                                                           "ports": ["9090"]}}]}])],
      request(), True),
     # An L7 `when` becomes a clause holding one empty match (istiod handleRule), which
     # can never match: the whole DENY rule never matches (was: L4 from enforced).
     ("DENY rule with an L7 when never matches, even with an L4 from",
-     [policy(action="DENY", rules=[{"from": [{"source": {"namespaces": ["bar"]}}],
+     [document(action="DENY", rules=[{"from": [{"source": {"namespaces": ["bar"]}}],
                                     "when": [{"key": "request.auth.claims[iss]",
                                               "values": ["x"]}]}])], request(OTHER), True),
     ("dry-run DENY is not enforced",
-     [policy(action="DENY", rules=[{}], dry_run=True)], request(), True),
+     [document(action="DENY", rules=[{}], dry_run=True)], request(), True),
     ("dry-run ALLOW does not restrict",
-     [policy(spec={}, dry_run=True)], request(), True),
+     [document(spec={}, dry_run=True)], request(), True),
 ]
 
 
-@pytest.mark.parametrize(("policies", "req", "expected"),
+@pytest.mark.parametrize(("documents", "req", "expected"),
                          [case[1:] for case in CASES], ids=[case[0] for case in CASES])
-def test_documented_semantics(policies: list, req: ConnectionRequest, expected: bool) -> None:
-    assert allowed(policies, req) is expected
+def test_documented_semantics(documents: list, req: ConnectionRequest, expected: bool) -> None:
+    assert allowed([parse_policy(d) for d in documents], req) is expected
 
 
 def test_custom_root_namespace_applies_mesh_wide() -> None:

@@ -121,7 +121,8 @@ def allowed(policies: PolicySet, identity: str | None = SLEEP,
 
 # Documents Istio's validation webhook rejects (ValidateAuthorizationPolicy,
 # checkDryRunAnnotation) or that cannot be read: each fails closed on its own.
-@pytest.mark.parametrize(("text", "message"), [
+# Also exported as fixtures for the native evaluator (tests/unit/policy_fixtures.py).
+BAD_DOCUMENTS = [
     (BAD_CIDR_DOC2, "deny.yaml: document 2: spec.rules[0].from[0].source.ipBlocks[1]: "
                     "'10.0.0.300/8' is not a CIDR"),
     (ALLOW_SLEEP.replace('ports: ["8080"]', 'ports: ["80800"]'),
@@ -185,7 +186,10 @@ def allowed(policies: PolicySet, identity: str | None = SLEEP,
      "deny.yaml: document 1: line 3, column 1: invalid YAML: found duplicate key 'kind'"),
     ("apiVersion: [unclosed\n", "deny.yaml: document 1: line 2, column 1: invalid YAML"),
     ("- just\n- a list\n", "deny.yaml: document 1: must be a mapping, got a list"),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_DOCUMENTS)
 def test_bad_document_fails_closed_with_exact_location(tmp_path: Path, text: str,
                                                         message: str) -> None:
     write(tmp_path, "allow-good.yaml", ALLOW_SLEEP.replace("allow-sleep", "good"))

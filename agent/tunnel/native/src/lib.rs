@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod guard;
+pub mod policy;
 pub mod relay;
 pub mod server;
 pub mod sockets;
