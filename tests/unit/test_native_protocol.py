@@ -11,6 +11,8 @@ import pytest
 from agent.tunnel.native import driver
 from agent.tunnel.native.protocol import (
     PROTOCOL_VERSION,
+    CertificatesApplied,
+    CertificatesUpdate,
     ConnectionRecord,
     DatapathConfig,
     HboneConnectionClosed,
@@ -58,6 +60,15 @@ def test_policy_snapshot_message_and_its_acknowledgement() -> None:
     assert json.loads(text) == {"message": "policy", "version": 3, "rules": rules}
     assert parse_event('{"v":2,"event":"policy_applied","version":3,"policies":0,'
                        '"revoked":1}') == PolicyApplied(3, 0, 1)
+
+
+def test_certificates_message_and_its_acknowledgement() -> None:
+    update = CertificatesUpdate("spiffe://cluster.local/ns/a/sa/b", "/c.pem", "/k.pem")
+    assert json.loads(update.to_json()) == {
+        "message": "certificates", "identity": "spiffe://cluster.local/ns/a/sa/b",
+        "cert": "/c.pem", "key": "/k.pem"}
+    assert parse_event('{"v":2,"event":"certificates_applied","identity":"spiffe://x",'
+                       '"listeners":2}') == CertificatesApplied("spiffe://x", 2)
 
 
 def test_parse_events() -> None:

@@ -17,7 +17,10 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.tunnel.native.protocol import (
+    CertificatesApplied,
+    CertificatesUpdate,
     ConnectionRecord,
+    ControlMessage,
     DatapathConfig,
     DatapathError,
     Event,
@@ -39,7 +42,8 @@ class NativeDatapathError(RuntimeError):
 
 
 class PolicyRefused(RuntimeError):
-    """The datapath refused a policy snapshot; its previous policy stays in force."""
+    """The datapath refused a control message (a policy snapshot, certificates);
+    nothing changed: its previous policy and certificates stay in force."""
 
 
 def _source_files(crate: Path) -> Iterator[Path]:
@@ -137,7 +141,8 @@ class NativeDatapath:
         self.ready = event
         if self.policy is not None:
             try:
-                await self._acknowledged(timeout)
+                if not isinstance(await self._acknowledged(timeout), PolicyApplied):
+                    raise NativeDatapathError("the first policy snapshot was not applied")
             except BaseException:
                 await self.stop()
                 raise
@@ -148,21 +153,37 @@ class NativeDatapath:
         """Send a policy snapshot and wait for its acknowledgement. PolicyRefused when
         the datapath refuses it (the previous policy stays). Side effect: live
         connections the new snapshot denies are ended (reported as ``denied``)."""
+        await self._send(snapshot)
+        ack = await self._acknowledged(timeout)
+        assert isinstance(ack, PolicyApplied), ack
+        return ack
+
+    async def rotate_certificates(self, update: CertificatesUpdate, timeout: float = 10.0
+                                  ) -> CertificatesApplied:
+        """Give a local identity a new certificate and key. PolicyRefused when the
+        datapath refuses it (unknown identity, another identity's certificate, a key
+        that does not match). Side effect: new handshakes of the listeners presenting
+        that identity use it; live connections keep theirs."""
+        await self._send(update)
+        ack = await self._acknowledged(timeout)
+        assert isinstance(ack, CertificatesApplied), ack
+        return ack
+
+    async def _send(self, message: ControlMessage) -> None:
         if self._proc is None or self._proc.stdin is None:
             raise NativeDatapathError("datapath not started")
-        self._proc.stdin.write(snapshot.to_json().encode() + b"\n")
+        self._proc.stdin.write(message.to_json().encode() + b"\n")
         await self._proc.stdin.drain()
-        return await self._acknowledged(timeout)
 
-    async def _acknowledged(self, timeout: float) -> PolicyApplied:
-        """The next PolicyApplied; other events are kept for :meth:`next_event`."""
+    async def _acknowledged(self, timeout: float) -> PolicyApplied | CertificatesApplied:
+        """The next acknowledgement; other events are kept for :meth:`next_event`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         kept: list[Event] = []
         try:
             while True:
                 event = await self._next(max(0.01, deadline - loop.time()))
-                if isinstance(event, PolicyApplied):
+                if isinstance(event, PolicyApplied | CertificatesApplied):
                     return event
                 if isinstance(event, DatapathError):
                     raise PolicyRefused(event.message)

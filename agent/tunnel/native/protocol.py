@@ -2,7 +2,8 @@
 
 Python writes one configuration object (one JSON line) to the process's stdin, then
 one control message per line: a :class:`PolicySnapshot` (the compiled rule set of
-``agent.policy.compile``, with a version that grows), at start and on every change.
+``agent.policy.compile``, with a version that grows), at start and on every change,
+and a :class:`CertificatesUpdate` per local identity on rotation.
 It keeps stdin open: EOF tells the process its driver is gone and it exits (fail
 closed). Until a snapshot is applied every inbound connection is denied; a snapshot the
 datapath cannot read is refused with an ``error`` event and the previous one stays.
@@ -12,7 +13,9 @@ The process writes one JSON event per line to stdout, each with ``"v": 2``: ``re
 exact byte counts and the deciding policy), ``hbone_connection_closed`` (an HBONE
 connection ended for a reason worth telling: TLS refused, GOAWAY ENHANCE_YOUR_CALM,
 ...), ``policy_applied`` (a snapshot is current; how many live connections it revoked),
-``error``. The Rust side of this contract is ``src/config.rs``, ``src/enforce.rs`` and
+``certificates_applied``, ``error`` (also: a control message refused, nothing
+changed). The Rust side of this contract is ``src/config.rs``, ``src/enforce.rs``,
+``src/tls.rs`` (rotation) and
 ``src/control.rs``.
 """
 
@@ -133,6 +136,25 @@ class PolicySnapshot:
                            "rules": self.rules}, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class CertificatesUpdate:
+    """A new certificate chain and key (PEM files) for a local identity (SPIFFE URI):
+    every listener presenting that identity uses them for new handshakes; live
+    connections keep the certificate they started with (rotation)."""
+
+    identity: str
+    cert: str
+    key: str
+
+    def to_json(self) -> str:
+        """The control message: one line, no newline inside."""
+        return json.dumps({"message": "certificates", "identity": self.identity,
+                           "cert": self.cert, "key": self.key}, separators=(",", ":"))
+
+
+ControlMessage = PolicySnapshot | CertificatesUpdate
+
+
 class Outcome(Enum):
     CLOSED = "closed"
     SOCKET_RESET = "socket_reset"
@@ -192,7 +214,16 @@ class PolicyApplied:
     revoked: int
 
 
-Event = Ready | ConnectionRecord | HboneConnectionClosed | DatapathError | PolicyApplied
+@dataclass(frozen=True)
+class CertificatesApplied:
+    """``listeners`` now present the new certificate of ``identity``."""
+
+    identity: str
+    listeners: int
+
+
+Event = (Ready | ConnectionRecord | HboneConnectionClosed | DatapathError | PolicyApplied
+         | CertificatesApplied)
 
 
 def parse_event(line: bytes | str) -> Event:
@@ -225,6 +256,9 @@ def parse_event(line: bytes | str) -> Event:
                                          reason=obj["reason"])
         if kind == "error":
             return DatapathError(message=obj["message"])
+        if kind == "certificates_applied":
+            return CertificatesApplied(identity=str(obj["identity"]),
+                                       listeners=int(obj["listeners"]))
         if kind == "policy_applied":
             return PolicyApplied(version=int(obj["version"]), policies=int(obj["policies"]),
                                  revoked=int(obj["revoked"]))

@@ -75,6 +75,8 @@ pub enum Event {
     Error { message: String },
     /// A policy snapshot is now current (`revoked`: live connections it ended).
     PolicyApplied { version: u64, policies: usize, revoked: usize },
+    /// Listeners presenting `identity` now use its new certificate for new handshakes.
+    CertificatesApplied { identity: String, listeners: usize },
 }
 
 #[derive(Serialize)]

@@ -31,14 +31,18 @@ pub enum Message {
     /// The compiled rule set (`agent.policy.compile`), replacing the current one.
     /// `version` must grow with every snapshot.
     Policy { version: u64, rules: serde_json::Value },
+    /// A new certificate and key (PEM files) for a local identity (a SPIFFE URI): every
+    /// listener presenting it uses them for new handshakes; live connections keep theirs.
+    Certificates { identity: String, cert: std::path::PathBuf, key: std::path::PathBuf },
 }
 
-/// What applying a snapshot did.
+/// What applying a control message did.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Applied {
-    pub version: u64,
-    pub policies: usize,
-    pub revoked: usize,
+pub enum Applied {
+    /// A policy snapshot is current; `revoked` live connections it denies were signalled.
+    Policy { version: u64, policies: usize, revoked: usize },
+    /// `listeners` present the new certificate of `identity`.
+    Certificates { identity: String, listeners: usize },
 }
 
 /// The end a revocation gives a tracked connection: the decision that denied it.
@@ -128,11 +132,15 @@ impl Enforcer {
     /// snapshot and signals every tracked connection the new one denies. On any error
     /// nothing changes and the error says what to fix.
     pub fn apply_line(&self, line: &str) -> Result<Applied, String> {
-        let message: Message = serde_json::from_str(line).map_err(|e| format!("control message refused: {e} (this datapath reads {{\"message\": \"policy\", \"version\", \"rules\"}}; rebuild it from the same checkout as the agent)"))?;
+        let message: Message = serde_json::from_str(line).map_err(|e| format!("control message refused: {e} (this datapath reads the messages \"policy\" {{version, rules}} and \"certificates\" {{identity, cert, key}}; rebuild it from the same checkout as the agent)"))?;
         match message {
             Message::Policy { version, rules } => {
                 let rules = RuleSet::from_json(&rules.to_string()).map_err(|e| format!("policy snapshot {version} refused, previous policy kept: {e}"))?;
                 self.apply(Snapshot { version, rules })
+            }
+            Message::Certificates { identity, cert, key } => {
+                let listeners = crate::tls::rotate(&identity, &cert, &key)?;
+                Ok(Applied::Certificates { identity, listeners })
             }
         }
     }
@@ -152,7 +160,7 @@ impl Enforcer {
                 t.revocation.notify.notify_one();
             }
         }
-        let applied = Applied { version: snapshot.version, policies: snapshot.rules.policies().len(), revoked: denied.len() };
+        let applied = Applied::Policy { version: snapshot.version, policies: snapshot.rules.policies().len(), revoked: denied.len() };
         *current = Some(Arc::new(snapshot));
         Ok(applied)
     }
@@ -188,7 +196,7 @@ mod tests {
         e.apply_line(&line(1, EMPTY)).unwrap();
         let admitted = e.admit(conn()).unwrap();
         let applied = e.apply_line(&line(2, DENY_ALL)).unwrap();
-        assert_eq!(applied, Applied { version: 2, policies: 1, revoked: 1 });
+        assert_eq!(applied, Applied::Policy { version: 2, policies: 1, revoked: 1 });
         let decision = admitted.revocation.decision.lock().unwrap().clone().unwrap();
         assert_eq!(decision.policy.as_deref(), Some("ns/deny"));
         drop(admitted);
@@ -203,6 +211,7 @@ mod tests {
         assert!(e.apply_line(&line(1, DENY_ALL)).unwrap_err().contains("not newer"));
         assert!(e.apply_line(r#"{"message":"policy","version":3,"rules":{},"x":1}"#).unwrap_err().contains("refused"));
         assert!(e.apply_line(r#"{"message":"certificates"}"#).unwrap_err().contains("refused"));
+        assert!(e.apply_line(r#"{"message":"drain"}"#).unwrap_err().contains("refused"));
         assert!(e.admit(conn()).is_ok());
     }
 }

@@ -50,13 +50,17 @@ fn plan(cfg: &Config) -> Plan {
     let mut inbound = Vec::new();
     for l in &cfg.inbound {
         let identity = tls::WorkloadIdentity::load(&l.cert, &l.key).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
+        let identity = tls::RotatingCert::new(identity).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
+        tls::certificates().lock().unwrap_or_else(|e| e.into_inner()).push(identity.clone());
         let sc = tls::server_config(identity, roots.clone(), &cfg.trust_domain).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
         inbound.push((l.clone(), tokio_rustls::TlsAcceptor::from(Arc::new(sc))));
     }
     let mut outbound = Vec::new();
     for l in &cfg.outbound {
         let identity = tls::WorkloadIdentity::load(&l.cert, &l.key).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
-        let src_id = tls::peer_identity(Some(&identity.chain)).map(|id| id.to_string()).unwrap_or_else(|| fail(format!("outbound {}: {} has no SPIFFE identity", l.name, l.cert.display())));
+        let identity = tls::RotatingCert::new(identity).unwrap_or_else(|e| fail(format!("outbound {}: {} {e}", l.name, l.cert.display())));
+        tls::certificates().lock().unwrap_or_else(|e| e.into_inner()).push(identity.clone());
+        let src_id = identity.identity.to_string();
         let expected = l.peer_identities.iter().map(|s| parse_spiffe_id(s)).collect::<Result<Vec<_>, _>>().unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let cc = tls::client_config(identity, roots.clone(), &cfg.trust_domain, expected).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let mut timers = client::PoolTimers::default();
@@ -174,7 +178,8 @@ fn main() {
         for line in std::io::stdin().lock().lines() {
             let Ok(line) = line else { break };
             match enforce::Enforcer::global().apply_line(&line) {
-                Ok(a) => emit(Event::PolicyApplied { version: a.version, policies: a.policies, revoked: a.revoked }),
+                Ok(enforce::Applied::Policy { version, policies, revoked }) => emit(Event::PolicyApplied { version, policies, revoked }),
+                Ok(enforce::Applied::Certificates { identity, listeners }) => emit(Event::CertificatesApplied { identity, listeners }),
                 Err(message) => emit(Event::Error { message }),
             }
         }
