@@ -23,10 +23,14 @@ from pathlib import Path
 from agent.identity.ca import init_ca
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import IdentityStore
+from agent.policy.compile import compile_policy_set
+from agent.policy.engine import PolicySet
 from agent.tunnel.native.protocol import (
     DatapathConfig,
     InboundListener,
     OutboundListener,
+    PolicySnapshot,
+    Workload,
 )
 
 TRUST_DOMAIN = "cluster.local"
@@ -88,9 +92,11 @@ def write_spiffe_certs(out: Path) -> dict[str, dict[str, str]]:
 
 
 def write_native(plan: PairPlan, out: Path, workers: int = 0,
-                 runtime: str = "per_core") -> tuple[Path, Path]:
-    """Control-protocol v1 configs for relay A (outbound listeners) and B (15008-like
-    inbound on ``b_host:b_offset``); returns their paths (``--config FILE``)."""
+                 runtime: str = "per_core") -> tuple[Path, Path, Path]:
+    """Control-protocol v2 configs for relay A (outbound listeners) and B (15008-like
+    inbound on ``b_host:b_offset``) and the policy message for both (the empty set: no
+    policy applies, as in the Python pair); returns their paths (``--config FILE
+    --policy FILE``)."""
     files = write_spiffe_certs(out / "certs")
     peer = f"{plan.b_host}:{plan.b_offset}"
     a = DatapathConfig(
@@ -104,13 +110,14 @@ def write_native(plan: PairPlan, out: Path, workers: int = 0,
         trust_domain=TRUST_DOMAIN, roots=files["server"]["ca"], workers=workers,
         runtime=runtime, inbound=[InboundListener(
             name="hbone", listen=peer, cert=files["server"]["cert"],
-            key=files["server"]["key"],
+            key=files["server"]["key"], workload=Workload("default", {}),
             destinations=tuple(f"{plan.dst_host}:{port}" for port in plan.ports))])
     out.mkdir(parents=True, exist_ok=True)
-    pa, pb = out / "native-a.json", out / "native-b.json"
+    pa, pb, pp = out / "native-a.json", out / "native-b.json", out / "native-policy.json"
     pa.write_text(a.to_json())
     pb.write_text(b.to_json())
-    return pa, pb
+    pp.write_text(PolicySnapshot(1, compile_policy_set(PolicySet())).to_json())
+    return pa, pb, pp
 
 
 def read_json(path: Path) -> dict[str, object]:

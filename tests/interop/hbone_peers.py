@@ -16,9 +16,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from agent.policy.compile import compile_policy_set
+from agent.policy.engine import PolicySet
+from agent.tunnel.native.protocol import PolicySnapshot, Workload
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = Path(__file__).parent / "programs"
 LOOPBACK = "127.0.0.1"
+# The native datapath denies every inbound connection until it has a policy snapshot:
+# tests that are not about policy give it the empty set (no policy applies: allowed).
+ALLOW_ALL = PolicySnapshot(1, compile_policy_set(PolicySet()))
+# The destination workload of test inbound listeners.
+WORKLOAD = Workload("default", {"app": "backend"})
 
 
 class HboneServerProcess:

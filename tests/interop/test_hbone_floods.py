@@ -25,7 +25,7 @@ from typing import Any
 
 import hpack
 import pytest
-from hbone_peers import LOOPBACK, hbone_server, rss_kb
+from hbone_peers import ALLOW_ALL, LOOPBACK, WORKLOAD, hbone_server, rss_kb
 from hyperframe.frame import (
     ContinuationFrame,
     Frame,
@@ -103,10 +103,10 @@ async def flood_server(kind: str, ca_dir: Path) -> AsyncIterator[FloodServer]:
         store = IdentityStore(load_ca(ca_dir))
         files = write_pems(ca_dir.parent / "native-server", store.get(SERVER))
         listener = InboundListener("hbone", f"{LOOPBACK}:0", files["cert"], files["key"],
-                                   destinations=(backend.address,))
+                                   destinations=(backend.address,), workload=WORKLOAD)
         cfg = DatapathConfig(trust_domain=TRUST_DOMAIN, roots=files["ca"], workers=2,
                              inbound=(listener,))
-        async with NativeDatapath(cfg) as dp:
+        async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
             assert dp.pid is not None
 
             async def settle() -> None:

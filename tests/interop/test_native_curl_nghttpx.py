@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hbone_peers import LOOPBACK, echo_backend
+from hbone_peers import ALLOW_ALL, LOOPBACK, WORKLOAD, echo_backend
 from test_curl_nghttpx import (
     BODY,
     CLIENT,
@@ -62,8 +62,8 @@ def test_libcurl_is_an_hbone_client_of_the_native_server(tmp_path: Path) -> None
         async with http_backend() as backend:
             cfg = DatapathConfig(TRUST_DOMAIN, server_pems["ca"], inbound=(InboundListener(
                 "hbone", f"{LOOPBACK}:0", server_pems["cert"], server_pems["key"],
-                destinations=(f"{LOOPBACK}:{backend}",)),), workers=1)
-            async with NativeDatapath(cfg) as dp:
+                destinations=(f"{LOOPBACK}:{backend}",), workload=WORKLOAD),), workers=1)
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 port = dp.address("hbone")[1]
                 url = f"http://127.0.0.1:{backend}/through-native-hbone"
                 status, body, error = await asyncio.to_thread(curl_get, url, port, curl_pems)
@@ -113,7 +113,7 @@ def test_native_client_through_nghttpx(tmp_path: Path) -> None:
                 OutboundListener("far", f"{LOOPBACK}:0", peer, "192.0.2.1:80",
                                  client_pems["cert"], client_pems["key"],
                                  peer_identities=(str(SERVER),))), workers=1)
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 out = dp.address("out")[1]
                 replies = await asyncio.gather(*(exchange(out, n) for n in range(4)))
                 assert all(r == payload[n:] for n, r in enumerate(replies))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hbone_peers import mtls_bridge
+from hbone_peers import ALLOW_ALL, WORKLOAD, mtls_bridge
 from test_h2spec import (
     EXCLUDED,
     SKIPPED_BY_H2SPEC,
@@ -57,10 +57,10 @@ def test_h2spec_against_native_server(tmp_path: Path) -> None:
     files["ca"].write_bytes(cert.trust_anchors_pem)
     cfg = DatapathConfig(trust_domain=TRUST_DOMAIN, roots=str(files["ca"]), inbound=(
         InboundListener("hbone", "127.0.0.1:0", str(files["cert"]), str(files["key"]),
-                        destinations=("127.0.0.1:1",)),))
+                        destinations=("127.0.0.1:1",), workload=WORKLOAD),))
 
     async def main() -> tuple[dict[tuple[str, str], str], str]:
-        async with NativeDatapath(cfg) as dp, \
+        async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp, \
                 mtls_bridge(dp.address("hbone")[1], store.client_context(CLIENT)) as port:
             output = await run_h2spec(binary, port, tmp_path / "all.xml", [], 5)
             outcomes = parse_report(tmp_path / "all.xml")

@@ -26,6 +26,7 @@ import h2.connection
 import h2.events
 import hpack
 import pytest
+from hbone_peers import ALLOW_ALL, WORKLOAD
 from node_peers import node_process, pattern, read_line
 
 from agent.hbone.client import HboneClient
@@ -127,7 +128,7 @@ async def target(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
 
 def inbound(files: dict[str, str], *destinations: str) -> InboundListener:
     return InboundListener(name="hbone", listen=f"{LOOPBACK}:0", cert=files["cert"],
-                           key=files["key"], destinations=destinations)
+                           key=files["key"], destinations=destinations, workload=WORKLOAD)
 
 
 def outbound(files: dict[str, str], peer: str, authority: str,
@@ -181,7 +182,7 @@ def test_python_client_against_native_server(store: IdentityStore, tmp_path: Pat
     async def main() -> None:
         async with target() as dest:
             cfg = config(server_files, inbound_=(inbound(server_files, dest.address),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 client = await HboneClient.connect(dp.address("hbone"),
                                                    store.client_context(CLIENT),
                                                    trust_domain=TRUST_DOMAIN,
@@ -252,7 +253,7 @@ def test_native_client_against_python_server(store: IdentityStore, tmp_path: Pat
             # One worker: its pool is the only pool (each per-core worker has its own).
             cfg = config(client_files, outbound_=(
                 outbound(client_files, f"{LOOPBACK}:{port}", "10.3.3.3:9000"),), workers=1)
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 host, out_port = dp.address("out")
                 replies = await asyncio.gather(
                     *(tcp_exchange(host, out_port, payload) for _ in range(3)))
@@ -307,7 +308,8 @@ def test_native_pool_closes_idle_connections(store: IdentityStore, tmp_path: Pat
             listener = dataclasses.replace(
                 outbound(client_files, f"{LOOPBACK}:{port}", "10.3.3.3:9000"),
                 pool_idle_ms=300)
-            async with NativeDatapath(config(client_files, outbound_=(listener,))) as dp:
+            async with NativeDatapath(config(client_files, outbound_=(listener,)),
+                                      policy=ALLOW_ALL) as dp:
                 assert await tcp_exchange(*dp.address("out"), b"one") == b"one"
                 await asyncio.wait_for(closed.wait(), 10)  # reaped after ~300 ms idle
                 assert await tcp_exchange(*dp.address("out"), b"two") == b"two"
@@ -329,7 +331,7 @@ def test_node_client_against_native_server(store: IdentityStore, tmp_path: Path)
     async def main() -> None:
         async with target() as dest:
             cfg = config(server_files, inbound_=(inbound(server_files, dest.address),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 port = dp.address("hbone")[1]
                 async with node_process("connect_client.js", "--cert", client_files["cert"],
                                         "--key", client_files["key"],
@@ -358,7 +360,7 @@ def test_node_bad_requests_get_400(store: IdentityStore, tmp_path: Path, method:
     async def main() -> None:
         async with target() as dest:
             cfg = config(server_files, inbound_=(inbound(server_files, dest.address),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 port = dp.address("hbone")[1]
                 async with node_process("connect_client.js", "--cert", client_files["cert"],
                                         "--key", client_files["key"],
@@ -387,7 +389,7 @@ def test_native_client_against_node_server(store: IdentityStore, tmp_path: Path)
             port = int((await read_line(proc)).split()[1])
             cfg = config(client_files, outbound_=(
                 outbound(client_files, f"{LOOPBACK}:{port}", "[fd00::9]:443"),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 host, out_port = dp.address("out")
                 replies = await asyncio.gather(
                     *(tcp_exchange(host, out_port, payload) for _ in range(2)))
@@ -419,11 +421,11 @@ async def native_pair(store: IdentityStore, tmp: Path, dest: Target, runtime: st
     server_files = pems(tmp, store.get(SERVER), "server")
     client_files = pems(tmp, store.get(CLIENT), "client")
     async with NativeDatapath(config(server_files, inbound_=(
-            inbound(server_files, dest.address),), runtime=runtime)) as server_dp:
+            inbound(server_files, dest.address),), runtime=runtime), policy=ALLOW_ALL) as server_dp:
         host, port = server_dp.address("hbone")
         async with NativeDatapath(config(client_files, outbound_=(
                 outbound(client_files, f"{host}:{port}", dest.address),),
-                runtime=runtime)) as client_dp:
+                runtime=runtime), policy=ALLOW_ALL) as client_dp:
             yield client_dp, server_dp
 
 
@@ -538,7 +540,7 @@ def test_foreign_trust_domain_client_refused(store: IdentityStore, tmp_path: Pat
     async def main() -> None:
         async with target() as dest:
             cfg = config(server_files, inbound_=(inbound(server_files, dest.address),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 with pytest.raises((ssl.SSLError, ConnectionError, OSError, Exception)):
                     client = await HboneClient.connect(
                         dp.address("hbone"), evil_store.client_context(evil.spiffe_id),
@@ -570,7 +572,7 @@ def test_native_client_refuses_unexpected_server(store: IdentityStore, tmp_path:
         try:
             cfg = config(client_files, outbound_=(
                 outbound(client_files, f"{LOOPBACK}:{port}", "10.0.0.1:80"),))
-            async with NativeDatapath(cfg) as dp:
+            async with NativeDatapath(cfg, policy=ALLOW_ALL) as dp:
                 # The client's connection is reset: nothing was sent anywhere.
                 with pytest.raises(ConnectionResetError):
                     await tcp_exchange(*dp.address("out"), b"x")
@@ -659,7 +661,8 @@ def goaway(events: list[Any]) -> h2.events.ConnectionTerminated | None:
 async def native_server(store: IdentityStore, tmp: Path, dest: Target
                         ) -> AsyncIterator[NativeDatapath]:
     files = pems(tmp, store.get(SERVER), "server")
-    async with NativeDatapath(config(files, inbound_=(inbound(files, dest.address),))) as dp:
+    async with NativeDatapath(config(files, inbound_=(inbound(files, dest.address),)),
+                              policy=ALLOW_ALL) as dp:
         yield dp
 
 

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hbone_peers import ALLOW_ALL, WORKLOAD
 from test_native_hbone import CLIENT, SERVER, TRUST_DOMAIN, write_pems
 
 from agent.identity.ca import init_ca
@@ -222,7 +223,7 @@ def test_transparent_outbound_and_inbound(family: Family, topology: dict[str, st
         trust_domain=TRUST_DOMAIN, roots=server_files["ca"], workers=1, mark=MARK,
         inbound=(InboundListener("hbone", f.hostport(f.any, 15008), server_files["cert"],
                                  server_files["key"], destinations=(pod,),
-                                 transparent=True),))
+                                 transparent=True, workload=WORKLOAD),))
 
     sends = ((f.client, "one"), (f.client, "two"), (f.client2, "three"))
 
@@ -231,8 +232,8 @@ def test_transparent_outbound_and_inbound(family: Family, topology: dict[str, st
         try:
             assert backend.stdout is not None
             assert await asyncio.wait_for(backend.stdout.readline(), 20) == b"ready\n"
-            async with NativeDatapath(node_cfg, netns=topology["node"]) as node, \
-                    NativeDatapath(peer_cfg, netns=topology["peer"]) as peer:
+            async with NativeDatapath(node_cfg, policy=ALLOW_ALL, netns=topology["node"]) as node, \
+                    NativeDatapath(peer_cfg, policy=ALLOW_ALL, netns=topology["peer"]) as peer:
                 outputs = []
                 for source, text in sends:
                     proc = await ns_process(topology["client"], CLIENT_SCRIPT, f.pod,

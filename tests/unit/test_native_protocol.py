@@ -1,4 +1,4 @@
-"""The Python side of the native datapath's control protocol v1 (pure), and the build
+"""The Python side of the native datapath's control protocol v2 (pure), and the build
 stamp the driver checks."""
 
 from __future__ import annotations
@@ -11,14 +11,19 @@ import pytest
 from agent.tunnel.native import driver
 from agent.tunnel.native.protocol import (
     PROTOCOL_VERSION,
+    CertificatesApplied,
+    CertificatesUpdate,
     ConnectionRecord,
     DatapathConfig,
     HboneConnectionClosed,
     InboundListener,
     OutboundListener,
     Outcome,
+    PolicyApplied,
+    PolicySnapshot,
     ProtocolError,
     Ready,
+    Workload,
     parse_event,
 )
 
@@ -27,7 +32,8 @@ def test_config_message_is_one_versioned_line() -> None:
     cfg = DatapathConfig(
         trust_domain="cluster.local", roots="/ca.pem",
         inbound=(InboundListener("hbone", "0.0.0.0:15008", "/c", "/k",
-                                 destinations=("10.0.0.1:80",)),),
+                                 destinations=("10.0.0.1:80",),
+                                 workload=Workload("ns", {"app": "a"})),),
         outbound=(OutboundListener("out", "127.0.0.1:0", "10.0.0.2:15008", "10.0.0.2:80",
                                    "/c", "/k", peer_identities=("spiffe://cluster.local/ns/a/sa/b",)),))
     text = cfg.to_json()
@@ -37,26 +43,53 @@ def test_config_message_is_one_versioned_line() -> None:
     assert obj["inbound"][0]["destinations"] == ["10.0.0.1:80"]
     assert obj["outbound"][0]["forwarded_for"] is True
     assert obj["outbound"][0]["baggage"] is None
+    assert obj["inbound"][0]["workload"] == {"namespace": "ns", "labels": {"app": "a"}}
+
+
+def test_inbound_listener_without_workload_is_refused() -> None:
+    cfg = DatapathConfig("cluster.local", "/ca.pem",
+                         inbound=(InboundListener("hbone", "0.0.0.0:15008", "/c", "/k"),))
+    with pytest.raises(ValueError, match="workload"):
+        cfg.to_json()
+
+
+def test_policy_snapshot_message_and_its_acknowledgement() -> None:
+    rules = {"format": "meshagent.policy.compiled", "version": 1, "policies": []}
+    text = PolicySnapshot(3, rules).to_json()
+    assert "\n" not in text
+    assert json.loads(text) == {"message": "policy", "version": 3, "rules": rules}
+    assert parse_event('{"v":2,"event":"policy_applied","version":3,"policies":0,'
+                       '"revoked":1}') == PolicyApplied(3, 0, 1)
+
+
+def test_certificates_message_and_its_acknowledgement() -> None:
+    update = CertificatesUpdate("spiffe://cluster.local/ns/a/sa/b", "/c.pem", "/k.pem")
+    assert json.loads(update.to_json()) == {
+        "message": "certificates", "identity": "spiffe://cluster.local/ns/a/sa/b",
+        "cert": "/c.pem", "key": "/k.pem"}
+    assert parse_event('{"v":2,"event":"certificates_applied","identity":"spiffe://x",'
+                       '"listeners":2}') == CertificatesApplied("spiffe://x", 2)
 
 
 def test_parse_events() -> None:
-    assert parse_event('{"v":1,"event":"ready","listeners":{"hbone":"127.0.0.1:1"},'
+    assert parse_event('{"v":2,"event":"ready","listeners":{"hbone":"127.0.0.1:1"},'
                        '"workers":2}') == Ready({"hbone": "127.0.0.1:1"}, 2)
     record = parse_event(json.dumps({
-        "v": 1, "event": "connection", "direction": "inbound", "listener": "hbone",
+        "v": 2, "event": "connection", "direction": "inbound", "listener": "hbone",
         "src": "10.0.0.1:5", "dst": "10.0.0.2:80", "peer_identity": None,
         "outcome": "socket_reset", "status": 200, "bytes_to_destination": 5,
         "bytes_from_destination": 0, "duration_us": 12}))
     assert isinstance(record, ConnectionRecord)
     assert record.outcome is Outcome.SOCKET_RESET
-    assert parse_event('{"v":1,"event":"hbone_connection_closed","listener":"h",'
+    assert parse_event('{"v":2,"event":"hbone_connection_closed","listener":"h",'
                        '"peer":"p","reason":"r"}') == HboneConnectionClosed("h", "p", "r")
 
 
 @pytest.mark.parametrize("line", [
-    "not json", "[]", '{"v":2,"event":"ready","listeners":{},"workers":1}',
-    '{"v":1,"event":"what"}', '{"v":1,"event":"connection","direction":"inbound"}',
-    '{"v":1,"event":"connection","direction":"in","listener":"h","src":"","dst":"",'
+    "not json", "[]", '{"v":1,"event":"ready","listeners":{},"workers":1}',
+    '{"v":2,"event":"policy_applied","version":1}',
+    '{"v":2,"event":"what"}', '{"v":2,"event":"connection","direction":"inbound"}',
+    '{"v":2,"event":"connection","direction":"in","listener":"h","src":"","dst":"",'
     '"outcome":"exploded","status":0,"bytes_to_destination":0,'
     '"bytes_from_destination":0,"duration_us":0}',
 ])

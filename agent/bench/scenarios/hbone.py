@@ -127,11 +127,13 @@ def start_native(bench: BenchLab, ctx: Context, a_offset: int, b_port: int, one_
                  name: str, runtime: str = "per_core") -> tuple[Target, Pair]:
     """The native HBONE pair; ``one_core``: one worker each, both pinned to CPU 0."""
     exe = str(binary_path())  # a missing or stale build stops the bench here
-    conf_a, conf_b = write_native(_plan(bench, a_offset, b_port), Path(ctx.out / name),
+    conf_a, conf_b, policy = write_native(_plan(bench, a_offset, b_port), Path(ctx.out / name),
                                   workers=1 if one_core else 0, runtime=runtime)
     pin = ["taskset", "-c", "0"] if one_core else []
-    b = bench.spawn(bench.node_ns("node2"), [*pin, exe, "--config", str(conf_b)], f"{name}-b")
-    a = bench.spawn(bench.node_ns("node1"), [*pin, exe, "--config", str(conf_a)], f"{name}-a")
+    b = bench.spawn(bench.node_ns("node2"),
+                    [*pin, exe, "--config", str(conf_b), "--policy", str(policy)], f"{name}-b")
+    a = bench.spawn(bench.node_ns("node1"),
+                    [*pin, exe, "--config", str(conf_a), "--policy", str(policy)], f"{name}-a")
     bench.wait_listening(bench.node_ns("node2"), b_port)
     for port in PAIR_PORTS:
         bench.wait_listening(bench.node_ns("node1"), port + a_offset)

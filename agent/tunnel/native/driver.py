@@ -17,9 +17,15 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.tunnel.native.protocol import (
+    CertificatesApplied,
+    CertificatesUpdate,
     ConnectionRecord,
+    ControlMessage,
     DatapathConfig,
+    DatapathError,
     Event,
+    PolicyApplied,
+    PolicySnapshot,
     ProtocolError,
     Ready,
     parse_event,
@@ -33,6 +39,11 @@ STOP_TIMEOUT = 5.0
 
 class NativeDatapathError(RuntimeError):
     """The native datapath is missing, stale, failed to start or died."""
+
+
+class PolicyRefused(RuntimeError):
+    """The datapath refused a control message (a policy snapshot, certificates);
+    nothing changed: its previous policy and certificates stay in force."""
 
 
 def _source_files(crate: Path) -> Iterator[Path]:
@@ -75,11 +86,15 @@ class NativeDatapath:
     """One ``meshagent-datapath`` process. Side effects: starts a process (binds its
     listeners); :meth:`stop` (or leaving the ``async with``) ends it."""
 
-    def __init__(self, config: DatapathConfig, binary: Path | None = None,
-                 netns: str | None = None) -> None:
-        """``netns``: run the process in that named network namespace (``ip netns
-        exec``), as the node's datapath runs in the node's."""
+    def __init__(self, config: DatapathConfig, *, policy: PolicySnapshot | None,
+                 binary: Path | None = None, netns: str | None = None) -> None:
+        """``policy``: the snapshot sent right after the configuration (None: none, so
+        every inbound connection is denied until :meth:`apply_policy`). ``netns``: run
+        the process in that named network namespace (``ip netns exec``), as the node's
+        datapath runs in the node's."""
         self.config = config
+        self.policy = policy
+        self._stash: list[Event] = []
         self.binary = binary
         self.netns = netns
         self.ready: Ready | None = None
@@ -111,6 +126,8 @@ class NativeDatapath:
             stderr=asyncio.subprocess.PIPE, limit=1 << 20)
         assert self._proc.stdin is not None
         self._proc.stdin.write(self.config.to_json().encode() + b"\n")
+        if self.policy is not None:
+            self._proc.stdin.write(self.policy.to_json().encode() + b"\n")
         await self._proc.stdin.drain()
         self._reader = asyncio.create_task(self._read_events())
         try:
@@ -122,7 +139,57 @@ class NativeDatapath:
             await self.stop()
             raise NativeDatapathError(f"meshagent-datapath did not start: {stderr or event}")
         self.ready = event
+        if self.policy is not None:
+            try:
+                if not isinstance(await self._acknowledged(timeout), PolicyApplied):
+                    raise NativeDatapathError("the first policy snapshot was not applied")
+            except BaseException:
+                await self.stop()
+                raise
         return event
+
+    async def apply_policy(self, snapshot: PolicySnapshot, timeout: float = 10.0
+                           ) -> PolicyApplied:
+        """Send a policy snapshot and wait for its acknowledgement. PolicyRefused when
+        the datapath refuses it (the previous policy stays). Side effect: live
+        connections the new snapshot denies are ended (reported as ``denied``)."""
+        await self._send(snapshot)
+        ack = await self._acknowledged(timeout)
+        assert isinstance(ack, PolicyApplied), ack
+        return ack
+
+    async def rotate_certificates(self, update: CertificatesUpdate, timeout: float = 10.0
+                                  ) -> CertificatesApplied:
+        """Give a local identity a new certificate and key. PolicyRefused when the
+        datapath refuses it (unknown identity, another identity's certificate, a key
+        that does not match). Side effect: new handshakes of the listeners presenting
+        that identity use it; live connections keep theirs."""
+        await self._send(update)
+        ack = await self._acknowledged(timeout)
+        assert isinstance(ack, CertificatesApplied), ack
+        return ack
+
+    async def _send(self, message: ControlMessage) -> None:
+        if self._proc is None or self._proc.stdin is None:
+            raise NativeDatapathError("datapath not started")
+        self._proc.stdin.write(message.to_json().encode() + b"\n")
+        await self._proc.stdin.drain()
+
+    async def _acknowledged(self, timeout: float) -> PolicyApplied | CertificatesApplied:
+        """The next acknowledgement; other events are kept for :meth:`next_event`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        kept: list[Event] = []
+        try:
+            while True:
+                event = await self._next(max(0.01, deadline - loop.time()))
+                if isinstance(event, PolicyApplied | CertificatesApplied):
+                    return event
+                if isinstance(event, DatapathError):
+                    raise PolicyRefused(event.message)
+                kept.append(event)
+        finally:
+            self._stash.extend(kept)
 
     async def _stderr(self) -> str:
         if self._proc is None or self._proc.stderr is None:
@@ -145,6 +212,11 @@ class NativeDatapath:
             await self._events.put(None)
 
     async def next_event(self, timeout: float = 10.0) -> Event:
+        if self._stash:
+            return self._stash.pop(0)
+        return await self._next(timeout)
+
+    async def _next(self, timeout: float) -> Event:
         event = await asyncio.wait_for(self._events.get(), timeout)
         if event is None:
             raise NativeDatapathError(f"meshagent-datapath exited: {await self._stderr()}")
@@ -164,7 +236,8 @@ class NativeDatapath:
 
     def pending_events(self) -> list[Event]:
         """Events already received and not yet taken."""
-        events: list[Event] = []
+        events: list[Event] = self._stash
+        self._stash = []
         while not self._events.empty():
             event = self._events.get_nowait()
             if event is not None:

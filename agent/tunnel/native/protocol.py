@@ -1,26 +1,44 @@
-"""The control protocol between Python and ``meshagent-datapath``, version 1 (pure).
+"""The control protocol between Python and ``meshagent-datapath``, version 2 (pure).
 
-Python writes one configuration object (one JSON line) to the process's stdin and keeps
-stdin open: EOF tells the process its driver is gone and it exits (fail closed). The
-process writes one JSON event per line to stdout, each with ``"v": 1``: ``ready`` (the
-bound listeners), ``connection`` (one per tunnelled connection, at its end, with exact
-byte counts), ``hbone_connection_closed`` (an HBONE connection ended for a reason worth
-telling: TLS refused, GOAWAY ENHANCE_YOUR_CALM, ...), ``error``.
-The Rust side of this contract is ``src/config.rs`` and ``src/control.rs``.
+Python writes one configuration object (one JSON line) to the process's stdin, then
+one control message per line: a :class:`PolicySnapshot` (the compiled rule set of
+``agent.policy.compile``, with a version that grows), at start and on every change,
+and a :class:`CertificatesUpdate` per local identity on rotation.
+It keeps stdin open: EOF tells the process its driver is gone and it exits (fail
+closed). Until a snapshot is applied every inbound connection is denied; a snapshot the
+datapath cannot read is refused with an ``error`` event and the previous one stays.
+
+The process writes one JSON event per line to stdout, each with ``"v": 2``: ``ready``
+(the bound listeners), ``connection`` (one per tunnelled connection, at its end, with
+exact byte counts and the deciding policy), ``hbone_connection_closed`` (an HBONE
+connection ended for a reason worth telling: TLS refused, GOAWAY ENHANCE_YOUR_CALM,
+...), ``policy_applied`` (a snapshot is current; how many live connections it revoked),
+``certificates_applied``, ``error`` (also: a control message refused, nothing
+changed). The Rust side of this contract is ``src/config.rs``, ``src/enforce.rs``,
+``src/tls.rs`` (rotation) and
+``src/control.rs``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ProtocolError(ValueError):
     """The datapath sent something this driver cannot read (version or shape)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The destination workload behind an inbound listener, as policy scopes see it."""
+
+    namespace: str
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -35,6 +53,8 @@ class InboundListener:
     allowed_peers: Sequence[str] = ()  # SPIFFE URIs; empty: the whole trust domain
     # IP_TRANSPARENT listener; each destination dialed from the client's address.
     transparent: bool = False
+    # Required (to_json refuses None): the namespace and labels policy decides on.
+    workload: Workload | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +92,12 @@ class DatapathConfig:
     mark: int | None = None  # SO_MARK on every socket the datapath opens
 
     def to_json(self) -> str:
-        """The configuration message: one line, no newline inside."""
+        """The configuration message: one line, no newline inside. ValueError for an
+        inbound listener without its workload."""
+        for i in self.inbound:
+            if i.workload is None:
+                raise ValueError(f"inbound listener {i.name}: give its workload (namespace, "
+                                 "labels): policy decides on them")
         return json.dumps({
             "version": PROTOCOL_VERSION,
             "trust_domain": self.trust_domain,
@@ -83,7 +108,10 @@ class DatapathConfig:
             "inbound": [{"name": i.name, "listen": i.listen, "cert": i.cert, "key": i.key,
                          "destinations": list(i.destinations),
                          "allowed_peers": list(i.allowed_peers),
-                         "transparent": i.transparent} for i in self.inbound],
+                         "transparent": i.transparent,
+                         "workload": {"namespace": i.workload.namespace,
+                                      "labels": dict(i.workload.labels)}}
+                        for i in self.inbound if i.workload is not None],
             "outbound": [{"name": o.name, "listen": o.listen, "peer": o.peer,
                           "authority": o.authority, "cert": o.cert, "key": o.key,
                           "peer_identities": list(o.peer_identities),
@@ -94,6 +122,39 @@ class DatapathConfig:
         }, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """A compiled rule set (``agent.policy.compile.compile_policy_set``) to make current.
+    ``version`` must be greater than the last applied one's."""
+
+    version: int
+    rules: Mapping[str, object]
+
+    def to_json(self) -> str:
+        """The control message: one line, no newline inside."""
+        return json.dumps({"message": "policy", "version": self.version,
+                           "rules": self.rules}, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class CertificatesUpdate:
+    """A new certificate chain and key (PEM files) for a local identity (SPIFFE URI):
+    every listener presenting that identity uses them for new handshakes; live
+    connections keep the certificate they started with (rotation)."""
+
+    identity: str
+    cert: str
+    key: str
+
+    def to_json(self) -> str:
+        """The control message: one line, no newline inside."""
+        return json.dumps({"message": "certificates", "identity": self.identity,
+                           "cert": self.cert, "key": self.key}, separators=(",", ":"))
+
+
+ControlMessage = PolicySnapshot | CertificatesUpdate
+
+
 class Outcome(Enum):
     CLOSED = "closed"
     SOCKET_RESET = "socket_reset"
@@ -102,6 +163,7 @@ class Outcome(Enum):
     DIAL_FAILED = "dial_failed"
     CANCELLED = "cancelled"
     CONNECT_FAILED = "connect_failed"
+    DENIED = "denied"  # policy: 401 before any dial, or revoked live (RST both sides)
 
 
 @dataclass(frozen=True)
@@ -122,6 +184,7 @@ class ConnectionRecord:
     baggage: str | None = None
     traceparent: str | None = None
     reason: str | None = None
+    policy: str | None = None  # the policy that decided (namespace/name), if one did
 
 
 @dataclass(frozen=True)
@@ -142,7 +205,25 @@ class DatapathError:
     message: str
 
 
-Event = Ready | ConnectionRecord | HboneConnectionClosed | DatapathError
+@dataclass(frozen=True)
+class PolicyApplied:
+    """A snapshot is current; ``revoked`` live connections it denies were ended."""
+
+    version: int
+    policies: int
+    revoked: int
+
+
+@dataclass(frozen=True)
+class CertificatesApplied:
+    """``listeners`` now present the new certificate of ``identity``."""
+
+    identity: str
+    listeners: int
+
+
+Event = (Ready | ConnectionRecord | HboneConnectionClosed | DatapathError | PolicyApplied
+         | CertificatesApplied)
 
 
 def parse_event(line: bytes | str) -> Event:
@@ -169,12 +250,18 @@ def parse_event(line: bytes | str) -> Event:
                 bytes_from_destination=int(obj["bytes_from_destination"]),
                 duration_us=int(obj["duration_us"]), forwarded=obj.get("forwarded"),
                 baggage=obj.get("baggage"), traceparent=obj.get("traceparent"),
-                reason=obj.get("reason"))
+                reason=obj.get("reason"), policy=obj.get("policy"))
         if kind == "hbone_connection_closed":
             return HboneConnectionClosed(listener=obj["listener"], peer=obj["peer"],
                                          reason=obj["reason"])
         if kind == "error":
             return DatapathError(message=obj["message"])
+        if kind == "certificates_applied":
+            return CertificatesApplied(identity=str(obj["identity"]),
+                                       listeners=int(obj["listeners"]))
+        if kind == "policy_applied":
+            return PolicyApplied(version=int(obj["version"]), policies=int(obj["policies"]),
+                                 revoked=int(obj["revoked"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"datapath event {kind!r} is malformed: {exc}") from exc
     raise ProtocolError(f"unknown datapath event {kind!r}")

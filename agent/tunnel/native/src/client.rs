@@ -267,6 +267,7 @@ async fn handle(tcp: TcpStream, client: SocketAddr, outbound: Arc<Outbound>) {
         baggage: cfg.baggage.clone(),
         traceparent: Some(traceparent.clone()),
         reason: None,
+        policy: None,
     };
     let finish = |mut event: ConnectionEvent| {
         event.duration_us = started.elapsed().as_micros() as u64;

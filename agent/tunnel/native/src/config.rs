@@ -1,4 +1,4 @@
-//! The configuration message of the control protocol (version 1): what to listen on,
+//! The configuration message of the control protocol (version 2): what to listen on,
 //! which identity each listener presents, where outbound streams go. JSON, one object.
 
 use std::net::SocketAddr;
@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: inbound listeners name their workload, policy snapshots follow the configuration
+/// on stdin (`src/enforce.rs`), inbound connections are denied until one is applied.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +66,16 @@ pub struct InboundListener {
     /// HBONE peer's, which is the source pod's), as ztunnel's inbound does.
     #[serde(default)]
     pub transparent: bool,
+    /// The destination workload behind this listener, as policy sees it.
+    pub workload: WorkloadAttributes,
+}
+
+/// What a policy's scope looks at of the destination workload.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadAttributes {
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A plain TCP listener whose connections become CONNECT streams to an HBONE peer.
@@ -131,7 +143,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    const BASE: &str = r#""version":1,"trust_domain":"cluster.local","roots":"/r""#;
+    const BASE: &str = r#""version":2,"trust_domain":"cluster.local","roots":"/r""#;
 
     fn outbound(extra: &str) -> String {
         format!(r#"{{{BASE},"mark":1336,"outbound":[{{"name":"o","listen":"0.0.0.0:15001","peer":"10.0.0.2:15008","cert":"c","key":"k"{extra}}}]}}"#)

@@ -1,4 +1,4 @@
-//! Events to the Python driver: one JSON object per line on stdout (protocol version 1).
+//! Events to the Python driver: one JSON object per line on stdout (protocol version 2).
 //! The driver turns `connection` events into Istio metrics and the access log, so the
 //! byte counts in them are exact: bytes written to the far side, counted as written.
 
@@ -33,6 +33,9 @@ pub enum Outcome {
     Cancelled,
     /// The HBONE connection to the peer could not be made.
     ConnectFailed,
+    /// Policy denied it: a new connection answered 401 (nothing dialed), or a live one
+    /// revoked by a new snapshot (stream reset CANCEL, TCP side RST, counts kept).
+    Denied,
 }
 
 #[derive(Debug, Serialize, Clone)]
@@ -57,6 +60,9 @@ pub struct ConnectionEvent {
     pub traceparent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The policy (`namespace/name`) that decided, when one did (inbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +73,10 @@ pub enum Event {
     /// An HBONE (TLS/HTTP/2) connection ended for a reason worth telling.
     HboneConnectionClosed { listener: String, peer: String, reason: String },
     Error { message: String },
+    /// A policy snapshot is now current (`revoked`: live connections it ended).
+    PolicyApplied { version: u64, policies: usize, revoked: usize },
+    /// Listeners presenting `identity` now use its new certificate for new handshakes.
+    CertificatesApplied { identity: String, listeners: usize },
 }
 
 #[derive(Serialize)]

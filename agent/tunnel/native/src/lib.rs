@@ -1,15 +1,18 @@
 //! meshagent's native HBONE byte path.
 //!
 //! Only the byte path lives here: TLS 1.3 (rustls), HTTP/2 CONNECT framing and flow
-//! control (the `h2` crate ztunnel uses), and the relay loops. Everything that decides
-//! (policy, identity issuance, workloads, metrics, the access log's consumers) stays in
-//! Python, which drives this process over the versioned protocol in [`control`].
+//! control (the `h2` crate ztunnel uses), the relay loops, and the per-connection L4
+//! policy decision over the rule set Python compiles ([`policy`], [`enforce`]).
+//! Everything else that decides (the policy model and loader, identity issuance,
+//! workloads, metrics, the access log's consumers) stays in Python, which drives this
+//! process over the versioned protocol in [`control`].
 //! See docs/native-datapath.md.
 
 pub mod authority;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod enforce;
 pub mod guard;
 pub mod policy;
 pub mod relay;

@@ -1,10 +1,10 @@
-//! `meshagent-datapath`: reads one configuration message (JSON, control protocol v1)
+//! `meshagent-datapath`: reads one configuration message (JSON, control protocol v2)
 //! from stdin (or `--config FILE`), binds its listeners, writes a `ready` event and then
 //! one event per connection to stdout. It exits when stdin closes: the Python driver
 //! owns its lifetime, so the data path never outlives the decisions behind it.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use meshagent_datapath::config::{Config, InboundListener, OutboundListener, Runt
 use meshagent_datapath::control::{self, emit, Event};
 use meshagent_datapath::sockets::SocketOptions;
 use meshagent_datapath::spiffe::parse_spiffe_id;
-use meshagent_datapath::{client, server, tls};
+use meshagent_datapath::{client, enforce, server, tls};
 
 fn fail(message: String) -> ! {
     eprintln!("meshagent-datapath: {message}");
@@ -50,13 +50,17 @@ fn plan(cfg: &Config) -> Plan {
     let mut inbound = Vec::new();
     for l in &cfg.inbound {
         let identity = tls::WorkloadIdentity::load(&l.cert, &l.key).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
+        let identity = tls::RotatingCert::new(identity).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
+        tls::certificates().lock().unwrap_or_else(|e| e.into_inner()).push(identity.clone());
         let sc = tls::server_config(identity, roots.clone(), &cfg.trust_domain).unwrap_or_else(|e| fail(format!("inbound {}: {e}", l.name)));
         inbound.push((l.clone(), tokio_rustls::TlsAcceptor::from(Arc::new(sc))));
     }
     let mut outbound = Vec::new();
     for l in &cfg.outbound {
         let identity = tls::WorkloadIdentity::load(&l.cert, &l.key).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
-        let src_id = tls::peer_identity(Some(&identity.chain)).map(|id| id.to_string()).unwrap_or_else(|| fail(format!("outbound {}: {} has no SPIFFE identity", l.name, l.cert.display())));
+        let identity = tls::RotatingCert::new(identity).unwrap_or_else(|e| fail(format!("outbound {}: {} {e}", l.name, l.cert.display())));
+        tls::certificates().lock().unwrap_or_else(|e| e.into_inner()).push(identity.clone());
+        let src_id = identity.identity.to_string();
         let expected = l.peer_identities.iter().map(|s| parse_spiffe_id(s)).collect::<Result<Vec<_>, _>>().unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let cc = tls::client_config(identity, roots.clone(), &cfg.trust_domain, expected).unwrap_or_else(|e| fail(format!("outbound {}: {e}", l.name)));
         let mut timers = client::PoolTimers::default();
@@ -102,9 +106,14 @@ fn spawn_listeners(plan: &Plan, inbound: Vec<std::net::TcpListener>, outbound: V
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (text, watch_stdin) = match args.get(1).map(String::as_str) {
-        Some("--config") => match args.get(2) {
-            Some(path) => (std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("cannot read {path}: {e}"))), false),
-            None => fail("--config needs a file".into()),
+        Some("--config") => match (args.get(2), args.get(3).map(String::as_str), args.get(4), args.get(5)) {
+            (Some(path), Some("--policy"), Some(policy), None) => {
+                let read = |p: &String| std::fs::read_to_string(p).unwrap_or_else(|e| fail(format!("cannot read {p}: {e}")));
+                let message = read(policy);
+                enforce::Enforcer::global().apply_line(message.trim_end()).unwrap_or_else(|e| fail(format!("{policy}: {e}")));
+                (read(path), false)
+            }
+            _ => fail("use --config FILE --policy FILE (a policy message: without one every inbound connection is denied)".into()),
         },
         Some("--version") => {
             println!("meshagent-datapath {} (control protocol {})", env!("CARGO_PKG_VERSION"), meshagent_datapath::config::PROTOCOL_VERSION);
@@ -162,13 +171,16 @@ fn main() {
     }
     emit(Event::Ready { listeners: bound, workers });
     if watch_stdin {
-        // Further lines are reserved for later protocol messages; EOF means the driver
-        // is gone: stop (fail closed, nothing is served without its decisions).
-        let mut buf = [0u8; 4096];
-        let mut stdin = std::io::stdin();
-        while let Ok(n) = stdin.read(&mut buf) {
-            if n == 0 {
-                break;
+        // Every further line is a control message (a policy snapshot); each one is
+        // applied whole or refused with an `error` event (the previous policy stays).
+        // EOF means the driver is gone: stop (fail closed, nothing is served without
+        // its decisions).
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            match enforce::Enforcer::global().apply_line(&line) {
+                Ok(enforce::Applied::Policy { version, policies, revoked }) => emit(Event::PolicyApplied { version, policies, revoked }),
+                Ok(enforce::Applied::Certificates { identity, listeners }) => emit(Event::CertificatesApplied { identity, listeners }),
+                Err(message) => emit(Event::Error { message }),
             }
         }
         std::process::exit(0);

@@ -28,8 +28,8 @@
 //! empty list or match, a CIDR with host bits set, duplicate policy keys are errors, never
 //! ignored (a snapshot the datapath does not fully understand must not be half-applied).
 //!
-//! Not yet wired into the byte path: the datapath does not evaluate policy this session
-//! (docs/native-datapath.md, "Where policy runs").
+//! Used by the running datapath through `src/enforce.rs` (snapshots, per-connection
+//! decision, revocation; docs/native-datapath.md, "Policy in the running datapath").
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;

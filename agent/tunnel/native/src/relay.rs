@@ -32,6 +32,8 @@ pub struct Counts {
 enum Failure {
     Socket,
     Stream,
+    /// The caller's `abort` fired (a policy revocation).
+    Aborted,
 }
 
 /// Close a TCP connection with RST instead of FIN. Side effect: SO_LINGER 0 on it.
@@ -90,7 +92,14 @@ async fn stream_to_socket(mut recv: RecvStream, wr: &mut OwnedWriteHalf, counts:
 /// Relay until both directions are done. Never fails: the outcome says how it ended.
 /// Side effects: closes `tcp` (FIN after a clean end, RST after a failure) and ends or
 /// resets the stream.
-pub async fn relay(mut send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream, counts: Arc<Counts>) -> Outcome {
+pub async fn relay(send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream, counts: Arc<Counts>) -> Outcome {
+    relay_until(send, recv, tcp, counts, std::future::pending()).await
+}
+
+/// [`relay`], ended early when `abort` completes: then the stream is reset with CANCEL,
+/// the TCP side gets an RST, and the outcome is `Denied` (a revocation). The counts keep
+/// what was copied until then.
+pub async fn relay_until(mut send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream, counts: Arc<Counts>, abort: impl std::future::Future<Output = ()>) -> Outcome {
     let _ = tcp.set_nodelay(true);
     let (rd, mut wr) = tcp.into_split();
     let (failure, up_done) = {
@@ -98,6 +107,7 @@ pub async fn relay(mut send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream
         let down = stream_to_socket(recv, &mut wr, &counts);
         tokio::pin!(up);
         tokio::pin!(down);
+        tokio::pin!(abort);
         let mut up_done: Option<OwnedReadHalf> = None;
         let mut down_done = false;
         let failure = loop {
@@ -110,6 +120,7 @@ pub async fn relay(mut send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream
                     Ok(()) => { down_done = true; if up_done.is_some() { break None } }
                     Err(f) => break Some(f),
                 },
+                _ = &mut abort => break Some(Failure::Aborted),
             }
         };
         (failure, up_done)
@@ -130,6 +141,10 @@ pub async fn relay(mut send: SendStream<Bytes>, recv: RecvStream, tcp: TcpStream
                 Failure::Stream => {
                     send.send_reset(Reason::CANCEL);
                     Outcome::StreamReset
+                }
+                Failure::Aborted => {
+                    send.send_reset(Reason::CANCEL);
+                    Outcome::Denied
                 }
             };
             abort_tcp(wr.as_ref());

@@ -20,7 +20,9 @@ use crate::authority::parse_authority;
 use crate::config::InboundListener;
 use crate::control::{emit, ConnectionEvent, Direction, Event, Outcome};
 use crate::guard::{GuardedIo, Tripwire};
-use crate::relay::{relay, Counts};
+use crate::enforce::Enforcer;
+use crate::policy::{Connection, Identity};
+use crate::relay::{relay_until, Counts};
 use crate::settings::*;
 use crate::sockets::SocketOptions;
 use crate::spiffe::SpiffeId;
@@ -169,6 +171,7 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
         baggage: header(&req, "baggage"),
         traceparent: header(&req, "traceparent"),
         reason: None,
+        policy: None,
     };
     let finish = |mut event: ConnectionEvent| {
         event.duration_us = started.elapsed().as_micros() as u64;
@@ -183,6 +186,28 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
             return finish(event);
         }
     };
+    // Policy, before anything is dialed (ztunnel `assert_rbac`); denied: 401, as the
+    // Python tunnel answers (agent/tunnel/hbone_inbound.py).
+    let attributes = Connection {
+        src_ip: Some(peer.ip()),
+        src_identity: Some(Identity::from(peer_id.as_ref())),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+        dst_namespace: cfg.workload.namespace.clone(),
+        dst_labels: cfg.workload.labels.clone(),
+    };
+    let admission = match Enforcer::global().admit(attributes) {
+        Ok(a) => a,
+        Err(refusal) => {
+            event.outcome = Outcome::Denied;
+            event.status = StatusCode::UNAUTHORIZED.as_u16();
+            event.reason = Some(refusal.reason());
+            event.policy = refusal.policy();
+            answer_error(&mut respond, StatusCode::UNAUTHORIZED);
+            return finish(event);
+        }
+    };
+    event.policy = admission.decision.policy.as_deref().map(str::to_string);
     // Never dial for a stream the client already cancelled (rapid reset): the dial
     // races the stream's reset, and a reset wins.
     let dialed = tokio::select! {
@@ -224,7 +249,16 @@ async fn handle_stream(req: Request<RecvStream>, mut respond: SendResponse<Bytes
     event.status = 200;
     let counts = Arc::new(Counts::default());
     let recv = req.into_body();
-    event.outcome = relay(send, recv, tcp, counts.clone()).await;
+    let revocation = admission.revocation.clone();
+    event.outcome = relay_until(send, recv, tcp, counts.clone(), revocation.notify.notified()).await;
+    if event.outcome == Outcome::Denied {
+        // Revoked by a new snapshot: the record names the policy that denied it.
+        if let Some(d) = revocation.decision.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            event.reason = Some(d.reason());
+            event.policy = d.policy.as_deref().map(str::to_string);
+        }
+    }
+    drop(admission);
     // Inbound: the stream carries client -> destination.
     event.bytes_to_destination = counts.down.load(std::sync::atomic::Ordering::Relaxed);
     event.bytes_from_destination = counts.up.load(std::sync::atomic::Ordering::Relaxed);

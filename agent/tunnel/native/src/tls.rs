@@ -11,13 +11,14 @@ use std::fmt;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{ring as provider, verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme};
 
 use crate::spiffe::{spiffe_id_of_cert, SpiffeId};
@@ -150,7 +151,75 @@ impl WorkloadIdentity {
     }
 }
 
-pub fn server_config(identity: WorkloadIdentity, roots: Arc<RootCertStore>, trust_domain: &str) -> Result<rustls::ServerConfig, String> {
+/// A listener's certificate, replaceable while it runs (rotation): every new handshake
+/// presents the current one; established connections keep the one they started with.
+/// As ztunnel's `SecretManager` hands out the current certificate per identity.
+#[derive(Debug)]
+pub struct RotatingCert {
+    pub identity: SpiffeId,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+fn certified(identity: WorkloadIdentity) -> Result<(SpiffeId, Arc<CertifiedKey>), String> {
+    let id = peer_identity(Some(&identity.chain)).ok_or_else(|| "the certificate has no SPIFFE identity".to_string())?;
+    let key = CertifiedKey::from_der(identity.chain, identity.key, &crypto_provider()).map_err(|e| format!("certificate/key: {e}"))?;
+    Ok((id, Arc::new(key)))
+}
+
+impl RotatingCert {
+    pub fn new(identity: WorkloadIdentity) -> Result<Arc<RotatingCert>, String> {
+        let (identity, key) = certified(identity)?;
+        Ok(Arc::new(RotatingCert { identity, current: RwLock::new(key) }))
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for RotatingCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Every listener's certificate, so a `certificates` message can reach them.
+pub fn certificates() -> &'static Mutex<Vec<Arc<RotatingCert>>> {
+    static ALL: std::sync::OnceLock<Mutex<Vec<Arc<RotatingCert>>>> = std::sync::OnceLock::new();
+    ALL.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Rotate every listener certificate of `identity` (a SPIFFE URI) to the new files.
+/// Returns how many listeners now present it; all of them or none change.
+pub fn rotate(identity: &str, cert: &Path, key: &Path) -> Result<usize, String> {
+    let wanted = crate::spiffe::parse_spiffe_id(identity).map_err(|e| format!("certificates for {identity:?}: {e}"))?;
+    let all = certificates().lock().unwrap_or_else(|e| e.into_inner());
+    let targets: Vec<&Arc<RotatingCert>> = all.iter().filter(|c| c.identity == wanted).collect();
+    if targets.is_empty() {
+        return Err(format!("certificates for {identity} refused: no listener presents that identity"));
+    }
+    let refused = |e: String| format!("certificates for {identity} refused, the current ones kept: {e}");
+    let (id, key) = certified(WorkloadIdentity::load(cert, key).map_err(refused)?).map_err(refused)?;
+    if id != wanted {
+        return Err(format!("certificates for {identity} refused: {} is for {id}", cert.display()));
+    }
+    for t in &targets {
+        *t.current.write().unwrap_or_else(|e| e.into_inner()) = key.clone();
+    }
+    Ok(targets.len())
+}
+
+pub fn server_config(identity: Arc<RotatingCert>, roots: Arc<RootCertStore>, trust_domain: &str) -> Result<rustls::ServerConfig, String> {
     let provider = crypto_provider();
     let inner = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
@@ -160,13 +229,12 @@ pub fn server_config(identity: WorkloadIdentity, roots: Arc<RootCertStore>, trus
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| format!("TLS 1.3: {e}"))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| format!("server certificate/key: {e}"))?;
+        .with_cert_resolver(identity);
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }
 
-pub fn client_config(identity: WorkloadIdentity, roots: Arc<RootCertStore>, trust_domain: &str, expected: Vec<SpiffeId>) -> Result<rustls::ClientConfig, String> {
+pub fn client_config(identity: Arc<RotatingCert>, roots: Arc<RootCertStore>, trust_domain: &str, expected: Vec<SpiffeId>) -> Result<rustls::ClientConfig, String> {
     let provider = crypto_provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         roots,
@@ -179,8 +247,7 @@ pub fn client_config(identity: WorkloadIdentity, roots: Arc<RootCertStore>, trus
         .map_err(|e| format!("TLS 1.3: {e}"))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.chain, identity.key)
-        .map_err(|e| format!("client certificate/key: {e}"))?;
+        .with_client_cert_resolver(identity);
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(cfg)
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshagent_datapath::authority::{format_authority, parse_authority};
-use meshagent_datapath::config::InboundListener;
+use meshagent_datapath::config::{InboundListener, WorkloadAttributes};
 use meshagent_datapath::guard::{FrameGuard, CLIENT_PREFACE_LEN};
 use meshagent_datapath::server::serve_h2;
 use meshagent_datapath::sockets::SocketOptions;
@@ -211,7 +211,12 @@ fn fuzz_h2_server() {
         destinations: vec!["127.0.0.1:1".parse().unwrap()],
         allowed_peers: vec![],
         transparent: false,
+        workload: WorkloadAttributes { namespace: "fuzz".into(), labels: Default::default() },
     });
+    // An allow-all snapshot, so well-formed CONNECTs reach the dial (the default is deny).
+    meshagent_datapath::enforce::Enforcer::global()
+        .apply_line(r#"{"message":"policy","version":1,"rules":{"format":"meshagent.policy.compiled","version":1,"policies":[]}}"#)
+        .unwrap();
     let peer_id = SpiffeId { trust_domain: "cluster.local".into(), namespace: "fuzz".into(), service_account: "fuzz".into() };
     let started = Instant::now();
     let cap = Duration::from_secs(60);
