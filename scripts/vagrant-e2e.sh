@@ -28,8 +28,11 @@
 #                         qemu (TCG), 1 vCPU / 1.5 GiB per VM, synced folder 9p
 #   5. second provision   `vagrant up --provision` again must change nothing
 #   6. check              scripts/vagrant-check.sh (traffic, wire, metrics,
-#                         restart under load, bad-input messages)
-#   7. teardown           vagrant destroy, the daemons we started, qemu.conf
+#                         restart under load)
+#   7. bad input          node2 with the agent stopped, without the CA, without
+#                         its lab network: the check must stop with an error
+#                         naming the fix; then the lab is repaired and checked
+#   8. teardown           vagrant destroy, the daemons we started, qemu.conf
 #                         restored; skipped with --keep (then run `down`)
 #
 # Timings of each phase are printed at the end (and recorded by hand in
@@ -67,9 +70,7 @@ export MESHAGENT_BOOT_TIMEOUT_S="${MESHAGENT_BOOT_TIMEOUT_S:-1200}"
 export MESHAGENT_READY_WAIT_S="${MESHAGENT_READY_WAIT_S:-900}"
 
 KEEP=0 REBUILD=0 CMD=all
-[ "${1:-}" = __customize ] && CMD=customize  # mmdebstrap calling back (see build_box)
 for arg in "$@"; do
-  [ "$CMD" = customize ] && break
   case "$arg" in
     --keep) KEEP=1 ;;
     --rebuild-box) REBUILD=1 ;;
@@ -130,7 +131,18 @@ box_digest() {  # what the box is built from: this recipe, the packages, the Pyt
 }
 BOX_CMDLINE="root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 biosdevname=0 mitigations=off"
 
-box_customize() {  # box_customize ROOTFS: runs on the host after mmdebstrap installed the packages
+in_chroot_env_up() {  # what pip in the chroot needs: /proc, /dev, DNS, the host's CA bundle
+  mount -t proc proc "$1/proc"
+  mount --bind /dev "$1/dev"
+  cp --remove-destination /etc/resolv.conf "$1/etc/resolv.conf"
+  cp /etc/ssl/certs/ca-certificates.crt "$1/tmp/host-ca.crt"
+}
+in_chroot_env_down() {
+  umount "$1/dev" "$1/proc" 2>/dev/null || true
+  rm -f "$1/tmp/host-ca.crt"
+  : > "$1/etc/resolv.conf"   # the VM gets its own from DHCP
+}
+box_customize() {  # box_customize ROOTFS: on the host, after mmdebstrap installed the packages
   local fs="$1" key
   key="$(find /usr/share/rubygems-integration/all/gems -path "*/vagrant-*/keys/vagrant.pub" 2>/dev/null | head -n1)"
   [ -f "$key" ] || die "Vagrant's insecure public key (keys/vagrant.pub of the vagrant package) not found"
@@ -158,7 +170,7 @@ WantedBy=multi-user.target
 EOF
   chroot "$fs" systemctl enable ssh-hostkeys.service ssh.service >/dev/null
   printf 'UseDNS no\n' > "$fs/etc/ssh/sshd_config.d/vagrant.conf"
-  chroot "$fs" useradd -m -s /bin/bash -U vagrant
+  chroot "$fs" id vagrant >/dev/null 2>&1 || chroot "$fs" useradd -m -s /bin/bash -U vagrant
   echo 'vagrant:vagrant' | chroot "$fs" chpasswd
   printf 'vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n' > "$fs/etc/sudoers.d/vagrant"
   chmod 0440 "$fs/etc/sudoers.d/vagrant"
@@ -166,20 +178,21 @@ EOF
   install -m 0600 -o 1000 -g 1000 "$key" "$fs/home/vagrant/.ssh/authorized_keys"
   [ "$(chroot "$fs" id -u vagrant)" = 1000 ] || die "the vagrant user is not uid 1000 in the box"
   mkdir -p "$fs/vagrant"
+  in_chroot_env_up "$fs"
   # The venv, as scripts/setup.sh would make it in the VM (same path the
   # Vagrantfile gives it), with the project installed editable from /vagrant.
   mount --bind "$ROOT" "$fs/vagrant"
   # pip in the chroot trusts what the host trusts (an egress proxy's CA, say);
   # the bundle is removed again, the box keeps Debian's.
-  cp /etc/ssl/certs/ca-certificates.crt "$fs/tmp/host-ca.crt"
-  local rc=0
-  PIP_CERT=/tmp/host-ca.crt PIP_FIND_LINKS="" chroot "$fs" sh -ec '
+  local rc=0 ca=/tmp/host-ca.crt
+  env PIP_CERT="$ca" REQUESTS_CA_BUNDLE="$ca" SSL_CERT_FILE="$ca" PIP_FIND_LINKS= \
+    chroot "$fs" sh -ec '
     python3 -m venv /opt/meshagent/venv
     /opt/meshagent/venv/bin/pip install -q --upgrade pip
     /opt/meshagent/venv/bin/pip install -q -e "/vagrant[test,bench]"
     touch /opt/meshagent/venv/.meshagent-installed' || rc=$?
   umount "$fs/vagrant"
-  rm -f "$fs/tmp/host-ca.crt"
+  in_chroot_env_down "$fs"
   [ "$rc" -eq 0 ] || die "installing the venv in the box failed (pip needs the package index)"
   local kver
   kver="$(ls "$fs/lib/modules")"
@@ -199,17 +212,25 @@ build_box() {
     log "box $BOX_NAME is up to date ($(cat "$BOX_DIR/build/kernel-version"))"
     return
   fi
-  rm -rf "$BOX_DIR"
-  mkdir -p "$BOX_DIR/build"
   local fs="$BOX_DIR/rootfs" packages
   packages="$(box_packages | sort -u | paste -sd, -)"
-  log "mmdebstrap bookworm from $MIRROR ($(tr ',' '\n' <<<"$packages" | wc -l) packages; takes a while)"
-  # The customize step is this script itself (so it can be a function here).
-  "${NICE[@]}" mmdebstrap --mode=root --variant=important --include="$packages" \
-    --components=main --aptopt='Acquire::Retries "3"' \
-    --customize-hook="\"$0\" __customize \"\$1\"" \
-    bookworm "$fs" "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" \
-    "deb ${MIRROR%/debian}/debian-security bookworm-security main"
+  # The package install (the slow part) is kept apart, so a failure in the
+  # steps after it does not download everything again.
+  if [ "$(cat "$BOX_DIR/rootfs.digest" 2>/dev/null)" != "$digest" ] || [ ! -d "$fs/usr" ]; then
+    rm -rf "$BOX_DIR"
+    mkdir -p "$BOX_DIR"
+    log "mmdebstrap bookworm from $MIRROR ($(tr ',' '\n' <<<"$packages" | wc -l) packages; takes a while)"
+    "${NICE[@]}" mmdebstrap --mode=root --variant=important --include="$packages" \
+      --components=main --aptopt='Acquire::Retries "3"' \
+      bookworm "$fs" "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" \
+      "deb ${MIRROR%/debian}/debian-security bookworm-security main"
+    echo "$digest" > "$BOX_DIR/rootfs.digest"
+  else
+    log "reusing the installed root file system in $fs"
+  fi
+  rm -rf "$BOX_DIR/build"
+  mkdir -p "$BOX_DIR/build"
+  box_customize "$fs"
   log "ext4 image and qcow2"
   local size_g=12
   truncate -s "${size_g}G" "$BOX_DIR/build/root.raw"
@@ -246,7 +267,12 @@ EOF
 
 # --- 3. daemons -----------------------------------------------------------------
 libvirt_running() { virsh -c qemu:///system -q version >/dev/null 2>&1; }
+ours_running() { [ -f "$STATE/$1.pid" ] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 start_daemons() {
+  if ours_running libvirtd && libvirt_running; then
+    log "libvirtd started by an earlier run is up (pid $(cat "$STATE/libvirtd.pid"))"
+    return
+  fi
   if libvirt_running; then
     log "libvirtd already running (not started here, left alone at teardown)"
     grep -Eq '^user *= *"root"' "$QEMU_CONF" \
@@ -322,6 +348,35 @@ second_provision() {
   log "a second 'vagrant up --provision' changed nothing"
 }
 run_check() { "$ROOT/scripts/vagrant-check.sh"; }
+in_vm() { vagrant ssh "$1" -c "$2" -- -q -o LogLevel=ERROR; }
+expect_check_error() {  # expect_check_error WHAT PATTERN: the check refuses with a message naming the fix
+  local out rc=0
+  out="$("$ROOT/scripts/vagrant-check.sh" 2>&1)" || rc=$?
+  if [ "$rc" -ne 3 ] || ! grep -q -- "$2" <<<"$out"; then
+    printf '%s\n' "$out" >&2
+    die "$1: expected vagrant-check.sh to stop in preflight (exit 3) with '$2', got exit $rc"
+  fi
+  log "$1: $(grep -m1 -- "$2" <<<"$out" | sed 's/^ *FAIL *//')"
+}
+bad_input() {
+  # The agent stopped on node2.
+  in_vm node2 "sudo systemctl stop meshagent.service"
+  expect_check_error "agent stopped" "meshagent.service is inactive.*systemctl start meshagent"
+  in_vm node2 "sudo systemctl start meshagent.service"
+  # No CA on node2 (the key moved aside, then back).
+  in_vm node2 "sudo mv /etc/meshagent/ca/ca.key /root/ca.key.e2e"
+  expect_check_error "no CA" "no mesh CA in /etc/meshagent/ca: run 'vagrant provision node2'"
+  in_vm node2 "sudo mv /root/ca.key.e2e /etc/meshagent/ca/ca.key"
+  # No lab network on node2: its private interface down, then up again with
+  # the routes to the other pods (a link going down drops them).
+  # shellcheck disable=SC2016  # expanded in the VM
+  in_vm node2 'sudo sh -c ". /etc/meshagent/node.env; ip link set \$PRIVATE_IF down"'
+  expect_check_error "no network" "node2: the private interface .* is down"
+  # shellcheck disable=SC2016  # expanded in the VM
+  in_vm node2 'sudo sh -c ". /etc/meshagent/node.env; ip link set \$PRIVATE_IF up; ip route replace 10.244.1.0/24 via 192.168.56.11 dev \$PRIVATE_IF"'
+  "$ROOT/scripts/vagrant-check.sh" >/dev/null || die "the lab did not recover after the bad-input checks"
+  log "the lab is whole again after the bad-input checks"
+}
 
 teardown() {
   if [ -d "$VAGRANT_DOTFILE_PATH" ] && libvirt_running; then
@@ -333,7 +388,6 @@ teardown() {
 
 case "$CMD" in
   packages) box_packages | sort -u; exit 0 ;;
-  customize) box_customize "$2"; exit 0 ;;
   down) phase teardown teardown; exit 0 ;;
   box) phase "host packages" host_packages; phase box build_box; exit 0 ;;
 esac
@@ -352,4 +406,5 @@ phase "box" build_box
 phase "vagrant up" vagrant_up
 phase "second provision" second_provision
 phase "check" run_check
+phase "bad input" bad_input
 log "all phases passed"
