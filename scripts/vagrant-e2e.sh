@@ -322,7 +322,9 @@ renice_vms() {  # QEMU under nice even when libvirtd was not started by us
 vagrant_up() {
   ( while sleep 20; do renice_vms; done ) &
   local renicer=$! rc=0
-  timeout "$UP_TIMEOUT_S" vagrant up --provider=libvirt || rc=$?
+  # --provision: a VM left from an earlier (failed or --keep) run is provisioned
+  # again too (provisioning is idempotent), not just the ones created now.
+  timeout "$UP_TIMEOUT_S" vagrant up --provider=libvirt --provision || rc=$?
   kill "$renicer" 2>/dev/null; wait "$renicer" 2>/dev/null || true
   [ "$rc" -eq 0 ] || die "vagrant up failed (rc $rc); consoles: $MESHAGENT_VM_CONSOLE_DIR, then: $0 down"
   vagrant status

@@ -200,7 +200,9 @@ EOF
 
 # --- 7. agent and tunnel ------------------------------------------------------
 agent_ready() {  # the agent answers and the tunnel's outbound listener is up
-  timeout 10 "$MA" status --json 2>/dev/null \
+  # One probe may take a while: the CLI imports for 15 s and more under QEMU
+  # without KVM (TCG); the loop around it is bounded by READY_WAIT_S.
+  timeout 90 "$MA" status --json 2>/dev/null \
     | "$VENV/bin/python" -c 'import json, sys; sys.exit(0 if 15001 in json.load(sys.stdin)["listeners"] else 1)' \
     2>/dev/null
 }
