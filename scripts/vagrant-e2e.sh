@@ -26,7 +26,7 @@
 #                         synced folder must be writable: node1 writes the CA)
 #   4. vagrant up         the project's Vagrantfile, provider libvirt, driver
 #                         qemu (TCG), 1 vCPU / 1.5 GiB per VM, synced folder 9p
-#   5. second provision   `vagrant up --provision` again must change nothing
+#   5. second provision   `vagrant provision` again must change nothing
 #   6. check              scripts/vagrant-check.sh (traffic, wire, metrics,
 #                         restart under load)
 #   7. bad input          node2 with the agent stopped, without the CA, without
@@ -322,9 +322,17 @@ renice_vms() {  # QEMU under nice even when libvirtd was not started by us
 vagrant_up() {
   ( while sleep 20; do renice_vms; done ) &
   local renicer=$! rc=0
-  # --provision: a VM left from an earlier (failed or --keep) run is provisioned
-  # again too (provisioning is idempotent), not just the ones created now.
-  timeout "$UP_TIMEOUT_S" vagrant up --provider=libvirt --provision || rc=$?
+  # VMs left running by an earlier (failed or --keep) run are provisioned again
+  # (idempotent), not only the ones created now. Not `up --provision`:
+  # vagrant-libvirt 0.11 then provisions a running VM twice.
+  local running
+  running="$(vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" && $4 == "running" {print $2}' | paste -sd' ' -)"
+  timeout "$UP_TIMEOUT_S" vagrant up --provider=libvirt || rc=$?
+  if [ "$rc" -eq 0 ] && [ -n "$running" ]; then
+    log "provisioning again what was already running: $running"
+    # shellcheck disable=SC2086  # machine names, one word each
+    timeout "$UP_TIMEOUT_S" vagrant provision $running || rc=$?
+  fi
   kill "$renicer" 2>/dev/null; wait "$renicer" 2>/dev/null || true
   [ "$rc" -eq 0 ] || die "vagrant up failed (rc $rc); consoles: $MESHAGENT_VM_CONSOLE_DIR, then: $0 down"
   vagrant status
@@ -341,13 +349,13 @@ second_provision() {
     done
   }
   before="$(snapshot)"
-  timeout "$UP_TIMEOUT_S" vagrant up --provision >/dev/null || die "second vagrant up --provision failed"
+  timeout "$UP_TIMEOUT_S" vagrant provision >/dev/null || die "a second 'vagrant provision' failed"
   after="$(snapshot)"
   if [ "$before" != "$after" ]; then
     diff <(echo "$before") <(echo "$after") >&2 || true
     die "a second provision changed the nodes (diff above)"
   fi
-  log "a second 'vagrant up --provision' changed nothing"
+  log "a second 'vagrant provision' changed nothing"
 }
 run_check() { "$ROOT/scripts/vagrant-check.sh"; }
 in_vm() { vagrant ssh "$1" -c "$2" -- -q -o LogLevel=ERROR; }
