@@ -359,3 +359,31 @@ def _teardown(node: str, pods: list[str], env: Mapping[str, str], run_dir: Path)
         _stop(run_dir / f"{proc}.pid")
     with contextlib.suppress(subprocess.TimeoutExpired):
         _in_node(node, [str(VENV / "bin" / "meshagent"), "uninstall"], env)
+
+
+# -- found by the first real boot (scripts/vagrant-e2e.sh) ------------------------
+
+
+@pytest.mark.parametrize(("release", "reuseport"), [
+    ("6.1.0-57-amd64", False),   # Debian 12's kernel, the e2e box's
+    ("6.4.16", False),
+    ("6.5.0", True),             # bpf_sk_assign accepts SO_REUSEPORT sockets from 6.5 on
+    ("6.18.44-fc-v1272", True),
+])
+def test_tunnel_listener_reuseport_only_where_sk_assign_takes_it(
+        release: str, reuseport: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the e2e box's 6.1 kernel, bpf_sk_assign refused the tunnel's
+    SO_REUSEPORT listeners and every captured packet was dropped as
+    assign_failed; the listener is a plain one on such kernels."""
+    import socket
+
+    from agent.tunnel import sockets
+
+    real = os.uname()
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(
+        (real.sysname, real.nodename, release, real.version, real.machine)))
+    sock = sockets.listener(socket.AF_INET, 0, mark=0)
+    try:
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) is reuseport
+    finally:
+        sock.close()
