@@ -288,10 +288,31 @@ start_daemons() {
     "${NICE[@]}" virtlogd -d -p "$STATE/virtlogd.pid"
     log "started virtlogd (pid $(cat "$STATE/virtlogd.pid"))"
   fi
+  # libvirtd adds LIBVIRT_* iptables chains at start and leaves them; remove
+  # them at teardown only if they were not there before.
+  if ! iptables -S LIBVIRT_INP >/dev/null 2>&1; then touch "$STATE/libvirt-chains-ours"; fi
   "${NICE[@]}" libvirtd -d -p "$STATE/libvirtd.pid"
   for _ in $(seq 60); do libvirt_running && break; sleep 1; done
   libvirt_running || die "libvirtd did not answer within 60s (see journal or /var/log/libvirt)"
   log "started libvirtd (pid $(cat "$STATE/libvirtd.pid"))"
+}
+remove_libvirt_chains() {  # the empty LIBVIRT_* chains and the jumps to them
+  local ipt table parent chain
+  for ipt in iptables ip6tables; do
+    for table in filter nat mangle; do
+      for parent in INPUT OUTPUT FORWARD POSTROUTING; do
+        for chain in LIBVIRT_INP LIBVIRT_OUT LIBVIRT_FWX LIBVIRT_FWI LIBVIRT_FWO LIBVIRT_PRT; do
+          # Only empty chains: a rule in one means someone else uses it.
+          [ "$("$ipt" -t "$table" -S "$chain" 2>/dev/null | wc -l)" = 1 ] || continue
+          while "$ipt" -t "$table" -D "$parent" -j "$chain" 2>/dev/null; do :; done
+        done
+      done
+      for chain in LIBVIRT_INP LIBVIRT_OUT LIBVIRT_FWX LIBVIRT_FWI LIBVIRT_FWO LIBVIRT_PRT; do
+        [ "$("$ipt" -t "$table" -S "$chain" 2>/dev/null | wc -l)" = 1 ] && "$ipt" -t "$table" -X "$chain" 2>/dev/null
+      done
+    done
+  done
+  log "removed libvirtd's empty LIBVIRT_* iptables chains"
 }
 stop_daemons() {
   local d pid
@@ -305,6 +326,10 @@ stop_daemons() {
     fi
     rm -f "$STATE/$d.pid"
   done
+  if [ -f "$STATE/libvirt-chains-ours" ] && ! pgrep -x libvirtd >/dev/null; then
+    remove_libvirt_chains
+    rm -f "$STATE/libvirt-chains-ours"
+  fi
   if [ -f "$STATE/qemu.conf.orig" ]; then
     cp -p "$STATE/qemu.conf.orig" "$QEMU_CONF"
     rm -f "$STATE/qemu.conf.orig"
