@@ -114,6 +114,11 @@ ca_dir = "$CA_DIR"
 policy_dir = "$POLICY_DIR"
 # Every node's pod CIDR goes over HBONE (no control plane to list workloads).
 mesh_cidrs = [$(IFS=,; echo "${cidrs[*]}")]
+# A dial to another node's 15008 waits out that node's tunnel restart (its SYNs
+# are dropped until the new tunnel listens, and retransmitted): under QEMU
+# without KVM a tunnel takes ~21 s to start, past the 5 s default. ztunnel sets
+# no connect timeout at all (src/config.rs), leaving it to the kernel's SYN retries.
+connect_timeout_seconds = 45.0
 EOF
 "$VENV/bin/python" -c 'import sys; from agent import config; config.load(sys.argv[1], env={})' "$tmp" \
   || { rm -f "$tmp"; die "the generated config is invalid"; }
