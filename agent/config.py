@@ -23,6 +23,8 @@ import tomllib
 DEFAULT_CONFIG_PATH = Path("/etc/meshagent/config.toml")
 ENV_CONFIG_PATH = "MESHAGENT_CONFIG"
 ENV_PREFIX = "MESHAGENT_"
+# The tunnel's drain on stop must end well inside the units' TimeoutStopSec=30s.
+MAX_DRAIN_SECONDS = 20.0
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,9 @@ class TunnelConfig:
     # "hbone" carries mesh traffic over mTLS HTTP/2; "plain" forwards TCP as is.
     mode: str = "hbone"
     connect_timeout_seconds: float = 5.0
+    # On SIGTERM, how long connections in flight may run before they are cut (see
+    # agent.tunnel.drain); below the units' TimeoutStopSec=30s.
+    drain_seconds: float = 5.0
     # AuthorizationPolicy YAML files, reloaded on change.
     policy_dir: str = "/etc/meshagent/policies"
     root_namespace: str = "istio-system"
@@ -180,6 +185,9 @@ class Config:
         if t.inbound_mode not in ("permissive", "strict"):
             raise ConfigError(
                 f"tunnel.inbound_mode={t.inbound_mode!r}: use 'permissive' or 'strict'")
+        if not 0 <= t.drain_seconds <= MAX_DRAIN_SECONDS:
+            raise ConfigError(f"tunnel.drain_seconds={t.drain_seconds}: use 0..{MAX_DRAIN_SECONDS} "
+                              "(it must end well before the unit's TimeoutStopSec=30s)")
         if t.mode not in ("hbone", "plain"):
             raise ConfigError(f"tunnel.mode={t.mode!r}: use 'hbone' or 'plain'")
         k = self.k8s

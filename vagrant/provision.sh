@@ -30,6 +30,7 @@
 #   MESHAGENT_TUNNEL_TRUST_DOMAIN   as in agent/config.py (written into the config file)
 #   MESHAGENT_SHARED_CA_DIR    where node 1 leaves the CA for the others (default <root>/.vagrant-ca)
 #   MESHAGENT_CA_WAIT_S        how long nodes 2.. wait for it (default 900)
+#   MESHAGENT_READY_WAIT_S     how long to wait for agent + tunnel (default 120)
 #   MESHAGENT_CNI_CONFLIST, MESHAGENT_CNI_CACHE_DIR, MESHAGENT_CNI_IPAM_DIR,
 #   MESHAGENT_CNI_LOG_FILE     CNI paths (defaults under /etc/cni, /var/lib/cni, /var/log)
 #   MESHAGENT_PROVISION_RUN_DIR  local mode: pid and log files (default /run/meshagent-provision)
@@ -60,7 +61,7 @@ export MESHAGENT_CNI_CACHE_DIR="${MESHAGENT_CNI_CACHE_DIR:-/var/lib/cni/meshagen
 CNI_IPAM_DIR="${MESHAGENT_CNI_IPAM_DIR:-/var/lib/cni/networks}"
 CNI_LOG="${MESHAGENT_CNI_LOG_FILE:-/var/log/meshagent-cni.log}"
 RUN_DIR="${MESHAGENT_PROVISION_RUN_DIR:-/run/meshagent-provision}"
-READY_WAIT_S=120
+READY_WAIT_S="${MESHAGENT_READY_WAIT_S:-120}"
 MA="$VENV/bin/meshagent"
 
 log() { printf '[provision node%s] %s\n' "$N" "$*" >&2; }
@@ -72,6 +73,7 @@ case "$VM" in
 esac
 [ "$(id -u)" -eq 0 ] || die "run as root"
 [[ "$N" =~ ^[0-9]+$ && "$COUNT" =~ ^[0-9]+$ ]] || die "MESHAGENT_NODE_INDEX/COUNT must be numbers"
+[[ "$READY_WAIT_S" =~ ^[0-9]+$ && "$CA_WAIT_S" =~ ^[0-9]+$ ]] || die "MESHAGENT_READY_WAIT_S/CA_WAIT_S must be seconds"
 if [ "$N" -lt 1 ] || [ "$N" -gt "$COUNT" ] || [ "$COUNT" -gt 254 ]; then
   die "MESHAGENT_NODE_INDEX=$N is not in 1..MESHAGENT_NODE_COUNT=$COUNT (at most 254)"
 fi
@@ -112,6 +114,11 @@ ca_dir = "$CA_DIR"
 policy_dir = "$POLICY_DIR"
 # Every node's pod CIDR goes over HBONE (no control plane to list workloads).
 mesh_cidrs = [$(IFS=,; echo "${cidrs[*]}")]
+# A dial to another node's 15008 waits out that node's tunnel restart (its SYNs
+# are dropped until the new tunnel listens, and retransmitted): under QEMU
+# without KVM a tunnel takes ~21 s to start, past the 5 s default. ztunnel sets
+# no connect timeout at all (src/config.rs), leaving it to the kernel's SYN retries.
+connect_timeout_seconds = 45.0
 EOF
 "$VENV/bin/python" -c 'import sys; from agent import config; config.load(sys.argv[1], env={})' "$tmp" \
   || { rm -f "$tmp"; die "the generated config is invalid"; }
@@ -198,7 +205,9 @@ EOF
 
 # --- 7. agent and tunnel ------------------------------------------------------
 agent_ready() {  # the agent answers and the tunnel's outbound listener is up
-  timeout 10 "$MA" status --json 2>/dev/null \
+  # One probe may take a while: the CLI imports for 15 s and more under QEMU
+  # without KVM (TCG); the loop around it is bounded by READY_WAIT_S.
+  timeout 90 "$MA" status --json 2>/dev/null \
     | "$VENV/bin/python" -c 'import json, sys; sys.exit(0 if 15001 in json.load(sys.stdin)["listeners"] else 1)' \
     2>/dev/null
 }

@@ -178,6 +178,16 @@ class H2Connection(h2.connection.H2Connection):
             frames = created.reset_stream(int(h2.errors.ErrorCodes.PROTOCOL_ERROR))
             return frames, [StreamMalformed(stream_id, str(exc))]
 
+    def send_graceful_goaway(self) -> None:
+        """Queue a GOAWAY (NO_ERROR) naming the highest stream the peer opened, without
+        closing h2's state machine: the streams up to it keep running (the sending side
+        of patch 2; h2's ``close_connection`` would end them). Side effects: appends the
+        frame to the output buffer."""
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.highest_inbound_stream_id
+        frame.error_code = int(h2.errors.ErrorCodes.NO_ERROR)
+        self._prepare_for_sending([frame])
+
     def _receive_goaway_frame(
             self, frame: hyperframe.frame.GoAwayFrame,
     ) -> tuple[list[Any], list[h2.events.Event]]:

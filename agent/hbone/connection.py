@@ -227,6 +227,7 @@ class HboneConnection:
         self._terminated: ConnectionTerminated | None = None
         self._going_away = False
         self._draining = False
+        self._goaway_sent = False
         # Requests the peer reset before we answered, until the application releases them.
         self._cancelled_requests: set[int] = set()
         self._local_error_resets = 0
@@ -322,6 +323,17 @@ class HboneConnection:
     def start_draining(self) -> None:
         """Refuse new requests (REFUSED_STREAM, retryable) while existing streams finish."""
         self._draining = True
+
+    def go_away(self) -> None:
+        """Graceful shutdown notice (server side): queue GOAWAY (NO_ERROR) with the last
+        stream the peer opened and refuse newer ones; open streams keep running, so the
+        peer opens new streams on another connection. Idempotent; a no-op once the
+        connection is terminated. Side effects: queues a frame for :meth:`data_to_send`."""
+        if self._terminated is not None or self._goaway_sent:
+            return
+        self._goaway_sent = True
+        self.start_draining()
+        self._h2.send_graceful_goaway()
 
     def _pending_request(self, stream_id: int) -> _Stream:
         if self.client_side:

@@ -203,7 +203,8 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       settings: HboneSettings | None = None,
                       keepalive_interval: float | None = None,
                       keepalive_timeout: float = 10.0,
-                      handler_grace: float = 5.0) -> None:
+                      handler_grace: float = 5.0,
+                      draining: asyncio.Event | None = None) -> None:
     """Serve one accepted HBONE connection until it closes.
 
     Use as (part of) an ``asyncio.start_server`` callback on a TLS listener whose context
@@ -212,6 +213,11 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     the connection is closed before HTTP/2 starts. Each valid CONNECT runs
     ``on_stream(request)`` in its own task. When the connection ends,
     handlers get ``handler_grace`` seconds to finish, then are cancelled.
+    When ``draining`` is set (the tunnel is stopping), the connection gets a graceful
+    GOAWAY (NO_ERROR: the peer opens new streams elsewhere, newer requests are refused
+    REFUSED_STREAM), its open streams run to their end, then it is closed; as
+    ztunnel's inbound drains its HTTP/2 server (``src/proxy/inbound.rs`` under
+    ``drain::run_with_drain``, ``src/drain.rs``).
     Side effects: reads/writes ``writer``'s transport and closes it at the end.
     """
     try:
@@ -224,9 +230,15 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     session = HboneServerSession(reader, writer, HboneServerConnection(settings),
                                  identity, on_stream)
     session.start(keepalive_interval, keepalive_timeout)
+    goaway = (asyncio.ensure_future(_close_when_drained(session, draining))
+              if draining is not None else None)
     try:
         await session.wait_closed()
     finally:
+        if goaway is not None:
+            goaway.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await goaway
         await session.close()
         if session.handlers:
             _, pending = await asyncio.wait(set(session.handlers), timeout=handler_grace)
@@ -234,3 +246,15 @@ async def serve_hbone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=handler_grace)
+
+
+async def _close_when_drained(session: HboneServerSession, draining: asyncio.Event) -> None:
+    """Once ``draining`` is set: GOAWAY (NO_ERROR), wait for the running stream
+    handlers, then close the connection. Side effects: writes GOAWAY to the session's
+    transport and closes it."""
+    await draining.wait()
+    session.server_core.go_away()
+    session.flush()
+    while session.handlers:
+        await asyncio.wait(set(session.handlers))
+    await session.close(reason="drained")

@@ -93,7 +93,8 @@ async def handle(inputs: ProxyInputs, conn: socket.socket, peer: tuple[str, int]
     async def on_stream(request: HboneServerRequest) -> None:
         await _serve_stream(inputs, pipeline, request, dst, dst_ip, peer)
 
-    await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=inputs.cfg.trust_domain)
+    await serve_hbone(reader, writer, on_stream=on_stream, trust_domain=inputs.cfg.trust_domain,
+                      draining=inputs.draining)
 
 
 def _tls_failed(pipeline: Pipeline, peer: tuple[str, int], local: tuple[str, int],

@@ -5,6 +5,7 @@ certificate source). Handlers never see the :class:`~agent.tunnel.main.Tunnel`.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class ProxyInputs:
     access_log: Callable[[ConnectionRecord], None] = ConnectionRecord.log
     # Draws a Service endpoint per connection (tests pass a seeded one).
     rng: random.Random = field(default_factory=random.Random)
+    # Set when the tunnel stops: inbound HBONE connections send GOAWAY and close once
+    # their streams end (agent.tunnel.drain).
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def hbone(self) -> bool:

@@ -42,6 +42,7 @@ from agent.tunnel.cluster import dns_client
 from agent.tunnel.connection import ConnectionRecord
 from agent.tunnel.dialer import Dialer, TransparentDialer
 from agent.tunnel.discovery import FileWorkloads, WorkloadSource
+from agent.tunnel.drain import DrainReport, drain_connections
 from agent.tunnel.gate import PolicyGate
 from agent.tunnel.inputs import ProxyInputs
 from agent.tunnel.tracker import ConnectionTracker
@@ -128,6 +129,8 @@ class Tunnel:
         self.dns: CapturedDns | None = None
         self.listeners: list[socket.socket] = []
         self.tasks: set[asyncio.Task[None]] = set()
+        self._handlers: dict[int, Handler] = {}  # listener fd -> its path's handler
+        self.drained: DrainReport | None = None  # how the last drain went
         self.metrics_server: MetricsServer | None = None
         self._last_status: dict[str, Any] | None = None
 
@@ -255,6 +258,53 @@ class Tunnel:
             log.exception("connection handler failed", peer=peer[0])
             sockets.abort(conn)
 
+    def _accept_backlog(self, handlers: dict[int, Handler]) -> None:
+        """Take the connections the kernel completed but the accept loops had not yet
+        taken, so closing the listeners resets none of them. Side effects: accepts on
+        every listener until it has none queued; starts their handler tasks."""
+        for lsock in self.listeners:
+            handler = handlers.get(lsock.fileno())
+            while handler is not None:
+                try:
+                    conn, peer = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    log.warning("accept failed while draining", error=str(exc))
+                    break
+                conn.setblocking(False)
+                try:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    local = conn.getsockname()
+                except OSError:
+                    conn.close()
+                    continue
+                task = asyncio.create_task(self._run_handler(handler, conn, peer, local))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> DrainReport:
+        """Stop gracefully (the accept loops must be stopped already): take the accept
+        backlog, close the TCP and DNS listeners (a new tunnel can bind at once; new
+        SYNs meanwhile find no socket and the datapath drops them, fail closed, so the
+        client retransmits), send GOAWAY (NO_ERROR) on inbound HBONE connections so
+        peers open new streams elsewhere, let the connections in flight run for up to
+        ``tunnel.drain_seconds``, then cut what is left (abort, as any cancelled
+        connection, with its record). ztunnel ``src/drain.rs``, ``src/app.rs``.
+
+        Side effects: accepts and closes the listeners, closes the DNS proxy, sets
+        ``inputs.draining``, cancels the connection tasks left at the deadline, sets
+        ``self.drained``, logs the drain (:func:`agent.tunnel.drain.drain_connections`).
+        """
+        self._accept_backlog(self._handlers)
+        self.close()
+        if self.dns is not None:
+            await self.dns.close()
+            self.dns = None
+        self.inputs.draining.set()
+        self.drained = await drain_connections(list(self.tasks), self.cfg.tunnel.drain_seconds)
+        return self.drained
+
     def close(self) -> None:
         for sock in self.listeners:
             sock.close()
@@ -273,6 +323,7 @@ class Tunnel:
             self.metrics_server = serve_metrics(self.collectors, t.metrics_host, t.metrics_port)
         background = [asyncio.create_task(self._watch()), asyncio.create_task(self._rotate())]
         for sock, handler in self.open_listeners():
+            self._handlers[sock.fileno()] = handler
             background.append(asyncio.create_task(self._accept_loop(sock, handler)))
         await self.start_dns()
         local, _ = self.inputs.workloads.counts()
@@ -285,13 +336,8 @@ class Tunnel:
         finally:
             for task in background:
                 task.cancel()
-            self.close()
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*background, *self.tasks, return_exceptions=True)
-            if self.dns is not None:
-                await self.dns.close()
-                self.dns = None
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.drain()
             if self.inputs.pool is not None:
                 await self.inputs.pool.close()
             if self.metrics_server is not None:
@@ -313,8 +359,9 @@ def install_event_loop_policy() -> str:
 
 
 def run(cfg: Config) -> None:
-    """Run the tunnel until SIGTERM/SIGINT. Raises TunnelStartError (one line, what to
-    do) when it cannot start, e.g. without a mesh CA in HBONE mode."""
+    """Run the tunnel until SIGTERM/SIGINT, then drain (:meth:`Tunnel.drain`). Raises
+    TunnelStartError (one line, what to do) when it cannot start, e.g. without a mesh CA
+    in HBONE mode."""
     tunnel = Tunnel(cfg)  # loads the CA first: a missing one fails here, before the loop
     loop_name = install_event_loop_policy()
     log.info("starting tunnel", event_loop=loop_name)

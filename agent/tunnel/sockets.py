@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
 IP_TRANSPARENT = 19
@@ -28,13 +29,26 @@ def _transparent(sock: socket.socket, family: int, mark: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    """Whether the running kernel's release is at least ``major.minor``."""
+    parts = os.uname().release.split(".", 2)
+    try:
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (IndexError, ValueError):
+        return True  # unparsable: assume a current kernel
+
+
 def listener(family: int, port: int, *, mark: int, backlog: int = 4096,
              reuseport: bool = True) -> socket.socket:
     """A non-blocking transparent listener on the wildcard address."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
+        # bpf_sk_assign refuses SO_REUSEPORT sockets before Linux 6.5 (commit
+        # "bpf, net: Support SO_REUSEPORT sockets with bpf_sk_assign"): on such
+        # a kernel (Debian 12's 6.1) every captured packet would be dropped as
+        # assign_failed, so the listener is a plain one there.
+        if reuseport and _kernel_at_least(6, 5):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # Separate v4 and v6 listeners: the datapath looks each up by family.

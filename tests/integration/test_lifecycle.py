@@ -12,7 +12,10 @@ happens:
    the pod's next segment goes straight to the peer pod, which never saw that
    4-tuple and answers with a RST);
 4. with the tunnel down, enrolled pods fail closed (nothing leaves in clear)
-   and recover once it is back;
+   and recover once it is back; a stopping tunnel drains: a connection in
+   flight through it finishes with every byte, and curls across a restart of
+   either node's tunnel all succeed (new SYNs in the gap are dropped and
+   retransmitted);
 5. ``meshagent uninstall`` removes exactly what the agent created, and keeps
    a foreign tc filter (and the clsact qdisc it needs) working;
 6. enroll / unenroll / re-enroll round trips, and start / stop / uninstall /
@@ -588,6 +591,77 @@ def test_tunnel_down_fails_closed_and_recovers(
         ok = wait_until("a curl to succeed after the tunnel restart", served,
                         timeout=5, interval=0.05)
         assert ok.returncode == 0
+
+
+def listening_on_outbound(plan: LabPlan, node: str) -> bool:
+    status = agent_answers(plan, node)
+    return status is not None and OUTBOUND_PORT in status["listeners"]
+
+
+def test_a_connection_in_flight_survives_a_tunnel_restart(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
+        a, b = plan.pod("n1-a"), plan.pod("n2-a")
+        servers.echo(b)
+        with connect(a, b.ipv4, ECHO_PORT, timeout=30) as sock:
+            exchange(sock, b"before the stop")
+            pid = pid_of(plan, "node1", "tunnel")
+            os.kill(pid, signal.SIGTERM)
+            # the stopping tunnel closes its listeners first (a new one may bind)...
+            wait_until("node1's tunnel to close its listeners",
+                       lambda: not listening_on_outbound(plan, "node1"), timeout=20)
+            assert running(pid)
+            # ...and carries the connection it has to its end, every byte
+            payload = secrets.token_bytes(256 * 1024)
+            exchange(sock, payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b"", "the echo server's FIN, through the draining tunnel"
+        wait_until(f"the tunnel (pid {pid}) to exit once drained", lambda: not running(pid),
+                   timeout=20)
+        start_process(plan, "node1", "tunnel")
+        wait_listener(plan, "node1")
+        with connect(a, b.ipv4, ECHO_PORT, timeout=30) as sock:
+            exchange(sock, b"after the restart")
+
+
+def test_curls_across_tunnel_restarts_all_succeed(
+        servers: Servers, lab_factory: LabFactory) -> None:
+    with lab_factory() as lab:
+        plan = lab.plan
+        a, b = plan.pod("n1-a"), plan.pod("n2-a")
+        servers.http(b)
+        results: list[subprocess.CompletedProcess[str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            for _ in range(2000):  # bounded; normally ended by ``stop``
+                if stop.is_set():
+                    return
+                # a timeout well past the SYN retransmissions a restart costs
+                results.append(run_in(a.netns, [
+                    "curl", "-sS", "-o", "/dev/null", "-m", "60", "--connect-timeout", "45",
+                    "-w", "%{http_code}", f"http://{b.ipv4}:{HTTP_PORT}/"], timeout=70))
+
+        def ten_more(what: str) -> None:
+            target = len(results) + 10
+            wait_until(f"10 requests {what}", lambda: len(results) >= target, timeout=120)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        try:
+            for node in ("node1", "node2"):  # the client's tunnel, then the server's
+                ten_more(f"before restarting {node}'s tunnel")
+                stop_process(plan, node, "tunnel", signal.SIGTERM)
+                start_process(plan, node, "tunnel")
+                wait_listener(plan, node)
+                ten_more(f"after restarting {node}'s tunnel")
+        finally:
+            stop.set()
+            loader.join(timeout=80)
+        failed = [(r.returncode, r.stdout, r.stderr.strip()) for r in results
+                  if r.returncode != 0 or r.stdout != "200"]
+        assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
 
 
 # -- 5. uninstall next to a foreign tc filter ----------------------------------------------

@@ -97,7 +97,11 @@ def _validate_args(tmp: Path) -> tuple[list[str], dict[str, str]]:
     {},
     {"MESHAGENT_VMS": "3", "MESHAGENT_BOX": "debian/bookworm64", "MESHAGENT_VM_CPUS": "4",
      "MESHAGENT_VM_MEMORY": "4096", "MESHAGENT_VM_NET": "192.168.57"},
-], ids=["defaults", "three-vms"])
+    # what scripts/vagrant-e2e.sh sets for QEMU without KVM (TCG)
+    {"MESHAGENT_LIBVIRT_DRIVER": "qemu", "MESHAGENT_VM_CPUS": "1", "MESHAGENT_VM_MEMORY": "1536",
+     "MESHAGENT_BOOT_TIMEOUT_S": "1200", "MESHAGENT_READY_WAIT_S": "900",
+     "MESHAGENT_VM_CONSOLE_DIR": "/tmp/meshagent-vagrant-console"},
+], ids=["defaults", "three-vms", "tcg"])
 def test_vagrant_validate(settings: dict[str, str], tmp_path: Path) -> None:
     args, env = _validate_args(tmp_path)
     proc = _vagrant(args, tmp_path, **env, **settings)
@@ -106,8 +110,10 @@ def test_vagrant_validate(settings: dict[str, str], tmp_path: Path) -> None:
     assert not (VAGRANT_DIR / ".vagrant").exists(), "vagrant wrote into the repository"
 
 
-@pytest.mark.parametrize("settings", [{"MESHAGENT_VMS": "0"}, {"MESHAGENT_VM_NET": "10.0"}],
-                         ids=["no-vms", "bad-net"])
+@pytest.mark.parametrize("settings", [{"MESHAGENT_VMS": "0"}, {"MESHAGENT_VM_NET": "10.0"},
+                                      {"MESHAGENT_LIBVIRT_DRIVER": "xen"},
+                                      {"MESHAGENT_READY_WAIT_S": "0"}],
+                         ids=["no-vms", "bad-net", "bad-driver", "bad-ready-wait"])
 def test_vagrant_validate_rejects_bad_settings(settings: dict[str, str], tmp_path: Path) -> None:
     args, env = _validate_args(tmp_path)
     proc = _vagrant(args, tmp_path, **env, **settings)
@@ -128,7 +134,33 @@ def test_shellcheck(script: Path) -> None:
 
 def test_scripts_found() -> None:
     names = {p.name for p in SHELL_SCRIPTS}
-    assert {"provision.sh", "make-pod.sh", "setup.sh", "vagrant-check.sh"} <= names
+    assert {"provision.sh", "make-pod.sh", "setup.sh", "vagrant-check.sh",
+            "vagrant-e2e.sh"} <= names
+
+
+def _setup_apt_packages() -> list[str]:
+    """APT_PACKAGES of scripts/setup.sh, parsed here independently of the e2e script."""
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    start = text.index("\nAPT_PACKAGES=(") + len("\nAPT_PACKAGES=(")
+    body = text[start:text.index("\n)", start)]
+    return [w for line in body.splitlines() for w in line.split("#", 1)[0].split()]
+
+
+def test_e2e_box_has_every_setup_package() -> None:
+    """The box scripts/vagrant-e2e.sh builds carries every apt package setup.sh
+    installs (so provisioning in the VM installs nothing), plus a kernel with
+    its headers (bcc compiles in the VM) and what Vagrant's Debian guest support
+    uses (ifupdown, openssh, sudo)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "vagrant-e2e.sh"), "packages"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    box = set(proc.stdout.split())
+    wanted = _setup_apt_packages()
+    assert len(wanted) > 10, wanted
+    assert set(wanted) <= box, f"missing from the box: {sorted(set(wanted) - box)}"
+    assert {"linux-image-amd64", "linux-headers-amd64", "systemd-sysv", "openssh-server",
+            "sudo", "ifupdown", "python3-venv"} <= box
 
 
 # -- systemd units --------------------------------------------------------------
@@ -327,3 +359,31 @@ def _teardown(node: str, pods: list[str], env: Mapping[str, str], run_dir: Path)
         _stop(run_dir / f"{proc}.pid")
     with contextlib.suppress(subprocess.TimeoutExpired):
         _in_node(node, [str(VENV / "bin" / "meshagent"), "uninstall"], env)
+
+
+# -- found by the first real boot (scripts/vagrant-e2e.sh) ------------------------
+
+
+@pytest.mark.parametrize(("release", "reuseport"), [
+    ("6.1.0-57-amd64", False),   # Debian 12's kernel, the e2e box's
+    ("6.4.16", False),
+    ("6.5.0", True),             # bpf_sk_assign accepts SO_REUSEPORT sockets from 6.5 on
+    ("6.18.44-fc-v1272", True),
+])
+def test_tunnel_listener_reuseport_only_where_sk_assign_takes_it(
+        release: str, reuseport: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the e2e box's 6.1 kernel, bpf_sk_assign refused the tunnel's
+    SO_REUSEPORT listeners and every captured packet was dropped as
+    assign_failed; the listener is a plain one on such kernels."""
+    import socket
+
+    from agent.tunnel import sockets
+
+    real = os.uname()
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(
+        (real.sysname, real.nodename, release, real.version, real.machine)))
+    sock = sockets.listener(socket.AF_INET, 0, mark=0)
+    try:
+        assert bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) is reuseport
+    finally:
+        sock.close()

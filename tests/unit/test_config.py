@@ -53,6 +53,8 @@ def test_toml_and_env_override(tmp_path: Path) -> None:
     ({"agentt": {}}, "unknown section"),
     ({"tunnel": {"outbound_port": "x"}}, "not an integer"),
     ({"tunnel": {"connect_timeout_seconds": "soon"}}, "not a number"),
+    ({"tunnel": {"drain_seconds": -1}}, r"drain_seconds=-1.*TimeoutStopSec"),
+    ({"tunnel": {"drain_seconds": 60}}, r"drain_seconds=60.*use 0\.\.20"),
 ])
 def test_bad_values_name_the_key(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

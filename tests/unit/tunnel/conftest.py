@@ -168,6 +168,9 @@ class Node:
     tunnel: Tunnel = field(init=False)
     log: list[dict[str, Any]] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Set to stop this node's tunnel (it drains, then Tunnel.run returns).
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    running: asyncio.Task[None] | None = None
 
     def record(self, rec: ConnectionRecord) -> None:
         """The node's access log: the pipeline's own fields, then the real log line."""
@@ -280,7 +283,7 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                      model: Model | None = None, rng_seed: int | None = None,
                      dns_port: int = 0, dns_upstreams: tuple[str, ...] = (),
                      extra_local: dict[str, tuple[Workload, ...]] | None = None,
-                     ) -> AsyncIterator[Mesh]:
+                     drain_seconds: float = 5.0) -> AsyncIterator[Mesh]:
     """``extra_local``: more workloads enrolled per node (beyond PODS; no server)."""
     extra = extra_local or {}
     every_address = ([ip(w) for pods in PODS.values() for w in pods]
@@ -294,7 +297,6 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
     await servers.start(EXTERNAL)
     nodes: dict[str, Node] = {}
     runs: list[asyncio.Task[None]] = []
-    stop = asyncio.Event()
     try:
         for name, base_pods in PODS.items():
             pods = (*base_pods, *extra.get(name, ()))
@@ -304,6 +306,7 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 hbone_port=hbone_port, metrics_port=0, socket_mark=0, mode=mode,
                 inbound_mode=inbound_mode, trust_domain=TRUST_DOMAIN,
                 ca_dir=str(tmp_path / "ca"), connect_timeout_seconds=2.0,
+                drain_seconds=drain_seconds,
                 policy_dir=str(tmp_path / name / "policies"),
                 dns_port=dns_port if name == "node1" else 0, dns_upstreams=dns_upstreams))
             cfg = replace(cfg, agent=replace(cfg.agent, state_dir=str(tmp_path / name)))
@@ -324,7 +327,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
                 tunnel.inputs.rng.seed(rng_seed)
             nodes[name] = node
             ready = asyncio.Event()
-            running = asyncio.create_task(tunnel.run(stop, ready))
+            running = asyncio.create_task(tunnel.run(node.stop, ready))
+            node.running = running
             runs.append(running)
             waiting = asyncio.ensure_future(ready.wait())
             await asyncio.wait({waiting, running}, timeout=5,
@@ -337,7 +341,8 @@ async def start_mesh(tmp_path: Path, *, ca: MeshCA, inbound_mode: str = "permiss
     finally:
         for node in nodes.values():
             await node.drain()
-        stop.set()
+        for node in nodes.values():
+            node.stop.set()
         _, hung = await asyncio.wait(runs, timeout=10)
         assert not hung, "a tunnel did not stop within 10 s"
         servers.close()
